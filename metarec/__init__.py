@@ -1,0 +1,1 @@
+"""metarec: a streaming meta-learning recommender."""

@@ -1,0 +1,607 @@
+"""Settings of every metarec process, and the only module that knows environment variable names.
+
+Why one module: the consumer, the aggregator, the producer and the CLIs must agree on
+names, defaults and validation, and the README's configuration table must not drift from
+the code. :data:`SETTINGS` is that single table; :class:`Settings`, the argparse flags
+(:func:`add_arguments`) and the docs (:func:`markdown_table`) are all derived from it.
+
+Precedence is explicit override (a CLI flag) > ``METAREC_<NAME>`` > default. Every value is
+validated at start, and a bad one raises :class:`~metarec.errors.ConfigError` with one line
+naming the setting, its environment variable and flag, the bad value and what is expected.
+An empty environment variable counts as unset, so that ``VAR: ${VAR:-}`` in a compose file
+means "use the default".
+
+librdkafka settings pass through: ``METAREC_KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes
+``security.protocol``; :meth:`Settings.kafka_config` merges them into a client config.
+Secrets never reach logs: ``repr`` and :meth:`Settings.redacted` mask them.
+
+>>> s = Settings.from_env({"METAREC_TOP_K": "50"}, overrides={"group_id": "g1"})
+>>> s.top_k, s.group_id, s.events_topic
+(50, 'g1', 'metarec.events')
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from metarec.errors import ConfigError
+from metarec.events import DEFAULT_EVENT_WEIGHTS
+
+__all__ = [
+    "ENV_PREFIX",
+    "KAFKA_ENV_PREFIX",
+    "SETTINGS",
+    "SettingSpec",
+    "Settings",
+    "add_arguments",
+    "markdown_table",
+    "redact_url",
+    "settings_from_args",
+]
+
+ENV_PREFIX = "METAREC_"
+#: ``METAREC_KAFKA_<NAME>`` passes ``<name>`` through to librdkafka, except the bootstrap.
+KAFKA_ENV_PREFIX = "METAREC_KAFKA_"
+KAFKA_OPTIONS_ENV = "METAREC_KAFKA_<NAME>"
+KAFKA_OPTIONS_FLAG = "--kafka-option"
+MASK = "***"
+#: Substrings of a librdkafka setting name that mark its value as a secret.
+_SECRET_MARKERS = ("password", "secret", "key", "token", "sasl.jaas")
+#: librdkafka names that have a first-class setting; passing them through would let two
+#: places disagree about, for example, which cluster a process talks to.
+_RESERVED_KAFKA = {
+    "bootstrap.servers": "METAREC_KAFKA_BOOTSTRAP",
+    "metadata.broker.list": "METAREC_KAFKA_BOOTSTRAP",
+    "group.id": "METAREC_GROUP_ID or METAREC_AGGREGATOR_GROUP_ID",
+}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_DAY_S = 24 * 3600
+
+
+# --- parsers: each turns a raw value (str from env/flags, or a typed override) into the
+# --- setting's type, or raises ValueError whose text says what is expected.
+
+
+def _int_parser(lo: int, hi: int) -> Callable[[object], int]:
+    expected = f"an integer from {lo} to {hi}"
+
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError(expected)
+        if isinstance(raw, int):
+            value = raw
+        elif isinstance(raw, str):
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                raise ValueError(expected) from None
+        else:
+            raise ValueError(expected)
+        if not lo <= value <= hi:
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _name_parser(expected: str, max_len: int = 255) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if not isinstance(raw, str) or not raw or len(raw) > max_len:
+            raise ValueError(expected)
+        if any(c.isspace() or ord(c) < 32 for c in raw):
+            raise ValueError(expected)
+        return raw
+
+    return parse
+
+
+def _parse_topic(raw: object) -> str:
+    expected = "a Kafka topic name: 1-249 of letters, digits, '.', '_' and '-'"
+    if not isinstance(raw, str) or not _TOPIC_RE.fullmatch(raw) or raw in (".", ".."):
+        raise ValueError(expected)
+    return raw
+
+
+def _parse_bootstrap(raw: object) -> str:
+    expected = "a comma-separated list of host:port, such as '127.0.0.1:9092'"
+    if not isinstance(raw, str):
+        raise ValueError(expected)
+    servers = [s.strip() for s in raw.split(",")]
+    for server in servers:
+        hostport = server.split("://", 1)[-1]  # librdkafka accepts a protocol prefix
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(expected)
+        if any(c.isspace() for c in host):
+            raise ValueError(expected)
+    return ",".join(servers)
+
+
+def _parse_redis_url(raw: object) -> str:
+    expected = "a redis://, rediss:// or unix:// URL, such as 'redis://user:pass@host:6379/0'"
+    if not isinstance(raw, str):
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(raw)
+        port = parts.port  # raises ValueError on a non-numeric port
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ValueError(expected)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(expected)
+        return raw
+    if not parts.hostname or (port is not None and not 0 < port < 65536):
+        raise ValueError(expected)
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(expected + " (the path, if any, is the database number)")
+    return raw
+
+
+def _parse_log_level(raw: object) -> str:
+    expected = "one of " + ", ".join(_LOG_LEVELS)
+    if not isinstance(raw, str) or raw.strip().upper() not in _LOG_LEVELS:
+        raise ValueError(expected)
+    return raw.strip().upper()
+
+
+def _parse_event_types(raw: object) -> Mapping[str, float]:
+    expected = (
+        "comma-separated TYPE:WEIGHT pairs with non-zero finite weights, at least one "
+        "positive, such as 'click:1,like:2,dislike:-1'"
+    )
+    pairs: list[tuple[object, object]]
+    if isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    elif isinstance(raw, str):
+        pairs = []
+        for chunk in raw.split(","):
+            name, sep, weight = chunk.partition(":")
+            if not sep:
+                raise ValueError(expected)
+            pairs.append((name.strip(), weight.strip()))
+    else:
+        raise ValueError(expected)
+    out: dict[str, float] = {}
+    for etype, raw_weight in pairs:
+        if not isinstance(etype, str) or not _EVENT_TYPE_RE.fullmatch(etype) or etype in out:
+            raise ValueError(expected + " (type names are unique [A-Za-z0-9_.-] words)")
+        try:
+            value = float(raw_weight)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(expected) from None
+        if isinstance(raw_weight, bool) or not math.isfinite(value) or value == 0.0:
+            raise ValueError(expected)
+        out[etype] = value
+    if not any(w > 0 for w in out.values()):
+        raise ValueError(expected)
+    return types.MappingProxyType(out)
+
+
+def _format_event_types(value: object) -> str:
+    assert isinstance(value, Mapping)
+    return ",".join(f"{k}:{v:g}" for k, v in value.items())
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (userinfo or a ``password`` query parameter) masked.
+
+    >>> redact_url("rediss://app:s3cret@cache:6380/1")
+    'rediss://app:***@cache:6380/1'
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return MASK  # unparsable: it may hold anything, so show nothing
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{MASK}@{hostport}"
+    query = parts.query
+    if "password" in query.lower():
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, MASK if "password" in k.lower() else v) for k, v in pairs])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _is_secret_kafka_option(name: str) -> bool:
+    return any(marker in name.lower() for marker in _SECRET_MARKERS)
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One row of the settings table: name, type, default, help and validation.
+
+    Parameters
+    ----------
+    name
+        Field name on :class:`Settings`; the env var is ``METAREC_`` + upper case, the
+        flag ``--`` + dashes.
+    kind
+        Short type name for the docs.
+    default
+        The typed default value.
+    help
+        One sentence for ``--help`` and the README.
+    parse
+        Turns a raw value into the typed value or raises ``ValueError`` saying what is
+        expected.
+    fmt
+        Turns a typed value back into the text form accepted by ``parse``.
+    secret
+        Whether the value may hold a secret (masked in logs and errors).
+
+    Examples
+    --------
+    >>> spec = next(s for s in SETTINGS if s.name == "top_k")
+    >>> spec.env, spec.flag, spec.parse("7")
+    ('METAREC_TOP_K', '--top-k', 7)
+    """
+
+    name: str
+    kind: str
+    default: object
+    help: str
+    parse: Callable[[object], object]
+    fmt: Callable[[object], str] = str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def display(self, value: object) -> str:
+        """The value as it may appear in logs and error messages."""
+        text = self.fmt(value) if not isinstance(value, str) else value
+        return redact_url(text) if self.secret else text
+
+    def row(self) -> dict[str, str]:
+        """The machine-readable form of this row (for docs and ``metarec config``)."""
+        return {
+            "name": self.name,
+            "env": self.env,
+            "flag": self.flag,
+            "type": self.kind,
+            "default": self.display(self.default),
+            "help": self.help,
+        }
+
+
+def _id_spec(name: str, default: str, help_: str) -> SettingSpec:
+    return SettingSpec(
+        name, "str", default, help_,
+        _name_parser("a non-empty name without spaces or control characters"),
+    )
+
+
+def _topic_spec(name: str, default: str, help_: str) -> SettingSpec:
+    return SettingSpec(name, "topic", default, help_, _parse_topic)
+
+
+def _int_spec(name: str, default: int, lo: int, hi: int, help_: str) -> SettingSpec:
+    return SettingSpec(name, "int", default, help_, _int_parser(lo, hi))
+
+
+#: The settings table: the single source of names, defaults, validation and help.
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("kafka_bootstrap", "host:port,...", "127.0.0.1:9092",
+                "Kafka bootstrap servers.", _parse_bootstrap),
+    SettingSpec("redis_url", "url", "redis://127.0.0.1:6379/0",
+                "Redis URL (redis://, rediss:// for TLS, unix://); user:password@ allowed.",
+                _parse_redis_url, secret=True),
+    SettingSpec("key_prefix", "str", "metarec:", "Prefix of every Redis key metarec writes.",
+                _name_parser("a non-empty prefix without spaces, such as 'metarec:'", 128)),
+    _id_spec("group_id", "metarec-consumer", "Kafka consumer group of the consumer service."),
+    _id_spec("aggregator_group_id", "metarec-aggregator",
+             "Kafka consumer group of the aggregator's replay window."),
+    _topic_spec("events_topic", "metarec.events", "Topic of user events (key: user id)."),
+    _topic_spec("items_topic", "metarec.items", "Topic of item metadata (key: item id)."),
+    _topic_spec("users_topic", "metarec.users", "Topic of user profiles (key: user id)."),
+    _topic_spec("dlq_topic", "metarec.events.dlq",
+                "Dead-letter topic for records that could not be processed."),
+    _topic_spec("model_topic", "metarec.model", "Topic announcing new model versions."),
+    _int_spec("top_k", 20, 1, 1000, "Length of each user's recommendation list."),
+    _int_spec("batch_size", 500, 1, 100_000, "Most records taken per consume call."),
+    _int_spec("batch_timeout_ms", 100, 0, 60_000,
+              "Longest wait in milliseconds for a batch to fill."),
+    _int_spec("partitions", 4, 1, 1024, "Partitions of the topics that 'dev up' creates."),
+    _int_spec("history_length", 50, 1, 10_000,
+              "Events kept per user, to re-derive the user after a model change."),
+    _int_spec("recs_ttl_s", 0, 0, 365 * _DAY_S,
+              "TTL in seconds of recs:{user} keys; 0 means no expiry."),
+    _int_spec("stats_interval_s", 10, 0, _DAY_S,
+              "Seconds between stats log lines; 0 turns them off."),
+    _int_spec("aggregate_interval_s", 60, 1, _DAY_S,
+              "Seconds between aggregation rounds of the aggregator."),
+    _int_spec("min_events_for_model", 2000, 0, 10**9,
+              "Events the aggregator needs in its window before it trains a model."),
+    _int_spec("window_events", 200_000, 1, 10**8,
+              "Size of the aggregator's bounded replay window, in events."),
+    SettingSpec("event_types", "TYPE:WEIGHT,...", types.MappingProxyType(
+                    dict(DEFAULT_EVENT_WEIGHTS)),
+                "Accepted event types and their weights; a negative weight is a dislike.",
+                _parse_event_types, _format_event_types),
+    SettingSpec("log_level", "level", "INFO", "One of DEBUG, INFO, WARNING, ERROR.",
+                _parse_log_level),
+    _int_spec("seed", 0, 0, 2**32 - 1, "Seed of every random generator."),
+)
+_BY_NAME = {spec.name: spec for spec in SETTINGS}
+_BY_ENV = {spec.env: spec for spec in SETTINGS}
+_KAFKA_OPTIONS_HELP = (
+    "librdkafka setting passed through to every Kafka client; NAME is the setting with "
+    "dots as underscores (METAREC_KAFKA_SASL_PASSWORD is sasl.password). Repeatable flag."
+)
+
+
+@dataclass(frozen=True, repr=False)
+class Settings:
+    """Validated settings of one metarec process; build with :meth:`from_env`.
+
+    Fields mirror :data:`SETTINGS`, plus ``kafka_options``: the librdkafka pass-through.
+
+    Examples
+    --------
+    >>> env = {"METAREC_REDIS_URL": "redis://app:hunter2@cache:6379/0",
+    ...        "METAREC_KAFKA_SASL_PASSWORD": "pw"}
+    >>> s = Settings.from_env(env, overrides={"top_k": 10})
+    >>> s.top_k, s.kafka_config()["sasl.password"]
+    (10, 'pw')
+    >>> "hunter2" in repr(s) or "'pw'" in repr(s)
+    False
+    >>> Settings.from_env({"METAREC_TOP_K": "0"})
+    Traceback (most recent call last):
+    ...
+    metarec.errors.ConfigError: invalid top_k: METAREC_TOP_K='0'; expected an integer from 1 to 1000 (env METAREC_TOP_K, flag --top-k)
+    """  # noqa: E501
+
+    kafka_bootstrap: str
+    redis_url: str
+    key_prefix: str
+    group_id: str
+    aggregator_group_id: str
+    events_topic: str
+    items_topic: str
+    users_topic: str
+    dlq_topic: str
+    model_topic: str
+    top_k: int
+    batch_size: int
+    batch_timeout_ms: int
+    partitions: int
+    history_length: int
+    recs_ttl_s: int
+    stats_interval_s: int
+    aggregate_interval_s: int
+    min_events_for_model: int
+    window_events: int
+    event_types: Mapping[str, float] = field(hash=False)
+    log_level: str
+    seed: int
+    kafka_options: Mapping[str, str] = field(
+        default_factory=lambda: types.MappingProxyType({}), hash=False
+    )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] = os.environ,
+        overrides: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Resolve every setting: ``overrides`` > ``environ`` > default, then validate.
+
+        ``overrides`` keys are setting names (``None`` values are ignored, as argparse
+        leaves unset flags); ``kafka_options`` in it is a mapping of librdkafka names that
+        goes on top of the ``METAREC_KAFKA_*`` pass-through. Raises :class:`ConfigError`
+        for an invalid value or an unknown ``METAREC_*`` variable.
+        """
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = sorted(set(overrides) - set(_BY_NAME) - {"kafka_options"})
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}{_suggest(unknown[0], _BY_NAME)}")
+        kafka_env = _kafka_options_from_env(environ)
+        values: dict[str, object] = {}
+        for spec in SETTINGS:
+            if spec.name in overrides:
+                raw, source = overrides[spec.name], spec.flag
+            elif environ.get(spec.env, ""):
+                raw, source = environ[spec.env], spec.env
+            else:
+                raw, source = spec.default, "default"
+            values[spec.name] = _parse(spec, raw, source)
+        extra = overrides.get("kafka_options", {})
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"invalid kafka_options: expected a mapping, got {extra!r}")
+        kafka_flag = {_check_kafka_name(str(k), KAFKA_OPTIONS_FLAG): _kafka_value(v)
+                      for k, v in extra.items()}
+        values["kafka_options"] = types.MappingProxyType({**kafka_env, **kafka_flag})
+        return cls(**values)  # type: ignore[arg-type]  # keys/types checked by the table
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with ``changes`` applied, validated like flags.
+
+        >>> Settings.from_env({}).replace(top_k="5").top_k
+        5
+        """
+        base = {spec.name: getattr(self, spec.name) for spec in SETTINGS}
+        base["kafka_options"] = self.kafka_options
+        return Settings.from_env({}, {**base, **changes})
+
+    def kafka_config(self, **extra: str | int | float | bool) -> dict[str, str]:
+        """A librdkafka config: ``bootstrap.servers``, then the pass-through, then ``extra``.
+
+        ``extra`` is what the calling code requires and so wins; its names may use
+        underscores for dots (``group_id="g"`` is ``group.id``).
+        """
+        config = {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_options}
+        for name, value in extra.items():
+            config[name.replace("_", ".")] = _kafka_value(value)
+        return config
+
+    def redacted(self) -> dict[str, object]:
+        """Every setting, with secrets masked: safe to log."""
+        out: dict[str, object] = {}
+        for spec in SETTINGS:
+            value = getattr(self, spec.name)
+            if spec.secret:
+                out[spec.name] = spec.display(value)
+            elif isinstance(value, Mapping):
+                out[spec.name] = dict(value)
+            else:
+                out[spec.name] = value
+        out["kafka_options"] = {
+            k: MASK if _is_secret_kafka_option(k) else v for k, v in self.kafka_options.items()
+        }
+        return out
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({body})"
+
+
+def _parse(spec: SettingSpec, raw: object, source: str) -> object:
+    try:
+        return spec.parse(raw)
+    except ValueError as exc:
+        shown = spec.display(raw) if isinstance(raw, str) else repr(raw)
+        origin = f"{source}={shown!r}" if isinstance(raw, str) else f"{source} {shown}"
+        raise ConfigError(
+            f"invalid {spec.name}: {origin}; expected {exc} (env {spec.env}, flag {spec.flag})"
+        ) from None
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    # Compare without the shared prefix, which would make every name look alike.
+    def bare(n: str) -> str:
+        return n.removeprefix(ENV_PREFIX).lower()
+
+    by_bare = {bare(k): k for k in known}
+    close = difflib.get_close_matches(bare(name), list(by_bare), n=1, cutoff=0.6)
+    return f"; did you mean {by_bare[close[0]]}?" if close else ""
+
+
+def _kafka_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _check_kafka_name(name: str, source: str) -> str:
+    if not name or any(c.isspace() for c in name):
+        raise ConfigError(f"invalid librdkafka setting name {name!r} from {source}")
+    if name in _RESERVED_KAFKA:
+        raise ConfigError(
+            f"{source} sets librdkafka {name!r}, which metarec sets itself; "
+            f"use {_RESERVED_KAFKA[name]} instead"
+        )
+    return name
+
+
+def _kafka_options_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``METAREC_KAFKA_*`` pass-through; also rejects unknown ``METAREC_*`` names."""
+    bootstrap_env = _BY_NAME["kafka_bootstrap"].env
+    options: dict[str, str] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in _BY_ENV:
+            continue
+        if not var.startswith(KAFKA_ENV_PREFIX):
+            raise ConfigError(
+                f"unknown environment variable {var}{_suggest(var, _BY_ENV)}"
+                " (see the configuration table in README.md)"
+            )
+        suffix = var[len(KAFKA_ENV_PREFIX):]
+        if difflib.SequenceMatcher(None, suffix, "BOOTSTRAP").ratio() >= 0.8:
+            raise ConfigError(f"unknown environment variable {var}; did you mean {bootstrap_env}?")
+        if environ[var]:
+            name = _check_kafka_name(suffix.lower().replace("_", "."), var)
+            options[name] = environ[var]
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add one ``--flag`` per setting (default ``None``: unset flags leave env/default).
+
+    >>> p = argparse.ArgumentParser()
+    >>> add_arguments(p)
+    >>> settings_from_args(p.parse_args(["--top-k", "3"]), environ={}).top_k
+    3
+    """
+    for spec in SETTINGS:
+        help_ = f"{spec.help} Env {spec.env}; default {spec.display(spec.default)}."
+        parser.add_argument(spec.flag, dest=spec.name, metavar=spec.kind.upper(), default=None,
+                            help=help_.replace("%", "%%"))
+    parser.add_argument(KAFKA_OPTIONS_FLAG, dest="kafka_options", action="append",
+                        metavar="NAME=VALUE", default=None,
+                        help=f"{_KAFKA_OPTIONS_HELP} Env {KAFKA_OPTIONS_ENV}.")
+
+
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> Settings:
+    """:class:`Settings` from parsed flags (see :func:`add_arguments`) over ``environ``."""
+    overrides: dict[str, object] = {
+        spec.name: getattr(args, spec.name, None) for spec in SETTINGS
+    }
+    options: dict[str, str] = {}
+    for item in getattr(args, "kafka_options", None) or []:
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(
+                f"invalid {KAFKA_OPTIONS_FLAG} {item!r}; expected NAME=VALUE, such as "
+                "security.protocol=SASL_SSL"
+            )
+        options[name.strip()] = value
+    overrides["kafka_options"] = options
+    return Settings.from_env(environ, overrides)
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from :data:`SETTINGS`."""
+    lines = [
+        "| Setting | Environment variable | Flag | Type | Default | Description |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in SETTINGS:
+        r = spec.row()
+        lines.append(
+            f"| `{r['name']}` | `{r['env']}` | `{r['flag']}` | {r['type']} "
+            f"| `{r['default']}` | {r['help'].replace('|', '&#124;')} |"
+        )
+    lines.append(
+        f"| `kafka_options` | `{KAFKA_OPTIONS_ENV}` | `{KAFKA_OPTIONS_FLAG} NAME=VALUE` "
+        f"| str | | {_KAFKA_OPTIONS_HELP} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _check_table_matches_settings() -> None:
+    # Why at import: a field added to Settings but not to SETTINGS (or the reverse) would
+    # silently never be configurable; failing at import catches it in every test run.
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert names == [s.name for s in SETTINGS] + ["kafka_options"], names
+
+
+_check_table_matches_settings()
+
+
+if __name__ == "__main__":  # python -m metarec.config > docs table
+    print(markdown_table(), end="")

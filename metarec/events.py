@@ -1,0 +1,233 @@
+"""The records that flow through metarec: events, item metadata and user profiles.
+
+These mirror the topic contracts in DESIGN.md exactly. Parsing is strict because apps in
+other languages publish here: a record that does not follow the contract raises
+:class:`~metarec.errors.InvalidEvent` naming the field, and the consumer sends it to the
+dead-letter topic.
+
+>>> e = decode_event(b'{"user": "u1", "item": "i9", "type": "like", "ts": 1700000000000}')
+>>> e.user, e.item, e.type, e.domain
+('u1', 'i9', 'like', 'default')
+>>> decode_event(encode_event(e)) == e
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from metarec.errors import InvalidEvent
+
+__all__ = [
+    "DEFAULT_DOMAIN",
+    "DEFAULT_EVENT_WEIGHTS",
+    "MAX_FEATURES",
+    "MAX_ID_BYTES",
+    "MAX_RECORD_BYTES",
+    "Event",
+    "ItemRecord",
+    "UserRecord",
+    "decode_event",
+    "decode_item",
+    "decode_user",
+    "encode_event",
+    "encode_item",
+    "encode_user",
+    "validate_event",
+]
+
+DEFAULT_DOMAIN = "default"
+#: Weight of each event type in the inner loop; a negative weight marks a dislike, which
+#: pushes the item away instead of towards the user.
+DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = {"click": 1.0, "like": 2.0, "dislike": -1.0}
+#: Ids are Redis key parts and Kafka keys; 256 bytes is far above any real id and keeps a
+#: hostile producer from blowing up key sizes.
+MAX_ID_BYTES = 256
+#: An event is a few hundred bytes; anything past 64 KiB is a bug or an attack.
+MAX_RECORD_BYTES = 64 * 1024
+MAX_FEATURES = 256
+#: Events stamped more than a day ahead are clock errors, and would poison recency decay.
+MAX_FUTURE_SKEW_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One user-item interaction: the value of a record on ``metarec.events``."""
+
+    user: str
+    item: str
+    type: str
+    ts: int
+    domain: str = DEFAULT_DOMAIN
+    event_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "user": self.user,
+            "item": self.item,
+            "type": self.type,
+            "ts": self.ts,
+            "domain": self.domain,
+        }
+        if self.event_id is not None:
+            out["event_id"] = self.event_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRecord:
+    """An item's metadata: the value of a record on ``metarec.items``."""
+
+    item: str
+    domain: str = DEFAULT_DOMAIN
+    features: tuple[str, ...] = ()
+    ts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"item": self.item, "domain": self.domain, "features": list(self.features),
+                "ts": self.ts}
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user's profile: the value of a record on ``metarec.users``."""
+
+    user: str
+    features: tuple[str, ...] = ()
+    ts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"user": self.user, "features": list(self.features), "ts": self.ts}
+
+
+def _load_object(raw: bytes | str) -> dict[str, Any]:
+    if isinstance(raw, bytes | bytearray | memoryview):
+        if len(raw) > MAX_RECORD_BYTES:
+            raise InvalidEvent(f"record is {len(raw)} bytes, over the {MAX_RECORD_BYTES} limit")
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"record is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    else:
+        text = raw
+        if len(text.encode("utf-8")) > MAX_RECORD_BYTES:
+            raise InvalidEvent(f"record is over the {MAX_RECORD_BYTES}-byte limit")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent(f"record is not JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"record must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _id(obj: Mapping[str, Any], field: str) -> str:
+    if field not in obj:
+        raise InvalidEvent(f"field {field!r} is missing")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise InvalidEvent(f"field {field!r} must be a string, got {type(value).__name__}")
+    if not value or value.strip() != value:
+        raise InvalidEvent(f"field {field!r} must be a non-empty id without surrounding spaces")
+    if len(value.encode("utf-8")) > MAX_ID_BYTES:
+        raise InvalidEvent(f"field {field!r} is longer than {MAX_ID_BYTES} bytes")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidEvent(f"field {field!r} contains control characters")
+    return value
+
+
+def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None) -> int:
+    value = obj.get("ts")
+    if value is None:
+        if default_ts is None:
+            raise InvalidEvent("field 'ts' is missing and the record has no timestamp")
+        value = default_ts
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidEvent(f"field 'ts' must be integer epoch milliseconds, got {value!r}")
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise InvalidEvent(f"field 'ts' must be integer epoch milliseconds, got {value!r}")
+    ts = int(value)
+    if ts < 0:
+        raise InvalidEvent(f"field 'ts' is negative ({ts}); it must be epoch milliseconds")
+    if now_ms is not None and ts > now_ms + MAX_FUTURE_SKEW_MS:
+        raise InvalidEvent(f"field 'ts' ({ts}) is more than a day in the future")
+    return ts
+
+
+def _features(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    value = obj.get("features", [])
+    if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
+        raise InvalidEvent("field 'features' must be a list of non-empty strings")
+    if len(value) > MAX_FEATURES:
+        raise InvalidEvent(f"field 'features' has {len(value)} entries, over {MAX_FEATURES}")
+    return tuple(value)
+
+
+def validate_event(
+    obj: Mapping[str, Any],
+    *,
+    event_types: Sequence[str] | Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
+    default_ts: int | None = None,
+    now_ms: int | None = None,
+) -> Event:
+    """Check a decoded event object against the contract and return it as an :class:`Event`.
+
+    ``default_ts`` is the Kafka record timestamp, used when the event carries no ``ts``;
+    ``now_ms`` enables the check against timestamps far in the future.
+    """
+    user = _id(obj, "user")
+    item = _id(obj, "item")
+    etype = obj.get("type")
+    if not isinstance(etype, str) or etype not in event_types:
+        allowed = ", ".join(sorted(event_types))
+        raise InvalidEvent(f"field 'type' is {etype!r}; expected one of: {allowed}")
+    domain = _id(obj, "domain") if "domain" in obj else DEFAULT_DOMAIN
+    event_id = _id(obj, "event_id") if obj.get("event_id") is not None else None
+    return Event(user, item, etype, _ts(obj, default_ts, now_ms), domain, event_id)
+
+
+def decode_event(
+    raw: bytes | str,
+    *,
+    event_types: Sequence[str] | Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
+    default_ts: int | None = None,
+    now_ms: int | None = None,
+) -> Event:
+    """Parse one ``metarec.events`` record value; raises :class:`InvalidEvent` if it is bad."""
+    return validate_event(
+        _load_object(raw), event_types=event_types, default_ts=default_ts, now_ms=now_ms
+    )
+
+
+def decode_item(raw: bytes | str, *, default_ts: int | None = None) -> ItemRecord:
+    """Parse one ``metarec.items`` record value."""
+    obj = _load_object(raw)
+    domain = _id(obj, "domain") if "domain" in obj else DEFAULT_DOMAIN
+    return ItemRecord(_id(obj, "item"), domain, _features(obj), _ts(obj, default_ts or 0, None))
+
+
+def decode_user(raw: bytes | str, *, default_ts: int | None = None) -> UserRecord:
+    """Parse one ``metarec.users`` record value."""
+    obj = _load_object(raw)
+    return UserRecord(_id(obj, "user"), _features(obj), _ts(obj, default_ts or 0, None))
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_event(event: Event) -> bytes:
+    """The compact UTF-8 JSON that goes on the wire."""
+    return _dump(event.to_json())
+
+
+def encode_item(item: ItemRecord) -> bytes:
+    return _dump(item.to_json())
+
+
+def encode_user(user: UserRecord) -> bytes:
+    return _dump(user.to_json())

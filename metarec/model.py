@@ -1,0 +1,270 @@
+"""The meta-model: the shared parameters every user's adaptation starts from.
+
+A :class:`MetaModel` is plain numpy arrays plus the id vocabularies they are indexed by, so
+the consumer loads and serves it without TensorFlow. It holds
+
+* item embeddings ``E``, biases ``b``, context vectors ``C`` and how many interactions each
+  item had in training (``item_count``);
+* the item feature mapping ``G`` (embedding, bias and context per feature): an item's
+  serving vector blends its own embedding with the mean of its feature vectors,
+  ``v_i = (n_i e_i + c G(x_i)) / (n_i + c)``, so cold items are recommendable from features;
+* the user prior ``θ0(u) = θ0[g] + Σ_p A_p·pool_p(h_u) + mean(W_u[x_u])``: a per-domain
+  initialization, recency-weighted pools of the context vectors of the user's recent items
+  (one pool per time scale ``p``, each with learned weights by age) mapped by ``A_p``, and
+  the user's profile features;
+* Meta-SGD per-dimension step sizes ``α``, the proximal strength ``λ`` and the weight ``β`` of
+  the trending prior in the score.
+
+With ``meta=False`` the same structure describes the ablation: no mappings, ``θ0 = 0`` and
+fixed step sizes.
+
+>>> m = MetaModel.initial(dim=4, seed=0)
+>>> m.version, m.dim, m.history_length
+(0, 4, 50)
+>>> import io
+>>> buf = io.BytesIO(); m.save(buf); _ = buf.seek(0)
+>>> MetaModel.load(buf).theta0.shape
+(1, 4)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from metarec.catalog import Catalog
+from metarec.errors import ModelError
+
+__all__ = ["FORMAT_VERSION", "ItemTables", "MetaModel"]
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+#: Bumped when the artifact layout changes; loading an artifact of another format fails
+#: loudly instead of serving garbage.
+FORMAT_VERSION = 1
+
+_ARRAYS = (
+    "item_emb", "item_bias", "item_ctx", "item_count",
+    "feat_emb", "feat_bias", "feat_ctx",
+    "theta0", "user_feat", "hist_map", "age_logits", "step",
+)
+
+
+@dataclass(frozen=True)
+class ItemTables:
+    """What serving needs per catalog item, derived from a model and a catalog.
+
+    ``vectors`` score items (``V θ + bias``); ``context`` is what a user's history pools.
+    Rows follow the catalog's indices, including items the model has never seen (they get
+    their feature mapping alone).
+    """
+
+    vectors: F32
+    bias: F32
+    context: F32
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+@dataclass
+class MetaModel:
+    """Shared parameters of metarec, as numpy arrays. See the module docstring."""
+
+    version: int
+    item_ids: list[str]
+    item_features: list[str]
+    user_features: list[str]
+    domains: list[str]
+    item_emb: F32
+    item_bias: F32
+    item_ctx: F32
+    item_count: F32
+    feat_emb: F32
+    feat_bias: F32
+    feat_ctx: F32
+    theta0: F32
+    user_feat: F32
+    hist_map: F32
+    age_logits: F32
+    step: F32
+    prox: float = 0.1
+    inner_steps: int = 1
+    negatives: int = 4
+    trend: float = 0.0
+    blend: float = 10.0
+    meta: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def initial(
+        cls,
+        dim: int = 32,
+        *,
+        history_length: int = 50,
+        pools: int = 2,
+        domains: Sequence[str] = ("default",),
+        step: float = 0.05,
+        meta: bool = True,
+        seed: int = 0,
+    ) -> MetaModel:
+        """A model that knows no items yet: the starting point of the first training."""
+        if dim < 1 or history_length < 1:
+            raise ModelError(f"dim and history_length must be positive, got {dim}, "
+                             f"{history_length}")
+        rng = np.random.default_rng(seed)
+        z = np.zeros
+        return cls(
+            version=0, item_ids=[], item_features=[], user_features=[], domains=list(domains),
+            item_emb=z((0, dim), np.float32), item_bias=z(0, np.float32),
+            item_ctx=z((0, dim), np.float32), item_count=z(0, np.float32),
+            feat_emb=z((0, dim), np.float32), feat_bias=z(0, np.float32),
+            feat_ctx=z((0, dim), np.float32),
+            theta0=z((len(domains), dim), np.float32), user_feat=z((0, dim), np.float32),
+            hist_map=np.stack([np.eye(dim) + 0.01 * rng.standard_normal((dim, dim))
+                               for _ in range(pools)]).astype(np.float32)
+            if meta else z((pools, dim, dim), np.float32),
+            age_logits=z((pools, history_length), np.float32),
+            step=np.full(dim, step, np.float32), meta=meta,
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.theta0.shape[1])
+
+    @property
+    def history_length(self) -> int:
+        return int(self.age_logits.shape[1])
+
+    def item_index(self, item: str) -> int:
+        """Row of ``item`` in the item arrays, or -1 if the model has not learned it."""
+        if self._item_index is None:
+            self._item_index = {name: i for i, name in enumerate(self.item_ids)}
+        return self._item_index.get(item, -1)
+
+    def with_version(self, version: int) -> MetaModel:
+        return replace(self, version=version, _item_index=self._item_index)
+
+    # -- serving tables ---------------------------------------------------------------
+
+    def feature_matrix(self, features: Sequence[Iterable[str]], vocab: Sequence[str],
+                       ) -> tuple[I64, I64]:
+        """CSR (row pointer, column) of feature strings against ``vocab``; unknown ones drop."""
+        index = {name: i for i, name in enumerate(vocab)}
+        ptr = [0]
+        cols: list[int] = []
+        for feats in features:
+            cols.extend(j for j in (index.get(f, -1) for f in feats) if j >= 0)
+            ptr.append(len(cols))
+        return np.asarray(ptr, np.int64), np.asarray(cols, np.int64)
+
+    def _feature_mean(self, table: F32, ptr: I64, cols: I64) -> F32:
+        """Mean of ``table`` rows over each CSR row; zero for rows with no known feature."""
+        n = len(ptr) - 1
+        out = np.zeros((n, *table.shape[1:]), np.float32)
+        counts = np.diff(ptr)
+        if len(cols):
+            rows = np.repeat(np.arange(n), counts)
+            np.add.at(out, rows, table[cols])
+            out[counts > 0] /= counts[counts > 0].reshape(-1, *([1] * (table.ndim - 1)))
+        return out
+
+    def item_tables(self, catalog: Catalog) -> ItemTables:
+        """Serving vectors for every item of ``catalog``, blending learned and feature parts."""
+        n = len(catalog)
+        rows = np.fromiter((self.item_index(catalog.item_id(i)) for i in range(n)),
+                           np.int64, n)
+        known = rows >= 0
+        count = np.zeros(n, np.float32)
+        count[known] = self.item_count[rows[known]]
+        emb: F32 = np.zeros((n, self.dim), np.float32)
+        bias: F32 = np.zeros(n, np.float32)
+        ctx: F32 = np.zeros((n, self.dim), np.float32)
+        emb[known] = self.item_emb[rows[known]]
+        bias[known] = self.item_bias[rows[known]]
+        ctx[known] = self.item_ctx[rows[known]]
+        if self.meta:
+            ptr, cols = self.feature_matrix(catalog.features, self.item_features)
+            w_own = (count / (count + self.blend))[:, None]
+            emb = (w_own * emb + (1 - w_own) * self._feature_mean(self.feat_emb, ptr, cols)
+                   ).astype(np.float32)
+            ctx = (w_own * ctx + (1 - w_own) * self._feature_mean(self.feat_ctx, ptr, cols)
+                   ).astype(np.float32)
+            bias = (w_own[:, 0] * bias + (1 - w_own[:, 0]) * self._feature_mean(
+                self.feat_bias, ptr, cols)).astype(np.float32)
+        return ItemTables(emb, bias, ctx)
+
+    def profile_vectors(self, profiles: Sequence[Iterable[str]]) -> F32:
+        """The profile term ``mean(W_u[x_u])`` for each user's feature strings."""
+        if not self.meta or not len(self.user_features):
+            return np.zeros((len(profiles), self.dim), np.float32)
+        ptr, cols = self.feature_matrix(profiles, self.user_features)
+        return self._feature_mean(self.user_feat, ptr, cols)
+
+    def domain_index(self, domain: str) -> int:
+        """Row of θ0 for ``domain``; unknown domains share row 0 (the first domain)."""
+        try:
+            return self.domains.index(domain)
+        except ValueError:
+            return 0
+
+    # -- persistence ------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        self.save(buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MetaModel:
+        return cls.load(io.BytesIO(data))
+
+    def save(self, file: str | Path | IO[bytes]) -> None:
+        """Write the artifact: one uncompressed ``.npz`` (fast to load, no pickle)."""
+        header = {
+            "format": FORMAT_VERSION, "version": self.version, "prox": self.prox,
+            "inner_steps": self.inner_steps, "negatives": self.negatives,
+            "trend": self.trend, "blend": self.blend, "meta": self.meta, "info": self.info,
+            "domains": self.domains, "item_features": self.item_features,
+            "user_features": self.user_features,
+        }
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        ids = np.asarray(self.item_ids, dtype=np.str_) if self.item_ids else np.zeros(0, "U1")
+        np.savez(file, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+                 item_ids=ids, **arrays)
+
+    @classmethod
+    def load(cls, file: str | Path | IO[bytes]) -> MetaModel:
+        """Read an artifact written by :meth:`save`; raises :class:`ModelError` if unusable."""
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                header = json.loads(z["header"].tobytes().decode())
+                if header.get("format") != FORMAT_VERSION:
+                    raise ModelError(f"model artifact has format {header.get('format')}, "
+                                     f"this code reads format {FORMAT_VERSION}")
+                arrays = {name: z[name] for name in _ARRAYS}
+                ids = [str(s) for s in z["item_ids"].tolist()]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelError(f"cannot read model artifact: {exc}") from exc
+        return cls(
+            version=int(header["version"]), item_ids=ids,
+            item_features=list(header["item_features"]),
+            user_features=list(header["user_features"]), domains=list(header["domains"]),
+            prox=float(header["prox"]), trend=float(header["trend"]),
+            inner_steps=int(header["inner_steps"]), negatives=int(header["negatives"]),
+            blend=float(header["blend"]), meta=bool(header["meta"]),
+            info=dict(header.get("info", {})), **arrays,
+        )
+
+

@@ -1,0 +1,192 @@
+"""metarec as one in-process streaming learner: the evaluator's view of the product.
+
+:class:`OnlineMetarec` wires the same pieces the services use — the numpy inner loop and
+ranking (:mod:`metarec.adaptation`, :mod:`metarec.ranking`), recency-decayed popularity,
+Reptile aggregation of the users' offsets and periodic meta-training over a bounded window
+of *past* events — around dense user and item indices, so ``metarec eval`` measures exactly
+what the consumer and the aggregator do. Before the first model exists it ranks by
+recency-decayed popularity, like the consumer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from metarec.adaptation import (
+    UserBatch,
+    observe,
+    push_history,
+    replay,
+    sample_negatives,
+    user_vectors,
+)
+from metarec.aggregation import PartialSums, reptile_update
+from metarec.catalog import Catalog
+from metarec.model import ItemTables, MetaModel
+from metarec.popularity import RecencyPopularity
+from metarec.recommender import Interaction
+from metarec.training import DAY_MS, MetaTrainer
+from metarec.window import TrainingData
+
+if TYPE_CHECKING:
+    from metarec.evaluation import EncodedStream as StreamTables
+
+__all__ = ["OnlineConfig", "OnlineMetarec", "metarec_factory",
+           "metarec_no_meta_factory"]
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """When to train and how big the window is (the aggregator's schedule, in events)."""
+
+    first_training: int = 5000
+    retrain_every: int = 5000
+    window_events: int = 100_000
+    half_life_ms: float = 7 * DAY_MS
+    reptile_epsilon: float = 1.0
+
+
+class OnlineMetarec:
+    """Streaming metarec on dense indices, implementing :class:`metarec.recommender.Recommender`.
+
+    Parameters
+    ----------
+    tables
+        Ids and metadata of the users, items and domains the indices refer to.
+    trainer
+        The meta-trainer run on the past window (``meta=False`` gives the ablation).
+    config
+        The training schedule.
+    seed
+        Seeds negative sampling and training.
+    """
+
+    def __init__(self, tables: StreamTables, trainer: MetaTrainer,
+                 config: OnlineConfig | None = None, seed: int = 0) -> None:
+        self.tables = tables
+        self.trainer = replace(trainer, seed=seed)
+        self.config = config or OnlineConfig()
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self.catalog = Catalog()
+        for idx, item in enumerate(tables.item_ids):
+            self.catalog.add(item, tables.domain_names[int(tables.item_domains[idx])],
+                             tables.item_features[idx])
+        self.popularity = RecencyPopularity(self.config.half_life_ms,
+                                            n_items=len(tables.item_ids))
+        self.model: MetaModel | None = None
+        self.items: ItemTables | None = None
+        self.users = UserBatch.empty(len(tables.user_ids), MetaModel.initial(
+            trainer.dim, history_length=trainer.history_length))
+        self.partials = PartialSums.zeros(1, trainer.dim)
+        n = self.config.window_events
+        self._past = np.zeros((n, 4), np.int64)  # user, item, ts, domain (ring buffer)
+        self._past_w = np.zeros(n, np.float32)
+        self._seen = 0
+        self._n_items_seen = 0
+        self.trainings: list[dict[str, object]] = []
+
+    # -- Recommender protocol -------------------------------------------------------------
+
+    def score(self, user: int, ts: int, domain: int, n_items: int) -> F64:
+        pop = self.popularity.scores(-1, ts, n_items)
+        if self.model is None or self.items is None:
+            return pop
+        theta = user_vectors(self.model, self.items, self.users, np.array([user]))[0]
+        v = self.items.vectors[:n_items]
+        out: F64 = (v @ theta + self.items.bias[:n_items] + self.model.trend * np.log1p(pop)
+                    ).astype(np.float64)
+        return out
+
+    def learn_one(self, x: Interaction) -> None:
+        self.popularity.learn_one(x.item, 0, x.ts)
+        self._n_items_seen = max(self._n_items_seen, x.item + 1)
+        row = np.array([x.user])
+        if self.model is None or self.items is None:
+            push_history(self.users, row, np.array([x.item]), np.array([x.weight], np.float32))
+        else:
+            self.users.domain[x.user] = self.model.domain_index(self.tables.domain_names[x.domain])
+            neg = sample_negatives(self._rng, self._n_items_seen, (1, self.model.negatives))
+            theta0_before = self.users.delta[row].copy()
+            del theta0_before
+            observe(self.model, self.items, self.users, row, np.array([x.item]),
+                    np.array([x.weight], np.float32), neg)
+            self.partials.add(self.users.domain[row], self.users.delta[row], np.ones(1))
+        k = self._seen % self.config.window_events
+        self._past[k] = (x.user, x.item, x.ts, x.domain)
+        self._past_w[k] = x.weight
+        self._seen += 1
+        if self._due():
+            self._train()
+
+    # -- training -------------------------------------------------------------------------
+
+    def _due(self) -> bool:
+        c = self.config
+        if self._seen < c.first_training:
+            return False
+        return self.model is None or (self._seen - c.first_training) % c.retrain_every == 0
+
+    def window(self) -> TrainingData:
+        """The past events still in the window, as :class:`TrainingData` (time order)."""
+        n = min(self._seen, self.config.window_events)
+        start = self._seen - n
+        idx = np.arange(start, self._seen) % self.config.window_events
+        past, w = self._past[idx], self._past_w[idx]
+        users, user_inv = np.unique(past[:, 0], return_inverse=True)
+        items, item_inv = np.unique(past[:, 1], return_inverse=True)
+        doms, dom_inv = np.unique(past[:, 3], return_inverse=True)
+        t = self.tables
+        return TrainingData(
+            users=user_inv.astype(np.int64), items=item_inv.astype(np.int64),
+            ts=past[:, 2].copy(), weights=w.copy(), domains=dom_inv.astype(np.int64),
+            item_ids=[t.item_ids[i] for i in items],
+            item_features=[t.item_features[i] for i in items],
+            item_domains=np.searchsorted(doms, t.item_domains[items]).clip(0, len(doms) - 1),
+            user_ids=[t.user_ids[u] for u in users],
+            user_features=[t.user_features[u] for u in users],
+            domain_names=[t.domain_names[g] for g in doms],
+        )
+
+    def _train(self) -> None:
+        init = self.model
+        if init is not None and init.meta:
+            init = replace(init, theta0=reptile_update(init.theta0, [self.partials],
+                                                       self.config.reptile_epsilon))
+        self.partials = PartialSums.zeros(1, self.trainer.dim)
+        version = 1 if self.model is None else self.model.version + 1
+        model = self.trainer.fit(self.window(), init=init, version=version)
+        self.load(model)
+        self.trainings.append(dict(model.info, at_event=self._seen))
+
+    def load(self, model: MetaModel) -> None:
+        """Serve ``model`` from now on, re-deriving every user's offset from their history."""
+        self.model = model
+        self.items = model.item_tables(self.catalog)
+        self.users.profile[:] = model.profile_vectors(self.tables.user_features)
+        dom_row = np.array([model.domain_index(g) for g in self.tables.domain_names])
+        del dom_row
+        active = np.flatnonzero(self.users.hist_items[:, -1] >= 0)
+        sub = UserBatch(self.users.delta[active], self.users.hist_items[active],
+                        self.users.hist_weights[active], self.users.domain[active],
+                        self.users.profile[active])
+        replay(model, self.items, sub, self._rng)
+        self.users.delta[active] = sub.delta
+
+
+def metarec_factory(stream: StreamTables, seed: int) -> OnlineMetarec:
+    """Full metarec, as ``metarec eval`` runs it."""
+    return OnlineMetarec(stream, MetaTrainer(meta=True), seed=seed)
+
+
+def metarec_no_meta_factory(stream: StreamTables, seed: int) -> OnlineMetarec:
+    """The ablation: plain init, fixed step sizes, no mappings."""
+    return OnlineMetarec(stream, MetaTrainer(meta=False), seed=seed)
+
+

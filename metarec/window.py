@@ -1,0 +1,115 @@
+"""A window of recent events in the dense form meta-training wants.
+
+The aggregator keeps the last ``max_events`` events it consumed (:class:`EventWindow`) and
+turns them into :class:`TrainingData` for each training run; ``metarec eval`` builds
+:class:`TrainingData` from the past of the stream it is scoring. Ids stay strings here so
+that a model trained on a window can be served against any catalog.
+
+>>> w = EventWindow(max_events=2)
+>>> for i, item in enumerate(["a", "b", "c"]):
+...     w.append("u1", item, ts=i, weight=1.0, domain="default")
+>>> data = w.training_data()
+>>> len(data), data.item_ids
+(2, ['b', 'c'])
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from metarec.catalog import Vocabulary
+
+__all__ = ["EventWindow", "TrainingData"]
+
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Events as dense arrays, in time order, with the vocabularies they index into."""
+
+    users: I64
+    items: I64
+    ts: I64
+    weights: F32
+    domains: I64
+    item_ids: list[str]
+    item_features: list[tuple[str, ...]]
+    item_domains: I64
+    user_ids: list[str]
+    user_features: list[tuple[str, ...]]
+    domain_names: list[str]
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+class EventWindow:
+    """The last ``max_events`` events, with the metadata needed to train on them."""
+
+    def __init__(self, max_events: int) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be positive, got {max_events}")
+        self.max_events = max_events
+        self._events: deque[tuple[str, str, int, float, str]] = deque(maxlen=max_events)
+        self.item_meta: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.user_meta: dict[str, tuple[str, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def append(self, user: str, item: str, ts: int, weight: float, domain: str) -> None:
+        self._events.append((user, item, ts, weight, domain))
+
+    def describe_item(self, item: str, domain: str, features: Sequence[str]) -> None:
+        self.item_meta[item] = (domain, tuple(features))
+
+    def describe_user(self, user: str, features: Sequence[str]) -> None:
+        self.user_meta[user] = tuple(features)
+
+    def training_data(self) -> TrainingData:
+        """The window as :class:`TrainingData` (events sorted by timestamp, stably)."""
+        events = sorted(self._events, key=lambda e: e[2])
+        return build_training_data(events, self.item_meta, self.user_meta)
+
+
+def build_training_data(
+    events: Sequence[tuple[str, str, int, float, str]],
+    item_meta: Mapping[str, tuple[str, tuple[str, ...]]],
+    user_meta: Mapping[str, tuple[str, ...]],
+) -> TrainingData:
+    """Encode ``(user, item, ts, weight, domain)`` tuples into :class:`TrainingData`."""
+    users, items, domains = Vocabulary(), Vocabulary(), Vocabulary()
+    n = len(events)
+    u = np.empty(n, np.int64)
+    i = np.empty(n, np.int64)
+    t = np.empty(n, np.int64)
+    w = np.empty(n, np.float32)
+    g = np.empty(n, np.int64)
+    item_domain: list[int] = []
+    for k, (user, item, ts, weight, domain) in enumerate(events):
+        u[k] = users.index(user)
+        idx = items.index(item)
+        if idx == len(item_domain):
+            meta = item_meta.get(item)
+            item_domain.append(domains.index(meta[0] if meta else domain))
+        i[k] = idx
+        t[k] = ts
+        w[k] = weight
+        g[k] = domains.index(domain)
+    return TrainingData(
+        users=u, items=i, ts=t, weights=w, domains=g,
+        item_ids=items.names,
+        item_features=[item_meta.get(x, ("", ()))[1] for x in items.names],
+        item_domains=np.asarray(item_domain, np.int64),
+        user_ids=users.names,
+        user_features=[user_meta.get(x, ()) for x in users.names],
+        domain_names=domains.names,
+    )

@@ -1,0 +1,147 @@
+"""Meta-training: the numpy side of batching, the graph's agreement with serving, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarec.adaptation import UserBatch, adapt, prior
+from metarec.catalog import Catalog
+from metarec.training import MetaTrainer, TrainingBatches, trend_snapshots
+from metarec.window import TrainingData
+
+tf = pytest.importorskip("tensorflow")
+
+
+def _data(n_events: int = 600, n_users: int = 30, n_items: int = 40, seed: int = 0,
+          ) -> TrainingData:
+    """A stream where users have a taste (item index mod 4), so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n_events)
+    taste = rng.integers(0, 4, n_users)
+    items = (rng.integers(0, n_items // 4, n_events) * 4 + taste[users]) % n_items
+    items[:n_items] = np.arange(n_items)
+    return TrainingData(
+        users=users.astype(np.int64), items=items.astype(np.int64),
+        ts=np.arange(n_events, dtype=np.int64) * 60_000,
+        weights=rng.choice([1.0, 2.0], n_events).astype(np.float32),
+        domains=np.zeros(n_events, np.int64),
+        item_ids=[f"i{j}" for j in range(n_items)],
+        item_features=[(f"mod:{j % 4}",) for j in range(n_items)],
+        item_domains=np.zeros(n_items, np.int64),
+        user_ids=[f"u{j}" for j in range(n_users)],
+        user_features=[(f"taste:{taste[j]}",) for j in range(n_users)],
+        domain_names=["default"],
+    )
+
+
+def test_trend_snapshots_match_brute_force_decay() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 5, 50)
+    ts = np.sort(rng.integers(0, 10_000, 50))
+    snaps, snap_ts = trend_snapshots(items, ts, 5, half_life_ms=1000.0, every=10)
+    for k in range(len(snap_ts)):
+        before = slice(0, 10 * k)
+        expected = np.zeros(5)
+        np.add.at(expected, items[before], 2.0 ** (-(snap_ts[k] - ts[before]) / 1000.0))
+        np.testing.assert_allclose(snaps[k], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> None:
+    data = _data()
+    b = TrainingBatches(data, history_length=5, inner_events=2, query_length=3, negatives=2,
+                        rng=np.random.default_rng(0))
+    batch = b.sample(64)
+    for row in range(64):
+        user = batch["users"][row]
+        own = data.items[data.users == user]
+        hist = batch["hist_items"][row]
+        hist = hist[hist >= 0]
+        n_before = len(batch["consumed"][batch["consumed"][:, 0] == row])
+        # The support is the newest part of what the user consumed before the query.
+        np.testing.assert_array_equal(hist, own[:n_before][-5:])
+        query = batch["query"][row]
+        np.testing.assert_array_equal(query[query >= 0], own[n_before:n_before + 3])
+
+
+def _graph(meta: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
+    from metarec.meta_graph import MetaGraph
+
+    data = _data()
+    cfg = MetaTrainer(dim=8, history_length=6, inner_events=3, batch_size=32, negatives=2,
+                      meta=meta, seed=seed, cold_item_rate=0.0)
+    rng = np.random.default_rng(seed)
+    batches = TrainingBatches(data, cfg.history_length, cfg.inner_events, cfg.query_length,
+                              cfg.negatives, rng)
+    return MetaGraph(cfg, data, batches, None, rng), batches, data
+
+
+def test_exported_model_serves_exactly_what_the_graph_trained() -> None:
+    graph, batches, data = _graph()
+    graph.train(batches, 20)
+    model = graph.export(version=3)
+    catalog = Catalog()
+    for item, feats in zip(data.item_ids, data.item_features, strict=True):
+        catalog.add(item, features=feats)
+    tables = model.item_tables(catalog)
+    raw = batches.sample(16)
+    own = (graph.count / (graph.count + graph.cfg.blend)).astype(np.float32)
+    raw["own_weight"] = own
+    b = {k: tf.constant(v) for k, v in raw.items()}
+    vec_tf, bias_tf, ctx_tf = (t.numpy() for t in graph.item_tables(b["own_weight"]))
+    np.testing.assert_allclose(tables.vectors, vec_tf, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tables.bias, bias_tf, rtol=1e-4, atol=1e-5)
+    users = UserBatch(np.zeros((16, 8), np.float32), raw["hist_items"], raw["hist_weights"],
+                      raw["domains"], model.profile_vectors(
+                          [data.user_features[u] for u in raw["users"]]))
+    theta0 = prior(model, tables, users)
+    theta0_tf = graph._prior(b, tf.constant(ctx_tf)).numpy()
+    np.testing.assert_allclose(theta0, theta0_tf, rtol=1e-4, atol=1e-5)
+    # The inner loop: the graph's unrolled steps are the consumer's adapt(), event by event.
+    delta = np.zeros_like(theta0)
+    for j in range(3):
+        col = -3 + j
+        pos = raw["hist_items"][:, col]
+        ok = pos >= 0
+        stepped = adapt(model, tables, theta0, delta, np.maximum(pos, 0),
+                        raw["hist_weights"][:, col], raw["negatives"][:, j, :])
+        delta = np.where(ok[:, None], stepped, delta)
+    delta_tf = graph._inner_loop(b, tf.constant(theta0_tf), tf.constant(vec_tf),
+                                 tf.constant(bias_tf)).numpy()
+    np.testing.assert_allclose(delta, delta_tf, rtol=1e-3, atol=1e-5)
+
+
+def test_training_lowers_the_query_loss() -> None:
+    graph, batches, _ = _graph()
+    first = graph.train(batches, 3)
+    later = graph.train(batches, 150)
+    assert later < first
+
+
+def test_seeded_fits_repeat_exactly_and_log_the_device() -> None:
+    data = _data()
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,
+                          max_steps=15, seed=3)
+    a = trainer.fit(data)
+    b = trainer.fit(data)
+    np.testing.assert_array_equal(a.item_emb, b.item_emb)
+    np.testing.assert_array_equal(a.step, b.step)
+    assert a.info["device"] in {"CPU:0", "GPU:0"}
+    c = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=15,
+                    seed=4).fit(data)
+    assert not np.array_equal(a.item_emb, c.item_emb)
+
+
+def test_warm_start_keeps_items_by_id_and_ablation_has_no_mappings() -> None:
+    data = _data()
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,
+                          max_steps=5)
+    first = trainer.fit(data)
+    second = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=1,
+                         learning_rate=1e-9).fit(data, init=first, version=2)
+    np.testing.assert_allclose(second.item_emb, first.item_emb, atol=1e-5)
+    assert second.version == 2
+    plain = MetaTrainer(dim=8, history_length=6, batch_size=32, max_steps=5,
+                        meta=False).fit(data)
+    assert not plain.meta and plain.feat_emb.size == 0 and not plain.theta0.any()
+    assert np.allclose(plain.step, plain.step[0])
