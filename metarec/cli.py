@@ -1,30 +1,69 @@
 """The ``metarec`` command: one entry point, one subcommand per job.
 
-The library never sees argparse: each subcommand turns flags into keyword arguments for
-the module that does the work.
+The library never sees argparse: each subcommand turns flags into :class:`Settings` (flags
+over ``METAREC_*`` environment variables over defaults, validated before any work) or
+keyword arguments, and calls the module that does the job.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from metarec.config import Settings, add_arguments, redact_url, settings_from_args
 from metarec.errors import ConfigError, MetarecError
 
 __all__ = ["build_parser", "main"]
+
+DEV_STATE_DIR = Path(".metarec")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from metarec.evaluate_cli import add_eval_arguments
 
     parser = argparse.ArgumentParser(
-        prog="metarec", description="Streaming meta-learning recommender.")
+        prog="metarec", description="Streaming meta-learning recommender: Kafka events in, "
+                                    "per-user top-K lists in Redis out.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     ev = sub.add_parser("eval", help="prequential comparison against the baselines",
                         description="Prequential (test-then-train) evaluation, full ranking, "
                                     "of metarec against the baselines (DESIGN.md).")
     add_eval_arguments(ev)
+
+    consume = sub.add_parser("consume", help="run one consumer of the consumer group",
+                             description="Consume events, adapt users, write lists to Redis "
+                                         "(same as python -m consumer).")
+    add_arguments(consume)
+
+    agg = sub.add_parser("aggregate", help="run the aggregator (meta-training, versions)",
+                         description="Keep a window of recent events, fold the consumers' "
+                                     "partial sums into the meta-model, meta-train, publish.")
+    mode = agg.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true",
+                      help="publish one version as soon as the window allows, then exit")
+    mode.add_argument("--now", action="store_true",
+                      help="ask the running aggregator for a cycle now, then exit")
+    add_arguments(agg)
+
+    dev = sub.add_parser("dev", help="local services for a laptop: broker and Redis",
+                         description="Start, stop or inspect the local Tansu broker and Redis.")
+    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("--state-dir", type=Path, default=DEV_STATE_DIR,
+                     help="where the state file and logs live (default: .metarec)")
+    add_arguments(dev)
+
+    demo = sub.add_parser("demo", help="run the whole loop on a bundled synthetic stream",
+                          description="Services up, replay a synthetic stream, two consumers "
+                                      "and the aggregator, print lists and stats, shut down.")
+    demo.add_argument("--data", default="synthetic-small",
+                      help="dataset to replay (default: synthetic-small)")
+    demo.add_argument("--rate", type=float, default=1500.0, help="events per second")
+    demo.add_argument("--state-dir", type=Path, default=DEV_STATE_DIR)
+    add_arguments(demo)
     return parser
 
 
@@ -36,6 +75,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metarec.evaluate_cli import run_eval
 
             return run_eval(args)
+        settings = settings_from_args(args)
+        from metarec.logs import configure_logging
+
+        configure_logging(settings.log_level, service=f"metarec-{args.command}")
+        if args.command == "consume":
+            from consumer.app import ConsumerApp
+
+            app = ConsumerApp(settings)
+            app.install_signal_handlers()
+            return app.run()
+        if args.command == "aggregate":
+            return _aggregate(settings, once=args.once, now=args.now)
+        if args.command == "dev":
+            return _dev(settings, args.action, args.state_dir)
+        if args.command == "demo":
+            from metarec.demo import run_demo
+
+            return run_demo(settings, data=args.data, rate=args.rate, state_dir=args.state_dir)
     except ConfigError as exc:
         print(f"metarec: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -44,6 +101,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
+    from metarec.aggregator import Aggregator
+
+    agg = Aggregator(settings)
+    if now:
+        agg.request()
+        print("requested an aggregation cycle")
+        return 0
+    agg.install_signal_handlers()
+    return agg.run(max_cycles=1 if once else None)
+
+
+def _dev(settings: Settings, action: str, state_dir: Path) -> int:
+    from metarec import devservices
+
+    if action == "up":
+        host, _, port = settings.kafka_bootstrap.rpartition(":")
+        if host not in {"127.0.0.1", "localhost"}:
+            raise ConfigError(f"metarec dev up starts a local broker; METAREC_KAFKA_BOOTSTRAP "
+                              f"is {settings.kafka_bootstrap!r}, not 127.0.0.1:PORT")
+        topics = {settings.events_topic: settings.partitions, settings.items_topic: 1,
+                  settings.users_topic: 1, settings.dlq_topic: 1, settings.model_topic: 1}
+        state = devservices.up(state_dir, broker_port=int(port), redis_url=settings.redis_url,
+                               topics=topics)
+        print(f"broker  {state.bootstrap} (pid {state.broker.pid})")
+        print(f"redis   {redact_url(state.redis.url)} ({state.redis.server})")
+        print("topics  " + ", ".join(f"{t}[{n}]" for t, n in sorted(state.topics.items())))
+        return 0
+    if action == "down":
+        result = devservices.down(state_dir)
+        print(json.dumps({"stopped": list(result.stopped),
+                          "left_running": list(result.left_running)}))
+        return 0
+    st = devservices.status(state_dir)
+    for svc in (st.broker, st.redis):
+        if svc is not None:
+            print(f"{svc.name:7} {svc.address} pid={svc.pid} answers={svc.answers}")
+    if st.topics:
+        print("topics  " + ", ".join(f"{t}[{n}]" for t, n in sorted(st.topics.items())))
+    print("healthy" if st.healthy else "not running" if st.state is None else "unhealthy")
+    return 0 if st.healthy else 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,12 @@ class ItemTables:
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
+    def extend(self, more: ItemTables) -> ItemTables:
+        """These rows followed by ``more``'s (for items added to the catalog since)."""
+        return ItemTables(np.vstack([self.vectors, more.vectors]),
+                          np.concatenate([self.bias, more.bias]),
+                          np.vstack([self.context, more.context]))
+
 
 @dataclass
 class MetaModel:
@@ -180,10 +186,15 @@ class MetaModel:
             out[counts > 0] /= counts[counts > 0].reshape(-1, *([1] * (table.ndim - 1)))
         return out
 
-    def item_tables(self, catalog: Catalog) -> ItemTables:
-        """Serving vectors for every item of ``catalog``, blending learned and feature parts."""
-        n = len(catalog)
-        rows = np.fromiter((self.item_index(catalog.item_id(i)) for i in range(n)),
+    def item_tables(self, catalog: Catalog, start: int = 0) -> ItemTables:
+        """Serving vectors for the items ``start ..`` of ``catalog``.
+
+        Learned and feature parts are blended; a consumer whose catalog grew computes just
+        the new rows and appends them.
+        """
+        n = len(catalog) - start
+        rows = np.fromiter((self.item_index(catalog.item_id(i)) for i in range(start,
+                                                                               len(catalog))),
                            np.int64, n)
         known = rows >= 0
         count = np.zeros(n, np.float32)
@@ -195,7 +206,7 @@ class MetaModel:
         bias[known] = self.item_bias[rows[known]]
         ctx[known] = self.item_ctx[rows[known]]
         if self.meta:
-            ptr, cols = self.feature_matrix(catalog.features, self.item_features)
+            ptr, cols = self.feature_matrix(catalog.features[start:], self.item_features)
             w_own = (count / (count + self.blend))[:, None]
             emb = (w_own * emb + (1 - w_own) * self._feature_mean(self.feat_emb, ptr, cols)
                    ).astype(np.float32)

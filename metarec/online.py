@@ -45,11 +45,17 @@ F64 = npt.NDArray[np.float64]
 class OnlineConfig:
     """When to train and how big the window is (the aggregator's schedule, in events)."""
 
-    first_training: int = 5000
-    retrain_every: int = 5000
+    first_training: int = 10_000
+    retrain_every: int = 10_000
     window_events: int = 100_000
     half_life_ms: float = 7 * DAY_MS
     reptile_epsilon: float = 1.0
+
+    @classmethod
+    def for_stream(cls, n_events: int) -> OnlineConfig:
+        """A schedule of about ten training runs over a stream of ``n_events``."""
+        every = int(min(10_000, max(500, n_events // 10)))
+        return cls(first_training=every, retrain_every=every)
 
 
 class OnlineMetarec:
@@ -113,8 +119,6 @@ class OnlineMetarec:
         else:
             self.users.domain[x.user] = self.model.domain_index(self.tables.domain_names[x.domain])
             neg = sample_negatives(self._rng, self._n_items_seen, (1, self.model.negatives))
-            theta0_before = self.users.delta[row].copy()
-            del theta0_before
             observe(self.model, self.items, self.users, row, np.array([x.item]),
                     np.array([x.weight], np.float32), neg)
             self.partials.add(self.users.domain[row], self.users.delta[row], np.ones(1))
@@ -170,8 +174,6 @@ class OnlineMetarec:
         self.model = model
         self.items = model.item_tables(self.catalog)
         self.users.profile[:] = model.profile_vectors(self.tables.user_features)
-        dom_row = np.array([model.domain_index(g) for g in self.tables.domain_names])
-        del dom_row
         active = np.flatnonzero(self.users.hist_items[:, -1] >= 0)
         sub = UserBatch(self.users.delta[active], self.users.hist_items[active],
                         self.users.hist_weights[active], self.users.domain[active],
@@ -182,11 +184,13 @@ class OnlineMetarec:
 
 def metarec_factory(stream: StreamTables, seed: int) -> OnlineMetarec:
     """Full metarec, as ``metarec eval`` runs it."""
-    return OnlineMetarec(stream, MetaTrainer(meta=True), seed=seed)
+    return OnlineMetarec(stream, MetaTrainer(meta=True), OnlineConfig.for_stream(
+        len(stream.items)), seed=seed)
 
 
 def metarec_no_meta_factory(stream: StreamTables, seed: int) -> OnlineMetarec:
     """The ablation: plain init, fixed step sizes, no mappings."""
-    return OnlineMetarec(stream, MetaTrainer(meta=False), seed=seed)
+    return OnlineMetarec(stream, MetaTrainer(meta=False), OnlineConfig.for_stream(
+        len(stream.items)), seed=seed)
 
 

@@ -161,10 +161,12 @@ class MetaTrainer:
     inner_events: int = 5
     query_length: int = 3
     negatives: int = 4
-    batch_size: int = 256
-    epochs: float = 2.0
-    max_steps: int = 2000
-    learning_rate: float = 0.01
+    batch_size: int = 1024
+    #: One pass over the window per run: the model is warm-started every run, and more
+    #: passes overfit the window (measured on ml-100k: 3 passes cost 0.03 HR@10).
+    epochs: float = 1.0
+    max_steps: int = 400
+    learning_rate: float = 0.02
     l2: float = 1e-5
     blend: float = 10.0
     cold_item_rate: float = 0.1

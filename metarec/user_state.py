@@ -9,6 +9,8 @@ whole batch of users is one ``MGET`` and decoding is a few ``numpy.frombuffer`` 
   prior is computed and ``δ`` can be re-derived;
 * the set of items the user has consumed (capped at :data:`MAX_SEEN`, newest kept), which
   the ranking excludes;
+* the list last written for the user (item indices), so the consumer can tell whether an
+  event hit the list the app was showing without reading the list back;
 * counters: events applied, last event time, the domain of the last event.
 
 >>> import numpy as np
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -36,8 +38,8 @@ __all__ = ["MAX_SEEN", "UserState", "batch_from_states", "states_from_batch"]
 #: Items a user consumed that stay excluded from their list. Past this the oldest ones may
 #: come back; 5,000 covers all but robots and keeps the state under ~25 KiB.
 MAX_SEEN = 5000
-_MAGIC = b"MU1"
-_HEADER = struct.Struct("<3sHHIiiqH")
+_MAGIC = b"MU2"
+_HEADER = struct.Struct("<3sHHIHiiqH")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class UserState:
     hist_weights: npt.NDArray[np.float32]
     hist_ts: npt.NDArray[np.int64]
     seen: npt.NDArray[np.int64]
+    recs: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     model_version: int = 0
     n_events: int = 0
     last_ts: int = 0
@@ -82,7 +85,8 @@ class UserState:
     def to_bytes(self) -> bytes:
         dom = self.domain.encode("utf-8")
         header = _HEADER.pack(_MAGIC, self.delta.size, self.hist_items.size, self.seen.size,
-                              self.model_version, self.n_events, self.last_ts, len(dom))
+                              self.recs.size, self.model_version, self.n_events, self.last_ts,
+                              len(dom))
         return b"".join((
             header, dom,
             self.delta.astype("<f4").tobytes(),
@@ -90,11 +94,13 @@ class UserState:
             self.hist_weights.astype("<f4").tobytes(),
             self.hist_ts.astype("<i8").tobytes(),
             self.seen.astype("<i4").tobytes(),
+            self.recs.astype("<i4").tobytes(),
         ))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UserState:
-        magic, d, length, n_seen, version, n_events, last_ts, n_dom = _HEADER.unpack_from(data)
+        (magic, d, length, n_seen, n_recs, version, n_events, last_ts,
+         n_dom) = _HEADER.unpack_from(data)
         if magic != _MAGIC:
             raise ValueError("not a metarec user state (bad magic)")
         pos = _HEADER.size
@@ -112,7 +118,8 @@ class UserState:
         weights = take("<f4", length).astype(np.float32)
         ts = take("<i8", length).astype(np.int64)
         seen = take("<i4", n_seen).astype(np.int64)
-        return cls(delta, items, weights, ts, seen, version, n_events, last_ts, domain)
+        recs = take("<i4", n_recs).astype(np.int64)
+        return cls(delta, items, weights, ts, seen, recs, version, n_events, last_ts, domain)
 
 
 def batch_from_states(states: Sequence[UserState], domain_rows: npt.ArrayLike,

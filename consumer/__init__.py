@@ -1,0 +1,1 @@
+"""The metarec streaming consumer service."""

@@ -1,0 +1,626 @@
+"""The Redis state store: everything the consumer and the aggregator keep in Redis.
+
+Why one class: the atomic-offset rule of DESIGN.md (a batch's effects and its partition's
+next offset are one unit that checks the stored offset first) can only be kept if every
+write goes through code that knows the whole key layout. The multi-key operations are Lua
+scripts (run with EVALSHA), so each is one round trip and atomic; their inputs are checked
+in Python first, so that a script never fails half-way (Redis does not roll a script back).
+
+Key layout (every key starts with the prefix, default ``metarec:``; see docs/REDIS_KEYS.md):
+
+=================================  ==========  ===============================================
+key                                type        value
+=================================  ==========  ===============================================
+``recs:{user}``                    string      the list apps read (JSON, DESIGN.md); TTL opt.
+``user:{user}``                    string      the user's state blob (``UserState.to_bytes``)
+``profile:{user}``                 string      profile features, JSON list of strings
+``items:index``                    hash        item id → dense index 0..n-1
+``items:next``                     string      number of items registered (next index)
+``items:meta``                     hash        index → JSON ``{"item","domain","features"}``
+``pop``                            hash        item index → scaled decayed count
+``pop:tref``                       string      reference time (ms) of the scaled counts
+``offset:{topic}:{partition}``     string      the partition's next offset to process
+``partials:{topic}:{partition}``   hash        ``w:{row}`` = Σw, ``s:{row}:{j}`` = Σ w·δ_j
+``partials:index``                 set         names of the partial-sum hashes not yet taken
+``model:seq``                      string      last allocated model version
+``model:current``                  string      the version readers should load
+``model:versions``                 zset        published versions still kept
+``model:{v}:meta``                 string      JSON: version, created_ms, n_chunks, size, sha256
+``model:{v}:chunk:{i}``            string      bytes of chunk ``i`` of version ``v``
+``consumer:{group}:{member}``      string      a consumer's heartbeat JSON, with a TTL
+``consumers:{group}``              zset        member → expiry (ms) of its last heartbeat
+=================================  ==========  ===============================================
+
+Floats go through ``HINCRBYFLOAT``, which stores 17 digits *after the decimal point*: sums
+keep ~15 significant digits for magnitudes above 1e-3, and amounts below 1e-17 vanish. The
+popularity counts are kept scaled by ``2^((ts - tref)/h)`` (as in
+:mod:`metarec.popularity`), so fresh counts are ≥ their weight and the floor is immaterial.
+Scripts start with ``#!lua`` (Redis ≥ 7 / Valkey): under ``maxmemory`` a script is then
+refused before its first write rather than stopped after some of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import redis
+
+from metarec.aggregation import PartialSums
+from metarec.errors import ConfigError, MetarecError, ModelError, StaleOffset
+from metarec.events import ItemRecord, UserRecord
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore"]
+
+DEFAULT_PREFIX: Final = "metarec:"
+#: Chunk size of stored models: Redis strings may hold 512 MB, but one 8 MiB value keeps a
+#: single command from blocking the server (and the network buffers) for long.
+DEFAULT_CHUNK_BYTES: Final = 8 * 1024 * 1024
+#: Model versions kept after a publish: the current one plus two a slow reader may still load.
+DEFAULT_KEEP_MODELS: Final = 3
+#: Catalog rows fetched per HMGET; one call for any realistic delta, bounded for a cold start.
+_HMGET_CHUNK: Final = 50_000
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+CatalogRow = tuple[int, str, str, tuple[str, ...]]
+
+# KEYS: offset, pop, pop:tref, partials, partials:index, then the state keys, the recs keys.
+# ARGV: expected ('' = none stored), next, recs ttl, tref, half-life, #states, #recs, #pop,
+#       #partials, state values, recs values, pop (field, inc) pairs, partial (field, inc).
+# Replies {1, tref} when applied, {0, stored offset} when fenced, {2, tref} when the stored
+# tref is too far from the caller's to rescale its increments. Nothing is written until
+# every check has passed.
+_COMMIT_LUA: Final = """#!lua
+local stored = redis.call('GET', KEYS[1])
+if (ARGV[1] == '' and stored) or (ARGV[1] ~= '' and stored ~= ARGV[1]) then
+  return {0, stored or ''}
+end
+local ns, nr, np, nq = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local tref = redis.call('GET', KEYS[3])
+local scale = nil
+if np > 0 and tref and tref ~= ARGV[4] then
+  scale = 2 ^ ((tonumber(ARGV[4]) - tonumber(tref)) / tonumber(ARGV[5]))
+  if scale ~= scale or scale > 2 ^ 900 then return {2, tref} end
+end
+local a = 9
+for i = 1, ns do redis.call('SET', KEYS[5 + i], ARGV[a + i]) end
+a = a + ns
+local ttl = tonumber(ARGV[3])
+for i = 1, nr do
+  if ttl > 0 then
+    redis.call('SET', KEYS[5 + ns + i], ARGV[a + i], 'EX', ttl)
+  else
+    redis.call('SET', KEYS[5 + ns + i], ARGV[a + i])
+  end
+end
+a = a + nr
+if np > 0 and not tref then
+  redis.call('SET', KEYS[3], ARGV[4])
+  tref = ARGV[4]
+end
+for i = 1, np do
+  local inc = ARGV[a + 2 * i]
+  if scale then inc = string.format('%.17g', tonumber(inc) * scale) end
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[a + 2 * i - 1], inc)
+end
+a = a + 2 * np
+for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
+if nq > 0 then redis.call('SADD', KEYS[5], KEYS[4]) end
+redis.call('SET', KEYS[1], ARGV[2])
+return {1, tref or ''}
+"""
+
+# KEYS: items:index, items:next, items:meta. ARGV: overwrite ('1' = replace the meta of
+# known items), then n ids, then their n meta JSON strings. Replies the n indices.
+_REGISTER_LUA: Final = """#!lua
+local n = (#ARGV - 1) / 2
+local out = {}
+for i = 1, n do
+  local idx = redis.call('HGET', KEYS[1], ARGV[1 + i])
+  if not idx then
+    idx = redis.call('INCR', KEYS[2]) - 1
+    redis.call('HSET', KEYS[1], ARGV[1 + i], idx)
+    redis.call('HSETNX', KEYS[3], idx, ARGV[1 + n + i])
+  elseif ARGV[1] == '1' then
+    redis.call('HSET', KEYS[3], idx, ARGV[1 + n + i])
+  end
+  out[i] = tonumber(idx)
+end
+return out
+"""
+
+# KEYS: partials:index, then the partial-sum hashes to take. Replies their HGETALLs.
+_TAKE_LUA: Final = """#!lua
+local out = {}
+for i = 2, #KEYS do
+  out[i - 1] = redis.call('HGETALL', KEYS[i])
+  redis.call('DEL', KEYS[i])
+  redis.call('SREM', KEYS[1], KEYS[i])
+end
+return out
+"""
+
+# KEYS: pop, pop:tref. ARGV: new tref, half-life. Replies the old tref (or nil); a scale
+# that would overflow is refused before anything is written.
+_REBASE_LUA: Final = """#!lua
+local old = redis.call('GET', KEYS[2])
+if old then
+  local scale = 2 ^ ((tonumber(old) - tonumber(ARGV[1])) / tonumber(ARGV[2]))
+  local flat = redis.call('HGETALL', KEYS[1])
+  local vals = {}
+  for i = 2, #flat, 2 do
+    local v = tonumber(flat[i]) * scale
+    if v ~= v or v == math.huge or v == -math.huge then
+      return redis.error_reply('rebase would overflow the popularity counts')
+    end
+    vals[i / 2] = string.format('%.17g', v)
+  end
+  local batch = {}
+  for i = 1, #vals do
+    batch[#batch + 1] = flat[2 * i - 1]
+    batch[#batch + 1] = vals[i]
+    if #batch >= 1000 then
+      redis.call('HSET', KEYS[1], unpack(batch))
+      batch = {}
+    end
+  end
+  if #batch > 0 then redis.call('HSET', KEYS[1], unpack(batch)) end
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return old
+"""
+
+# KEYS: model:current, model:seq, model:versions. ARGV: version, versions to keep.
+# Replies {1, pruned versions...} or {0, current} when the version is not newer.
+_FLIP_LUA: Final = """#!lua
+local v = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) >= v then return {0, tonumber(cur)} end
+redis.call('SET', KEYS[1], ARGV[1])
+local seq = redis.call('GET', KEYS[2])
+if not seq or tonumber(seq) < v then redis.call('SET', KEYS[2], ARGV[1]) end
+redis.call('ZADD', KEYS[3], v, ARGV[1])
+local keep = tonumber(ARGV[2])
+local old = redis.call('ZRANGE', KEYS[3], 0, -(keep + 1))
+if #old > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(keep + 1)) end
+local out = {1}
+for i = 1, #old do out[i + 1] = tonumber(old[i]) end
+return out
+"""
+
+
+def _num(value: float, what: str) -> str:
+    """A float as text HINCRBYFLOAT parses exactly (shortest round-trip repr)."""
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite, got {x!r}")
+    return repr(x)
+
+
+def _dump(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+class RedisStore:
+    """Every key metarec keeps in Redis, with atomic batch commits fenced by offsets.
+
+    Parameters
+    ----------
+    client
+        A client made by the caller, e.g. ``redis.Redis.from_url(url)``; it must return
+        bytes (``decode_responses`` off), because states and models are binary.
+    prefix
+        Prepended to every key, so that several deployments or tests share one Redis.
+    chunk_bytes
+        Largest model chunk stored under one key.
+    keep_models
+        Model versions kept after a publish (the current one included).
+
+    Examples
+    --------
+    >>> import redis
+    >>> store = RedisStore(redis.Redis.from_url("redis://127.0.0.1:6379/0"), prefix="demo:")
+    >>> store.recs_key("u1")
+    'demo:recs:u1'
+    >>> store.commit_batch("metarec.events", 0, None, 10,  # doctest: +SKIP
+    ...                    states={"u1": b"state"}, recs={"u1": b'{"user":"u1"}'},
+    ...                    recs_ttl_s=0, popularity={}, partials=None)
+    >>> store.offsets("metarec.events", [0, 1])  # doctest: +SKIP
+    {0: 10, 1: None}
+    >>> store.commit_batch("metarec.events", 0, None, 20, states={}, recs={},  # doctest: +SKIP
+    ...                    recs_ttl_s=0, popularity={}, partials=None)
+    Traceback (most recent call last):
+    metarec.errors.StaleOffset: ...
+    """
+
+    def __init__(self, client: redis.Redis[bytes], prefix: str = DEFAULT_PREFIX, *,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 keep_models: int = DEFAULT_KEEP_MODELS) -> None:
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ConfigError("the Redis client decodes responses to str; create it without "
+                              "decode_responses=True (states and models are bytes)")
+        if chunk_bytes < 1 or keep_models < 1:
+            raise ValueError(f"chunk_bytes and keep_models must be >= 1, got {chunk_bytes} "
+                             f"and {keep_models}")
+        self.client = client
+        self.prefix = prefix
+        self.chunk_bytes = chunk_bytes
+        self.keep_models = keep_models
+        self._commit = client.register_script(_COMMIT_LUA)
+        self._register = client.register_script(_REGISTER_LUA)
+        self._take = client.register_script(_TAKE_LUA)
+        self._rebase = client.register_script(_REBASE_LUA)
+        self._flip = client.register_script(_FLIP_LUA)
+
+    def key(self, *parts: object) -> str:
+        """The full key for ``parts`` under this store's prefix (``key("a", 1)`` → ``…a:1``)."""
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    _k = key
+
+    def recs_key(self, user: str) -> str:
+        """The key apps GET for ``user``'s list."""
+        return self._k("recs", user)
+
+    # -- the atomic batch commit -----------------------------------------------------
+
+    def commit_batch(
+        self,
+        topic: str,
+        partition: int,
+        expected_offset: int | None,
+        next_offset: int,
+        *,
+        states: Mapping[str, bytes],
+        recs: Mapping[str, bytes],
+        recs_ttl_s: int,
+        popularity: Mapping[int, float],
+        partials: PartialSums | None,
+        tref: int | None = None,
+        half_life_ms: float | None = None,
+    ) -> int | None:
+        """Write a batch's effects and move the partition's offset, all or nothing.
+
+        The write happens only if the stored ``offset:{topic}:{partition}`` equals
+        ``expected_offset`` (None: no offset stored yet); otherwise nothing changes and
+        :class:`~metarec.errors.StaleOffset` is raised, which fences off a zombie consumer
+        whose partition was reassigned. ``next_offset == expected_offset`` is a *refresh*:
+        rewriting states or lists (e.g. after a model change) without consuming anything.
+
+        ``popularity`` maps item index → increment already scaled by
+        ``2^((ts - tref)/half_life_ms)``; with increments, ``tref`` becomes ``pop:tref``
+        unless one is stored.
+        Both are required with increments, because when another writer set or rebased
+        ``pop:tref`` first, the script rescales the increments to the stored reference.
+
+        Returns
+        -------
+        int or None
+            The ``pop:tref`` in effect after the commit; when it differs from ``tref``,
+            reload :meth:`popularity` before the next batch.
+        """
+        if expected_offset is not None and next_offset < expected_offset:
+            raise ValueError(f"next_offset {next_offset} is before expected_offset "
+                             f"{expected_offset} of {topic}[{partition}]")
+        if next_offset < 0 or recs_ttl_s < 0:
+            raise ValueError(f"next_offset ({next_offset}) and recs_ttl_s ({recs_ttl_s}) "
+                             "must be >= 0")
+        if popularity and (tref is None or half_life_ms is None or not half_life_ms > 0):
+            raise ValueError("popularity increments need tref and a positive half_life_ms")
+        pop_args: list[str] = []
+        for item, inc in popularity.items():
+            if int(item) < 0:
+                raise ValueError(f"popularity item index must be >= 0, got {item}")
+            pop_args += (str(int(item)), _num(inc, f"popularity increment of item {item}"))
+        part_args = [] if partials is None else self._partial_fields(partials)
+        partials_key = self._k("partials", topic, partition)
+        keys = [self._k("offset", topic, partition), self._k("pop"), self._k("pop", "tref"),
+                partials_key, self._k("partials", "index")]
+        keys += [self._k("user", u) for u in states]
+        keys += [self._k("recs", u) for u in recs]
+        args: list[str | bytes] = [
+            "" if expected_offset is None else str(int(expected_offset)), str(int(next_offset)),
+            str(int(recs_ttl_s)), "" if tref is None else str(int(tref)),
+            "" if half_life_ms is None else _num(half_life_ms, "half_life_ms"),
+            str(len(states)), str(len(recs)), str(len(pop_args) // 2), str(len(part_args) // 2),
+        ]
+        args += states.values()
+        args += recs.values()
+        args += pop_args
+        args += part_args
+        status, value = self._commit(keys=keys, args=args)
+        if status == 0:
+            stored = _text(value)
+            raise StaleOffset(
+                f"{topic}[{partition}]: expected stored offset "
+                f"{'none' if expected_offset is None else expected_offset}, found "
+                f"{stored or 'none'}; another consumer owns this partition now, so drop the "
+                "batch and re-read the offset after the next assignment"
+            )
+        if status == 2:
+            raise ValueError(f"tref {tref} is too far from the stored pop:tref "
+                             f"{_text(value)}; compute increments against the stored one")
+        return int(value) if value else None
+
+    @staticmethod
+    def _partial_fields(partials: PartialSums) -> list[str]:
+        """Field/value pairs of the rows that carry anything."""
+        out: list[str] = []
+        for row in range(len(partials.weights)):
+            w, sums = partials.weights[row], partials.sums[row]
+            if w == 0 and not np.any(sums):
+                continue
+            out += (f"w:{row}", _num(w, f"partial weight of row {row}"))
+            for j, s in enumerate(sums.tolist()):
+                out += (f"s:{row}:{j}", _num(s, f"partial sum [{row}, {j}]"))
+        return out
+
+    def offsets(self, topic: str, partitions: Sequence[int]) -> dict[int, int | None]:
+        """The stored next offsets of ``partitions`` (None: nothing committed yet)."""
+        if not partitions:
+            return {}
+        raw = self.client.mget([self._k("offset", topic, p) for p in partitions])
+        return {p: None if v is None else int(v) for p, v in zip(partitions, raw, strict=True)}
+
+    # -- users -----------------------------------------------------------------------
+
+    def load_users(self, users: Sequence[str]
+                   ) -> tuple[list[bytes | None], list[list[str] | None]]:
+        """States and profiles of ``users`` in one MGET (None where there is none)."""
+        if not users:
+            return [], []
+        raw = self.client.mget([self._k("user", u) for u in users]
+                               + [self._k("profile", u) for u in users])
+        n = len(users)
+        profiles = [None if p is None else [str(f) for f in json.loads(p)] for p in raw[n:]]
+        return list(raw[:n]), profiles
+
+    def set_profiles(self, records: Sequence[UserRecord]) -> None:
+        """Store users' profile features (the users topic), one pipelined round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for rec in records:
+            pipe.set(self._k("profile", rec.user), _dump(list(rec.features)))
+        pipe.execute()
+
+    def read_recs(self, user: str) -> dict[str, Any] | None:
+        """A user's list as apps see it (for tests and the demo)."""
+        raw = self.client.get(self.recs_key(user))
+        return None if raw is None else dict(json.loads(raw))
+
+    # -- item registry ---------------------------------------------------------------
+
+    def item_indices(self, items: Sequence[str], domains: Sequence[str]) -> I64:
+        """Dense indices of ``items``, registering new ones, in one atomic round trip.
+
+        Idempotent and safe across processes. A new item gets the meta record
+        ``{"item", "domain", "features": []}``; a known item's meta is left as it is.
+        """
+        if len(items) != len(domains):
+            raise ValueError(f"{len(items)} items but {len(domains)} domains")
+        metas = [_dump({"item": i, "domain": d, "features": []})
+                 for i, d in zip(items, domains, strict=True)]
+        return self._register_items("0", items, metas)
+
+    def describe_items(self, records: Sequence[ItemRecord]) -> I64:
+        """Register items if needed and store their domain and features (overwriting)."""
+        metas = [_dump({"item": r.item, "domain": r.domain, "features": list(r.features)})
+                 for r in records]
+        return self._register_items("1", [r.item for r in records], metas)
+
+    def _register_items(self, overwrite: str, items: Sequence[str],
+                        metas: list[bytes]) -> I64:
+        if not items:
+            return np.zeros(0, np.int64)
+        keys = [self._k("items", "index"), self._k("items", "next"), self._k("items", "meta")]
+        out = self._register(keys=keys, args=[overwrite, *items, *metas])
+        return np.asarray(out, dtype=np.int64)
+
+    def catalog_size(self) -> int:
+        """How many items are registered (indices are 0 .. size-1)."""
+        raw = self.client.get(self._k("items", "next"))
+        return 0 if raw is None else int(raw)
+
+    def catalog_since(self, start: int) -> list[CatalogRow]:
+        """``(index, item, domain, features)`` of every item with index >= ``start``.
+
+        A consumer keeps its in-memory catalog in step by calling this with its current
+        size; rows come in index order, so appending them keeps the indices equal.
+        """
+        end = self.catalog_size()
+        rows: list[CatalogRow] = []
+        meta_key = self._k("items", "meta")
+        for lo in range(max(0, start), end, _HMGET_CHUNK):
+            idx = range(lo, min(end, lo + _HMGET_CHUNK))
+            fields = [str(i) for i in idx]
+            for i, raw in zip(idx, self.client.hmget(meta_key, fields), strict=True):
+                if raw is None:
+                    raise MetarecError(f"item index {i} has no record in {meta_key}; the "
+                                       "registry was damaged (evicted keys?); rebuild it")
+                meta = json.loads(raw)
+                rows.append((i, str(meta["item"]), str(meta["domain"]),
+                             tuple(str(f) for f in meta["features"])))
+        return rows
+
+    # -- popularity ------------------------------------------------------------------
+
+    def popularity(self, n_items: int) -> tuple[int | None, F64]:
+        """``pop:tref`` and the scaled counts of items ``0 .. n_items-1`` (one MULTI).
+
+        Decayed to time ``t``: ``counts * 2^(-(t - tref)/half_life)``.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self._k("pop", "tref"))
+        pipe.hgetall(self._k("pop"))
+        tref_raw, table = pipe.execute()
+        out = np.zeros(n_items)
+        if table:
+            idx = np.array([int(k) for k in table], dtype=np.int64)
+            vals = np.array(list(table.values())).astype(np.float64)
+            keep = idx < n_items
+            out[idx[keep]] = vals[keep]
+        return (None if tref_raw is None else int(tref_raw)), out
+
+    def rebase_popularity(self, new_tref: int, half_life_ms: float) -> int | None:
+        """Rescale every count to reference ``new_tref`` and store it, atomically.
+
+        Decayed values do not change. Call it when ``(now - tref)/half_life`` grows large
+        (e.g. past :data:`metarec.popularity.MAX_EXPONENT`) with ``new_tref`` at most the
+        newest event time: a reference ahead of the stream shrinks every count towards the
+        1e-17 floor of HINCRBYFLOAT. It costs O(items) inside Redis. Returns the old tref.
+        """
+        if not half_life_ms > 0:
+            raise ValueError(f"half_life_ms must be positive, got {half_life_ms!r}")
+        old = self._rebase(keys=[self._k("pop"), self._k("pop", "tref")],
+                           args=[str(int(new_tref)), _num(half_life_ms, "half_life_ms")])
+        return None if old is None else int(old)
+
+    # -- partial sums ----------------------------------------------------------------
+
+    def take_partials(self, topic: str, dim: int | None = None) -> list[PartialSums]:
+        """Read and reset the partial sums of every partition of ``topic``, atomically.
+
+        One :class:`PartialSums` per partition that has any, in partition order. Rows are
+        domain rows; ``dim`` is inferred from the stored fields unless given (give it when
+        a partition may hold weights only).
+        """
+        index_key = self._k("partials", "index")
+        head = self._k("partials", topic) + ":"
+        keys: list[tuple[int, str]] = []
+        for member in self.client.smembers(index_key):
+            name = _text(member)
+            if name.startswith(head) and name[len(head):].isdigit():
+                keys.append((int(name[len(head):]), name))
+        if not keys:
+            return []
+        keys.sort()
+        tables = self._take(keys=[index_key] + [k for _, k in keys])
+        return [self._parse_partials(flat, dim) for flat in tables if flat]
+
+    @staticmethod
+    def _parse_partials(flat: list[bytes], dim: int | None) -> PartialSums:
+        weights: dict[int, float] = {}
+        sums: dict[tuple[int, int], float] = {}
+        for field, value in zip(flat[::2], flat[1::2], strict=True):
+            kind, *pos = _text(field).split(":")
+            if kind == "w":
+                weights[int(pos[0])] = float(value)
+            else:
+                sums[int(pos[0]), int(pos[1])] = float(value)
+        rows = 1 + max([*weights, *(r for r, _ in sums)])
+        width = 1 + max((j for _, j in sums), default=-1) if dim is None else dim
+        out = PartialSums.zeros(rows, width)
+        for r, w in weights.items():
+            out.weights[r] = w
+        for (r, j), s in sums.items():
+            if j >= width:
+                raise ValueError(f"stored partial sums have dimension > {width}")
+            out.sums[r, j] = s
+        return out
+
+    # -- model versions --------------------------------------------------------------
+
+    def publish_model(self, blob: bytes, version: int | None = None) -> int:
+        """Store a model and make it current; returns its version.
+
+        Chunks and meta are written first and ``model:current`` flips last, so a reader
+        never sees half a model. Versions beyond the newest ``keep_models`` are deleted.
+        """
+        if version is None:
+            version = int(self.client.incr(self._k("model", "seq")))
+        else:
+            current = self.current_model_version()
+            if version < 1 or (current is not None and version <= current) \
+                    or self.client.exists(self._k("model", version, "meta")):
+                raise ValueError(f"model version {version} must be >= 1, newer than the "
+                                 f"current {current} and not yet stored; pass None to "
+                                 "allocate one")
+        step = self.chunk_bytes
+        chunks = [blob[i:i + step] for i in range(0, len(blob), step)] or [b""]
+        meta = {"version": version, "created_ms": int(time.time() * 1000),
+                "n_chunks": len(chunks), "size": len(blob),
+                "sha256": hashlib.sha256(blob).hexdigest()}
+        pipe = self.client.pipeline(transaction=False)
+        for i, chunk in enumerate(chunks):
+            pipe.set(self._k("model", version, "chunk", i), chunk)
+        pipe.set(self._k("model", version, "meta"), _dump(meta))
+        pipe.execute()
+        reply = self._flip(keys=[self._k("model", "current"), self._k("model", "seq"),
+                                 self._k("model", "versions")],
+                           args=[str(version), str(self.keep_models)])
+        if reply[0] == 0:
+            if reply[1] != version:  # an equal version's keys are the winner's, not ours
+                self._delete_models([version])
+            raise ValueError(f"model version {version} lost the race to version {reply[1]}, "
+                             "published meanwhile; publish again with version=None")
+        self._delete_models([int(v) for v in reply[1:]])
+        return version
+
+    def _delete_models(self, versions: Sequence[int]) -> None:
+        """Delete versions' chunks and meta in one DEL (meta last in the list)."""
+        if not versions:
+            return
+        metas = self.client.mget([self._k("model", v, "meta") for v in versions])
+        doomed: list[str] = []
+        for v, raw in zip(versions, metas, strict=True):
+            n = 0 if raw is None else int(json.loads(raw)["n_chunks"])
+            doomed += [self._k("model", v, "chunk", i) for i in range(n)]
+            doomed.append(self._k("model", v, "meta"))
+        self.client.delete(*doomed)
+
+    def current_model_version(self) -> int | None:
+        """The version readers should load (None before the first publish)."""
+        raw = self.client.get(self._k("model", "current"))
+        return None if raw is None else int(raw)
+
+    def load_model_blob(self, version: int) -> bytes:
+        """The bytes of model ``version``, checked against its size and sha256."""
+        raw = self.client.get(self._k("model", version, "meta"))
+        if raw is None:
+            raise ModelError(f"model version {version} is not stored (pruned, or never "
+                             "published); load current_model_version() instead")
+        meta = json.loads(raw)
+        chunks = self.client.mget([self._k("model", version, "chunk", i)
+                                   for i in range(int(meta["n_chunks"]))])
+        missing = [i for i, c in enumerate(chunks) if c is None]
+        if missing:
+            raise ModelError(f"model version {version} lacks chunks {missing}; it was pruned "
+                             "while loading or damaged; load the current version again")
+        blob = b"".join(c for c in chunks if c is not None)
+        if len(blob) != meta["size"] or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+            raise ModelError(f"model version {version} is corrupt (size or sha256 differs "
+                             "from its meta); republish it")
+        return blob
+
+    # -- heartbeats ------------------------------------------------------------------
+
+    def heartbeat(self, group: str, member: str, payload: Mapping[str, Any],
+                  ttl_s: int) -> None:
+        """Record a consumer's stats; they vanish ``ttl_s`` seconds after its last beat."""
+        if ttl_s < 1:
+            raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
+        now_ms = int(time.time() * 1000)
+        members = self._k("consumers", group)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self._k("consumer", group, member), _dump(dict(payload)), ex=ttl_s)
+        pipe.zadd(members, {member: now_ms + ttl_s * 1000})
+        pipe.zremrangebyscore(members, "-inf", now_ms)
+        pipe.execute()
+
+    def heartbeats(self, group: str) -> dict[str, dict[str, Any]]:
+        """The live heartbeats of ``group``'s members, by member name."""
+        names = [_text(m) for m in self.client.zrange(self._k("consumers", group), 0, -1)]
+        if not names:
+            return {}
+        raw = self.client.mget([self._k("consumer", group, m) for m in names])
+        return {m: dict(json.loads(v)) for m, v in zip(names, raw, strict=True) if v is not None}
