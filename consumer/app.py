@@ -145,9 +145,11 @@ class ConsumerApp:
     def process(self, records: Sequence[Message]) -> None:
         """Steps 2-6 of the module docstring for one consumed batch."""
         s = self.settings
+        self._maybe_reload(time.monotonic())
+        if not records:
+            return
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        self._maybe_reload(time.monotonic())
         events: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
         next_offset: dict[int, int] = {}
         items: list[ItemRecord] = []

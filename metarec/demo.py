@@ -102,9 +102,13 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
             raise MetarecError("the consumers did not catch up in time; see the logs in "
                                f"{logs}")
         version = _wait_model(store)
-        _say(f"all {report.events} events applied; model version {version} is live")
-        _show(store, dataset.events[-1].user, dataset.events[len(dataset.events) // 2].user,
-              dataset.events[0].user)
+        shown = list(dict.fromkeys([dataset.events[-1].user,
+                                    dataset.events[len(dataset.events) // 2].user,
+                                    dataset.events[0].user]))
+        _say(f"all {report.events} events applied; model version {version} published")
+        if all(_wait_list_version(store, user, version) for user in shown):
+            _say(f"consumers hot-reloaded version {version}: lists now come from the model")
+        _show(store, *shown)
         for member, beat in sorted(store.heartbeats(demo.group_id).items()):
             stats = beat.get("stats", beat)
             _say(f"stats of {member}: {json.dumps(stats, sort_keys=True)}")
@@ -138,6 +142,18 @@ def _wait_model(store: RedisStore, timeout: float = 120.0) -> int:
             return version
         time.sleep(0.5)
     raise MetarecError("the aggregator published no model in time")
+
+
+def _wait_list_version(store: RedisStore, user: str, version: int,
+                       timeout: float = 60.0) -> bool:
+    """Wait until ``user``'s list was ranked by ``version`` (the background refresh)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        recs = store.read_recs(user)
+        if recs is not None and recs["model_version"] >= version:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _show(store: RedisStore, *users: str) -> None:

@@ -5,9 +5,10 @@ pipelines (and by people with ``jq``), which need fields, not prose to parse. Ev
 has ``ts`` (ISO-8601 UTC, milliseconds), ``level``, ``logger``, ``service`` and ``msg``;
 fields passed as ``extra={...}`` are added as they are, made JSON-safe (numpy scalars
 become Python numbers, non-finite floats and other unserializable values become strings);
-``exc`` holds the formatted traceback when ``exc_info`` is set. Nothing else is added: the
-formatter writes only what the log call gave it, so it cannot leak settings or secrets
-that the caller did not pass.
+``exc`` holds the formatted traceback when ``exc_info`` is set (``stack`` the stack when
+``stack_info`` is); record attributes starting with ``_`` are skipped. Nothing else is
+added: the formatter writes only what the log call gave it, so it cannot leak settings or
+secrets that the caller did not pass.
 
 :func:`configure_logging` is for process entry points (CLIs, the consumer, the
 aggregator); the library itself only calls ``logging.getLogger(__name__)``.
@@ -22,7 +23,7 @@ aggregator); the library itself only calls ``logging.getLogger(__name__)``.
 >>> line = json.loads(buf.getvalue())
 >>> line["msg"], line["lag"], line["service"], line["level"]
 ('lag high', 120, 'demo', 'WARNING')
->>> log.removeHandler(handler)
+>>> log.removeHandler(handler); log.propagate = True
 """
 
 from __future__ import annotations
