@@ -1,30 +1,37 @@
-# Everyday commands. CI runs .ci/run, which does what `install lint test` do here plus the
-# system packages and a Redis.
+# Everyday commands. CI runs .ci/run, which also installs the system packages (kcat,
+# redis-tools) and makes sure a Redis answers; then it runs the same `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint test demo bench
+.PHONY: help install lint test demo bench eval
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-8s %s\n", $$1, $$2}'
 
-$(BIN)/python:
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
 
-install: $(BIN)/python ## create .venv and install metarec with its dev tools (editable)
-	$(BIN)/python -m pip install -e '.[dev]'
+install: $(STAMP) ## create .venv and install metarec with its dev tools (editable)
 
-lint: ## ruff and mypy --strict
+lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: ## the test suite (starts its own Tansu broker; uses or starts Redis on 127.0.0.1:6379)
+test: $(STAMP) ## the test suite (starts its own Tansu broker; uses or starts Redis on 127.0.0.1:6379)
 	$(BIN)/python -m pytest -q
 
-demo: ## end-to-end demo on the local broker and Redis
+demo: $(STAMP) ## the whole loop on the local broker and Redis, on a bundled synthetic stream
 	$(BIN)/metarec demo
 
-bench: ## consumer throughput benchmark
+eval: $(STAMP) ## the ml-100k prequential comparison (about 5 minutes)
+	$(BIN)/metarec eval --data ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/ml100k.json
+
+bench: $(STAMP) ## hot-path benchmarks: core math, Redis commit, consumer end to end
+	$(BIN)/python benchmarks/core_bench.py
+	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/consumer_bench.py

@@ -30,7 +30,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -51,7 +51,7 @@ from metarec.store import RedisStore
 from metarec.training import DAY_MS
 from metarec.user_state import UserState
 
-__all__ = ["POPULARITY_HALF_LIFE_MS", "ConsumerApp"]
+__all__ = ["POPULARITY_HALF_LIFE_MS", "ConsumerApp", "incremental_rebalancing"]
 
 log = logging.getLogger("metarec.consumer")
 
@@ -66,12 +66,34 @@ REFRESH_BATCH = 500
 #: Group settings that suit the local Tansu broker (docs/LOCAL_SERVICES.md) and are valid on
 #: Apache Kafka; anything passed through METAREC_KAFKA_* overrides them.
 GROUP_DEFAULTS = {
+    # Bounds a fetch that finds no data; Tansu holds it for the full wait, which showed up
+    # as produce-to-list latency (p99 326 ms at librdkafka's 500 ms default, 122 ms at 20).
+    "fetch.wait.max.ms": "20",
+    # Bounds librdkafka's prefetch buffer (default 64 MiB) so memory does not follow the
+    # size of a backlog.
+    "queued.max.messages.kbytes": "16384",
     "session.timeout.ms": "6000",
     "heartbeat.interval.ms": "500",
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "range",
     "statistics.interval.ms": "5000",
 }
+
+
+def incremental_rebalancing(config: Mapping[str, str]) -> bool:
+    """Whether a consumer with ``config`` gets incremental (cooperative) assignments.
+
+    Its rebalance callbacks must then use ``incremental_assign``/``incremental_unassign``:
+    librdkafka refuses a plain ``assign`` there (``_STATE``, which crashed the consumer).
+    The Python client does not expose librdkafka's ``rebalance_protocol()``, hence this.
+
+    >>> incremental_rebalancing({"partition.assignment.strategy": "cooperative-sticky"})
+    True
+    >>> incremental_rebalancing({"partition.assignment.strategy": "range"})
+    False
+    """
+    return ("cooperative" in config.get("partition.assignment.strategy", "")
+            or config.get("group.protocol", "classic") == "consumer")
 
 
 class ConsumerApp:
@@ -95,6 +117,7 @@ class ConsumerApp:
         config = {**GROUP_DEFAULTS, **settings.kafka_config()}
         config.update({"group.id": settings.group_id, "enable.auto.commit": "false",
                        "client.id": f"metarec-consumer-{self.member}"})
+        self._incremental = incremental_rebalancing(config)
         self.consumer = Consumer(config, stats_cb=self._on_kafka_stats,
                                  logger=logging.getLogger("metarec.kafka.consumer"))
         producer = Producer(settings.kafka_config(**{"enable.idempotence": "true",
@@ -179,7 +202,14 @@ class ConsumerApp:
                 elif topic == s.users_topic:
                     meta_offsets[(topic, part)] = offset + 1
                     users.append(decode_user(msg.value() or b"", default_ts=now_ms))
-            except InvalidEvent as exc:
+            except Exception as exc:
+                # Decoding is pure, so whatever it raises is this record's fault; anything
+                # but InvalidEvent (RecursionError on deeply nested JSON) is a decoder gap,
+                # and crashing on it would stop the partition at this record for good.
+                if not isinstance(exc, InvalidEvent):
+                    log.warning("record failed to decode unexpectedly; dead-lettered",
+                                extra={"error": repr(exc)[:200], "topic": topic,
+                                       "partition": part, "offset": offset})
                 self.dlq.send(msg, exc)
                 n_dlq += 1
         if n_dlq:
@@ -301,7 +331,10 @@ class ConsumerApp:
                 off = stored[tp.partition]
                 self._expected[tp.partition] = off
                 tp.offset = off if off is not None else OFFSET_STORED
-        consumer.assign(partitions)
+        if self._incremental:
+            consumer.incremental_assign(partitions)  # assign() is refused mid-rebalance
+        else:
+            consumer.assign(partitions)
         self.stats.set_partitions(sorted(self._expected))
         log.info("partitions assigned", extra={"partitions": mine, "offsets": stored})
 
@@ -310,7 +343,10 @@ class ConsumerApp:
             if tp.topic == self.settings.events_topic:
                 self._expected.pop(tp.partition, None)
                 self._lag.pop(tp.partition, None)
-        consumer.unassign()
+        if self._incremental:
+            consumer.incremental_unassign(partitions)  # keep the partitions not revoked
+        else:
+            consumer.unassign()
         self.stats.set_partitions(sorted(self._expected))
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 

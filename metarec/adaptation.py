@@ -21,6 +21,7 @@ so a dislike (negative weight) pushes the item below the negatives instead of ab
 ...                np.eye(2, dtype=np.float32))
 >>> b = UserBatch.empty(1, m)
 >>> observe(m, t, b, np.array([0]), np.array([0]), np.array([1.0]), np.array([[1]]))
+array([0.], dtype=float32)
 >>> bool(user_vectors(m, t, b)[0] @ (t.vectors[0] - t.vectors[1]) > 0)
 True
 >>> b.hist_items.tolist()
@@ -120,10 +121,12 @@ def prior(model: MetaModel, tables: ItemTables, batch: UserBatch,
     # age_logits[p, 0] is the newest event, which sits in the last (right-aligned) column.
     age_weight = np.exp(model.age_logits[:, ::-1])[:, -items.shape[1]:]
     hist_w = batch.hist_weights[sel] * valid
+    shared = np.zeros_like(out)
     for p in range(age_weight.shape[0]):
         w = hist_w * age_weight[p]
         pooled = np.einsum("bl,bld->bd", w, ctx) / (np.abs(w).sum(1, keepdims=True) + _EPS)
-        out += pooled @ model.hist_map[p]
+        shared += pooled @ model.hist_map[p]
+    out += np.einsum("bd,bde->be", shared, model.domain_map[domain])
     return out.astype(np.float32)
 
 
@@ -151,11 +154,15 @@ def pairwise_gradient(theta: F32, delta: F32, tables: ItemTables, pos: I64, weig
 
 
 def adapt(model: MetaModel, tables: ItemTables, theta0: F32, delta: F32, pos: I64,
-          weight: F32, neg: I64) -> F32:
-    """``model.inner_steps`` Meta-SGD steps on one event per row; returns the new ``δ``."""
+          weight: F32, neg: I64, step_scale: F32 | None = None) -> F32:
+    """``model.inner_steps`` Meta-SGD steps on one event per row; returns the new ``δ``.
+
+    ``step_scale`` (one factor per row) enlarges the steps of users recovering from a drift.
+    """
+    step = model.step if step_scale is None else model.step * step_scale[:, None]
     for _ in range(model.inner_steps):
         grad = pairwise_gradient(theta0 + delta, delta, tables, pos, weight, neg, model.prox)
-        delta = delta - model.step * grad
+        delta = delta - step * grad
     return delta
 
 
@@ -168,13 +175,25 @@ def push_history(batch: UserBatch, rows: I64, items: I64, weights: F32) -> None:
 
 
 def observe(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64, items: I64,
-            weights: npt.ArrayLike, negatives: I64) -> None:
-    """Apply one wave: each of ``rows`` adapts to its event, then records it in its history."""
+            weights: npt.ArrayLike, negatives: I64, step_scale: F32 | None = None) -> F32:
+    """Apply one wave: each of ``rows`` adapts to its event, then records it in its history.
+
+    Returns, per row, the share of the sampled negatives the event's item outscored
+    *before* adapting (an estimate of its percentile rank, NaN for a dislike): a dense,
+    free signal of how well the user is currently understood, which the per-user drift
+    detector watches.
+    """
     rows = np.asarray(rows, np.int64)
     w = np.asarray(weights, np.float32)
     theta0 = prior(model, tables, batch, rows)
-    batch.delta[rows] = adapt(model, tables, theta0, batch.delta[rows], items, w, negatives)
+    delta = batch.delta[rows]
+    margin = np.einsum("bd,bnd->bn", theta0 + delta,
+                       tables.vectors[items][:, None, :] - tables.vectors[negatives])
+    margin += tables.bias[items][:, None] - tables.bias[negatives]
+    auc = np.where(w > 0, (margin > 0).mean(axis=1), np.nan).astype(np.float32)
+    batch.delta[rows] = adapt(model, tables, theta0, delta, items, w, negatives, step_scale)
     push_history(batch, rows, items, w)
+    return auc
 
 
 def replay(model: MetaModel, tables: ItemTables, batch: UserBatch,

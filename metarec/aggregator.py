@@ -55,11 +55,15 @@ class Aggregator:
         self._stopping = False
         self._events_since = 0
         self._next_cycle = time.monotonic() + settings.aggregate_interval_s
-        self.consumer = Consumer({
+        config = {
             "auto.offset.reset": "earliest", "session.timeout.ms": "6000",
             "heartbeat.interval.ms": "500", **settings.kafka_config(),
             "group.id": settings.aggregator_group_id, "enable.auto.commit": "true",
-        }, logger=logging.getLogger("metarec.kafka.aggregator"))
+        }
+        # Cooperative (or KIP-848) groups hand out partitions incrementally.
+        self._incremental = ("cooperative" in config.get("partition.assignment.strategy", "")
+                             or config.get("group.protocol", "classic") == "consumer")
+        self.consumer = Consumer(config, logger=logging.getLogger("metarec.kafka.aggregator"))
         self.producer = Producer(settings.kafka_config())
 
     def stop(self, *_: object) -> None:
@@ -91,16 +95,22 @@ class Aggregator:
             self.producer.flush(10)
         return 0
 
-    @staticmethod
-    def _rewind(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _rewind(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Rebuild the window from the retained log: the window lives only in memory."""
         for tp in partitions:
             tp.offset = OFFSET_BEGINNING
+        if self._incremental:
+            consumer.incremental_assign(partitions)  # assign() is refused mid-rebalance
+            return
+        # An eager assignment is the whole new assignment, all of it rewound: start the
+        # window afresh, or every rebalance would add the retained log to it once more.
+        self.window = EventWindow(self.settings.window_events)
         consumer.assign(partitions)
 
     def ingest(self, records: list) -> None:  # type: ignore[type-arg]
         """Add consumed records to the window (invalid ones are the consumers' DLQ's job)."""
         s = self.settings
+        now_ms = int(time.time() * 1000)
         for msg in records:
             if msg.error() is not None:
                 if msg.error().code() != KafkaError._PARTITION_EOF:
@@ -109,7 +119,7 @@ class Aggregator:
             try:
                 if msg.topic() == s.events_topic:
                     e = decode_event(msg.value() or b"", event_types=s.event_types,
-                                     default_ts=msg.timestamp()[1])
+                                     default_ts=msg.timestamp()[1], now_ms=now_ms)
                     self.window.append(e.user, e.item, e.ts, s.event_types[e.type], e.domain)
                     self._events_since += 1
                 elif msg.topic() == s.items_topic:
@@ -118,7 +128,7 @@ class Aggregator:
                 elif msg.topic() == s.users_topic:
                     user = decode_user(msg.value() or b"")
                     self.window.describe_user(user.user, user.features)
-            except InvalidEvent:
+            except (InvalidEvent, RecursionError):  # deeply nested JSON
                 continue
 
     def _due(self) -> bool:

@@ -322,7 +322,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     _topic_spec("model_topic", "metarec.model", "Topic announcing new model versions."),
     _int_spec("top_k", 20, 1, 1000, "Length of each user's recommendation list."),
     _int_spec("batch_size", 500, 1, 100_000, "Most records taken per consume call."),
-    _int_spec("batch_timeout_ms", 100, 0, 60_000,
+    # Short on purpose: under load a batch fills at once; at low load a long wait is
+    # pure produce-to-list latency (measured: p50 113 ms at 100 ms, 43 ms at 20 ms).
+    _int_spec("batch_timeout_ms", 20, 0, 60_000,
               "Longest wait in milliseconds for a batch to fill."),
     _int_spec("partitions", 4, 1, 1024, "Partitions of the topics that 'dev up' creates."),
     _int_spec("history_length", 50, 1, 10_000,

@@ -83,6 +83,7 @@ class MetaGraph:
         hist_map = np.stack([np.eye(d, dtype=np.float32)] * len(decays))
         age = (-decays[:, None] * np.arange(cfg.history_length)).astype(np.float32)
         log_step = np.full(d, np.log(cfg.step_init), np.float32)
+        domain_map = np.stack([np.eye(d, dtype=np.float32)] * len(self.domains))
         log_prox, trend = np.float32(np.log(0.1)), np.float32(1.0)
         if init is not None and init.dim == d and init.age_logits.shape == age.shape:
             emb = _rows_by_name(self.item_ids, init.item_ids, init.item_emb, emb)
@@ -98,6 +99,10 @@ class MetaGraph:
                 u_feat[:-1] = _rows_by_name(self.user_vocab, init.user_features,
                                             init.user_feat, u_feat[:-1])
                 hist_map, age = init.hist_map.copy(), init.age_logits.copy()
+                flat = _rows_by_name(self.domains, init.domains,
+                                     init.domain_map.reshape(len(init.domains), -1),
+                                     domain_map.reshape(len(self.domains), -1))
+                domain_map = flat.reshape(domain_map.shape)
                 log_step = np.log(np.maximum(init.step, 1e-6)).astype(np.float32)
                 log_prox = np.float32(np.log(max(init.prox, 1e-6)))
             trend = np.float32(init.trend)
@@ -106,12 +111,13 @@ class MetaGraph:
         self.g_emb, self.g_ctx, self.g_bias = var(g_emb), var(g_ctx), var(g_bias)
         self.theta0, self.u_feat, self.hist_map = var(theta0), var(u_feat), var(hist_map)
         self.age, self.log_step = var(age), var(log_step)
+        self.domain_map = var(domain_map)
         self.log_prox, self.trend = var(log_prox), var(trend)
         self.free_users = var(normal((len(data.user_ids), d)))
         if cfg.meta:
             self.trainable = [self.emb, self.ctx, self.bias, self.g_emb, self.g_ctx,
                               self.g_bias, self.theta0, self.u_feat, self.hist_map, self.age,
-                              self.log_step, self.log_prox, self.trend]
+                              self.log_step, self.log_prox, self.trend, self.domain_map]
         else:
             self.trainable = [self.emb, self.bias, self.free_users, self.trend]
         self.optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
@@ -163,7 +169,8 @@ class MetaGraph:
         prof_idx = tf.where(prof_idx >= 0, prof_idx, len(self.user_vocab))
         prof = tf.reduce_sum(tf.gather(self.u_feat, prof_idx) * prof_ok[..., None], 1)
         prof = prof / tf.maximum(tf.reduce_sum(prof_ok, 1, keepdims=True), 1.0)
-        return tf.gather(self.theta0, b["domains"]) + pooled + prof
+        mapped = tf.einsum("bd,bde->be", pooled, tf.gather(self.domain_map, b["domains"]))
+        return tf.gather(self.theta0, b["domains"]) + mapped + prof
 
     def _inner_loop(self, b: dict[str, tf.Tensor], theta0: tf.Tensor, vectors: tf.Tensor,
                     bias: tf.Tensor) -> tf.Tensor:
@@ -257,6 +264,7 @@ class MetaGraph:
             age_logits=self.age.numpy(),
             step=np.exp(self.log_step.numpy()) if meta else np.full(d, cfg.step_init,
                                                                     np.float32),
+            domain_map=self.domain_map.numpy(),
             prox=float(np.exp(self.log_prox.numpy())) if meta else 0.1,
             inner_steps=1, negatives=cfg.negatives, trend=float(self.trend.numpy()),
             blend=cfg.blend, meta=meta,

@@ -8,10 +8,12 @@ the consumer loads and serves it without TensorFlow. It holds
 * the item feature mapping ``G`` (embedding, bias and context per feature): an item's
   serving vector blends its own embedding with the mean of its feature vectors,
   ``v_i = (n_i e_i + c G(x_i)) / (n_i + c)``, so cold items are recommendable from features;
-* the user prior ``θ0(u) = θ0[g] + Σ_p A_p·pool_p(h_u) + mean(W_u[x_u])``: a per-domain
-  initialization, recency-weighted pools of the context vectors of the user's recent items
-  (one pool per time scale ``p``, each with learned weights by age) mapped by ``A_p``, and
-  the user's profile features;
+* the user prior ``θ0(u) = θ0[g] + M_g·Σ_p A_p·pool_p(h_u) + mean(W_u[x_u])``: a
+  per-domain initialization, recency-weighted pools of the context vectors of the user's
+  recent items in every domain (one pool per time scale ``p``, each with learned weights by
+  age) mapped by ``A_p`` into one user vector, which the per-domain *adaptation mapping*
+  ``M_g`` carries into domain ``g`` (so what a user did in one domain informs their first
+  events in another), and the user's profile features;
 * Meta-SGD per-dimension step sizes ``α``, the proximal strength ``λ`` and the weight ``β`` of
   the trending prior in the score.
 
@@ -54,7 +56,7 @@ FORMAT_VERSION = 1
 _ARRAYS = (
     "item_emb", "item_bias", "item_ctx", "item_count",
     "feat_emb", "feat_bias", "feat_ctx",
-    "theta0", "user_feat", "hist_map", "age_logits", "step",
+    "theta0", "user_feat", "hist_map", "age_logits", "step", "domain_map",
 )
 
 
@@ -102,6 +104,7 @@ class MetaModel:
     hist_map: F32
     age_logits: F32
     step: F32
+    domain_map: F32
     prox: float = 0.1
     inner_steps: int = 1
     negatives: int = 4
@@ -143,6 +146,7 @@ class MetaModel:
             if meta else z((pools, dim, dim), np.float32),
             age_logits=z((pools, history_length), np.float32),
             step=np.full(dim, step, np.float32), meta=meta,
+            domain_map=np.stack([np.eye(dim, dtype=np.float32)] * len(domains)),
         )
 
     @property

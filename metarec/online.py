@@ -26,8 +26,11 @@ from metarec.adaptation import (
 )
 from metarec.aggregation import PartialSums, reptile_update
 from metarec.catalog import Catalog
+from metarec.drift import UserDrift, cut_history
+from metarec.live_quality import LiveQuality
 from metarec.model import ItemTables, MetaModel
 from metarec.popularity import RecencyPopularity
+from metarec.ranking import top_k
 from metarec.recommender import Interaction
 from metarec.training import DAY_MS, MetaTrainer
 from metarec.window import TrainingData
@@ -50,6 +53,11 @@ class OnlineConfig:
     window_events: int = 100_000
     half_life_ms: float = 7 * DAY_MS
     reptile_epsilon: float = 1.0
+    #: React to drift: retrain early when a domain's live hit rate shifts (ADWIN), cut a
+    #: drifted user's history and enlarge their steps (:mod:`metarec.drift`).
+    drift_handling: bool = False
+    #: Fewest events between two trainings, even when drift asks for one.
+    min_retrain_gap: int = 1000
 
     @classmethod
     def for_stream(cls, n_events: int) -> OnlineConfig:
@@ -95,8 +103,14 @@ class OnlineMetarec:
         self._past = np.zeros((n, 4), np.int64)  # user, item, ts, domain (ring buffer)
         self._past_w = np.zeros(n, np.float32)
         self._seen = 0
+        self._last_training = 0
         self._n_items_seen = 0
         self.trainings: list[dict[str, object]] = []
+        self.live = LiveQuality(k=10, window=500)
+        self.user_drift = UserDrift()
+        self.user_drifts = 0
+        self._shown: dict[int, npt.NDArray[np.int64]] = {}
+        self._consumed: dict[int, set[int]] = {}
 
     # -- Recommender protocol -------------------------------------------------------------
 
@@ -104,6 +118,8 @@ class OnlineMetarec:
         pop = self.popularity.scores(-1, ts, n_items)
         if self.model is None or self.items is None:
             return pop
+        # The list is for the domain the user is acting in (the adaptation mapping M_g).
+        self.users.domain[user] = self.model.domain_index(self.tables.domain_names[domain])
         theta = user_vectors(self.model, self.items, self.users, np.array([user]))[0]
         v = self.items.vectors[:n_items]
         out: F64 = (v @ theta + self.items.bias[:n_items] + self.model.trend * np.log1p(pop)
@@ -114,20 +130,53 @@ class OnlineMetarec:
         self.popularity.learn_one(x.item, 0, x.ts)
         self._n_items_seen = max(self._n_items_seen, x.item + 1)
         row = np.array([x.user])
+        handling = self.config.drift_handling
+        user = self.tables.user_ids[x.user]
+        if handling:
+            self._watch_domain(x)
         if self.model is None or self.items is None:
             push_history(self.users, row, np.array([x.item]), np.array([x.weight], np.float32))
         else:
             self.users.domain[x.user] = self.model.domain_index(self.tables.domain_names[x.domain])
             neg = sample_negatives(self._rng, self._n_items_seen, (1, self.model.negatives))
-            observe(self.model, self.items, self.users, row, np.array([x.item]),
-                    np.array([x.weight], np.float32), neg)
+            scale = self.user_drift.step_scale([user]) if handling else None
+            auc = observe(self.model, self.items, self.users, row, np.array([x.item]),
+                          np.array([x.weight], np.float32), neg, scale)
+            if handling and self.user_drift.update(user, float(auc[0])):
+                cut_history(self.users, x.user)
+                self.user_drifts += 1
             self.partials.add(self.users.domain[row], self.users.delta[row], np.ones(1))
         k = self._seen % self.config.window_events
         self._past[k] = (x.user, x.item, x.ts, x.domain)
         self._past_w[k] = x.weight
         self._seen += 1
+        if self.config.drift_handling:
+            self._shown[x.user] = self._top(x.user, x.ts, x.domain, x.item)
         if self._due():
-            self._train()
+            self._train("schedule" if self.model is not None else "first model")
+
+    # -- drift ----------------------------------------------------------------------------
+
+    def _watch_domain(self, x: Interaction) -> None:
+        """Score the list this user was shown; retrain early if the domain's hits drift."""
+        shown = self._shown.get(x.user)
+        found = np.flatnonzero(shown == x.item) if shown is not None else np.zeros(0)
+        rank = int(found[0]) if found.size else -1
+        domain = self.tables.domain_names[x.domain]
+        if self.live.update(domain, rank) and self.model is not None and \
+                self._seen - self._last_training >= self.config.min_retrain_gap:
+            self._train(f"drift in domain {domain!r}")
+
+    def _top(self, user: int, ts: int, domain: int, item: int, k: int = 10,
+             ) -> npt.NDArray[np.int64]:
+        """The top-``k`` list the user would now be shown (consumed items excluded)."""
+        seen = self._consumed.setdefault(user, set())
+        seen.add(item)
+        scores = self.score(user, ts, domain, self._n_items_seen)
+        scores[list(seen)] = -np.inf
+        idx, _ = top_k(scores[None, :], k)
+        shown: npt.NDArray[np.int64] = idx[0]
+        return shown
 
     # -- training -------------------------------------------------------------------------
 
@@ -135,7 +184,7 @@ class OnlineMetarec:
         c = self.config
         if self._seen < c.first_training:
             return False
-        return self.model is None or (self._seen - c.first_training) % c.retrain_every == 0
+        return self.model is None or self._seen - self._last_training >= c.retrain_every
 
     def window(self) -> TrainingData:
         """The past events still in the window, as :class:`TrainingData` (time order)."""
@@ -158,7 +207,7 @@ class OnlineMetarec:
             domain_names=[t.domain_names[g] for g in doms],
         )
 
-    def _train(self) -> None:
+    def _train(self, reason: str) -> None:
         init = self.model
         if init is not None and init.meta:
             init = replace(init, theta0=reptile_update(init.theta0, [self.partials],
@@ -167,7 +216,8 @@ class OnlineMetarec:
         version = 1 if self.model is None else self.model.version + 1
         model = self.trainer.fit(self.window(), init=init, version=version)
         self.load(model)
-        self.trainings.append(dict(model.info, at_event=self._seen))
+        self._last_training = self._seen
+        self.trainings.append(dict(model.info, at_event=self._seen, reason=reason))
 
     def load(self, model: MetaModel) -> None:
         """Serve ``model`` from now on, re-deriving every user's offset from their history."""

@@ -1,0 +1,116 @@
+"""Reacting to a user whose preferences moved.
+
+A :class:`UserDrift` watches each active user's live stream with river's ADWIN (only for
+users with enough events to judge). A user's hits at K are too sparse to test — a user
+with a 20% hit rate has a handful of hits — so the per-user signal is denser: the share of
+sampled negatives each event's item outscored before the user adapted to it (the inner loop
+samples them anyway), an unbiased estimate of the item's percentile rank. When it drops
+significantly, the user is *drifted*: the part of their history from before the change is cut (it describes
+a taste they no longer have, and it is what the prior is computed from), their personal
+offset restarts, and their inner-loop steps are enlarged until their hit rate is back to
+90% of its level before the change. Detectors live in a bounded LRU: memory does not grow
+with the number of users, and a user who falls out of it simply starts a fresh detector.
+
+>>> d = UserDrift(min_events=5, delta=0.5)
+>>> flags = [d.update("u", h) for h in [1.0] * 30 + [0.0] * 30]
+>>> any(flags[:30]), any(flags[30:]), d.boosted("u")
+(False, True, True)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from river import drift
+
+from metarec.adaptation import UserBatch
+
+__all__ = ["BOOST", "KEEP_AFTER_DRIFT", "UserDrift", "cut_history"]
+
+#: How much larger the inner-loop steps of a drifted user are, while they recover.
+BOOST = 3.0
+#: The longest a boost lasts, in the user's events, if the hit rate never comes back.
+MAX_BOOST_EVENTS = 30
+#: Recovered means back to this share of the hit rate before the change.
+RECOVERED = 0.9
+#: Events kept when a user drifts: ADWIN sees a change only a handful of events after it,
+#: so the newest few are the ones that already show the new taste.
+KEEP_AFTER_DRIFT = 5
+
+
+@dataclass
+class _Watch:
+    detector: Any
+    events: int = 0
+    before: float = 0.0
+    boost_left: int = 0
+
+
+@dataclass
+class UserDrift:
+    """Per-user ADWIN over live hits, with the boost that follows a detection.
+
+    Parameters
+    ----------
+    min_events
+        Users with fewer observed events are not judged (their rate means little).
+    delta
+        ADWIN's confidence; per-user streams are short, so it is looser than per domain.
+    max_users
+        Detectors kept (least recently active dropped first).
+    """
+
+    min_events: int = 10
+    delta: float = 0.05
+    max_users: int = 100_000
+    _watch: OrderedDict[str, _Watch] = field(default_factory=OrderedDict, repr=False)
+
+    def update(self, user: str, signal: float) -> bool:
+        """Record one live event of ``user`` (a value in [0, 1], higher is better understood);
+        returns whether the user just drifted. NaN (e.g. a dislike) is ignored."""
+        if signal != signal:  # NaN
+            return False
+        w = self._watch.get(user)
+        if w is None:
+            # clock=1: check after every event, since a user's stream is short.
+            w = _Watch(drift.ADWIN(delta=self.delta, clock=1, grace_period=self.min_events))
+            self._watch[user] = w
+            if len(self._watch) > self.max_users:
+                self._watch.popitem(last=False)
+        else:
+            self._watch.move_to_end(user)
+        rate_before = float(w.detector.estimation)
+        w.detector.update(float(signal))
+        w.events += 1
+        if w.boost_left:
+            w.boost_left -= 1
+            if w.detector.estimation >= RECOVERED * w.before:
+                w.boost_left = 0
+        if w.events >= self.min_events and w.detector.drift_detected and \
+                w.detector.estimation < rate_before:
+            w.before = rate_before
+            w.boost_left = MAX_BOOST_EVENTS
+            return True
+        return False
+
+    def boosted(self, user: str) -> bool:
+        """Whether ``user`` is recovering from a drift (their steps are enlarged)."""
+        w = self._watch.get(user)
+        return w is not None and w.boost_left > 0
+
+    def step_scale(self, users: list[str]) -> npt.NDArray[np.float32]:
+        """Per-user multiplier of the inner-loop step sizes."""
+        return np.array([BOOST if self.boosted(u) else 1.0 for u in users], np.float32)
+
+
+def cut_history(batch: UserBatch, row: int, keep: int = KEEP_AFTER_DRIFT) -> None:
+    """Forget all but the newest ``keep`` events of ``row``, and restart its offset."""
+    keep = max(0, min(keep, batch.hist_items.shape[1]))
+    cut = batch.hist_items.shape[1] - keep
+    batch.hist_items[row, :cut] = -1
+    batch.hist_weights[row, :cut] = 0.0
+    batch.delta[row] = 0.0

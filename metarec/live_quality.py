@@ -1,0 +1,96 @@
+"""Live list quality: how good were the lists the apps were actually showing?
+
+Before an event is applied, the consumer knows the list that user had at that moment (it
+keeps the list's item indices in the user's state, so this costs no extra Redis read). If
+the event's item is in it, that is a hit at that rank: HR@K and NDCG@K measured on the live
+stream, prequentially, exactly as the offline evaluation measures them. :class:`LiveQuality`
+keeps these per domain and overall over rolling windows (river's ``Rolling(Mean())``) and
+runs river's ADWIN on each domain's hit stream, so a preference shift shows up as a drift.
+
+>>> q = LiveQuality(k=10, window=4)
+>>> for rank in [0, -1, 3, 12]:
+...     _ = q.update("books", rank)
+>>> q.get()["books"]["hr"], round(q.get()["books"]["ndcg"], 3)
+(0.5, 0.358)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import drift, stats, utils
+
+__all__ = ["ALL", "LiveQuality"]
+
+#: The key under which the overall (all-domain) numbers are kept.
+ALL = "_all"
+
+
+@dataclass
+class _Track:
+    hr: Any
+    ndcg: Any
+    detector: Any
+    events: int = 0
+    drifts: int = 0
+
+
+@dataclass
+class LiveQuality:
+    """Rolling HR@K / NDCG@K per domain and overall, with ADWIN drift detection per domain.
+
+    Parameters
+    ----------
+    k
+        Cut-off: a rank ``>= k`` (or ``-1``, not in the list) is a miss.
+    window
+        Events per rolling window.
+    delta
+        ADWIN's confidence parameter (smaller: fewer, surer detections).
+    """
+
+    k: int = 10
+    window: int = 1000
+    delta: float = 0.002
+    #: ADWIN checks for a change every ``clock`` events (river's default is 32).
+    clock: int = 8
+    _tracks: dict[str, _Track] = field(default_factory=dict, repr=False)
+
+    def _track(self, domain: str) -> _Track:
+        track = self._tracks.get(domain)
+        if track is None:
+            track = _Track(utils.Rolling(stats.Mean, window_size=self.window),
+                           utils.Rolling(stats.Mean, window_size=self.window),
+                           drift.ADWIN(delta=self.delta, clock=self.clock))
+            self._tracks[domain] = track
+        return track
+
+    def update(self, domain: str, rank: int) -> bool:
+        """Record one event whose item sat at ``rank`` of the shown list (-1: absent).
+
+        Returns whether the hit stream of ``domain`` drifted with this event.
+        """
+        hit = 0 <= rank < self.k
+        gain = 1.0 / math.log2(rank + 2) if hit else 0.0
+        drifted = False
+        for name in (domain, ALL):
+            track = self._track(name)
+            track.hr.update(float(hit))
+            track.ndcg.update(gain)
+            track.events += 1
+            track.detector.update(float(hit))
+            if track.detector.drift_detected:
+                track.drifts += 1
+                drifted |= name == domain
+        return drifted
+
+    def get(self) -> dict[str, dict[str, float | int]]:
+        """``{domain: {"hr", "ndcg", "events", "drifts"}}``, with :data:`ALL` for overall."""
+        return {name: {"hr": t.hr.get(), "ndcg": t.ndcg.get(), "events": t.events,
+                       "drifts": t.drifts} for name, t in self._tracks.items()}
+
+    def hit_rate(self, domain: str = ALL) -> float:
+        track = self._tracks.get(domain)
+        return 0.0 if track is None else float(track.hr.get())
