@@ -21,7 +21,6 @@ so a dislike (negative weight) pushes the item below the negatives instead of ab
 ...                np.eye(2, dtype=np.float32))
 >>> b = UserBatch.empty(1, m)
 >>> observe(m, t, b, np.array([0]), np.array([0]), np.array([1.0]), np.array([[1]]))
-array([0.], dtype=float32)
 >>> bool(user_vectors(m, t, b)[0] @ (t.vectors[0] - t.vectors[1]) > 0)
 True
 >>> b.hist_items.tolist()
@@ -175,25 +174,14 @@ def push_history(batch: UserBatch, rows: I64, items: I64, weights: F32) -> None:
 
 
 def observe(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64, items: I64,
-            weights: npt.ArrayLike, negatives: I64, step_scale: F32 | None = None) -> F32:
-    """Apply one wave: each of ``rows`` adapts to its event, then records it in its history.
-
-    Returns, per row, the share of the sampled negatives the event's item outscored
-    *before* adapting (an estimate of its percentile rank, NaN for a dislike): a dense,
-    free signal of how well the user is currently understood, which the per-user drift
-    detector watches.
-    """
+            weights: npt.ArrayLike, negatives: I64, step_scale: F32 | None = None) -> None:
+    """Apply one wave: each of ``rows`` adapts to its event, then records it in its history."""
     rows = np.asarray(rows, np.int64)
     w = np.asarray(weights, np.float32)
     theta0 = prior(model, tables, batch, rows)
-    delta = batch.delta[rows]
-    margin = np.einsum("bd,bnd->bn", theta0 + delta,
-                       tables.vectors[items][:, None, :] - tables.vectors[negatives])
-    margin += tables.bias[items][:, None] - tables.bias[negatives]
-    auc = np.where(w > 0, (margin > 0).mean(axis=1), np.nan).astype(np.float32)
-    batch.delta[rows] = adapt(model, tables, theta0, delta, items, w, negatives, step_scale)
+    batch.delta[rows] = adapt(model, tables, theta0, batch.delta[rows], items, w, negatives,
+                              step_scale)
     push_history(batch, rows, items, w)
-    return auc
 
 
 def replay(model: MetaModel, tables: ItemTables, batch: UserBatch,

@@ -1,11 +1,11 @@
 """Reacting to a user whose preferences moved.
 
-A :class:`UserDrift` watches each active user's live stream with river's ADWIN (only for
-users with enough events to judge). A user's hits at K are too sparse to test — a user
-with a 20% hit rate has a handful of hits — so the per-user signal is denser: the share of
-sampled negatives each event's item outscored before the user adapted to it (the inner loop
-samples them anyway), an unbiased estimate of the item's percentile rank. When it drops
-significantly, the user is *drifted*: the part of their history from before the change is cut (it describes
+Two ways a user is found to have drifted. A :class:`UserDrift` watches each active user's
+live hit stream with river's ADWIN (only for users with enough events to judge; hits are
+sparse, so this catches heavy users). And when a whole domain's live hit rate shifts
+(:class:`metarec.live_quality.LiveQuality` dates the change), a user of that domain whose
+next event misses their list while their history reaches back before the change is treated
+the same way. Either way the part of their history from before the change is cut (it describes
 a taste they no longer have, and it is what the prior is computed from), their personal
 offset restarts, and their inner-loop steps are enlarged until their hit rate is back to
 90% of its level before the change. Detectors live in a bounded LRU: memory does not grow
@@ -72,8 +72,6 @@ class UserDrift:
     def update(self, user: str, signal: float) -> bool:
         """Record one live event of ``user`` (a value in [0, 1], higher is better understood);
         returns whether the user just drifted. NaN (e.g. a dislike) is ignored."""
-        if signal != signal:  # NaN
-            return False
         w = self._watch.get(user)
         if w is None:
             # clock=1: check after every event, since a user's stream is short.
@@ -83,6 +81,8 @@ class UserDrift:
                 self._watch.popitem(last=False)
         else:
             self._watch.move_to_end(user)
+        if signal != signal:  # NaN: nothing to learn from this event
+            return False
         rate_before = float(w.detector.estimation)
         w.detector.update(float(signal))
         w.events += 1
@@ -96,6 +96,16 @@ class UserDrift:
             w.boost_left = MAX_BOOST_EVENTS
             return True
         return False
+
+    def boost(self, user: str, before: float) -> None:
+        """Start a boost for ``user`` (e.g. after a domain-wide change reached them)."""
+        w = self._watch.get(user)
+        if w is None:
+            self.update(user, float("nan"))
+            w = self._watch.get(user)
+        if w is not None:
+            w.before = before
+            w.boost_left = MAX_BOOST_EVENTS
 
     def boosted(self, user: str) -> bool:
         """Whether ``user`` is recovering from a drift (their steps are enlarged)."""

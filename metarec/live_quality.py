@@ -9,7 +9,7 @@ runs river's ADWIN on each domain's hit stream, so a preference shift shows up a
 
 >>> q = LiveQuality(k=10, window=4)
 >>> for rank in [0, -1, 3, 12]:
-...     _ = q.update("books", rank)
+...     q.update("books", rank)
 >>> q.get()["books"]["hr"], round(q.get()["books"]["ndcg"], 3)
 (0.5, 0.358)
 """
@@ -67,24 +67,31 @@ class LiveQuality:
             self._tracks[domain] = track
         return track
 
-    def update(self, domain: str, rank: int) -> bool:
-        """Record one event whose item sat at ``rank`` of the shown list (-1: absent).
+    def update(self, domain: str, rank: int, ts: int = 0) -> int | None:
+        """Record one event (at ``ts``) whose item sat at ``rank`` of the shown list (-1:
+        absent).
 
-        Returns whether the hit stream of ``domain`` drifted with this event.
+        Returns None, or, when the hit rate of ``domain`` dropped with this event, ``ts``:
+        the moment the change was detected. (ADWIN's window after a cut would date the
+        change earlier, but it also spans the slow rise of a model that is still learning,
+        which made it date changes far too early.)
         """
         hit = 0 <= rank < self.k
         gain = 1.0 / math.log2(rank + 2) if hit else 0.0
-        drifted = False
+        change: int | None = None
         for name in (domain, ALL):
             track = self._track(name)
             track.hr.update(float(hit))
             track.ndcg.update(gain)
             track.events += 1
+            before = float(track.detector.estimation)
             track.detector.update(float(hit))
             if track.detector.drift_detected:
                 track.drifts += 1
-                drifted |= name == domain
-        return drifted
+                # Only a drop is a change to react to; a rise means the lists got better.
+                if name == domain and track.detector.estimation < before:
+                    change = ts
+        return change
 
     def get(self) -> dict[str, dict[str, float | int]]:
         """``{domain: {"hr", "ndcg", "events", "drifts"}}``, with :data:`ALL` for overall."""

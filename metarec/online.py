@@ -110,6 +110,10 @@ class OnlineMetarec:
         self.user_drift = UserDrift()
         self.user_drifts = 0
         self._shown: dict[int, npt.NDArray[np.int64]] = {}
+        self._drift_since: dict[int, int] = {}
+        self._window_floor_ts = -(2**62)
+        self._pending_drift: str | None = None
+        self._hist_ts = np.zeros((len(tables.user_ids), trainer.history_length), np.int64)
         self._consumed: dict[int, set[int]] = {}
 
     # -- Recommender protocol -------------------------------------------------------------
@@ -132,40 +136,64 @@ class OnlineMetarec:
         row = np.array([x.user])
         handling = self.config.drift_handling
         user = self.tables.user_ids[x.user]
-        if handling:
-            self._watch_domain(x)
+        rank = self._watch_domain(x) if handling else -1
         if self.model is None or self.items is None:
             push_history(self.users, row, np.array([x.item]), np.array([x.weight], np.float32))
         else:
             self.users.domain[x.user] = self.model.domain_index(self.tables.domain_names[x.domain])
+            if handling:
+                self._react_to_drift(x, user, rank)
             neg = sample_negatives(self._rng, self._n_items_seen, (1, self.model.negatives))
             scale = self.user_drift.step_scale([user]) if handling else None
-            auc = observe(self.model, self.items, self.users, row, np.array([x.item]),
-                          np.array([x.weight], np.float32), neg, scale)
-            if handling and self.user_drift.update(user, float(auc[0])):
-                cut_history(self.users, x.user)
-                self.user_drifts += 1
+            observe(self.model, self.items, self.users, row, np.array([x.item]),
+                    np.array([x.weight], np.float32), neg, scale)
             self.partials.add(self.users.domain[row], self.users.delta[row], np.ones(1))
+        self._hist_ts[x.user, :-1] = self._hist_ts[x.user, 1:]
+        self._hist_ts[x.user, -1] = x.ts
         k = self._seen % self.config.window_events
         self._past[k] = (x.user, x.item, x.ts, x.domain)
         self._past_w[k] = x.weight
         self._seen += 1
         if self.config.drift_handling:
             self._shown[x.user] = self._top(x.user, x.ts, x.domain, x.item)
-        if self._due():
-            self._train("schedule" if self.model is not None else "first model")
+        reason = self._due()
+        if reason is not None:
+            self._train(reason)
 
     # -- drift ----------------------------------------------------------------------------
 
-    def _watch_domain(self, x: Interaction) -> None:
-        """Score the list this user was shown; retrain early if the domain's hits drift."""
+    def _watch_domain(self, x: Interaction) -> int:
+        """Rank of the item in the list this user was shown (-1: absent); a drop of the
+        domain's hit rate dates the change and retrains early."""
         shown = self._shown.get(x.user)
         found = np.flatnonzero(shown == x.item) if shown is not None else np.zeros(0)
         rank = int(found[0]) if found.size else -1
         domain = self.tables.domain_names[x.domain]
-        if self.live.update(domain, rank) and self.model is not None and \
-                self._seen - self._last_training >= self.config.min_retrain_gap:
-            self._train(f"drift in domain {domain!r}")
+        change = self.live.update(domain, rank, x.ts)
+        if change is not None:
+            self._drift_since[x.domain] = change
+            # The old regime leaves the training window; retrain as soon as enough events
+            # of the new one are in (see _due).
+            self._window_floor_ts = max(self._window_floor_ts, change)
+            self._pending_drift = f"drift in domain {domain!r}"
+        return rank
+
+    def _react_to_drift(self, x: Interaction, user: str, rank: int) -> None:
+        """Cut the history of a user who drifted, alone or with their domain."""
+        hit = rank >= 0
+        if self.user_drift.update(user, float(hit)):
+            cut_history(self.users, x.user)
+            self.user_drifts += 1
+            return
+        since = self._drift_since.get(x.domain)
+        if since is None or hit:
+            return
+        valid = self.users.hist_items[x.user] >= 0
+        old = valid & (self._hist_ts[x.user] < since)
+        if old.any():
+            cut_history(self.users, x.user, keep=int((valid & ~old).sum()))
+            self.user_drift.boost(user, before=self.live.hit_rate())
+            self.user_drifts += 1
 
     def _top(self, user: int, ts: int, domain: int, item: int, k: int = 10,
              ) -> npt.NDArray[np.int64]:
@@ -180,17 +208,29 @@ class OnlineMetarec:
 
     # -- training -------------------------------------------------------------------------
 
-    def _due(self) -> bool:
+    def _due(self) -> str | None:
+        """Why a training is due now, or None."""
         c = self.config
         if self._seen < c.first_training:
-            return False
-        return self.model is None or self._seen - self._last_training >= c.retrain_every
+            return None
+        if self.model is None:
+            return "first model"
+        if self._pending_drift and self._events_since(self._window_floor_ts) >= \
+                c.min_retrain_gap and self._seen - self._last_training >= c.min_retrain_gap:
+            return self._pending_drift
+        return "schedule" if self._seen - self._last_training >= c.retrain_every else None
+
+    def _events_since(self, ts: int) -> int:
+        n = min(self._seen, self.config.window_events)
+        idx = np.arange(self._seen - n, self._seen) % self.config.window_events
+        return int((self._past[idx, 2] >= ts).sum())
 
     def window(self) -> TrainingData:
         """The past events still in the window, as :class:`TrainingData` (time order)."""
         n = min(self._seen, self.config.window_events)
         start = self._seen - n
         idx = np.arange(start, self._seen) % self.config.window_events
+        idx = idx[self._past[idx, 2] >= self._window_floor_ts]
         past, w = self._past[idx], self._past_w[idx]
         users, user_inv = np.unique(past[:, 0], return_inverse=True)
         items, item_inv = np.unique(past[:, 1], return_inverse=True)
@@ -217,6 +257,8 @@ class OnlineMetarec:
         model = self.trainer.fit(self.window(), init=init, version=version)
         self.load(model)
         self._last_training = self._seen
+        if reason == self._pending_drift:
+            self._pending_drift = None
         self.trainings.append(dict(model.info, at_event=self._seen, reason=reason))
 
     def load(self, model: MetaModel) -> None:

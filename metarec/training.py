@@ -166,6 +166,9 @@ class MetaTrainer:
     #: passes overfit the window (measured on ml-100k: 3 passes cost 0.03 HR@10).
     epochs: float = 1.0
     max_steps: int = 400
+    #: A small window still gets this many steps: one pass over a few thousand events is a
+    #: handful of steps, too few to learn anything.
+    min_steps: int = 50
     learning_rate: float = 0.02
     l2: float = 1e-5
     blend: float = 10.0
@@ -194,8 +197,8 @@ class MetaTrainer:
                                   self.query_length, self.negatives, rng, self.half_life_ms)
         with tf.device(device):
             graph = MetaGraph(self, data, batches, init, rng)
-            steps = int(min(self.max_steps,
-                            max(1, math.ceil(self.epochs * len(data) / self.batch_size))))
+            steps = int(min(self.max_steps, max(
+                self.min_steps, math.ceil(self.epochs * len(data) / self.batch_size))))
             loss = graph.train(batches, steps)
             model = graph.export(version)
         elapsed = time.perf_counter() - started

@@ -1,0 +1,100 @@
+"""The drift and cross-domain mechanisms act (small versions of the eval scenarios)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from metarec.dataset import Dataset
+from metarec.evaluation import encode
+from metarec.events import Event
+from metarec.online import OnlineConfig, OnlineMetarec
+from metarec.recommender import Interaction
+from metarec.scenarios import _split_by_domain, cross_domain_config, recovery_events
+from metarec.synthetic import generate
+from metarec.training import MetaTrainer
+
+pytest.importorskip("tensorflow")
+
+
+def test_recovery_counts_events_until_the_rate_is_back() -> None:
+    hits = [1.0] * 10 + [0.0] * 6 + [1.0] * 10
+    before, n = recovery_events(hits, change=10, window=4)
+    assert before == 1.0 and n == 10
+    assert recovery_events([1.0] * 20, change=10, window=4) == (1.0, 0)
+    assert recovery_events([1.0] * 10 + [0.0] * 10, change=10, window=4)[1] is None
+
+
+def _feed(rec: OnlineMetarec, stream, lo: int, hi: int) -> None:  # type: ignore[no-untyped-def]
+    for t in range(lo, hi):
+        rec.learn_one(Interaction(int(stream.users[t]), int(stream.items[t]),
+                                  int(stream.ts[t]), int(stream.domains[t]),
+                                  float(stream.weights[t])))
+
+
+def _taste_stream(n_events: int, seed: int = 0) -> Dataset:
+    """Users with one of three tastes (items ≡ taste mod 3): easy to learn, so a change shows."""
+    rng = np.random.default_rng(seed)
+    taste = rng.integers(0, 3, 80)
+    events = []
+    for t in range(n_events):
+        u = int(rng.integers(0, 80))
+        item = int(rng.integers(0, 40)) * 3 + int(taste[u])
+        events.append(Event(f"u{u}", f"i{item}", "click", 1_000_000 + t * 60_000))
+    return Dataset("tastes", events)
+
+
+def test_an_abrupt_change_is_detected_and_retrains_early() -> None:
+    ds = _taste_stream(4000)
+    # The change: from the middle on, every item is swapped for another one, so what users
+    # consume no longer follows anything the model learned.
+    half = len(ds.events) // 2
+    items = sorted({e.item for e in ds.events})
+    swap = dict(zip(items, np.random.default_rng(0).permutation(items).tolist(), strict=True))
+    events = ds.events[:half] + [dataclasses.replace(e, item=swap[e.item])
+                                 for e in ds.events[half:]]
+    stream = encode(Dataset("changed", events))
+    config = OnlineConfig(first_training=600, retrain_every=10_000, drift_handling=True,
+                          min_retrain_gap=200)
+    rec = OnlineMetarec(stream, MetaTrainer(dim=8, max_steps=80, learning_rate=0.05),
+                        config, seed=0)
+    _feed(rec, stream, 0, stream.n_events)
+    reasons = [str(t["reason"]) for t in rec.trainings]
+    assert reasons[0] == "first model"
+    early = [t for t in rec.trainings if str(t["reason"]).startswith("drift in domain")]
+    assert early and all(int(str(t["at_event"])) > half for t in early), reasons
+    assert rec.live.get()["default"]["drifts"] > 0
+    assert rec.user_drifts > 0
+
+
+def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
+    ds = generate(cross_domain_config(small=True), 0)
+    stream = encode(ds)
+    moves = ds.scenario["moves"]
+    assert isinstance(moves, list)
+    move = next(m for m in moves if m["ts"] > stream.ts[1200])
+    rec = OnlineMetarec(stream, MetaTrainer(dim=16, max_steps=60),
+                        OnlineConfig(first_training=1000, retrain_every=10_000), seed=0)
+    first_new = int(np.flatnonzero((stream.ts >= move["ts"]) & (
+        stream.users == stream.user_ids.index(move["user"])))[0])
+    _feed(rec, stream, 0, first_new)
+    assert rec.model is not None
+    user = stream.user_ids.index(move["user"])
+    domain = stream.domain_names.index(move["to"])
+    n = int(stream.n_seen[first_new])
+    with_history = np.argsort(-rec.score(user, int(stream.ts[first_new]), domain, n))[:10]
+    saved = rec.users.hist_items[user].copy()
+    rec.users.hist_items[user] = -1  # the same user as a stranger to every domain
+    rec.users.delta[user] = 0
+    fresh = np.argsort(-rec.score(user, int(stream.ts[first_new]), domain, n))[:10]
+    rec.users.hist_items[user] = saved
+    assert set(with_history.tolist()) != set(fresh.tolist())
+
+
+def test_split_by_domain_makes_one_user_per_domain() -> None:
+    ds = Dataset("d", [Event("u", "a", "click", 1, "books"), Event("u", "b", "click", 2,
+                                                                   "music")])
+    split = _split_by_domain(ds)
+    assert [e.user for e in split.events] == ["u@books", "u@music"]
