@@ -9,10 +9,12 @@ One batch, start to finish (the order is the whole point, so it is written here 
    ever lost behind a committed offset;
 4. register the batch's items (one round trip) and load the touched users' states and
    profiles (one round trip);
-5. per partition: adapt the users and rank their lists (:func:`consumer.processor.apply_events`),
-   then write states, lists, popularity, partial sums *and the partition's next offset* as
-   one atomic Redis unit that first checks the stored offset (a zombie's write changes
-   nothing);
+5. per partition: adapt the users and rank their lists (:func:`consumer.processor.apply_events`;
+   before each event is applied it records whether the item was in the list the user was
+   being shown — live HR@K/NDCG@K — and reacts to users whose hits show a drift), then
+   write states, lists, popularity, partial sums *and the partition's next offset* as one
+   atomic Redis unit that first checks the stored offset (a zombie's write changes
+   nothing); the live metrics are fed only once the unit is written;
 6. only then commit the offsets to Kafka too, for lag monitoring (Redis stays the source
    of truth: on assignment the consumer seeks to the offsets stored in Redis).
 
@@ -39,12 +41,14 @@ import redis
 from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumer.dlq import DeadLetterQueue
-from consumer.processor import apply_events, rank_users, refresh_users
+from consumer.processor import DriftWatch, apply_events, rank_users, refresh_users
 from consumer.serving import Serving
 from consumer.stats import ConsumerStats, format_line
 from metarec.config import Settings
+from metarec.drift import UserDrift
 from metarec.errors import InvalidEvent, ModelError, StaleOffset
 from metarec.events import Event, ItemRecord, UserRecord, decode_event, decode_item, decode_user
+from metarec.live_quality import ALL, LiveQuality
 from metarec.model import MetaModel
 from metarec.popularity import RecencyPopularity
 from metarec.store import RedisStore
@@ -62,6 +66,8 @@ MODEL_POLL_S = 1.0
 POPULARITY_REFRESH_S = 5.0
 #: Recently active users whose lists are refreshed in the background after a model change.
 RECENT_USERS = 20_000
+#: Events per rolling window of the live list-quality metrics.
+LIVE_WINDOW = 5000
 REFRESH_BATCH = 500
 #: Group settings that suit the local Tansu broker (docs/LOCAL_SERVICES.md) and are valid on
 #: Apache Kafka; anything passed through METAREC_KAFKA_* overrides them.
@@ -105,6 +111,10 @@ class ConsumerApp:
         self.store = RedisStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
         self.serving = Serving(POPULARITY_HALF_LIFE_MS)
         self.stats = ConsumerStats(settings.stats_interval_s, time.monotonic(), seed=settings.seed)
+        # Live quality of the lists apps were shown, and what it says about drift.
+        self.live = LiveQuality(k=settings.top_k, window=LIVE_WINDOW)
+        self.user_drift = UserDrift()
+        self._drift_since: dict[str, int] = {}
         self.rng = np.random.default_rng(settings.seed)
         self._stopping = False
         self._expected: dict[int, int | None] = {}
@@ -254,7 +264,8 @@ class ConsumerApp:
         outcome = apply_events(
             self.serving, evs, items, states, dict(zip(users, profiles, strict=True)),
             weights=s.event_types, rng=self.rng, top_k_size=s.top_k, now_ms=now_ms,
-            dim=32, history_length=s.history_length)
+            dim=32, history_length=s.history_length,
+            drift=DriftWatch(self.user_drift, self._drift_since, self.live.hit_rate()))
         pop = self._popularity_increments(items, np.array([e.ts for e in evs], np.int64))
         try:
             tref = self.store.commit_batch(
@@ -272,12 +283,28 @@ class ConsumerApp:
             self._tref = tref
             self._next_pop_refresh = 0.0
         self._expected[part] = nxt
+        self._observe_quality(evs, outcome.hit_rank, len(outcome.drifted))
         for u in users:
             self._recent[u] = part
             self._recent.move_to_end(u)
         while len(self._recent) > RECENT_USERS:
             self._recent.popitem(last=False)
         return True
+
+    def _observe_quality(self, events: list[Event], hit_rank: np.ndarray,
+                         drifted_users: int) -> None:
+        """Feed the live metrics; a drop of a domain's hit rate asks for a cycle now."""
+        if drifted_users:
+            log.info("users drifted", extra={"users": drifted_users})
+        for e, rank in zip(events, hit_rank.tolist(), strict=True):
+            change = self.live.update(e.domain, int(rank), e.ts)
+            if change is None or self.serving.model is None:
+                continue
+            self._drift_since[e.domain] = change
+            reason = f"drift in domain {e.domain!r}: live HR@{self.settings.top_k} dropped"
+            log.warning("drift detected; asking the aggregator for a cycle now",
+                        extra={"domain": e.domain, "live": self.live.get().get(e.domain)})
+            self.store.request_aggregation(reason)
 
     def _popularity_increments(self, items: np.ndarray, ts: np.ndarray) -> dict[int, float]:
         if self._tref is None:
@@ -444,6 +471,12 @@ class ConsumerApp:
             return
         self.stats.set_lag(sum(self._lag.values()))
         report = self.stats.report(now)
-        log.info(format_line(report), extra={"stats": report})
+        report["live"] = self.live.get()
+        overall = report["live"].get(ALL)
+        line = format_line(report)
+        if overall is not None:
+            line += (f" | live hr@{self.settings.top_k} {overall['hr']:.3f} "
+                     f"ndcg {overall['ndcg']:.3f}")
+        log.info(line, extra={"stats": report})
         self.store.heartbeat(self.settings.group_id, self.member, report,
                              ttl_s=max(3 * self.settings.stats_interval_s, 30))

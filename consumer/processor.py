@@ -27,11 +27,12 @@ from metarec.adaptation import (
     waves,
 )
 from metarec.aggregation import PartialSums
+from metarec.drift import UserDrift, respond
 from metarec.events import Event
 from metarec.ranking import score, top_k
 from metarec.user_state import UserState
 
-__all__ = ["BatchOutcome", "apply_events", "rank_users", "refresh_users"]
+__all__ = ["BatchOutcome", "DriftWatch", "apply_events", "rank_users", "refresh_users"]
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
@@ -47,6 +48,18 @@ class BatchOutcome:
     #: Per applied event: did its item appear in the list the user had before it, and at
     #: which 0-based rank (-1 if not): the live prequential quality of the lists.
     hit_rank: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: Users found to have drifted in this batch (their history was cut at the change).
+    drifted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DriftWatch:
+    """What the consumer knows about drift: per-user detectors and each domain's last
+    detected change (see :mod:`metarec.drift`)."""
+
+    users: UserDrift
+    since: Mapping[str, int]
+    baseline: float
 
 
 def _new_state(serving: Serving, dim: int, length: int) -> UserState:
@@ -68,12 +81,14 @@ def apply_events(
     now_ms: int,
     dim: int,
     history_length: int,
+    drift: DriftWatch | None = None,
 ) -> BatchOutcome:
     """Adapt every touched user to their events (in order) and rank fresh lists.
 
     ``items`` holds the registry index of each event's item. ``states`` may map a user to
     ``None`` (first event ever). Users whose state was adapted under another model version
-    are first re-derived from their stored history.
+    are first re-derived from their stored history. With ``drift``, a user whose live hits
+    show a change is cut back to their history since it, and adapts with larger steps.
     """
     if serving.model is not None:
         dim, history_length = serving.model.dim, serving.model.history_length
@@ -85,7 +100,10 @@ def apply_events(
     _rederive_stale(serving, users, loaded, batch, rng)
     rows_all = np.fromiter((row_of[e.user] for e in events), np.int64, len(events))
     w_all = np.fromiter((weights[e.type] for e in events), np.float32, len(events))
+    ts_all = np.fromiter((e.ts for e in events), np.int64, len(events))
+    hist_ts = np.stack([_right_align(loaded[u].hist_ts, history_length, 0) for u in users])
     hit_rank = np.full(len(events), -1, np.int64)
+    drifted: list[str] = []
     for wave in waves(rows_all):
         rows, its, w = rows_all[wave], items[wave], w_all[wave]
         for pos, r, it in zip(wave, rows, its, strict=True):
@@ -93,10 +111,20 @@ def apply_events(
             hit_rank[pos] = found[0] if found.size else -1
         if model is not None and tables is not None:
             batch.domain[rows] = [model.domain_index(events[int(p)].domain) for p in wave]
+            scale = None
+            if drift is not None:
+                for pos, r in zip(wave, rows, strict=True):
+                    if respond(drift.users, batch, int(r), users[r], bool(hit_rank[pos] >= 0),
+                               hist_ts[r], drift.since.get(events[int(pos)].domain),
+                               drift.baseline):
+                        drifted.append(users[r])
+                scale = drift.users.step_scale([users[r] for r in rows])
             neg = sample_negatives(rng, len(tables), (rows.size, model.negatives))
-            observe(model, tables, batch, rows, its, w, neg)
+            observe(model, tables, batch, rows, its, w, neg, scale)
         else:
             push_history(batch, rows, its, w)
+        hist_ts[rows, :-1] = hist_ts[rows, 1:]
+        hist_ts[rows, -1] = ts_all[wave]
     applied = np.bincount(rows_all, minlength=len(users)).astype(np.float64)
     partials = PartialSums.zeros(1, dim)
     if model is not None:
@@ -107,15 +135,15 @@ def apply_events(
         st.delta = batch.delta[r].copy()
         st.hist_items = batch.hist_items[r].copy()
         st.hist_weights = batch.hist_weights[r].copy()
-        ts = np.array([events[int(p)].ts for p in mine], np.int64)
-        st.hist_ts = np.r_[_right_align(st.hist_ts, history_length, 0), ts][-history_length:]
+        st.hist_ts = hist_ts[r].copy()
         st.add_seen(items[mine])
         st.n_events += int(mine.size)
-        st.last_ts = max(st.last_ts, int(ts.max()))
+        st.last_ts = max(st.last_ts, int(ts_all[mine].max()))
         st.domain = events[int(mine[-1])].domain
         st.model_version = serving.version
     recs = rank_users(serving, users, loaded, batch, top_k_size=top_k_size, now_ms=now_ms)
-    return BatchOutcome(states=loaded, recs=recs, partials=partials, hit_rank=hit_rank)
+    return BatchOutcome(states=loaded, recs=recs, partials=partials, hit_rank=hit_rank,
+                        drifted=drifted)
 
 
 def refresh_users(serving: Serving, users: Sequence[str], states: Mapping[str, UserState],

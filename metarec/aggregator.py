@@ -39,17 +39,16 @@ log = logging.getLogger("metarec.aggregator")
 
 #: Reptile step: 1.0 is the seed's plain average of the adapted users.
 REPTILE_EPSILON = 1.0
-#: Redis key (under the prefix) that asks the aggregator for a cycle now.
-REQUEST_KEY = "aggregate:request"
-
-
+#: A live window starts with a few thousand events, one pass over which is a handful of
+#: steps: train at least this many, so the first versions already know something.
+MIN_STEPS = 50
 class Aggregator:
     """The aggregator process. ``run()`` until :meth:`stop`; :meth:`cycle` runs one cycle."""
 
     def __init__(self, settings: Settings, trainer: MetaTrainer | None = None) -> None:
         self.settings = settings
         self.trainer = trainer or MetaTrainer(history_length=settings.history_length,
-                                              seed=settings.seed)
+                                              seed=settings.seed, min_steps=MIN_STEPS)
         self.store = RedisStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
         self.window = EventWindow(settings.window_events)
         self._stopping = False
@@ -136,20 +135,21 @@ class Aggregator:
             return False
         if self.store.current_model_version() is None:
             return True
-        if self.store.client.exists(self.store.key(REQUEST_KEY)):
+        if self.store.aggregation_request() is not None:
             return True
         return time.monotonic() >= self._next_cycle and self._events_since > 0
 
     def _reason(self) -> str:
         if self.store.current_model_version() is None:
             return "first model"
-        if self.store.client.exists(self.store.key(REQUEST_KEY)):
-            return "requested"
+        request = self.store.aggregation_request()
+        if request is not None:
+            return request
         return "schedule"
 
     def request(self) -> None:
         """Ask a running aggregator for a cycle now (``metarec aggregate --now``)."""
-        self.store.client.set(self.store.key(REQUEST_KEY), "1", ex=3600)
+        self.store.request_aggregation("requested by an operator")
 
     def current_model(self) -> MetaModel | None:
         version = self.store.current_model_version()
@@ -165,7 +165,7 @@ class Aggregator:
 
     def cycle(self, reason: str = "requested") -> int | None:
         """Fold partial sums, meta-train on the window, publish. Returns the new version."""
-        self.store.client.delete(self.store.key(REQUEST_KEY))
+        self.store.clear_aggregation_request()
         self._next_cycle = time.monotonic() + self.settings.aggregate_interval_s
         if len(self.window) < 2:
             log.info("window too small to train", extra={"events": len(self.window)})

@@ -29,7 +29,7 @@ from river import drift
 
 from metarec.adaptation import UserBatch
 
-__all__ = ["BOOST", "KEEP_AFTER_DRIFT", "UserDrift", "cut_history"]
+__all__ = ["BOOST", "KEEP_AFTER_DRIFT", "UserDrift", "cut_history", "respond"]
 
 #: How much larger the inner-loop steps of a drifted user are, while they recover.
 BOOST = 3.0
@@ -124,3 +124,25 @@ def cut_history(batch: UserBatch, row: int, keep: int = KEEP_AFTER_DRIFT) -> Non
     batch.hist_items[row, :cut] = -1
     batch.hist_weights[row, :cut] = 0.0
     batch.delta[row] = 0.0
+
+
+def respond(drift: UserDrift, batch: UserBatch, row: int, user: str, hit: bool,
+            hist_ts: npt.NDArray[np.int64], since: int | None, baseline: float) -> bool:
+    """React to one live event of ``user`` (row ``row`` of ``batch``); True if they drifted.
+
+    ``since`` is when the user's domain last changed (None: it did not); ``hist_ts`` the
+    timestamps of the row's history; ``baseline`` the hit rate to recover to after a
+    domain-wide change. Call before adapting the user to the event.
+    """
+    if drift.update(user, float(hit)):
+        cut_history(batch, row)
+        return True
+    if since is None or hit:
+        return False
+    valid = batch.hist_items[row] >= 0
+    old = valid & (hist_ts < since)
+    if not old.any():
+        return False
+    cut_history(batch, row, keep=int((valid & ~old).sum()))
+    drift.boost(user, before=baseline)
+    return True

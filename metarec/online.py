@@ -26,7 +26,7 @@ from metarec.adaptation import (
 )
 from metarec.aggregation import PartialSums, reptile_update
 from metarec.catalog import Catalog
-from metarec.drift import UserDrift, cut_history
+from metarec.drift import UserDrift, respond
 from metarec.live_quality import LiveQuality
 from metarec.model import ItemTables, MetaModel
 from metarec.popularity import RecencyPopularity
@@ -180,19 +180,9 @@ class OnlineMetarec:
 
     def _react_to_drift(self, x: Interaction, user: str, rank: int) -> None:
         """Cut the history of a user who drifted, alone or with their domain."""
-        hit = rank >= 0
-        if self.user_drift.update(user, float(hit)):
-            cut_history(self.users, x.user)
-            self.user_drifts += 1
-            return
-        since = self._drift_since.get(x.domain)
-        if since is None or hit:
-            return
-        valid = self.users.hist_items[x.user] >= 0
-        old = valid & (self._hist_ts[x.user] < since)
-        if old.any():
-            cut_history(self.users, x.user, keep=int((valid & ~old).sum()))
-            self.user_drift.boost(user, before=self.live.hit_rate())
+        if respond(self.user_drift, self.users, x.user, user, rank >= 0,
+                   self._hist_ts[x.user], self._drift_since.get(x.domain),
+                   self.live.hit_rate()):
             self.user_drifts += 1
 
     def _top(self, user: int, ts: int, domain: int, item: int, k: int = 10,

@@ -29,6 +29,7 @@ key                                type        value
 ``model:{v}:chunk:{i}``            string      bytes of chunk ``i`` of version ``v``
 ``consumer:{group}:{member}``      string      a consumer's heartbeat JSON, with a TTL
 ``consumers:{group}``              zset        member → expiry (ms) of its last heartbeat
+``aggregate:request``              string      why a consumer or operator asked for a cycle
 =================================  ==========  ===============================================
 
 Floats go through ``HINCRBYFLOAT``, which stores 17 digits *after the decimal point*: sums
@@ -603,6 +604,18 @@ class RedisStore:
         return blob
 
     # -- heartbeats ------------------------------------------------------------------
+
+    def request_aggregation(self, reason: str, ttl_s: int = 3600) -> None:
+        """Ask the aggregator for a cycle now (``aggregate:request`` holds the reason)."""
+        self.client.set(self.key("aggregate", "request"), reason.encode("utf-8"), ex=ttl_s)
+
+    def aggregation_request(self) -> str | None:
+        """The pending request's reason, or None."""
+        raw = self.client.get(self.key("aggregate", "request"))
+        return None if raw is None else bytes(raw).decode("utf-8", "replace")
+
+    def clear_aggregation_request(self) -> None:
+        self.client.delete(self.key("aggregate", "request"))
 
     def heartbeat(self, group: str, member: str, payload: Mapping[str, Any],
                   ttl_s: int) -> None:

@@ -166,9 +166,10 @@ class MetaTrainer:
     #: passes overfit the window (measured on ml-100k: 3 passes cost 0.03 HR@10).
     epochs: float = 1.0
     max_steps: int = 400
-    #: A small window still gets this many steps: one pass over a few thousand events is a
-    #: handful of steps, too few to learn anything.
-    min_steps: int = 50
+    #: Fewest steps per run. One pass over a few thousand events is a handful of steps, too
+    #: few to learn from, so a live aggregator starting on a small window raises this; the
+    #: evaluation keeps 1 (more passes over early windows cost 0.005 HR@10 on ml-100k).
+    min_steps: int = 1
     learning_rate: float = 0.02
     l2: float = 1e-5
     blend: float = 10.0

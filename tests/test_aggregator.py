@@ -240,9 +240,11 @@ def test_a_now_request_makes_a_cycle_due(make_aggregator: Callable[..., Aggregat
     out = subprocess.run([sys.executable, "-m", "metarec.cli", "aggregate", "--now"], env=env,
                          cwd=REPO, capture_output=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert agg._due() and agg._reason() == "requested"
+    assert agg._due(), "metarec aggregate --now did not make a cycle due"
+    reason = agg._reason()
+    assert reason not in {"schedule", "first model"}, reason
 
-    version = agg.cycle(reason=agg._reason())
+    version = agg.cycle(reason=reason)
     assert version == 2 == store.current_model_version()
     assert not agg._due(), "the request must be used up by the cycle it asked for"
 
@@ -278,6 +280,16 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
     agg = make_aggregator(min_events_for_model=10**6)  # never trains: only the window counts
     records = event_records(100)
     publish_events(settings, records)
+    # The assignments it gets, seen from its own callback (its consumer is not
+    # thread-safe, so the test thread cannot ask it).
+    assignments: list[int] = []
+    rewind = agg._rewind
+
+    def recording(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        rewind(consumer, partitions)
+        assignments.append(len(partitions))
+
+    agg._rewind = recording  # type: ignore[method-assign]
     runner = Runner(agg, max_cycles=None)
     runner.start()
     other = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
@@ -293,11 +305,9 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
             assert time.monotonic() < deadline, "the second member got no partition"
             other.consume(10, 0.2)
         other.close()
-        topics = {settings.events_topic: EVENTS_PARTITIONS, settings.items_topic: 1,
-                  settings.users_topic: 1}
-        wait_until(lambda: len(agg.consumer.assignment()) == sum(topics.values()), 30.0,
-                   "the aggregator to own every partition again",
-                   lambda: agg.consumer.assignment())
+        every = EVENTS_PARTITIONS + 2  # and the items and users topics
+        wait_until(lambda: len(assignments) >= 3 and assignments[-1] == every, 30.0,
+                   "the aggregator to own every partition again", lambda: assignments)
         wait_until(lambda: len(agg.window) >= len(records), 10.0, "the window to refill",
                    lambda: len(agg.window))
         time.sleep(1.0)

@@ -58,7 +58,7 @@ def test_an_abrupt_change_is_detected_and_retrains_early() -> None:
     stream = encode(Dataset("changed", events))
     config = OnlineConfig(first_training=600, retrain_every=10_000, drift_handling=True,
                           min_retrain_gap=200)
-    rec = OnlineMetarec(stream, MetaTrainer(dim=8, max_steps=80, learning_rate=0.05),
+    rec = OnlineMetarec(stream, MetaTrainer(dim=8, min_steps=50, max_steps=80, learning_rate=0.05),
                         config, seed=0)
     _feed(rec, stream, 0, stream.n_events)
     reasons = [str(t["reason"]) for t in rec.trainings]
@@ -75,7 +75,7 @@ def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
     moves = ds.scenario["moves"]
     assert isinstance(moves, list)
     move = next(m for m in moves if m["ts"] > stream.ts[1200])
-    rec = OnlineMetarec(stream, MetaTrainer(dim=16, max_steps=60),
+    rec = OnlineMetarec(stream, MetaTrainer(dim=16, min_steps=50, max_steps=60),
                         OnlineConfig(first_training=1000, retrain_every=10_000), seed=0)
     first_new = int(np.flatnonzero((stream.ts >= move["ts"]) & (
         stream.users == stream.user_ids.index(move["user"])))[0])
