@@ -160,6 +160,12 @@ class Runner(threading.Thread):
         except BaseException as exc:  # re-raised in the test's thread
             self.error = exc
 
+    def running(self) -> bool:
+        """True while it runs; fails the test at once if it stopped (and why)."""
+        if not self.is_alive():
+            pytest.fail(f"the aggregator stopped unexpectedly: {self.error!r}")
+        return True
+
     def finish(self, timeout: float) -> None:
         self.join(timeout)
         if self.is_alive():
@@ -261,7 +267,7 @@ def test_the_first_model_comes_as_soon_as_the_window_is_large_enough(
     runner = Runner(agg, max_cycles=1)
     runner.start()
     try:
-        wait_until(lambda: len(agg.window) == enough - 1, 30.0,
+        wait_until(lambda: runner.running() and len(agg.window) == enough - 1, 30.0,
                    f"the aggregator to read {enough - 1} events", lambda: len(agg.window))
         time.sleep(1.0)  # several turns of its loop with one event too few
         assert store.current_model_version() is None, "a model came before the window was full"
@@ -295,7 +301,8 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
     other = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                       "group.id": settings.aggregator_group_id, **LOCAL_GROUP_CONFIG})
     try:
-        wait_until(lambda: len(agg.window) == len(records), 30.0, "the window to fill",
+        wait_until(lambda: runner.running() and len(agg.window) == len(records), 30.0,
+                   "the window to fill",
                    lambda: len(agg.window))
         # A second member joins the aggregator's group and leaves again: two rebalances,
         # after which the aggregator owns (and has re-read) every partition again.
@@ -306,9 +313,11 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
             other.consume(10, 0.2)
         other.close()
         every = EVENTS_PARTITIONS + 2  # and the items and users topics
-        wait_until(lambda: len(assignments) >= 3 and assignments[-1] == every, 30.0,
+        wait_until(lambda: runner.running() and len(assignments) >= 3
+                   and assignments[-1] == every, 30.0,
                    "the aggregator to own every partition again", lambda: assignments)
-        wait_until(lambda: len(agg.window) >= len(records), 10.0, "the window to refill",
+        wait_until(lambda: runner.running() and len(agg.window) >= len(records), 10.0,
+                   "the window to refill",
                    lambda: len(agg.window))
         time.sleep(1.0)
         assert len(agg.window) == len(records), "the window holds events twice"

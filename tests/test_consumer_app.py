@@ -433,32 +433,32 @@ def test_sigkilled_consumers_apply_every_event_exactly_once(
     # A model first, so that every applied event also lands in the partial sums.
     system.store.publish_model(make_model(items, domains).to_bytes())
     pub = Publisher(kafka_bootstrap)
-    replay = Background(lambda: publish_paced(pub, system.events, events, rate=150.0))
+    replay = Background(lambda: publish_paced(pub, system.events, events, rate=130.0))
     rng = random.Random(2024)
-    kills = 0
+    kills = mid_stream = 0
     replay.start()
     try:
-        while kills < 5 or replay.is_alive():
+        while kills < 5:
             proc = system.start()
             before = system.applied()
 
-            def working(before: int = before, kills: int = kills) -> bool:
-                return system.applied() > before or (not replay.is_alive() and kills >= 5)
+            def busy(before: int = before) -> bool:
+                # It wrote something, so it is at work; or there is nothing left to do.
+                return system.applied() > before or (
+                    not replay.is_alive() and system.applied() == len(events))
 
-            # Kill it while it works: once it has written something, at a random moment.
-            wait_until(working, 60.0, f"consumer {kills + 1} to apply events",
+            wait_until(busy, 60.0, f"consumer {kills + 1} to apply events",
                        lambda: f"{system.offsets()}{system.logs()}", interval=0.05,
                        procs=[proc])
-            if not replay.is_alive() and kills >= 5:
-                break
-            time.sleep(rng.uniform(0.0, 0.6))
+            time.sleep(rng.uniform(0.0, 0.6))  # a random moment of its work
             assert proc.poll() is None, f"consumer died by itself{system.logs()}"
+            mid_stream += system.applied() < len(events)
             system.kill(proc)
             kills += 1
+        final = system.start()
     finally:
         replay.result(timeout=120)
-    assert kills >= 5
-    final = system.procs[-1] if system.procs[-1].poll() is None else system.start()
+    assert mid_stream >= 3, f"only {mid_stream} of the kills came while events were in flight"
     system.wait_applied(pub.ends(system.events))
     assert final.poll() is None, f"final consumer died{system.logs()}"
 

@@ -7,48 +7,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from metarec.config import Settings
 from metarec.errors import ConfigError, InvalidEvent
 from metarec.events import Event, ItemRecord, UserRecord
 from producer import DeliveryError, EventProducer
-
-READ_TIMEOUT_S = 30.0
-_END = b"__end-of-test__"
-
-
-def drain(bootstrap: str, topic: str, group_id: str) -> list[Message]:
-    """Every record of ``topic``, in partition order, read exactly.
-
-    Why a sentinel: the local broker's high watermarks are not exact, so instead of
-    counting by offsets this writes an end marker to every partition and reads up to it.
-    """
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": group_id,
-        "enable.auto.commit": False, "auto.offset.reset": "earliest",
-    })
-    try:
-        partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        marker = Producer({"bootstrap.servers": bootstrap})
-        for p in partitions:
-            marker.produce(topic, key=_END, value=b"{}", partition=p)
-        assert marker.flush(10) == 0
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        out: list[Message] = []
-        open_partitions = set(partitions)
-        deadline = time.monotonic() + READ_TIMEOUT_S
-        while open_partitions and time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.5):
-                assert msg.error() is None, msg.error()
-                if msg.key() == _END:
-                    open_partitions.discard(msg.partition())
-                else:
-                    out.append(msg)
-        assert not open_partitions, f"end markers not read from partitions {open_partitions}"
-        return out
-    finally:
-        consumer.close()
+from tests.kafka_read import drain
 
 
 @pytest.fixture
