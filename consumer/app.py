@@ -32,7 +32,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -44,7 +44,7 @@ from consumer.dlq import DeadLetterQueue
 from consumer.processor import DriftWatch, apply_events, rank_users, refresh_users
 from consumer.serving import Serving
 from consumer.stats import ConsumerStats, format_line
-from metarec.config import Settings
+from metarec.config import Settings, incremental_rebalancing
 from metarec.drift import UserDrift
 from metarec.errors import InvalidEvent, ModelError, StaleOffset
 from metarec.events import Event, ItemRecord, UserRecord, decode_event, decode_item, decode_user
@@ -84,22 +84,6 @@ GROUP_DEFAULTS = {
     "partition.assignment.strategy": "range",
     "statistics.interval.ms": "5000",
 }
-
-
-def incremental_rebalancing(config: Mapping[str, str]) -> bool:
-    """Whether a consumer with ``config`` gets incremental (cooperative) assignments.
-
-    Its rebalance callbacks must then use ``incremental_assign``/``incremental_unassign``:
-    librdkafka refuses a plain ``assign`` there (``_STATE``, which crashed the consumer).
-    The Python client does not expose librdkafka's ``rebalance_protocol()``, hence this.
-
-    >>> incremental_rebalancing({"partition.assignment.strategy": "cooperative-sticky"})
-    True
-    >>> incremental_rebalancing({"partition.assignment.strategy": "range"})
-    False
-    """
-    return ("cooperative" in config.get("partition.assignment.strategy", "")
-            or config.get("group.protocol", "classic") == "consumer")
 
 
 class ConsumerApp:

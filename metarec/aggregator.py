@@ -24,8 +24,8 @@ from types import FrameType
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from metarec.aggregation import reptile_update
-from metarec.config import Settings
+from metarec.aggregation import PartialSums, reptile_update
+from metarec.config import Settings, incremental_rebalancing
 from metarec.errors import InvalidEvent, ModelError
 from metarec.events import decode_event, decode_item, decode_user
 from metarec.model import MetaModel
@@ -59,9 +59,7 @@ class Aggregator:
             "heartbeat.interval.ms": "500", **settings.kafka_config(),
             "group.id": settings.aggregator_group_id, "enable.auto.commit": "true",
         }
-        # Cooperative (or KIP-848) groups hand out partitions incrementally.
-        self._incremental = ("cooperative" in config.get("partition.assignment.strategy", "")
-                             or config.get("group.protocol", "classic") == "consumer")
+        self._incremental = incremental_rebalancing(config)
         self.consumer = Consumer(config, logger=logging.getLogger("metarec.kafka.aggregator"))
         self.producer = Producer(settings.kafka_config())
 
@@ -172,13 +170,15 @@ class Aggregator:
             return None
         started = time.perf_counter()
         init = self.current_model()
-        partials = self.store.take_partials(self.settings.events_topic)
-        folded = sum(float(p.weights.sum()) for p in partials)
-        if init is not None and init.meta and partials:
-            init = replace(init, theta0=reptile_update(init.theta0, partials, REPTILE_EPSILON))
         data = self.window.training_data()
         model = self.trainer.fit(data, init=init,
                                  version=(init.version + 1) if init is not None else 1)
+        # Fold the users in only once training worked: taken partial sums are gone from
+        # Redis, and a failed run must not lose them.
+        partials = self.store.take_partials(self.settings.events_topic)
+        folded = sum(float(p.weights.sum()) for p in partials)
+        if init is not None and init.meta and model.meta and partials:
+            model = _fold(model, init, partials)
         version = self.store.publish_model(model.to_bytes())
         notice = {"version": version, "created_ms": int(time.time() * 1000),
                   "events": len(data), "users": len(data.user_ids),
@@ -191,3 +191,17 @@ class Aggregator:
         log.info("model published", extra={**notice,
                                             "seconds": round(time.perf_counter() - started, 2)})
         return version
+
+
+def _fold(model: MetaModel, init: MetaModel, partials: list[PartialSums]) -> MetaModel:
+    """``model`` with the Reptile step of ``partials`` added to its ``θ0`` rows.
+
+    The partial sums were accumulated against ``init``'s domain rows; domains are matched
+    by name, since a new version may order them differently.
+    """
+    step = reptile_update(init.theta0, partials, REPTILE_EPSILON) - init.theta0
+    theta0 = model.theta0.copy()
+    for row, name in enumerate(init.domains):
+        if name in model.domains and row < len(step):
+            theta0[model.domains.index(name)] += step[row]
+    return replace(model, theta0=theta0)

@@ -43,6 +43,7 @@ __all__ = [
     "SettingSpec",
     "Settings",
     "add_arguments",
+    "incremental_rebalancing",
     "markdown_table",
     "redact_url",
     "settings_from_args",
@@ -607,3 +608,19 @@ _check_table_matches_settings()
 
 if __name__ == "__main__":  # python -m metarec.config > docs table
     print(markdown_table(), end="")
+
+
+def incremental_rebalancing(config: Mapping[str, str]) -> bool:
+    """Whether a consumer with ``config`` gets incremental (cooperative) assignments.
+
+    Its rebalance callbacks must then use ``incremental_assign``/``incremental_unassign``:
+    librdkafka refuses a plain ``assign`` there (``_STATE``, which crashed the consumer).
+    The Python client does not expose librdkafka's ``rebalance_protocol()``, hence this.
+
+    >>> incremental_rebalancing({"partition.assignment.strategy": "cooperative-sticky"})
+    True
+    >>> incremental_rebalancing({"partition.assignment.strategy": "range"})
+    False
+    """
+    return ("cooperative" in config.get("partition.assignment.strategy", "")
+            or config.get("group.protocol", "classic") == "consumer")

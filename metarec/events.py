@@ -120,6 +120,8 @@ def _load_object(raw: bytes | str) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidEvent(f"record is not JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise InvalidEvent("record is JSON nested too deeply to be an event") from None
     if not isinstance(obj, dict):
         raise InvalidEvent(f"record must be a JSON object, got {type(obj).__name__}")
     return obj
