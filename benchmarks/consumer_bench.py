@@ -181,7 +181,7 @@ def latency(bootstrap: str, r: redis.Redis, logs: Path, rate: float, seconds: fl
 
 def users(bootstrap: str, r: redis.Redis, logs: Path, n_users: int, n_events: int) -> None:
     run = uuid.uuid4().hex[:6]
-    env = _env(bootstrap, run, METAREC_BATCH_SIZE="5000")
+    env = _env(bootstrap, run)  # default batch size: memory per batch stays the same
     s = _topics(bootstrap, env)
     store = RedisStore(r, s.key_prefix)
     _publish_model(store)

@@ -116,7 +116,7 @@ def apply_events(
                 for pos, r in zip(wave, rows, strict=True):
                     if respond(drift.users, batch, int(r), users[r], bool(hit_rank[pos] >= 0),
                                hist_ts[r], drift.since.get(events[int(pos)].domain),
-                               drift.baseline):
+                               drift.baseline, loaded[users[r]].n_events):
                         drifted.append(users[r])
                 scale = drift.users.step_scale([users[r] for r in rows])
             neg = sample_negatives(rng, len(tables), (rows.size, model.negatives))

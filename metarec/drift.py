@@ -61,18 +61,25 @@ class UserDrift:
     delta
         ADWIN's confidence; per-user streams are short, so it is looser than per domain.
     max_users
-        Detectors kept (least recently active dropped first).
+        Detectors kept (least recently active dropped first); each is a river ADWIN of
+        ~1-2 KiB, so the default bounds them to ~20 MiB whatever the number of users.
     """
 
     min_events: int = 10
     delta: float = 0.05
-    max_users: int = 100_000
+    max_users: int = 10_000
     _watch: OrderedDict[str, _Watch] = field(default_factory=OrderedDict, repr=False)
 
-    def update(self, user: str, signal: float) -> bool:
+    def update(self, user: str, signal: float, n_events: int | None = None) -> bool:
         """Record one live event of ``user`` (a value in [0, 1], higher is better understood);
-        returns whether the user just drifted. NaN (e.g. a dislike) is ignored."""
+        returns whether the user just drifted. NaN (e.g. a dislike) is ignored.
+
+        ``n_events`` (the user's events so far, if known) spares a detector for users who
+        are too new to judge.
+        """
         w = self._watch.get(user)
+        if w is None and n_events is not None and n_events < self.min_events:
+            return False
         if w is None:
             # clock=1: check after every event, since a user's stream is short.
             w = _Watch(drift.ADWIN(delta=self.delta, clock=1, grace_period=self.min_events))
@@ -127,14 +134,15 @@ def cut_history(batch: UserBatch, row: int, keep: int = KEEP_AFTER_DRIFT) -> Non
 
 
 def respond(drift: UserDrift, batch: UserBatch, row: int, user: str, hit: bool,
-            hist_ts: npt.NDArray[np.int64], since: int | None, baseline: float) -> bool:
+            hist_ts: npt.NDArray[np.int64], since: int | None, baseline: float,
+            n_events: int | None = None) -> bool:
     """React to one live event of ``user`` (row ``row`` of ``batch``); True if they drifted.
 
     ``since`` is when the user's domain last changed (None: it did not); ``hist_ts`` the
     timestamps of the row's history; ``baseline`` the hit rate to recover to after a
     domain-wide change. Call before adapting the user to the event.
     """
-    if drift.update(user, float(hit)):
+    if drift.update(user, float(hit), n_events):
         cut_history(batch, row)
         return True
     if since is None or hit:

@@ -182,7 +182,7 @@ class OnlineMetarec:
         """Cut the history of a user who drifted, alone or with their domain."""
         if respond(self.user_drift, self.users, x.user, user, rank >= 0,
                    self._hist_ts[x.user], self._drift_since.get(x.domain),
-                   self.live.hit_rate()):
+                   self.live.hit_rate(), len(self._consumed.get(x.user, ()))):
             self.user_drifts += 1
 
     def _top(self, user: int, ts: int, domain: int, item: int, k: int = 10,
