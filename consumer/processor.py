@@ -129,9 +129,12 @@ def apply_events(
     partials = PartialSums.zeros(1, dim)
     if model is not None:
         partials.add(batch.domain, batch.delta, applied)
+    # Each user's event positions, in order (one sort, not one scan per user).
+    order = np.argsort(rows_all, kind="stable")
+    by_user = np.split(order, np.cumsum(np.bincount(rows_all, minlength=len(users)))[:-1])
     for r, user in enumerate(users):
         st = loaded[user]
-        mine = np.flatnonzero(rows_all == r)
+        mine = by_user[r]
         st.delta = batch.delta[r].copy()
         st.hist_items = batch.hist_items[r].copy()
         st.hist_weights = batch.hist_weights[r].copy()

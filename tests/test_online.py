@@ -9,8 +9,8 @@ from metarec.dataset import Dataset
 from metarec.evaluation import encode
 from metarec.events import Event, ItemRecord, UserRecord
 from metarec.online import OnlineConfig, OnlineMetarec
-from metarec.recommender import Interaction
 from metarec.training import MetaTrainer
+from tests.streams import feed
 
 pytest.importorskip("tensorflow")
 
@@ -34,14 +34,10 @@ def _learner(stream, **config: int) -> OnlineMetarec:  # type: ignore[no-untyped
     return OnlineMetarec(stream, trainer, OnlineConfig(**config), seed=0)
 
 
-def _feed(rec: OnlineMetarec, stream, upto: int) -> None:  # type: ignore[no-untyped-def]
-    _feed_range(rec, stream, 0, upto)
-
-
 def test_before_the_first_model_it_ranks_by_recent_popularity() -> None:
     stream = encode(_stream())
     rec = _learner(stream, first_training=10_000, retrain_every=10_000)
-    _feed(rec, stream, 50)
+    feed(rec, stream, 0, 50)
     scores = rec.score(0, int(stream.ts[50]), 0, int(stream.n_seen[50]))
     expected = rec.popularity.scores(-1, int(stream.ts[50]), int(stream.n_seen[50]))
     np.testing.assert_allclose(scores, expected)
@@ -51,27 +47,20 @@ def test_before_the_first_model_it_ranks_by_recent_popularity() -> None:
 def test_trains_on_schedule_only_on_past_events_and_folds_in_the_partial_sums() -> None:
     stream = encode(_stream())
     rec = _learner(stream, first_training=300, retrain_every=300, window_events=250)
-    _feed(rec, stream, 299)
+    feed(rec, stream, 0, 299)
     assert rec.model is None
-    _feed_range(rec, stream, 299, 300)
+    feed(rec, stream, 299, 300)
     assert rec.model is not None and rec.model.version == 1
     window = rec.window()
     # The bounded window holds the most recent past events, nothing later.
     assert len(window) == 250 and window.ts.max() == stream.ts[299]
-    _feed_range(rec, stream, 300, 450)
+    feed(rec, stream, 300, 450)
     assert rec.partials.weights.sum() == 150
     theta0 = rec.model.theta0.copy()
-    _feed_range(rec, stream, 450, 600)
+    feed(rec, stream, 450, 600)
     assert rec.model.version == 2 and rec.partials.weights.sum() == 0
     assert not np.allclose(rec.model.theta0, theta0)
     assert [t["at_event"] for t in rec.trainings] == [300, 600]
-
-
-def _feed_range(rec: OnlineMetarec, stream, lo: int, hi: int) -> None:  # type: ignore[no-untyped-def]
-    for t in range(lo, hi):
-        rec.learn_one(Interaction(int(stream.users[t]), int(stream.items[t]),
-                                  int(stream.ts[t]), int(stream.domains[t]),
-                                  float(stream.weights[t])))
 
 
 def test_a_trained_model_ranks_a_users_taste_first() -> None:
@@ -80,7 +69,7 @@ def test_a_trained_model_ranks_a_users_taste_first() -> None:
                                             batch_size=64, max_steps=300,
                                             learning_rate=0.05),
                         OnlineConfig(first_training=1400, retrain_every=10_000), seed=0)
-    _feed(rec, stream, 1400)
+    feed(rec, stream, 0, 1400)
     hits = []
     for u in range(20):
         taste = int(stream.user_features[u][0].split(":")[1])

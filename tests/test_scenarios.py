@@ -11,10 +11,10 @@ from metarec.dataset import Dataset
 from metarec.evaluation import encode
 from metarec.events import Event
 from metarec.online import OnlineConfig, OnlineMetarec
-from metarec.recommender import Interaction
 from metarec.scenarios import _split_by_domain, cross_domain_config, recovery_events
 from metarec.synthetic import generate
 from metarec.training import MetaTrainer
+from tests.streams import feed
 
 pytest.importorskip("tensorflow")
 
@@ -25,13 +25,6 @@ def test_recovery_counts_events_until_the_rate_is_back() -> None:
     assert before == 1.0 and n == 10
     assert recovery_events([1.0] * 20, change=10, window=4) == (1.0, 0)
     assert recovery_events([1.0] * 10 + [0.0] * 10, change=10, window=4)[1] is None
-
-
-def _feed(rec: OnlineMetarec, stream, lo: int, hi: int) -> None:  # type: ignore[no-untyped-def]
-    for t in range(lo, hi):
-        rec.learn_one(Interaction(int(stream.users[t]), int(stream.items[t]),
-                                  int(stream.ts[t]), int(stream.domains[t]),
-                                  float(stream.weights[t])))
 
 
 def _taste_stream(n_events: int, seed: int = 0) -> Dataset:
@@ -60,7 +53,7 @@ def test_an_abrupt_change_is_detected_and_retrains_early() -> None:
                           min_retrain_gap=200)
     rec = OnlineMetarec(stream, MetaTrainer(dim=8, min_steps=50, max_steps=80, learning_rate=0.05),
                         config, seed=0)
-    _feed(rec, stream, 0, stream.n_events)
+    feed(rec, stream, 0, stream.n_events)
     reasons = [str(t["reason"]) for t in rec.trainings]
     assert reasons[0] == "first model"
     early = [t for t in rec.trainings if str(t["reason"]).startswith("drift in domain")]
@@ -79,7 +72,7 @@ def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
                         OnlineConfig(first_training=1000, retrain_every=10_000), seed=0)
     first_new = int(np.flatnonzero((stream.ts >= move["ts"]) & (
         stream.users == stream.user_ids.index(move["user"])))[0])
-    _feed(rec, stream, 0, first_new)
+    feed(rec, stream, 0, first_new)
     assert rec.model is not None
     user = stream.user_ids.index(move["user"])
     domain = stream.domain_names.index(move["to"])
