@@ -68,6 +68,9 @@ POPULARITY_REFRESH_S = 5.0
 RECENT_USERS = 20_000
 #: Events per rolling window of the live list-quality metrics.
 LIVE_WINDOW = 5000
+#: Size of a new user's offset before any model exists (the trainer's default ``dim``);
+#: once a model is served its own dimension wins and older offsets are re-derived.
+STATE_DIM = 32
 REFRESH_BATCH = 500
 #: Group settings that suit the local Tansu broker (docs/LOCAL_SERVICES.md) and are valid on
 #: Apache Kafka; anything passed through METAREC_KAFKA_* overrides them.
@@ -248,7 +251,7 @@ class ConsumerApp:
         outcome = apply_events(
             self.serving, evs, items, states, dict(zip(users, profiles, strict=True)),
             weights=s.event_types, rng=self.rng, top_k_size=s.top_k, now_ms=now_ms,
-            dim=32, history_length=s.history_length,
+            dim=STATE_DIM, history_length=s.history_length,
             drift=DriftWatch(self.user_drift, self._drift_since, self.live.hit_rate()))
         pop = self._popularity_increments(items, np.array([e.ts for e in evs], np.int64))
         try:
