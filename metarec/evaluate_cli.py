@@ -67,7 +67,7 @@ def run_eval(args: argparse.Namespace) -> int:
     plot_png(report, args.out / "hr_by_event.png")
     if args.json:
         payload = to_json(report)
-        payload["total_wall_time_s"] = round(elapsed, 1)
+        payload["meta"]["total_wall_time_s"] = round(elapsed, 1)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(table)

@@ -560,7 +560,8 @@ def _finite(x: float) -> float | None:
 
 
 def to_json(report: EvaluationReport) -> dict[str, Any]:
-    """A JSON-ready dict: metadata plus ``methods[key][bucket] = {hr10, hr10_ci, ...}``."""
+    """A JSON-ready dict: ``out[method][bucket] = {hr10, hr10_ci, ndcg10, ...}`` for each
+    method key, and the run's metadata under ``out["meta"]``."""
     k = report.k
     methods: dict[str, Any] = {}
     for name, res in report.results.items():
@@ -575,13 +576,16 @@ def to_json(report: EvaluationReport) -> dict[str, Any]:
             for b, s in res.buckets.items()
         }
     out = {
-        "dataset": report.dataset,
-        "seeds": list(report.seeds),
-        "k": k,
-        "n_events": report.n_events,
-        "evaluated_users": report.evaluated_users,
-        "wall_time_s": {name: list(res.wall_time_s) for name, res in report.results.items()},
-        "methods": methods,
+        **methods,
+        "meta": {
+            "dataset": report.dataset,
+            "seeds": list(report.seeds),
+            "k": k,
+            "n_events": report.n_events,
+            "evaluated_users": report.evaluated_users,
+            "wall_time_s": {name: list(res.wall_time_s)
+                            for name, res in report.results.items()},
+        },
     }
     json.dumps(out, allow_nan=False)  # fail here, not in the writer, if a NaN slipped in
     return out

@@ -23,7 +23,7 @@ def test_eval_end_to_end_full_metarec_beats_popularity(tmp_path: Path,
     printed = capsys.readouterr().out
     assert "| metarec" in printed
     result = json.loads((tmp_path / "r.json").read_text())
-    methods = result["methods"]
+    methods = result
     for name in ("pop", "metarec"):
         for bucket in ("1", "2-5", "6-10", "11-20", "21+", "first20", "all"):
             cell = methods[name][bucket]

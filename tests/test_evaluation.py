@@ -266,11 +266,12 @@ def test_json_markdown_and_png(
     report, _ = report_and_stream
     out = to_json(report)
     text = json.dumps(out, allow_nan=False)
-    assert json.loads(text)["seeds"] == [0, 1]
-    assert out["dataset"] == "small" and set(out["wall_time_s"]) == set(BASELINES)
+    assert json.loads(text)["meta"]["seeds"] == [0, 1]
+    meta = out["meta"]
+    assert meta["dataset"] == "small" and set(meta["wall_time_s"]) == set(BASELINES)
     for method in BASELINES:
-        assert list(out["methods"][method]) == list(BUCKETS)
-        for cell in out["methods"][method].values():
+        assert list(out[method]) == list(BUCKETS)
+        for cell in out[method].values():
             assert set(cell) == {"hr10", "hr10_ci", "ndcg10", "ndcg10_ci", "events"}
             assert len(cell["hr10_ci"]) == 2
     md = to_markdown(report)
