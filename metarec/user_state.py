@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from metarec.adaptation import UserBatch
 from metarec.events import DEFAULT_DOMAIN
 
-__all__ = ["MAX_SEEN", "UserState", "batch_from_states", "states_from_batch"]
+__all__ = ["MAX_SEEN", "UserState"]
 
 #: Items a user consumed that stay excluded from their list. Past this the oldest ones may
 #: come back; 5,000 covers all but robots and keeps the state under ~25 KiB.
@@ -120,23 +119,3 @@ class UserState:
         seen = take("<i4", n_seen).astype(np.int64)
         recs = take("<i4", n_recs).astype(np.int64)
         return cls(delta, items, weights, ts, seen, recs, version, n_events, last_ts, domain)
-
-
-def batch_from_states(states: Sequence[UserState], domain_rows: npt.ArrayLike,
-                      profiles: npt.NDArray[np.float32]) -> UserBatch:
-    """Stack states into the struct-of-arrays form the inner loop works on."""
-    return UserBatch(
-        delta=np.stack([s.delta for s in states]).astype(np.float32),
-        hist_items=np.stack([s.hist_items for s in states]),
-        hist_weights=np.stack([s.hist_weights for s in states]),
-        domain=np.asarray(domain_rows, np.int64),
-        profile=profiles,
-    )
-
-
-def states_from_batch(batch: UserBatch, states: Sequence[UserState]) -> None:
-    """Copy the adapted offsets and histories back into ``states`` (in place)."""
-    for row, state in enumerate(states):
-        state.delta = batch.delta[row].copy()
-        state.hist_items = batch.hist_items[row].copy()
-        state.hist_weights = batch.hist_weights[row].copy()
