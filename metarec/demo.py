@@ -8,7 +8,6 @@ shut down. Each run uses its own topics, group ids and key prefix, so runs never
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from metarec import devservices
 from metarec.config import Settings
 from metarec.datasets import load_dataset
 from metarec.errors import MetarecError
+from metarec.live_quality import ALL
 from metarec.store import RedisStore
 from producer.event_producer import EventProducer
 from producer.replay import replay
@@ -33,6 +33,7 @@ PARTITIONS = 4
 CONSUMERS = 2
 #: How long to wait for the consumers to catch up with everything the replay sent.
 CATCH_UP_S = 180.0
+STATS_INTERVAL_S = 5
 
 
 def _env(settings: Settings, run: str) -> dict[str, str]:
@@ -51,7 +52,7 @@ def _env(settings: Settings, run: str) -> dict[str, str]:
         "METAREC_TOP_K": str(settings.top_k),
         "METAREC_MIN_EVENTS_FOR_MODEL": "1000",
         "METAREC_AGGREGATE_INTERVAL_S": "8",
-        "METAREC_STATS_INTERVAL_S": "5",
+        "METAREC_STATS_INTERVAL_S": str(STATS_INTERVAL_S),
         "METAREC_LOG_LEVEL": settings.log_level,
     })
     return env
@@ -109,9 +110,15 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
         if all(_wait_list_version(store, user, version) for user in shown):
             _say(f"consumers hot-reloaded version {version}: lists now come from the model")
         _show(store, *shown)
+        time.sleep(STATS_INTERVAL_S + 1)  # one more stats line, written after the reload
         for member, beat in sorted(store.heartbeats(demo.group_id).items()):
             stats = beat.get("stats", beat)
-            _say(f"stats of {member}: {json.dumps(stats, sort_keys=True)}")
+            live = stats.get("live", {}).get(ALL, {})
+            _say(f"consumer {member}: partitions {stats.get('partitions')}, "
+                 f"{stats.get('total_events')} events applied, {stats.get('total_dlq')} "
+                 f"dead letters, model v{stats.get('model_version')}, live HR@"
+                 f"{demo.top_k} {live.get('hr', 0.0):.3f} over {live.get('events', 0)} "
+                 f"events")
         _say(f"read a list yourself: redis-cli GET '{store.recs_key(dataset.events[-1].user)}'")
         return 0
     finally:
