@@ -42,6 +42,8 @@ I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 
 DAY_MS = 24 * 3600 * 1000
+#: How much more often an event that enters a new domain is drawn as a training example.
+SWITCH_WEIGHT = 10.0
 #: Logit given to consumed items so that softmax ignores them without producing NaNs.
 _MASKED = -1e9
 
@@ -104,6 +106,16 @@ class TrainingBatches:
         # Position of each (time-ordered) event inside the per-user sequence array.
         self.seq_pos = np.empty(len(d), np.int64)
         self.seq_pos[self.order] = np.arange(len(d))
+        # Events where a user enters another domain are what teaches the adaptation mapping
+        # M_g; they are rare, so they are drawn more often (only when there are any).
+        seq_dom = d.domains[self.order]
+        same_user = np.r_[False, np.diff(users_sorted) == 0]
+        switch = np.zeros(len(d), bool)
+        switch[self.order] = same_user & (seq_dom != np.r_[-1, seq_dom[:-1]])
+        self.switch_p: npt.NDArray[np.float64] | None = None
+        if switch.any():
+            w = np.where(switch, SWITCH_WEIGHT, 1.0)
+            self.switch_p = w / w.sum()
         self.snapshots, self.snapshot_ts = trend_snapshots(
             d.items, d.ts, len(d.item_ids), self.half_life_ms, self.snapshot_every)
         fu = [len(f) for f in d.user_features]
@@ -117,7 +129,8 @@ class TrainingBatches:
     def sample(self, batch_size: int) -> dict[str, Any]:
         """One batch of examples (the arrays the TensorFlow step takes)."""
         d, L, Q = self.data, self.history_length, self.query_length
-        q = self.rng.integers(0, len(d), batch_size)
+        q = (self.rng.integers(0, len(d), batch_size) if self.switch_p is None
+             else self.rng.choice(len(d), batch_size, p=self.switch_p))
         users = d.users[q]
         pos = self.seq_pos[q]
         start = self.user_start[users]

@@ -7,7 +7,7 @@ import pytest
 
 from metarec.adaptation import UserBatch, adapt, prior
 from metarec.catalog import Catalog
-from metarec.training import MetaTrainer, TrainingBatches, trend_snapshots
+from metarec.training import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
 from metarec.window import TrainingData
 
 tf = pytest.importorskip("tensorflow")
@@ -145,3 +145,24 @@ def test_warm_start_keeps_items_by_id_and_ablation_has_no_mappings() -> None:
                         meta=False).fit(data)
     assert not plain.meta and plain.feat_emb.size == 0 and not plain.theta0.any()
     assert np.allclose(plain.step, plain.step[0])
+
+
+def _domain_data(domains: list[int]) -> TrainingData:
+    n = len(domains)
+    return TrainingData(
+        users=np.zeros(n, np.int64), items=np.arange(n, dtype=np.int64),
+        ts=np.arange(n, dtype=np.int64), weights=np.ones(n, np.float32),
+        domains=np.asarray(domains, np.int64), item_ids=[f"i{j}" for j in range(n)],
+        item_features=[() for _ in range(n)], item_domains=np.asarray(domains, np.int64),
+        user_ids=["u"], user_features=[()], domain_names=["a", "b"])
+
+
+def test_domain_switches_are_drawn_more_often() -> None:
+    b = TrainingBatches(_domain_data([0] * 9 + [1]), 4, 1, 1, 1, np.random.default_rng(0))
+    assert b.switch_p is not None
+    assert b.switch_p[9] == SWITCH_WEIGHT * b.switch_p[0]
+
+
+def test_one_domain_keeps_uniform_sampling() -> None:
+    assert TrainingBatches(_domain_data([0] * 10), 4, 1, 1, 1, np.random.default_rng(0)).switch_p \
+        is None
