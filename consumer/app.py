@@ -28,12 +28,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -126,15 +124,6 @@ class ConsumerApp:
     def stop(self, *_: object) -> None:
         """Finish the batch in flight, then leave the group (safe from a signal handler)."""
         self._stopping = True
-
-    def install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            del frame
-            log.info("stopping after the batch in flight", extra={"signal": signum})
-            self.stop()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
     def run(self) -> int:
         s = self.settings

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import replace
-from types import FrameType
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
@@ -65,15 +63,6 @@ class Aggregator:
 
     def stop(self, *_: object) -> None:
         self._stopping = True
-
-    def install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            del frame
-            log.info("stopping", extra={"signal": signum})
-            self.stop()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
     def run(self, *, max_cycles: int | None = None) -> int:
         s = self.settings

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
 from metarec.errors import ConfigError, MetarecError
@@ -83,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from consumer.app import ConsumerApp
 
             app = ConsumerApp(settings)
-            app.install_signal_handlers()
+            _stop_on_signals(app.stop)
             return app.run()
         if args.command == "aggregate":
             return _aggregate(settings, once=args.once, now=args.now)
@@ -103,6 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT ask a service to finish what is in flight and exit 0."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del frame
+        logging.getLogger("metarec").info("stopping after the work in flight",
+                                          extra={"signal": signum})
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
     from metarec.aggregator import Aggregator
 
@@ -111,7 +126,7 @@ def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
         agg.request()
         print("requested an aggregation cycle")
         return 0
-    agg.install_signal_handlers()
+    _stop_on_signals(agg.stop)
     return agg.run(max_cycles=1 if once else None)
 
 
