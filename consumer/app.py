@@ -241,7 +241,7 @@ class ConsumerApp:
             self.serving, evs, items, states, dict(zip(users, profiles, strict=True)),
             weights=s.event_types, rng=self.rng, top_k_size=s.top_k, now_ms=now_ms,
             dim=STATE_DIM, history_length=s.history_length,
-            drift=DriftWatch(self.user_drift, self._drift_since, self.live.hit_rate()))
+            drift=DriftWatch(self.user_drift, self._drift_since, self.live.baseline()))
         pop = self._popularity_increments(items, np.array([e.ts for e in evs], np.int64))
         try:
             tref = self.store.commit_batch(
@@ -277,10 +277,15 @@ class ConsumerApp:
             if change is None or self.serving.model is None:
                 continue
             self._drift_since[e.domain] = change
+            # A domain noticing a change that another one is already recovering from does
+            # not move the training floor again.
+            others = [g for g in self.live.get() if g not in (ALL, e.domain)
+                      and self.live.drifting(g)]
             reason = f"drift in domain {e.domain!r}: live HR@{self.settings.top_k} dropped"
             log.warning("drift detected; asking the aggregator for a cycle now",
-                        extra={"domain": e.domain, "live": self.live.get().get(e.domain)})
-            self.store.request_aggregation(reason)
+                        extra={"domain": e.domain, "since_ts": change, "also_drifting": others,
+                               "live": self.live.get().get(e.domain)})
+            self.store.request_aggregation(reason, since_ts=None if others else change)
 
     def _popularity_increments(self, items: np.ndarray, ts: np.ndarray) -> dict[int, float]:
         if self._tref is None:
@@ -384,6 +389,13 @@ class ConsumerApp:
         self._refresh_queue = list(self._recent)
         log.info("model loaded", extra={"version": version, "items": len(model.item_ids),
                                         "stale_lists": len(self._refresh_queue)})
+        # Each version trained on more of the new regime is better than the last: until
+        # the lists recover, ask for the next one straight away.
+        drifting = [g for g in self.live.get() if g != ALL and self.live.drifting(g)]
+        if drifting:
+            self.store.request_aggregation(f"recovering from drift in {drifting}")
+            log.info("still recovering from drift; asked for another cycle",
+                     extra={"domains": drifting})
 
     def _refresh_popularity(self) -> None:
         tref, counts = self.store.popularity(len(self.serving.catalog))

@@ -7,7 +7,9 @@ on a schedule, on demand, or as soon as the window first holds enough events:
 1. take the consumers' partial sums (atomically read and reset in Redis) and apply the
    Reptile/average update to ``θ0`` (:func:`metarec.aggregation.reptile_update`);
 2. meta-train on the window, warm-started from the current model (:mod:`metarec.training`;
-   on a GPU when TensorFlow sees one);
+   on a GPU when TensorFlow sees one). Once a consumer has reported a drop of live quality
+   (a drift), only the events since the change are used (``aggregate:floor``), and the
+   first version after it is trained from scratch;
 3. publish the new version to Redis (chunked; ``model:current`` flips last) and a notice on
    the model topic. Consumers hot-reload it.
 """
@@ -123,7 +125,10 @@ class Aggregator:
         if self.store.current_model_version() is None:
             return True
         if self.store.aggregation_request() is not None:
-            return True
+            # After a change, wait until the new regime has enough events to learn from.
+            floor = self.store.training_floor()
+            return floor is None or self.window.count_since(floor) >= max(
+                self.settings.min_events_for_model, 1)
         return time.monotonic() >= self._next_cycle and self._events_since > 0
 
     def _reason(self) -> str:
@@ -159,19 +164,33 @@ class Aggregator:
             return None
         started = time.perf_counter()
         init = self.current_model()
-        data = self.window.training_data()
-        model = self.trainer.fit(data, init=init,
+        # A detected change moves the floor: the regime before it would only teach the
+        # model what no longer holds.
+        floor = self.store.training_floor()
+        data = self.window.training_data(since_ts=floor)
+        if len(data) < 2:
+            log.info("too few events since the training floor", extra={
+                "events": len(data), "floor_ts": floor})
+            return None
+        # The first version after a change starts afresh: unlearning the old regime takes
+        # longer than learning the new one (docs/RESULTS.md, the drift scenario).
+        fresh = init is not None and floor is not None and init.info.get("floor_ts") != floor
+        model = self.trainer.fit(data, init=None if fresh else init,
                                  version=(init.version + 1) if init is not None else 1)
+        model.info["floor_ts"] = floor
         # Fold the users in only once training worked: taken partial sums are gone from
-        # Redis, and a failed run must not lose them.
+        # Redis, and a failed run must not lose them. (After a change they describe users
+        # adapted to the old regime: taken, not folded.)
         partials = self.store.take_partials(self.settings.events_topic)
-        folded = sum(float(p.weights.sum()) for p in partials)
-        if init is not None and init.meta and model.meta and partials:
+        folded = 0.0
+        if init is not None and init.meta and model.meta and partials and not fresh:
+            folded = sum(float(p.weights.sum()) for p in partials)
             model = _fold(model, init, partials)
         version = self.store.publish_model(model.to_bytes())
         notice = {"version": version, "created_ms": int(time.time() * 1000),
                   "events": len(data), "users": len(data.user_ids),
-                  "items": len(data.item_ids), "reason": reason,
+                  "items": len(data.item_ids), "reason": reason, "floor_ts": floor,
+                  "fresh_start": fresh,
                   "device": model.info.get("device"), "folded_weight": folded}
         self.producer.produce(self.settings.model_topic, key=str(version).encode(),
                               value=json.dumps(notice).encode())

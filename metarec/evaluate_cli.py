@@ -16,6 +16,7 @@ from metarec.datasets import load_dataset
 from metarec.evaluation import BASELINES, Factory, evaluate, plot_png, to_json, to_markdown
 from metarec.online import metarec_factory, metarec_no_meta_factory
 from metarec.scenarios import SCENARIOS
+from metarec.scenarios import plot_png as plot_scenario
 
 __all__ = ["METHODS", "add_eval_arguments", "run_eval"]
 
@@ -40,7 +41,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--out", type=Path, default=Path("eval-out"),
-                        help="folder for results.md and hr_by_event.png (default: eval-out)")
+                        help="folder for results.md and hr_by_event.png, or SCENARIO.png "
+                             "(default: eval-out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -85,6 +87,10 @@ def _run_scenario(args: argparse.Namespace) -> int:
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(result, indent=2)
     print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / f"{args.scenario}.png"
+    plot_scenario(result, png)
+    print(f"wrote {png}" + (f" and {args.json}" if args.json else ""), file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")

@@ -7,6 +7,13 @@ stream, prequentially, exactly as the offline evaluation measures them. :class:`
 keeps these per domain and overall over rolling windows (river's ``Rolling(Mean())``) and
 runs river's ADWIN on each domain's hit stream, so a preference shift shows up as a drift.
 
+One change is reported once. A drop opens a *drift episode* for its domain, dated at the
+detection; further drops are part of it (ADWIN keeps cutting its window while the lists
+are poor) until the domain's rolling hit rate is back to 90% of its level before the
+change, or :data:`MAX_EPISODE_WINDOWS` windows have passed. Reacting to each of those cuts
+would keep restarting the reaction: the training window would keep losing the events of
+the new regime it needs.
+
 >>> q = LiveQuality(k=10, window=4)
 >>> for rank in [0, -1, 3, 12]:
 ...     q.update("books", rank)
@@ -26,6 +33,10 @@ __all__ = ["ALL", "LiveQuality"]
 
 #: The key under which the overall (all-domain) numbers are kept.
 ALL = "_all"
+#: A drift episode ends when the hit rate is back to this share of its level before.
+RECOVERED = 0.9
+#: ... or after this many rolling windows of the domain's events, whatever the rate.
+MAX_EPISODE_WINDOWS = 20
 
 
 @dataclass
@@ -35,6 +46,10 @@ class _Track:
     detector: Any
     events: int = 0
     drifts: int = 0
+    #: The open drift episode: when it was detected, the hit rate before it, its events.
+    since: int | None = None
+    before: float = 0.0
+    episode_events: int = 0
 
 
 @dataclass
@@ -71,10 +86,10 @@ class LiveQuality:
         """Record one event (at ``ts``) whose item sat at ``rank`` of the shown list (-1:
         absent).
 
-        Returns None, or, when the hit rate of ``domain`` dropped with this event, ``ts``:
-        the moment the change was detected. (ADWIN's window after a cut would date the
-        change earlier, but it also spans the slow rise of a model that is still learning,
-        which made it date changes far too early.)
+        Returns None, or, when the hit rate of ``domain`` dropped with this event and no
+        drift episode is open for it, ``ts``: the moment the change was detected. (ADWIN's
+        window after a cut would date the change earlier, but it also spans the slow rise
+        of a model that is still learning, which made it date changes far too early.)
         """
         hit = 0 <= rank < self.k
         gain = 1.0 / math.log2(rank + 2) if hit else 0.0
@@ -86,12 +101,41 @@ class LiveQuality:
             track.events += 1
             before = float(track.detector.estimation)
             track.detector.update(float(hit))
+            dropped = False
             if track.detector.drift_detected:
                 track.drifts += 1
                 # Only a drop is a change to react to; a rise means the lists got better.
-                if name == domain and track.detector.estimation < before:
-                    change = ts
+                dropped = track.detector.estimation < before
+            if self._episode(track, dropped, before, ts) and name == domain:
+                change = ts
         return change
+
+    def _episode(self, track: _Track, dropped: bool, before: float, ts: int) -> bool:
+        """Advance ``track``'s drift episode; True if this drop opens a new one."""
+        if track.since is not None:
+            track.episode_events += 1
+            # Judged on a window of events that all came after the detection.
+            settled = track.episode_events >= self.window
+            if (settled and track.hr.get() >= RECOVERED * track.before) or \
+                    track.episode_events >= MAX_EPISODE_WINDOWS * self.window:
+                track.since = None
+            return False
+        if not dropped:
+            return False
+        track.since, track.before, track.episode_events = ts, before, 0
+        return True
+
+    def drifting(self, domain: str) -> bool:
+        """Whether ``domain`` is in a drift episode (its lists have not recovered yet)."""
+        track = self._tracks.get(domain)
+        return track is not None and track.since is not None
+
+    def baseline(self, domain: str = ALL) -> float:
+        """The hit rate to recover to: the level before an open episode, else the current."""
+        track = self._tracks.get(domain)
+        if track is None:
+            return 0.0
+        return track.before if track.since is not None else float(track.hr.get())
 
     def get(self) -> dict[str, dict[str, float | int]]:
         """``{domain: {"hr", "ndcg", "events", "drifts"}}``, with :data:`ALL` for overall."""

@@ -53,8 +53,9 @@ class OnlineConfig:
     window_events: int = 100_000
     half_life_ms: float = 7 * DAY_MS
     reptile_epsilon: float = 1.0
-    #: React to drift: retrain early when a domain's live hit rate shifts (ADWIN), cut a
-    #: drifted user's history and enlarge their steps (:mod:`metarec.drift`).
+    #: React to drift: when a domain's live hit rate drops (ADWIN), retrain from scratch on
+    #: the events since, then as often as ``min_retrain_gap`` allows until the lists have
+    #: recovered; cut a drifted user's history and enlarge their steps (:mod:`metarec.drift`).
     drift_handling: bool = False
     #: Fewest events between two trainings, even when drift asks for one.
     min_retrain_gap: int = 1000
@@ -170,10 +171,13 @@ class OnlineMetarec:
         rank = int(found[0]) if found.size else -1
         domain = self.tables.domain_names[x.domain]
         change = self.live.update(domain, rank, x.ts)
+        others = [g for g in self.tables.domain_names if g != domain and self.live.drifting(g)]
         if change is not None:
             self._drift_since[x.domain] = change
+        if change is not None and not others:
             # The old regime leaves the training window; retrain as soon as enough events
-            # of the new one are in (see _due).
+            # of the new one are in (see _due). Other domains that notice the same change
+            # a little later do not move the floor again: their events since it count.
             self._window_floor_ts = max(self._window_floor_ts, change)
             self._pending_drift = f"drift in domain {domain!r}"
         return rank
@@ -182,7 +186,8 @@ class OnlineMetarec:
         """Cut the history of a user who drifted, alone or with their domain."""
         if respond(self.user_drift, self.users, x.user, user, rank >= 0,
                    self._hist_ts[x.user], self._drift_since.get(x.domain),
-                   self.live.hit_rate(), len(self._consumed.get(x.user, ()))):
+                   self.live.baseline(self.tables.domain_names[x.domain]),
+                   len(self._consumed.get(x.user, ()))):
             self.user_drifts += 1
 
     def _top(self, user: int, ts: int, domain: int, item: int, k: int = 10,
@@ -205,9 +210,14 @@ class OnlineMetarec:
             return None
         if self.model is None:
             return "first model"
-        if self._pending_drift and self._events_since(self._window_floor_ts) >= \
-                c.min_retrain_gap and self._seen - self._last_training >= c.min_retrain_gap:
-            return self._pending_drift
+        gap = self._seen - self._last_training >= c.min_retrain_gap
+        if self._pending_drift:
+            enough = self._events_since(self._window_floor_ts) >= c.min_retrain_gap
+            return self._pending_drift if gap and enough else None
+        # Until the lists recover, each retraining on the growing new regime helps: retrain
+        # as often as allowed.
+        if gap and any(self.live.drifting(g) for g in self.tables.domain_names):
+            return "recovering from drift"
         return "schedule" if self._seen - self._last_training >= c.retrain_every else None
 
     def _events_since(self, ts: int) -> int:
@@ -239,6 +249,10 @@ class OnlineMetarec:
 
     def _train(self, reason: str) -> None:
         init = self.model
+        if reason == self._pending_drift:
+            # What the model learned describes a regime that is gone; unlearning it takes
+            # longer than learning the new one from scratch.
+            init = None
         if init is not None and init.meta:
             init = replace(init, theta0=reptile_update(init.theta0, [self.partials],
                                                        self.config.reptile_epsilon))

@@ -605,9 +605,24 @@ class RedisStore:
 
     # -- heartbeats ------------------------------------------------------------------
 
-    def request_aggregation(self, reason: str, ttl_s: int = 3600) -> None:
-        """Ask the aggregator for a cycle now (``aggregate:request`` holds the reason)."""
-        self.client.set(self.key("aggregate", "request"), reason.encode("utf-8"), ex=ttl_s)
+    def request_aggregation(self, reason: str, ttl_s: int = 3600,
+                            since_ts: int | None = None) -> None:
+        """Ask the aggregator for a cycle now (``aggregate:request`` holds the reason).
+
+        ``since_ts`` dates a change of regime: from now on the aggregator trains only on
+        events from then on (``aggregate:floor`` keeps the latest such date).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key("aggregate", "request"), reason.encode("utf-8"), ex=ttl_s)
+        if since_ts is not None:
+            # GT: consumers reporting one change at slightly different times keep the latest.
+            pipe.zadd(self.key("aggregate", "floor"), {"since": since_ts}, gt=True)
+        pipe.execute()
+
+    def training_floor(self) -> int | None:
+        """The start of the current regime (see :meth:`request_aggregation`), or None."""
+        score = self.client.zscore(self.key("aggregate", "floor"), "since")
+        return None if score is None else int(score)
 
     def aggregation_request(self) -> str | None:
         """The pending request's reason, or None."""

@@ -16,9 +16,14 @@ draws one from a latent-factor choice model:
   sampling without replacement);
 * a pick is a ``like`` with a probability that grows with the affinity ``v_i·θ_ug``,
   occasionally a ``dislike`` when the affinity is low, else a ``click``;
-* ``z_u`` drifts as a random walk between sessions, and optionally jumps to a fresh vector
-  at a known time for a share of users; a share of users move from their home domain to
-  another one part-way through their history.
+* ``z_u`` drifts as a random walk between sessions; optionally, at a known time, an abrupt
+  change happens: either a share of users jump to a fresh ``z_u`` (``change_kind="users"``)
+  or, for everyone at once, the items already in the catalogue swap latent vectors and
+  popularity within their domain (``change_kind="catalog"``: what is popular and what
+  appeals to whom is reshuffled while ids and metadata stay, so every user's preferences
+  over those items move and a model's learned item vectors and biases go stale);
+* a share of users move from their home domain to another one part-way through their
+  history.
 
 Item features (domain, ``topic:k`` tags, a price band) and user profile features
 (``interest:k``, an age band, the sign-up domain, and a region that carries no signal) are
@@ -77,6 +82,8 @@ DISLIKE_BELOW = 0.5
 #: Age bands of the synthetic profile, drawn from a latent direction plus noise.
 AGE_BANDS: tuple[str, ...] = ("age:18-24", "age:25-34", "age:35-49", "age:50+")
 PRICE_BANDS: tuple[str, ...] = ("price:low", "price:mid", "price:high")
+#: What an abrupt change does (see :class:`SyntheticConfig`).
+CHANGE_KINDS: tuple[str, ...] = ("users", "catalog")
 N_REGIONS = 8
 #: A move happens between 30% and 70% of the way through a user's sessions, so that both
 #: domains have events to learn and to score.
@@ -124,7 +131,12 @@ class SyntheticConfig:
     change_at
         Fraction of the stream's time at which an abrupt taste change happens, or None.
     change_fraction
-        Share of the users active on both sides of the change whose taste is redrawn.
+        Share of the users active on both sides of the change whose taste is redrawn
+        (``change_kind="users"``).
+    change_kind
+        ``"users"``: the change redraws individual users' tastes; ``"catalog"``: it
+        permutes the latent vectors and popularity of each domain's items that exist by
+        then, which moves every user's preferences at once.
     cross_domain_fraction
         Share of all users who move to another domain (only users with two sessions or
         more can, so fewer move if there are not enough of them).
@@ -166,6 +178,7 @@ class SyntheticConfig:
     drift_per_day: float = 0.02
     change_at: float | None = 0.6
     change_fraction: float = 0.3
+    change_kind: str = "users"
     cross_domain_fraction: float = 0.15
     domain_shift: float = 0.5
     profile_rate: float = 0.8
@@ -199,6 +212,9 @@ class SyntheticConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.change_at is not None and not 0.0 < self.change_at < 1.0:
             raise ConfigError(f"change_at must be in (0, 1) or None, got {self.change_at!r}")
+        if self.change_kind not in CHANGE_KINDS:
+            raise ConfigError(f"change_kind must be one of {CHANGE_KINDS}, got "
+                              f"{self.change_kind!r}")
         non_negative = ("zipf_exponent", "popularity_weight", "novelty_boost", "drift_per_day",
                         "domain_shift", "profile_noise")
         for name in non_negative:
@@ -224,7 +240,8 @@ class SyntheticTruth:
 
     ``user_latent[k]`` is user ``user_ids[k]``'s base taste ``z_u`` at arrival (before drift
     and any abrupt change); their taste in domain ``g`` is ``domain_maps[g] @ z_u``.
-    ``item_vectors[k]`` and ``item_log_popularity[k]`` belong to item ``item_ids[k]``.
+    ``item_vectors[k]`` (before any catalogue change) and ``item_log_popularity[k]`` belong
+    to item ``item_ids[k]``.
 
     Examples
     --------
@@ -256,6 +273,9 @@ class _Domain:
     vectors: FloatArray
     log_pop: FloatArray
     arrival: IntArray
+    #: Vectors and popularity from the abrupt catalogue change on (the same if none).
+    vectors_after: FloatArray
+    log_pop_after: FloatArray
 
 
 def _end_ms(cfg: SyntheticConfig) -> int:
@@ -298,7 +318,7 @@ def _make_domains(
                 PRICE_BANDS[int(price_band[k])],
             )
             records.append(ItemRecord(ids[k], name, features, int(arrival[k])))
-        domains.append(_Domain(name, ids, vectors, log_pop, arrival))
+        domains.append(_Domain(name, ids, vectors, log_pop, arrival, vectors, log_pop))
     return domains, records
 
 
@@ -424,13 +444,24 @@ def _plan_moves(
 
 
 def _plan_change(
-    cfg: SyntheticConfig, rng: np.random.Generator, users: _Users
+    cfg: SyntheticConfig, rng: np.random.Generator, users: _Users, domains: list[_Domain]
 ) -> tuple[int | None, set[int]]:
-    """The abrupt change: its time, and users active on both sides whose taste is redrawn."""
+    """The abrupt change: its time, and the users active on both sides whom it reaches.
+
+    A catalogue change reaches all of them, and permutes the items' vectors here.
+    """
     if cfg.change_at is None:
         return None, set()
     change_ts = START_MS + int(cfg.change_at * (_end_ms(cfg) - START_MS))
     spanning = [k for k, (ts, _) in enumerate(users.times) if ts[0] < change_ts <= ts[-1]]
+    if cfg.change_kind == "catalog":
+        for dom in domains:
+            present = np.flatnonzero(dom.arrival < change_ts)
+            moved = rng.permutation(present)
+            dom.vectors_after, dom.log_pop_after = dom.vectors.copy(), dom.log_pop.copy()
+            dom.vectors_after[present] = dom.vectors[moved]
+            dom.log_pop_after[present] = dom.log_pop[moved]
+        return change_ts, set(spanning)
     n_change = round(cfg.change_fraction * len(spanning))
     return change_ts, set(rng.choice(spanning, size=n_change, replace=False).tolist())
 
@@ -447,7 +478,8 @@ def _user_rows(
 ) -> list[tuple[int, int, str, str, str]]:
     """One user's events as (ts, user index, item, type, domain), picked segment by segment.
 
-    ``change_ts`` is the abrupt change if this user is one of the changed ones, else None.
+    ``change_ts`` is the abrupt change if it reaches this user, else None: a fresh taste
+    for a ``"users"`` change, the items' new vectors for a ``"catalog"`` one.
     """
     ts, session = users.times[k]
     domain = np.full(ts.shape, users.home[k])
@@ -467,7 +499,8 @@ def _user_rows(
         t0 = int(ts[a])
         if cfg.drift_per_day > 0:
             z += rng.normal(size=cfg.dim) * cfg.drift_per_day * math.sqrt((t0 - last_ts) / DAY_MS)
-        if after[a] and (a == 0 or not after[a - 1]):
+        catalog_changed = cfg.change_kind == "catalog" and bool(after[a])
+        if after[a] and (a == 0 or not after[a - 1]) and not catalog_changed:
             z = rng.normal(size=cfg.dim)
         last_ts = t0
         g = int(domain[a])
@@ -477,9 +510,11 @@ def _user_rows(
         n_pick = min(b - a, m - len(seen))
         if n_pick <= 0:
             continue
-        affinity = dom.vectors[:m] @ (maps[dom.name] @ z)
+        vectors, log_pop = ((dom.vectors_after, dom.log_pop_after) if catalog_changed
+                            else (dom.vectors, dom.log_pop))
+        affinity = vectors[:m] @ (maps[dom.name] @ z)
         launch_age = (t0 - dom.arrival[:m]) / (NOVELTY_DAYS * DAY_MS)
-        logits = (affinity / cfg.temperature + cfg.popularity_weight * dom.log_pop[:m]
+        logits = (affinity / cfg.temperature + cfg.popularity_weight * log_pop[:m]
                   + cfg.novelty_boost * np.exp(-launch_age))
         logits[seen] = -np.inf
         # Gumbel top-k: the same law as drawing from the softmax one item at a time.
@@ -520,11 +555,12 @@ def generate_with_truth(config: SyntheticConfig, seed: int) -> tuple[Dataset, Sy
     domains, item_records = _make_domains(cfg, rng, topics, price_dir)
     users = _make_users(cfg, rng, maps, topics, age_dir)
     moves = _plan_moves(cfg, rng, users)
-    change_ts, changed = _plan_change(cfg, rng, users)
+    change_ts, changed = _plan_change(cfg, rng, users, domains)
 
     rows: list[tuple[int, int, str, str, str]] = []
     for k in range(cfg.n_users):
-        user_change = change_ts if k in changed else None
+        reached = k in changed or cfg.change_kind == "catalog"
+        user_change = change_ts if reached else None
         rows.extend(_user_rows(cfg, rng, k, users, domains, maps, moves.get(k), user_change))
     rows.sort(key=lambda row: row[0])  # stable: equal times keep user order
     events: list[Event] = []

@@ -74,10 +74,18 @@ class EventWindow:
     def describe_user(self, user: str, features: Sequence[str]) -> None:
         self.user_meta[user] = tuple(features)
 
-    def training_data(self) -> TrainingData:
-        """The window as :class:`TrainingData` (events sorted by timestamp, stably)."""
-        events = sorted(self._events, key=lambda e: e[2])
+    def training_data(self, since_ts: int | None = None) -> TrainingData:
+        """The window as :class:`TrainingData` (events sorted by timestamp, stably).
+
+        ``since_ts`` leaves out the events before it: the regime before a detected change.
+        """
+        events = sorted((e for e in self._events if since_ts is None or e[2] >= since_ts),
+                        key=lambda e: e[2])
         return build_training_data(events, self.item_meta, self.user_meta)
+
+    def count_since(self, ts: int) -> int:
+        """How many of the window's events happened at ``ts`` or later."""
+        return sum(1 for e in self._events if e[2] >= ts)
 
 
 def build_training_data(

@@ -324,3 +324,31 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
     finally:
         agg.stop()
         runner.finish(timeout=30)
+
+
+def test_a_drift_request_trains_only_on_the_events_since_the_change(
+        make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore) -> None:
+    agg = make_aggregator(min_events_for_model=40)
+    old, new = event_records(60), event_records(50, start=60, seed=1)
+    publish_events(settings, old + new[:30])
+    agg.ingest(read_all(settings, settings.events_topic, EVENTS_PARTITIONS, 90))
+    store.publish_model(initial_model(np.zeros((2, DIM), np.float32)).to_bytes())
+    # A consumer saw live quality drop, dating the change at the first new event.
+    store.request_aggregation("drift in domain 'books'", since_ts=new[0][1]["ts"])
+    assert store.training_floor() == new[0][1]["ts"]
+    assert not agg._due(), "30 events of the new regime are too few to train on"
+
+    publish_events(settings, new[30:])
+    everything = read_all(settings, settings.events_topic, EVENTS_PARTITIONS, 110)
+    agg.ingest([m for m in everything if json.loads(m.value())["ts"] >= new[30][1]["ts"]])
+    assert agg._due()
+    version = agg.cycle(reason=agg._reason())
+    assert version == 2
+    model = MetaModel.from_bytes(store.load_model_blob(2))
+    assert model.info["events"] == len(new), "the events before the change were trained on"
+    assert model.info["floor_ts"] == new[0][1]["ts"]
+    notice = json.loads(read_all(settings, settings.model_topic, 1, 1)[0].value())
+    assert notice["fresh_start"] and notice["floor_ts"] == new[0][1]["ts"]
+    # An earlier date reported later (another consumer) does not move the floor back.
+    store.request_aggregation("drift in domain 'books'", since_ts=new[0][1]["ts"] - 1000)
+    assert store.training_floor() == new[0][1]["ts"]

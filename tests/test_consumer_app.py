@@ -36,7 +36,7 @@ from consumer.app import ConsumerApp
 from metarec.config import Settings
 from metarec.datasets import load_dataset
 from metarec.devservices import kcat_env
-from metarec.events import MAX_ID_BYTES, MAX_RECORD_BYTES, Event
+from metarec.events import MAX_ID_BYTES, MAX_RECORD_BYTES, Event, ItemRecord
 from metarec.model import MetaModel
 from metarec.store import RedisStore
 from metarec.user_state import UserState
@@ -771,3 +771,57 @@ def test_consumers_hot_reload_new_models_and_refresh_lists(
     for user, n in ((users[0], per_user[users[0]] + 1), ("newcomer", 1)):
         recs = system.recs(user)
         assert recs is not None and recs["model_version"] == 2 and recs["events"] == n, recs
+
+
+# --- 7. live quality drops: the consumer asks for an aggregation ---------------------------
+
+
+def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
+        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    system = make_system(1)
+    # A model whose lists are its item biases alone: the "hit" items in a fixed order.
+    hits = [f"hit-{k}" for k in range(30)]
+    misses = [f"miss-{k}" for k in range(30)]
+    model = make_model(hits + misses, ["books"])
+    for table in (model.item_emb, model.item_ctx, model.item_bias):
+        table[:] = 0.0
+    model.item_bias[:len(hits)] = 100.0 - np.arange(len(hits))
+    assert system.store.publish_model(model.to_bytes()) == 1
+    # Users first take the top of their list (hits after their first event), then, from
+    # ``change`` on, items their lists never show. One event per user per round, each
+    # applied before the next: a hit is judged on the list the app could read by then.
+    users = [f"u{k}" for k in range(40)]
+    base = int(time.time() * 1000) - 3_600_000
+    change = base + 1_000_000
+    rounds = [[Event(u, hits[k], "click", base + 100 * k + j, "books")
+               for j, u in enumerate(users)] for k in range(12)]
+    rounds += [[Event(u, misses[k], "click", change + 100 * k + j, "books")
+                for j, u in enumerate(users)] for k in range(12)]
+    consumer = system.start()
+    pub = Publisher(kafka_bootstrap)
+    for item in hits + misses:  # the whole catalogue is known from the start
+        pub.send(system.items, item.encode(),
+                 json.dumps(ItemRecord(item, "books", (), base).to_json()).encode())
+    for events in rounds:
+        for e in events:
+            pub.send_event(system.events, e)
+        pub.flush()
+        system.wait_applied(pub.ends(system.events))
+
+    wait_until(lambda: system.store.aggregation_request() is not None, 10.0,
+               "a request for an aggregation", lambda: f"{system.store.heartbeats(system.group)}"
+               f"{system.logs()}", procs=[consumer])
+    reason = system.store.aggregation_request()
+    assert reason is not None and reason.startswith("drift in domain 'books'"), reason
+    floor = system.store.training_floor()
+    assert floor is not None and change <= floor <= rounds[-1][-1].ts, (floor, change)
+    beat = next(iter(system.store.heartbeats(system.group).values()))
+    assert beat["live"]["books"]["drifts"] >= 1
+
+    # Until its lists recover, each new version makes it ask for the next.
+    system.store.clear_aggregation_request()
+    assert system.store.publish_model(model.to_bytes()) == 2
+    wait_until(lambda: (system.store.aggregation_request() or "").startswith(
+        "recovering from drift"), 30.0, "a request for the next cycle after reloading v2",
+        lambda: f"{system.store.aggregation_request()}{system.logs()}", procs=[consumer])
+    assert system.terminate(consumer) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ from metarec.dataset import Dataset
 from metarec.evaluation import encode
 from metarec.events import Event
 from metarec.online import OnlineConfig, OnlineMetarec
-from metarec.scenarios import _split_by_domain, cross_domain_config, recovery_events
+from metarec.scenarios import (
+    _split_by_domain,
+    cross_domain_config,
+    plot_png,
+    recovery_events,
+    rolling_curve,
+)
 from metarec.synthetic import generate
 from metarec.training import MetaTrainer
 from tests.streams import feed
@@ -25,6 +32,19 @@ def test_recovery_counts_events_until_the_rate_is_back() -> None:
     assert before == 1.0 and n == 10
     assert recovery_events([1.0] * 20, change=10, window=4) == (1.0, 0)
     assert recovery_events([1.0] * 10 + [0.0] * 10, change=10, window=4)[1] is None
+
+
+def test_the_drift_curve_and_both_plots(tmp_path: Path) -> None:
+    hits = [1.0] * 10 + [0.0] * 10
+    curve = rolling_curve(hits, change=10, window=5, every=5)
+    assert curve == [(-6, 1.0), (-1, 1.0), (4, 0.0), (9, 0.0)]
+    drift = {"scenario": "drift", "window": 5, "runs": [
+        {"seed": 0, "without": {"curve": curve}, "with": {"curve": curve}}]}
+    cross = {"scenario": "cross-domain", "events": 5, "methods": {
+        "a": {"hr10": 0.2, "hr10_ci": [0.1, 0.3]}, "b": {"hr10": 0.4, "hr10_ci": [0.3, 0.5]}}}
+    for name, result in (("drift", drift), ("cross", cross)):
+        plot_png(result, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _taste_stream(n_events: int, seed: int = 0) -> Dataset:

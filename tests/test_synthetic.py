@@ -158,6 +158,33 @@ def test_abrupt_change_is_recorded_and_real(small: tuple[Dataset, SyntheticTruth
     assert no_change.scenario["changed_users"] == []
 
 
+def test_a_catalogue_change_moves_everyones_picks_at_once() -> None:
+    config = dataclasses.replace(SMALL, change_kind="catalog", cross_domain_fraction=0.0)
+    ds, truth = generate_with_truth(config, seed=0)
+    change_ts = ds.scenario["change_ts"]
+    assert isinstance(change_ts, int)
+    arrival = {i.item: i.ts for i in ds.items}
+    vectors = dict(zip(truth.item_ids, truth.item_vectors, strict=True))
+    pop = dict(zip(truth.item_ids, truth.item_log_popularity, strict=True))
+
+    def affinity(after: bool) -> float:
+        # Items that existed before the change: those are the ones it reshuffles.
+        return float(np.mean([truth.taste(e.user, e.domain) @ vectors[e.item]
+                              for e in ds.events if (e.ts >= change_ts) == after
+                              and arrival[e.item] < change_ts]))
+
+    # Picks follow the original item vectors (and popularity) before, not after.
+    assert affinity(after=False) > 1.0 and abs(affinity(after=True)) < 0.3
+    top_before = Counter(e.item for e in ds.events if e.ts < change_ts).most_common(20)
+    assert np.mean([pop[i] for i, _ in top_before]) > np.mean(list(pop.values())) + 1.0
+    # Every user active after the change is reached, not a share of them.
+    assert len(ds.scenario["changed_users"]) == len(  # type: ignore[arg-type]
+        {e.user for e in ds.events if e.ts < change_ts} & {
+            e.user for e in ds.events if e.ts >= change_ts})
+    # Same seed, same change.
+    assert generate(config, seed=0).events == ds.events
+
+
 def test_cross_domain_moves_match_events(small: tuple[Dataset, SyntheticTruth]) -> None:
     ds, truth = small
     moves = _moves(ds)
@@ -294,6 +321,7 @@ def test_signal_is_learnable_from_events_alone(small: tuple[Dataset, SyntheticTr
         {"n_users": 0},
         {"temperature": 0.0},
         {"change_at": 1.5},
+        {"change_kind": "everything"},
         {"profile_rate": -0.1},
         {"n_items": 2, "domains": ("a", "b", "c")},
     ],

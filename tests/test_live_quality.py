@@ -1,0 +1,70 @@
+"""LiveQuality: exact rolling HR/NDCG, and one drift episode per change."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from metarec.live_quality import ALL, MAX_EPISODE_WINDOWS, LiveQuality
+
+
+def feed(q: LiveQuality, domain: str, hits: list[int] | np.ndarray, start_ts: int = 0,
+         ) -> list[int]:
+    """Record each hit as rank 0 and each miss as absent; the timestamps of reported drops."""
+    changes = []
+    for k, hit in enumerate(hits):
+        change = q.update(domain, 0 if hit else -1, start_ts + k)
+        if change is not None:
+            changes.append(change)
+    return changes
+
+
+def test_rolling_hr_and_ndcg_per_domain_and_overall() -> None:
+    q = LiveQuality(k=3, window=3)
+    for domain, rank in [("a", 0), ("b", 2), ("a", 5), ("a", 1)]:
+        q.update(domain, rank)
+    got = q.get()
+    # "a" keeps its last three: ranks 0, 5 (a miss at k=3) and 1.
+    assert got["a"]["hr"] == pytest.approx(2 / 3)
+    assert got["a"]["ndcg"] == pytest.approx((1.0 + 1 / math.log2(3)) / 3)
+    assert got["b"]["hr"] == 1.0 and got["b"]["events"] == 1
+    # Overall: the last three of all four (b@2, a@5, a@1).
+    assert got[ALL]["hr"] == pytest.approx(2 / 3) and got[ALL]["events"] == 4
+
+
+def test_a_drop_is_reported_once_and_the_episode_ends_on_recovery() -> None:
+    rng = np.random.default_rng(0)
+    q = LiveQuality(k=10, window=200)
+    good = (rng.random(3000) < 0.5).astype(int)
+    bad = (rng.random(3000) < 0.05).astype(int)
+    assert feed(q, "books", good) == []
+    assert not q.drifting("books")
+    # ADWIN keeps cutting its window while the rate is low; only the first cut is a change.
+    changes = feed(q, "books", bad, start_ts=10_000)
+    assert len(changes) == 1 and 10_000 < changes[0] < 10_500, changes
+    assert q.drifting("books") and q.get()["books"]["drifts"] >= 1
+    assert q.baseline("books") == pytest.approx(0.5, abs=0.05)  # the level before the drop
+    assert not q.drifting("music")
+    feed(q, "books", good[:400], start_ts=20_000)  # back to the level before
+    assert not q.drifting("books")
+    # A later drop is a new change, reported again.
+    assert len(feed(q, "books", bad, start_ts=30_000)) == 1
+
+
+def test_an_episode_that_never_recovers_ends_after_its_cap() -> None:
+    q = LiveQuality(k=10, window=50)
+    feed(q, "g", [1, 0] * 500)
+    assert len(feed(q, "g", [0] * 400, start_ts=5_000)) == 1
+    feed(q, "g", [0] * (MAX_EPISODE_WINDOWS * 50), start_ts=6_000)
+    assert not q.drifting("g")
+
+
+def test_a_rise_is_not_a_change() -> None:
+    rng = np.random.default_rng(1)
+    q = LiveQuality(k=10, window=100)
+    low = (rng.random(2000) < 0.05).astype(int)
+    high = (rng.random(2000) < 0.6).astype(int)
+    assert feed(q, "g", np.r_[low, high]) == []
+    assert q.get()["g"]["drifts"] >= 1 and not q.drifting("g")
