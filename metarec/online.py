@@ -171,10 +171,10 @@ class OnlineMetarec:
         rank = int(found[0]) if found.size else -1
         domain = self.tables.domain_names[x.domain]
         change = self.live.update(domain, rank, x.ts)
-        others = [g for g in self.tables.domain_names if g != domain and self.live.drifting(g)]
-        if change is not None:
-            self._drift_since[x.domain] = change
-        if change is not None and not others:
+        if change is None:
+            return rank
+        self._drift_since[x.domain] = change
+        if not any(self.live.drifting(g) for g in self.tables.domain_names if g != domain):
             # The old regime leaves the training window; retrain as soon as enough events
             # of the new one are in (see _due). Other domains that notice the same change
             # a little later do not move the floor again: their events since it count.
