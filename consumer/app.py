@@ -279,8 +279,7 @@ class ConsumerApp:
             self._drift_since[e.domain] = change
             # A domain noticing a change that another one is already recovering from does
             # not move the training floor again.
-            others = [g for g in self.live.get() if g not in (ALL, e.domain)
-                      and self.live.drifting(g)]
+            others = [g for g in self.live.drifting_domains() if g != e.domain]
             reason = f"drift in domain {e.domain!r}: live HR@{self.settings.top_k} dropped"
             log.warning("drift detected; asking the aggregator for a cycle now",
                         extra={"domain": e.domain, "since_ts": change, "also_drifting": others,
@@ -391,7 +390,7 @@ class ConsumerApp:
                                         "stale_lists": len(self._refresh_queue)})
         # Each version trained on more of the new regime is better than the last: until
         # the lists recover, ask for the next one straight away.
-        drifting = [g for g in self.live.get() if g != ALL and self.live.drifting(g)]
+        drifting = self.live.drifting_domains()
         if drifting:
             self.store.request_aggregation(f"recovering from drift in {drifting}")
             log.info("still recovering from drift; asked for another cycle",

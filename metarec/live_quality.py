@@ -125,10 +125,10 @@ class LiveQuality:
         track.since, track.before, track.episode_events = ts, before, 0
         return True
 
-    def drifting(self, domain: str) -> bool:
-        """Whether ``domain`` is in a drift episode (its lists have not recovered yet)."""
-        track = self._tracks.get(domain)
-        return track is not None and track.since is not None
+    def drifting_domains(self) -> list[str]:
+        """The domains in a drift episode, whose lists have not recovered yet (not
+        :data:`ALL`)."""
+        return [g for g, t in self._tracks.items() if g != ALL and t.since is not None]
 
     def baseline(self, domain: str = ALL) -> float:
         """The hit rate to recover to: the level before an open episode, else the current."""

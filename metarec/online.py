@@ -174,7 +174,7 @@ class OnlineMetarec:
         if change is None:
             return rank
         self._drift_since[x.domain] = change
-        if not any(self.live.drifting(g) for g in self.tables.domain_names if g != domain):
+        if not [g for g in self.live.drifting_domains() if g != domain]:
             # The old regime leaves the training window; retrain as soon as enough events
             # of the new one are in (see _due). Other domains that notice the same change
             # a little later do not move the floor again: their events since it count.
@@ -216,7 +216,7 @@ class OnlineMetarec:
             return self._pending_drift if gap and enough else None
         # Until the lists recover, each retraining on the growing new regime helps: retrain
         # as often as allowed.
-        if gap and any(self.live.drifting(g) for g in self.tables.domain_names):
+        if gap and self.live.drifting_domains():
             return "recovering from drift"
         return "schedule" if self._seen - self._last_training >= c.retrain_every else None
 
