@@ -34,10 +34,9 @@ from metarec.config import Settings
 from metarec.datasets import load_dataset
 from metarec.devservices import create_topics, start_broker
 from metarec.evaluation import encode
-from metarec.online import OnlineConfig, OnlineMetarec
+from metarec.online import OnlineMetarec
 from metarec.recommender import Interaction
 from metarec.store import RedisStore
-from metarec.training import MetaTrainer
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k"
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -112,8 +111,9 @@ def _publish_model(store: RedisStore) -> None:
     """A model trained on the first half of ml-100k, as the aggregator would publish it."""
     ds = load_dataset(str(ML100K))
     stream = encode(ds)
-    rec = OnlineMetarec(stream, MetaTrainer(), OnlineConfig(first_training=50_000,
-                                                            retrain_every=10**9))
+    settings = Settings.defaults().replace(min_events_for_model=50_000,
+                                           retrain_events=10**9)
+    rec = OnlineMetarec(stream, settings=settings)
     for t in range(50_000):
         rec.learn_one(Interaction(int(stream.users[t]), int(stream.items[t]),
                                   int(stream.ts[t]), 0, float(stream.weights[t])))

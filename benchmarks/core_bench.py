@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from metarec.adaptation import UserBatch, observe, push_history, sample_negatives, user_vectors
+from metarec.adaptation import UserBatch, observe, push_history, user_keys, user_vectors
 from metarec.catalog import Catalog
 from metarec.model import MetaModel
 from metarec.ranking import score, top_k, trend_prior
@@ -38,6 +38,7 @@ def main() -> None:
         catalog.add(f"i{j}")
     tables = model.item_tables(catalog)
     batch = UserBatch.empty(args.users, model)
+    batch.keys = user_keys([f"user-{r}" for r in range(args.users)])
     rows = np.arange(args.users)
     for _ in range(model.history_length):
         push_history(batch, rows, rng.integers(0, n, args.users),
@@ -47,9 +48,8 @@ def main() -> None:
     timings = []
     for _ in range(args.repeat):
         started = time.perf_counter()
-        neg = sample_negatives(rng, n, (args.users, model.negatives))
         observe(model, tables, batch, rows, rng.integers(0, n, args.users),
-                np.ones(args.users, np.float32), neg)
+                np.ones(args.users, np.float32), seed=0)
         theta = user_vectors(model, tables, batch)
         top_k(score(tables, theta, prior), args.k, seen)
         timings.append(time.perf_counter() - started)

@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/store_bench.py [--redis-url URL] [--repeat 20] [--users 10000]``.
 Each user carries a ~1 KB state and a ~600 B recs list, as in the consumer; every batch
-also carries one popularity increment per user and the partial sums of 2 domains × 32
+also carries one trending increment per user and the partial sums of 2 domains × 32
 dimensions. Everything is written under a fresh key prefix, which is deleted at the end.
 Prints measured numbers; asserts nothing.
 """
@@ -23,11 +23,12 @@ import redis
 from metarec.aggregation import PartialSums
 from metarec.devservices import DEFAULT_REDIS_URL
 from metarec.store import RedisStore
+from metarec.trending import HALF_LIVES
 
 TOPIC = "bench.events"
 STATE_BYTES = 1024
 DIM = 32
-HALF_LIFE_MS = 7 * 24 * 3600 * 1000.0
+
 
 
 def recs_json(user: str, rng: np.random.Generator) -> bytes:
@@ -45,7 +46,7 @@ class Batch:
 
     states: dict[str, bytes]
     recs: dict[str, bytes]
-    popularity: dict[int, float]
+    trending: dict[int, float]
     partials: PartialSums
 
 
@@ -56,7 +57,7 @@ def batch(users: list[str], rng: np.random.Generator) -> Batch:
     return Batch(
         states={u: rng.bytes(STATE_BYTES) for u in users},
         recs={u: recs_json(u, rng) for u in users},
-        popularity={int(i): 1.0 for i in rng.integers(0, 50_000, len(users))},
+        trending={int(i): 1.0 for i in rng.integers(0, 50_000, len(users))},
         partials=partials,
     )
 
@@ -65,8 +66,8 @@ def commit(store: RedisStore, partition: int, offset: int | None, nxt: int,
            data: Batch) -> float:
     start = time.perf_counter()
     store.commit_batch(TOPIC, partition, offset, nxt, states=data.states, recs=data.recs,
-                       recs_ttl_s=86_400, popularity=data.popularity, partials=data.partials,
-                       tref=0, half_life_ms=HALF_LIFE_MS)
+                       recs_ttl_s=86_400, partials=data.partials, events=len(data.states),
+                       trending=data.trending, half_lives=HALF_LIVES)
     return (time.perf_counter() - start) * 1000
 
 
@@ -122,15 +123,15 @@ def main() -> None:
         for size in (100, 1000):
             time_commits(store, size, args.repeat, rng)
         cleanup(client, prefix)
-        # Memory per user: states, recs (with TTL) and the fixed partial sums; popularity
-        # is per item, not per user, so it is left out here.
+        # Memory per user: states, recs (with TTL) and the fixed partial sums; trending
+        # counts are per item, not per user, so they are left out here.
         before = int(client.info("memory")["used_memory"])
         offset: int | None = None
         payload = 0
         for lo in range(0, args.users, 1000):
             users = [f"user-{i}" for i in range(lo, min(args.users, lo + 1000))]
             data = batch(users, rng)
-            data.popularity = {}
+            data.trending = {}
             payload += sum(len(v) for v in data.recs.values())
             commit(store, 0, offset, lo + len(users), data)
             offset = lo + len(users)

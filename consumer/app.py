@@ -9,12 +9,13 @@ One batch, start to finish (the order is the whole point, so it is written here 
    ever lost behind a committed offset;
 4. register the batch's items (one round trip) and load the touched users' states and
    profiles (one round trip);
-5. per partition: adapt the users and rank their lists (:func:`consumer.processor.apply_events`;
-   before each event is applied it records whether the item was in the list the user was
-   being shown — live HR@K/NDCG@K — and reacts to users whose hits show a drift), then
-   write states, lists, popularity, partial sums *and the partition's next offset* as one
-   atomic Redis unit that first checks the stored offset (a zombie's write changes
-   nothing); the live metrics are fed only once the unit is written;
+5. per partition: adapt the users and rank their lists (:meth:`metarec.learner.Learner.learn_many`,
+   the very code ``metarec eval`` measures; before each event is applied it records
+   whether the item was in the list the user was being shown — live HR@K/NDCG@K — and
+   reacts to users whose hits show a drift), then write states, lists, trending counts,
+   partial sums *and the partition's next offset* as one atomic Redis unit that first
+   checks the stored offset (a zombie's write changes nothing); the live metrics are fed
+   only once the unit is written;
 6. only then commit the offsets to Kafka too, for lag monitoring (Redis stays the source
    of truth: on assignment the consumer seeks to the offsets stored in Redis).
 
@@ -39,37 +40,26 @@ import redis
 from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumer.dlq import DeadLetterQueue
-from consumer.processor import DriftWatch, apply_events, rank_users, refresh_users
-from consumer.serving import Serving
 from consumer.stats import ConsumerStats, format_line
 from metarec.config import Settings, incremental_rebalancing
-from metarec.drift import UserDrift
+from metarec.drift import RetrainRequest
 from metarec.errors import InvalidEvent, ModelError, StaleOffset
 from metarec.events import Event, ItemRecord, UserRecord, decode_event, decode_item, decode_user
-from metarec.live_quality import ALL, LiveQuality
+from metarec.learner import RECENT_USERS, REFRESH_BATCH, EventBatch, Learner
+from metarec.live_quality import ALL
 from metarec.model import MetaModel
-from metarec.popularity import RecencyPopularity
 from metarec.store import RedisStore
-from metarec.training import DAY_MS
 from metarec.user_state import UserState
 
-__all__ = ["POPULARITY_HALF_LIFE_MS", "ConsumerApp", "incremental_rebalancing"]
+__all__ = ["ConsumerApp", "incremental_rebalancing"]
 
 log = logging.getLogger("metarec.consumer")
 
-#: The trending prior's memory, the same 7 days the evaluation measured.
-POPULARITY_HALF_LIFE_MS = 7 * DAY_MS
-#: How often the served model version and the shared popularity are re-read from Redis.
+#: How often the served model version and the shared trending counts are re-read from
+#: Redis (between two reads, this consumer's own batches keep its copy moving).
 MODEL_POLL_S = 1.0
-POPULARITY_REFRESH_S = 5.0
-#: Recently active users whose lists are refreshed in the background after a model change.
-RECENT_USERS = 20_000
-#: Events per rolling window of the live list-quality metrics.
-LIVE_WINDOW = 5000
-#: Size of a new user's offset before any model exists (the trainer's default ``dim``);
-#: once a model is served its own dimension wins and older offsets are re-derived.
-STATE_DIM = 32
-REFRESH_BATCH = 500
+TRENDING_REFRESH_S = 5.0
+
 #: Group settings that suit the local Tansu broker (docs/LOCAL_SERVICES.md) and are valid on
 #: Apache Kafka; anything passed through METAREC_KAFKA_* overrides them.
 GROUP_DEFAULTS = {
@@ -94,21 +84,17 @@ class ConsumerApp:
         self.settings = settings
         self.member = member or f"{socket.gethostname()}-{os.getpid()}"
         self.store = RedisStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
-        self.serving = Serving(POPULARITY_HALF_LIFE_MS)
+        # The learner also keeps the live quality of the lists apps were shown, and what it
+        # says about drift.
+        self.learner = Learner.from_settings(settings)
         self.stats = ConsumerStats(settings.stats_interval_s, time.monotonic(), seed=settings.seed)
-        # Live quality of the lists apps were shown, and what it says about drift.
-        self.live = LiveQuality(k=settings.top_k, window=LIVE_WINDOW)
-        self.user_drift = UserDrift()
-        self._drift_since: dict[str, int] = {}
-        self.rng = np.random.default_rng(settings.seed)
         self._stopping = False
         self._expected: dict[int, int | None] = {}
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._refresh_queue: list[str] = []
         self._lag: dict[int, int] = {}
         self._next_model_poll = 0.0
-        self._next_pop_refresh = 0.0
-        self._tref: int | None = None
+        self._next_trend_refresh = 0.0
         config = {**GROUP_DEFAULTS, **settings.kafka_config()}
         config.update({"group.id": settings.group_id, "enable.auto.commit": "false",
                        "client.id": f"metarec-consumer-{self.member}"})
@@ -129,7 +115,7 @@ class ConsumerApp:
         s = self.settings
         self._sync_catalog()
         self._poll_model()
-        self._refresh_popularity()
+        self._refresh_trending()
         self.consumer.subscribe([s.events_topic, s.items_topic, s.users_topic],
                                 on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
@@ -139,7 +125,7 @@ class ConsumerApp:
             while not self._stopping:
                 records = self.consumer.consume(s.batch_size, s.batch_timeout_ms / 1000)
                 self.process(records)
-                if len(records) < s.batch_size // 2:
+                if len(records) < s.batch_size:  # no backlog: time to refresh lists
                     self._refresh_stale_lists()
                 self._maybe_report()
         finally:
@@ -211,8 +197,6 @@ class ConsumerApp:
             indices = self.store.item_indices([e.item for e in batch_events],
                                               [e.domain for e in batch_events])
             self._sync_catalog(int(indices.max()) + 1)
-            self.serving.popularity.learn_many(indices, np.zeros(len(indices), np.int64),
-                                               [e.ts for e in batch_events])
             index_of = dict(zip((e.item for e in batch_events), indices.tolist(), strict=True))
             for part, pairs in events.items():
                 done = self._apply_partition(part, pairs, next_offset[part], index_of, now_ms)
@@ -236,30 +220,40 @@ class ConsumerApp:
         raw_states, profiles = self.store.load_users(users)
         states = {u: None if b is None else UserState.from_bytes(b)
                   for u, b in zip(users, raw_states, strict=True)}
-        items = np.fromiter((index_of[e.item] for e in evs), np.int64, len(evs))
-        outcome = apply_events(
-            self.serving, evs, items, states, dict(zip(users, profiles, strict=True)),
-            weights=s.event_types, rng=self.rng, top_k_size=s.top_k, now_ms=now_ms,
-            dim=STATE_DIM, history_length=s.history_length,
-            drift=DriftWatch(self.user_drift, self._drift_since, self.live.baseline()))
-        pop = self._popularity_increments(items, np.array([e.ts for e in evs], np.int64))
+        batch = EventBatch(
+            users=[e.user for e in evs],
+            items=np.fromiter((index_of[e.item] for e in evs), np.int64, len(evs)),
+            weights=np.fromiter((s.event_types[e.type] for e in evs), np.float32, len(evs)),
+            ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
+            domains=[e.domain for e in evs])
+        outcome = self.learner.learn_many(batch, states,
+                                          dict(zip(users, profiles, strict=True)))
+        trending: dict[int, float] = defaultdict(float)
+        for item, w in zip(batch.items.tolist(), batch.weights.tolist(), strict=True):
+            if w > 0:  # what the learner's own trending counts (Learner.learn_many)
+                trending[item] += 1.0
         try:
-            tref = self.store.commit_batch(
+            clock = self.store.commit_batch(
                 s.events_topic, part, self._expected.get(part), nxt,
                 states={u: st.to_bytes() for u, st in outcome.states.items()},
-                recs=outcome.recs, recs_ttl_s=s.recs_ttl_s, popularity=pop,
-                partials=outcome.partials if self.serving.model is not None else None,
-                tref=self._tref, half_life_ms=POPULARITY_HALF_LIFE_MS)
+                recs={u: self.learner.list_record(u, outcome.states[u], ranked, now_ms)
+                      for u, ranked in outcome.lists.items()},
+                recs_ttl_s=s.recs_ttl_s,
+                partials=outcome.partials if self.learner.model is not None else None,
+                events=len(batch), trending=trending, half_lives=self.learner.half_lives)
         except StaleOffset as exc:
             log.warning("batch fenced off: partition moved to another consumer",
                         extra={"partition": part, "error": str(exc)})
             self._reseek(part)
             return False
-        if tref is not None and tref != self._tref:
-            self._tref = tref
-            self._next_pop_refresh = 0.0
+        # Other consumers moved the shared clock too: follow it (their counts come with
+        # the next refresh).
+        self.learner.trending.clock = max(self.learner.trending.clock, clock)
         self._expected[part] = nxt
-        self._observe_quality(evs, outcome.hit_rank, len(outcome.drifted))
+        if outcome.drifted:
+            log.info("users drifted", extra={"users": len(outcome.drifted)})
+        for req in self.learner.observe(batch, outcome):
+            self._ask(req, live=self.learner.drift.live.get())
         for u in users:
             self._recent[u] = part
             self._recent.move_to_end(u)
@@ -267,42 +261,17 @@ class ConsumerApp:
             self._recent.popitem(last=False)
         return True
 
-    def _observe_quality(self, events: list[Event], hit_rank: np.ndarray,
-                         drifted_users: int) -> None:
-        """Feed the live metrics; a drop of a domain's hit rate asks for a cycle now."""
-        if drifted_users:
-            log.info("users drifted", extra={"users": drifted_users})
-        for e, rank in zip(events, hit_rank.tolist(), strict=True):
-            change = self.live.update(e.domain, int(rank), e.ts)
-            if change is None or self.serving.model is None:
-                continue
-            self._drift_since[e.domain] = change
-            # A domain noticing a change that another one is already recovering from does
-            # not move the training floor again.
-            others = [g for g in self.live.drifting_domains() if g != e.domain]
-            reason = f"drift in domain {e.domain!r}: live HR@{self.settings.top_k} dropped"
-            log.warning("drift detected; asking the aggregator for a cycle now",
-                        extra={"domain": e.domain, "since_ts": change, "also_drifting": others,
-                               "live": self.live.get().get(e.domain)})
-            self.store.request_aggregation(reason, since_ts=None if others else change)
-
-    def _popularity_increments(self, items: np.ndarray, ts: np.ndarray) -> dict[int, float]:
-        if self._tref is None:
-            # Consumers starting together pick the same reference: the start of the
-            # current half-life period.
-            self._tref = int(ts.min()) // int(POPULARITY_HALF_LIFE_MS) * int(
-                POPULARITY_HALF_LIFE_MS)
-        inc = np.exp2((ts - self._tref) / POPULARITY_HALF_LIFE_MS)
-        out: dict[int, float] = defaultdict(float)
-        for item, value in zip(items.tolist(), inc.tolist(), strict=True):
-            out[item] += value
-        return out
+    def _ask(self, req: RetrainRequest, **context: Any) -> None:
+        """Pass a retraining request of the learner on to the aggregator."""
+        level = logging.WARNING if req.floor is not None else logging.INFO
+        log.log(level, "asking the aggregator for a cycle now",
+                    extra={"reason": req.reason, "since_ts": req.floor, **context})
+        self.store.request_aggregation(req.reason, since_ts=req.floor)
 
     def _commit_offset_only(self, part: int, nxt: int) -> None:
         try:
             self.store.commit_batch(self.settings.events_topic, part, self._expected.get(part),
-                                    nxt, states={}, recs={}, recs_ttl_s=0, popularity={},
-                                    partials=None)
+                                    nxt, states={}, recs={}, recs_ttl_s=0, partials=None)
             self._expected[part] = nxt
         except StaleOffset:
             self._reseek(part)
@@ -357,25 +326,25 @@ class ConsumerApp:
         self.stats.set_partitions(sorted(self._expected))
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 
-    # -- model, catalog, popularity ---------------------------------------------------
+    # -- model, catalog, trending -----------------------------------------------------
 
     def _sync_catalog(self, needed: int = 0) -> None:
-        if needed and needed <= len(self.serving.catalog):
+        if needed and needed <= len(self.learner.catalog):
             return
-        rows = self.store.catalog_since(len(self.serving.catalog))
-        self.serving.add_items(rows)
+        rows = self.store.catalog_since(len(self.learner.catalog))
+        self.learner.add_items(rows)
 
     def _maybe_reload(self, now: float) -> None:
         if now >= self._next_model_poll:
             self._poll_model()
             self._next_model_poll = now + MODEL_POLL_S
-        if now >= self._next_pop_refresh:
-            self._refresh_popularity()
-            self._next_pop_refresh = now + POPULARITY_REFRESH_S
+        if now >= self._next_trend_refresh:
+            self._refresh_trending()
+            self._next_trend_refresh = now + TRENDING_REFRESH_S
 
     def _poll_model(self) -> None:
         version = self.store.current_model_version()
-        if version is None or version == self.serving.version:
+        if version is None or version == self.learner.version:
             return
         try:
             model = MetaModel.from_bytes(self.store.load_model_blob(version))
@@ -383,31 +352,25 @@ class ConsumerApp:
             log.error("cannot load model", extra={"version": version, "error": str(exc)})
             return
         self._sync_catalog()
-        self.serving.set_model(model.with_version(version))
+        try:
+            request = self.learner.load(model.with_version(version))
+        except ValueError as exc:
+            log.error("cannot serve model", extra={"version": version, "error": str(exc)})
+            return
         self.stats.set_model_version(version)
         self._refresh_queue = list(self._recent)
         log.info("model loaded", extra={"version": version, "items": len(model.item_ids),
                                         "stale_lists": len(self._refresh_queue)})
-        # Each version trained on more of the new regime is better than the last: until
-        # the lists recover, ask for the next one straight away.
-        drifting = self.live.drifting_domains()
-        if drifting:
-            self.store.request_aggregation(f"recovering from drift in {drifting}")
-            log.info("still recovering from drift; asked for another cycle",
-                     extra={"domains": drifting})
+        if request is not None:
+            self._ask(request)
 
-    def _refresh_popularity(self) -> None:
-        tref, counts = self.store.popularity(len(self.serving.catalog))
-        if tref is None:
-            return
-        self._tref = tref
-        self.serving.popularity = RecencyPopularity.from_arrays({
-            "counts": counts[None, :], "t_ref": np.array(tref), "has_ref": np.array(True),
-            "half_life_ms": np.array(POPULARITY_HALF_LIFE_MS)})
+    def _refresh_trending(self) -> None:
+        self.learner.trending = self.store.trending(len(self.learner.catalog),
+                                                    self.learner.half_lives)
 
     def _refresh_stale_lists(self) -> None:
         """Re-rank recently active users after a model change, a few hundred at a time."""
-        if not self._refresh_queue or self.serving.model is None:
+        if not self._refresh_queue or self.learner.model is None:
             return
         chunk, self._refresh_queue = (self._refresh_queue[:REFRESH_BATCH],
                                       self._refresh_queue[REFRESH_BATCH:])
@@ -423,18 +386,18 @@ class ConsumerApp:
                       if b is not None}
             if not states:
                 continue
-            batch = refresh_users(self.serving, list(states), states,
-                                  dict(zip(users, profiles, strict=True)), rng=self.rng)
-            recs = rank_users(self.serving, list(states), states, batch,
-                              top_k_size=self.settings.top_k, now_ms=now_ms)
+            lists = self.learner.refresh(list(states), states,
+                                         dict(zip(users, profiles, strict=True)))
             try:
                 expected = self._expected.get(part)
                 if expected is None:
                     continue
                 self.store.commit_batch(
                     self.settings.events_topic, part, expected, expected,
-                    states={u: st.to_bytes() for u, st in states.items()}, recs=recs,
-                    recs_ttl_s=self.settings.recs_ttl_s, popularity={}, partials=None)
+                    states={u: st.to_bytes() for u, st in states.items()},
+                    recs={u: self.learner.list_record(u, states[u], lists[u], now_ms)
+                          for u in states},
+                    recs_ttl_s=self.settings.recs_ttl_s, partials=None)
             except StaleOffset:
                 self._reseek(part)
 
@@ -458,7 +421,7 @@ class ConsumerApp:
             return
         self.stats.set_lag(sum(self._lag.values()))
         report = self.stats.report(now)
-        report["live"] = self.live.get()
+        report["live"] = self.learner.drift.live.get()
         overall = report["live"].get(ALL)
         line = format_line(report)
         if overall is not None:

@@ -14,22 +14,30 @@ proximal pull back to the prior::
 
 so a dislike (negative weight) pushes the item below the negatives instead of above them.
 
+Negatives are drawn from a counter-based generator keyed by the user, the number of the
+user's event and the seed (:func:`sample_negatives`), not from a shared stream of random
+numbers: a user's adaptation then depends only on their own events and the model, never on
+which other users shared their batch, how the stream was partitioned or when a re-derivation
+ran. That is what lets the consumer and ``metarec eval`` produce the very same lists.
+
 >>> import numpy as np
 >>> from metarec.model import ItemTables, MetaModel
 >>> m = MetaModel.initial(dim=2, history_length=3, meta=False, step=0.5)
 >>> t = ItemTables(np.eye(2, dtype=np.float32), np.zeros(2, np.float32),
 ...                np.eye(2, dtype=np.float32))
 >>> b = UserBatch.empty(1, m)
->>> observe(m, t, b, np.array([0]), np.array([0]), np.array([1.0]), np.array([[1]]))
+>>> observe(m, t, b, np.array([0]), np.array([0]), np.array([1.0]), seed=0)
 >>> bool(user_vectors(m, t, b)[0] @ (t.vectors[0] - t.vectors[1]) > 0)
 True
->>> b.hist_items.tolist()
-[[-1, -1, 0]]
+>>> b.hist_items.tolist(), b.events.tolist()
+([[-1, -1, 0]], [1])
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -45,12 +53,14 @@ __all__ = [
     "push_history",
     "replay",
     "sample_negatives",
+    "user_keys",
     "user_vectors",
     "waves",
 ]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 #: Keeps the pooled history finite for users whose history weights cancel out.
 _EPS = 1e-6
 
@@ -61,7 +71,9 @@ class UserBatch:
 
     ``hist_items`` is right-aligned (the newest event in the last column, ``-1`` padding on
     the left) so a column's age is the same for every user; ``hist_weights`` holds the event
-    type weights of those events.
+    type weights of those events. ``keys`` (a stable hash of each user id, see
+    :func:`user_keys`) and ``events`` (how many events each user has applied) key the
+    negatives of the next event.
     """
 
     delta: F32
@@ -69,6 +81,15 @@ class UserBatch:
     hist_weights: F32
     domain: I64
     profile: F32
+    keys: U64 = field(default_factory=lambda: np.zeros(0, np.uint64))
+    events: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self) -> None:
+        n = len(self.delta)
+        if self.keys.size != n:
+            self.keys = np.zeros(n, np.uint64)
+        if self.events.size != n:
+            self.events = (self.hist_items >= 0).sum(1).astype(np.int64)
 
     @classmethod
     def empty(cls, n: int, model: MetaModel) -> UserBatch:
@@ -84,6 +105,19 @@ class UserBatch:
 
     def __len__(self) -> int:
         return int(self.delta.shape[0])
+
+    def subset(self, rows: I64) -> UserBatch:
+        """A copy of ``rows``."""
+        return UserBatch(self.delta[rows], self.hist_items[rows], self.hist_weights[rows],
+                         self.domain[rows], self.profile[rows], self.keys[rows],
+                         self.events[rows])
+
+
+def user_keys(users: Sequence[str]) -> U64:
+    """A stable 64-bit key per user id (the same in every process and Python run)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(u.encode("utf-8"), digest_size=8)
+                                       .digest(), "little") for u in users),
+                       np.uint64, len(users))
 
 
 def waves(users: npt.ArrayLike) -> list[I64]:
@@ -171,38 +205,78 @@ def push_history(batch: UserBatch, rows: I64, items: I64, weights: F32) -> None:
     batch.hist_weights[rows, :-1] = batch.hist_weights[rows, 1:]
     batch.hist_items[rows, -1] = items
     batch.hist_weights[rows, -1] = weights
+    batch.events[rows] += 1
 
 
 def observe(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64, items: I64,
-            weights: npt.ArrayLike, negatives: I64, step_scale: F32 | None = None) -> None:
+            weights: npt.ArrayLike, *, seed: int, step_scale: F32 | None = None) -> None:
     """Apply one wave: each of ``rows`` adapts to its event, then records it in its history."""
     rows = np.asarray(rows, np.int64)
     w = np.asarray(weights, np.float32)
-    theta0 = prior(model, tables, batch, rows)
-    batch.delta[rows] = adapt(model, tables, theta0, batch.delta[rows], items, w, negatives,
-                              step_scale)
+    _adapt_rows(model, tables, batch, rows, items, w, batch.events[rows] + 1, seed, step_scale)
     push_history(batch, rows, items, w)
 
 
-def replay(model: MetaModel, tables: ItemTables, batch: UserBatch,
-           rng: np.random.Generator) -> None:
+def _adapt_rows(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64,
+                items: I64, weights: F32, numbers: I64, seed: int,
+                step_scale: F32 | None) -> None:
+    neg = sample_negatives(batch.keys[rows], numbers, seed, len(tables), model.negatives)
+    theta0 = prior(model, tables, batch, rows)
+    batch.delta[rows] = adapt(model, tables, theta0, batch.delta[rows], items, weights, neg,
+                              step_scale)
+
+
+def replay(model: MetaModel, tables: ItemTables, batch: UserBatch, seed: int) -> None:
     """Re-derive every row's ``δ`` from its stored history under ``model``.
 
     Used after a model change: the old offsets belong to the old item vectors, but the
-    history is enough to adapt again from the new prior.
+    history is enough to adapt again from the new prior. Each event is replayed with the
+    negatives it had when it was first applied (its number is known from ``events``).
     """
     items, weights = batch.hist_items.copy(), batch.hist_weights.copy()
+    events = batch.events.copy()
+    valid = items >= 0
+    # Number of each history entry: the user's event count minus the valid entries after it.
+    later: I64 = np.cumsum(valid[:, ::-1], axis=1)[:, ::-1] - valid
+    numbers = events[:, None] - later
     batch.delta[:] = 0.0
     batch.hist_items[:] = -1
     batch.hist_weights[:] = 0.0
-    n_items = len(tables)
     for col in range(items.shape[1]):
-        rows = np.flatnonzero(items[:, col] >= 0)
+        rows = np.flatnonzero(valid[:, col])
         if rows.size:
-            neg = sample_negatives(rng, n_items, (rows.size, model.negatives))
-            observe(model, tables, batch, rows, items[rows, col], weights[rows, col], neg)
+            _adapt_rows(model, tables, batch, rows, items[rows, col], weights[rows, col],
+                        numbers[rows, col], seed, None)
+            push_history(batch, rows, items[rows, col], weights[rows, col])
+    batch.events[:] = events
 
 
-def sample_negatives(rng: np.random.Generator, n_items: int, shape: tuple[int, int]) -> I64:
-    """Uniform negatives from the catalog (a sampled positive is rare and harmless)."""
-    return rng.integers(0, max(n_items, 1), size=shape, dtype=np.int64)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix(x: U64) -> U64:
+    """SplitMix64's finalizer: a bijection of 64-bit words that scrambles every bit."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    out: U64 = x ^ (x >> np.uint64(31))
+    return out
+
+
+def sample_negatives(keys: npt.ArrayLike, numbers: npt.ArrayLike, seed: int, n_items: int,
+                     k: int) -> I64:
+    """``k`` uniform negatives for each event, a pure function of (user key, event number,
+    seed): ``(B, k)`` indices below ``n_items`` (a sampled positive is rare and harmless).
+
+    >>> a = sample_negatives([7, 8], [1, 1], 0, 100, 3)
+    >>> b = sample_negatives([7], [1], 0, 100, 3)
+    >>> a.shape, bool((a[0] == b[0]).all()), bool((a[1] != b[0]).any())
+    ((2, 3), True, True)
+    """
+    key = np.asarray(keys, np.uint64)
+    with np.errstate(over="ignore"):
+        base = _splitmix(_splitmix(key ^ np.uint64(seed)) + np.asarray(numbers, np.uint64))
+        draws = _splitmix(base[:, None] + np.arange(k, dtype=np.uint64) * _GOLDEN)
+    return (draws % np.uint64(max(n_items, 1))).astype(np.int64)

@@ -1,15 +1,18 @@
 """The aggregator: folds the consumers' adapted users into the meta-model and retrains it.
 
 It runs as its own process with its own consumer group on the event topic, keeping a
-bounded window of recent events (and the item and user metadata) in memory. Each cycle,
-on a schedule, on demand, or as soon as the window first holds enough events:
+bounded window of recent events (and the item and user metadata) in memory. When and how it
+retrains is :mod:`metarec.retraining`'s, the same objects ``metarec eval`` drives: a cycle
+is due as soon as the window first holds enough events, then every ``retrain_events`` new
+events, on a consumer's drift request, or at once on an operator's (``--now``). A cycle:
 
-1. take the consumers' partial sums (atomically read and reset in Redis) and apply the
-   Reptile/average update to ``θ0`` (:func:`metarec.aggregation.reptile_update`);
-2. meta-train on the window, warm-started from the current model (:mod:`metarec.training`;
+1. meta-train on the window, warm-started from the current model (:mod:`metarec.training`;
    on a GPU when TensorFlow sees one). Once a consumer has reported a drop of live quality
    (a drift), only the events since the change are used (``aggregate:floor``), and the
    first version after it is trained from scratch;
+2. take the consumers' partial sums (atomically read and reset in Redis) and fold them into
+   ``θ0`` (Reptile, the seed's average) — only once training has worked, so a failed run
+   loses none;
 3. publish the new version to Redis (chunked; ``model:current`` flips last) and a notice on
    the model topic. Consumers hot-reload it.
 """
@@ -19,41 +22,39 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from metarec.aggregation import PartialSums, reptile_update
 from metarec.config import Settings, incremental_rebalancing
 from metarec.errors import InvalidEvent, ModelError
 from metarec.events import decode_event, decode_item, decode_user
 from metarec.model import MetaModel
+from metarec.retraining import Retrainer, RetrainSchedule
 from metarec.store import RedisStore
 from metarec.training import MetaTrainer
 from metarec.window import EventWindow
 
-__all__ = ["Aggregator"]
+__all__ = ["OPERATOR_REQUEST", "Aggregator"]
 
 log = logging.getLogger("metarec.aggregator")
 
-#: Reptile step: 1.0 is the seed's plain average of the adapted users.
-REPTILE_EPSILON = 1.0
-#: A live window starts with a few thousand events, one pass over which is a handful of
-#: steps: train at least this many, so the first versions already know something.
-MIN_STEPS = 50
+#: The reason ``metarec aggregate --now`` stores: served at once, without new events.
+OPERATOR_REQUEST = "requested by an operator"
+
+
 class Aggregator:
     """The aggregator process. ``run()`` until :meth:`stop`; :meth:`cycle` runs one cycle."""
 
     def __init__(self, settings: Settings, trainer: MetaTrainer | None = None) -> None:
         self.settings = settings
-        self.trainer = trainer or MetaTrainer(history_length=settings.history_length,
-                                              seed=settings.seed, min_steps=MIN_STEPS)
+        self.retrainer = Retrainer(trainer or Retrainer.trainer_for(settings))
+        self.schedule = RetrainSchedule.from_settings(settings)
         self.store = RedisStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
         self.window = EventWindow(settings.window_events)
         self._stopping = False
         self._events_since = 0
-        self._next_cycle = time.monotonic() + settings.aggregate_interval_s
+        self._next_cycle = self._interval_deadline()
         config = {
             "auto.offset.reset": "earliest", "session.timeout.ms": "6000",
             "heartbeat.interval.ms": "500", **settings.kafka_config(),
@@ -76,7 +77,8 @@ class Aggregator:
         try:
             while not self._stopping and (max_cycles is None or cycles < max_cycles):
                 self.ingest(self.consumer.consume(s.batch_size, 0.5))
-                if self._due() and self.cycle(reason=self._reason()) is not None:
+                reason = self.due()
+                if reason is not None and self.cycle(reason=reason) is not None:
                     cycles += 1
         finally:
             self.consumer.close()
@@ -119,29 +121,28 @@ class Aggregator:
             except (InvalidEvent, RecursionError):  # deeply nested JSON
                 continue
 
-    def _due(self) -> bool:
-        if len(self.window) < max(self.settings.min_events_for_model, 1):
-            return False
-        if self.store.current_model_version() is None:
-            return True
-        if self.store.aggregation_request() is not None:
-            # After a change, wait until the new regime has enough events to learn from.
-            floor = self.store.training_floor()
-            return floor is None or self.window.count_since(floor) >= max(
-                self.settings.min_events_for_model, 1)
-        return time.monotonic() >= self._next_cycle and self._events_since > 0
-
-    def _reason(self) -> str:
-        if self.store.current_model_version() is None:
-            return "first model"
+    def due(self) -> str | None:
+        """Why a cycle is due now (:class:`~metarec.retraining.RetrainSchedule`), or None."""
         request = self.store.aggregation_request()
-        if request is not None:
-            return request
-        return "schedule"
+        floor = self.store.training_floor() if request is not None else None
+        has_model = self.store.current_model_version() is not None
+        reason = self.schedule.due(
+            has_model=has_model, window_events=len(self.window),
+            new_events=self._events_since, request=request,
+            events_since_floor=None if floor is None else self.window.count_since(floor),
+            immediate=request == OPERATOR_REQUEST)
+        if reason is None and has_model and self._events_since > 0 and \
+                time.monotonic() >= self._next_cycle:
+            reason = f"{self.settings.aggregate_interval_s} s since the last cycle"
+        return reason
+
+    def _interval_deadline(self) -> float:
+        interval = self.settings.aggregate_interval_s
+        return time.monotonic() + interval if interval > 0 else float("inf")
 
     def request(self) -> None:
         """Ask a running aggregator for a cycle now (``metarec aggregate --now``)."""
-        self.store.request_aggregation("requested by an operator")
+        self.store.request_aggregation(OPERATOR_REQUEST)
 
     def current_model(self) -> MetaModel | None:
         version = self.store.current_model_version()
@@ -156,41 +157,26 @@ class Aggregator:
             return None
 
     def cycle(self, reason: str = "requested") -> int | None:
-        """Fold partial sums, meta-train on the window, publish. Returns the new version."""
+        """Meta-train on the window, fold the partial sums in, publish. Returns the new
+        version (None if there was too little to train on)."""
         self.store.clear_aggregation_request()
-        self._next_cycle = time.monotonic() + self.settings.aggregate_interval_s
-        if len(self.window) < 2:
-            log.info("window too small to train", extra={"events": len(self.window)})
-            return None
+        self._next_cycle = self._interval_deadline()
         started = time.perf_counter()
         init = self.current_model()
         # A detected change moves the floor: the regime before it would only teach the
         # model what no longer holds.
         floor = self.store.training_floor()
-        data = self.window.training_data(since_ts=floor)
-        if len(data) < 2:
-            log.info("too few events since the training floor", extra={
-                "events": len(data), "floor_ts": floor})
+        model = self.retrainer.train(self.window, init, floor=floor,
+                                     version=(init.version + 1) if init is not None else 1)
+        if model is None:
             return None
-        # The first version after a change starts afresh: unlearning the old regime takes
-        # longer than learning the new one (docs/RESULTS.md, the drift scenario).
-        fresh = init is not None and floor is not None and init.info.get("floor_ts") != floor
-        model = self.trainer.fit(data, init=None if fresh else init,
-                                 version=(init.version + 1) if init is not None else 1)
-        model.info["floor_ts"] = floor
-        # Fold the users in only once training worked: taken partial sums are gone from
-        # Redis, and a failed run must not lose them. (After a change they describe users
-        # adapted to the old regime: taken, not folded.)
-        partials = self.store.take_partials(self.settings.events_topic)
-        folded = 0.0
-        if init is not None and init.meta and model.meta and partials and not fresh:
-            folded = sum(float(p.weights.sum()) for p in partials)
-            model = _fold(model, init, partials)
+        model, folded = self.retrainer.fold(
+            model, init, self.store.take_partials(self.settings.events_topic))
         version = self.store.publish_model(model.to_bytes())
         notice = {"version": version, "created_ms": int(time.time() * 1000),
-                  "events": len(data), "users": len(data.user_ids),
-                  "items": len(data.item_ids), "reason": reason, "floor_ts": floor,
-                  "fresh_start": fresh,
+                  "events": model.info.get("events"), "users": model.info.get("users"),
+                  "items": model.info.get("items"), "reason": reason, "floor_ts": floor,
+                  "fresh_start": model.info.get("fresh_start"),
                   "device": model.info.get("device"), "folded_weight": folded}
         self.producer.produce(self.settings.model_topic, key=str(version).encode(),
                               value=json.dumps(notice).encode())
@@ -199,17 +185,3 @@ class Aggregator:
         log.info("model published", extra={**notice,
                                             "seconds": round(time.perf_counter() - started, 2)})
         return version
-
-
-def _fold(model: MetaModel, init: MetaModel, partials: list[PartialSums]) -> MetaModel:
-    """``model`` with the Reptile step of ``partials`` added to its ``θ0`` rows.
-
-    The partial sums were accumulated against ``init``'s domain rows; domains are matched
-    by name, since a new version may order them differently.
-    """
-    step = reptile_update(init.theta0, partials, REPTILE_EPSILON) - init.theta0
-    theta0 = model.theta0.copy()
-    for row, name in enumerate(init.domains):
-        if name in model.domains and row < len(step):
-            theta0[model.domains.index(name)] += step[row]
-    return replace(model, theta0=theta0)

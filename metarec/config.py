@@ -37,6 +37,11 @@ from metarec.errors import ConfigError
 from metarec.events import DEFAULT_EVENT_WEIGHTS
 
 __all__ = [
+    "DEFAULT_HISTORY_LENGTH",
+    "DEFAULT_MIN_EVENTS_FOR_MODEL",
+    "DEFAULT_RETRAIN_EVENTS",
+    "DEFAULT_TOP_K",
+    "DEFAULT_WINDOW_EVENTS",
     "ENV_PREFIX",
     "KAFKA_ENV_PREFIX",
     "SETTINGS",
@@ -69,6 +74,18 @@ _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _DAY_S = 24 * 3600
+
+# Defaults that the core objects (the learner, the retraining schedule) share with the
+# settings table, so that a library user and a deployed service start from the same ones.
+DEFAULT_TOP_K = 20
+DEFAULT_HISTORY_LENGTH = 50
+#: Events the window needs before the first model (and the new regime after a drift
+#: before the retraining on it): fewer teach the model nothing a trending list does not.
+DEFAULT_MIN_EVENTS_FOR_MODEL = 2000
+#: New events between two scheduled retrainings: a tenth of a 100k-event stream, seconds
+#: of a busy service; each cycle warm-starts from the last model, so frequent ones are cheap.
+DEFAULT_RETRAIN_EVENTS = 10_000
+DEFAULT_WINDOW_EVENTS = 200_000
 
 
 # --- parsers: each turns a raw value (str from env/flags, or a typed override) into the
@@ -321,24 +338,28 @@ SETTINGS: tuple[SettingSpec, ...] = (
     _topic_spec("dlq_topic", "metarec.events.dlq",
                 "Dead-letter topic for records that could not be processed."),
     _topic_spec("model_topic", "metarec.model", "Topic announcing new model versions."),
-    _int_spec("top_k", 20, 1, 1000, "Length of each user's recommendation list."),
+    _int_spec("top_k", DEFAULT_TOP_K, 1, 1000, "Length of each user's recommendation list."),
     _int_spec("batch_size", 500, 1, 100_000, "Most records taken per consume call."),
     # Short on purpose: under load a batch fills at once; at low load a long wait is
     # pure produce-to-list latency (measured: p50 113 ms at 100 ms, 43 ms at 20 ms).
     _int_spec("batch_timeout_ms", 20, 0, 60_000,
               "Longest wait in milliseconds for a batch to fill."),
     _int_spec("partitions", 4, 1, 1024, "Partitions of the topics that 'dev up' creates."),
-    _int_spec("history_length", 50, 1, 10_000,
+    _int_spec("history_length", DEFAULT_HISTORY_LENGTH, 1, 10_000,
               "Events kept per user, to re-derive the user after a model change."),
     _int_spec("recs_ttl_s", 0, 0, 365 * _DAY_S,
               "TTL in seconds of recs:{user} keys; 0 means no expiry."),
     _int_spec("stats_interval_s", 10, 0, _DAY_S,
               "Seconds between stats log lines; 0 turns them off."),
-    _int_spec("aggregate_interval_s", 60, 1, _DAY_S,
-              "Seconds between aggregation rounds of the aggregator."),
-    _int_spec("min_events_for_model", 2000, 0, 10**9,
-              "Events the aggregator needs in its window before it trains a model."),
-    _int_spec("window_events", 200_000, 1, 10**8,
+    _int_spec("retrain_events", DEFAULT_RETRAIN_EVENTS, 1, 10**9,
+              "New events between two retrainings of the meta-model by the aggregator."),
+    _int_spec("aggregate_interval_s", 0, 0, _DAY_S,
+              "Also retrain after this many seconds if any event came in; 0 turns it off "
+              "(metarec eval has no wall clock, so it cannot measure this trigger)."),
+    _int_spec("min_events_for_model", DEFAULT_MIN_EVENTS_FOR_MODEL, 0, 10**9,
+              "Events the aggregator needs in its window before it trains a model, and "
+              "since a detected change before it retrains on the new regime."),
+    _int_spec("window_events", DEFAULT_WINDOW_EVENTS, 1, 10**8,
               "Size of the aggregator's bounded replay window, in events."),
     SettingSpec("event_types", "TYPE:WEIGHT,...", types.MappingProxyType(
                     dict(DEFAULT_EVENT_WEIGHTS)),
@@ -394,6 +415,7 @@ class Settings:
     history_length: int
     recs_ttl_s: int
     stats_interval_s: int
+    retrain_events: int
     aggregate_interval_s: int
     min_events_for_model: int
     window_events: int
@@ -403,6 +425,11 @@ class Settings:
     kafka_options: Mapping[str, str] = field(
         default_factory=lambda: types.MappingProxyType({}), hash=False
     )
+
+    @classmethod
+    def defaults(cls) -> Settings:
+        """Every setting at its default, whatever the environment says."""
+        return cls.from_env({})
 
     @classmethod
     def from_env(

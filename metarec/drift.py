@@ -11,6 +11,10 @@ offset restarts, and their inner-loop steps are enlarged until their hit rate is
 90% of its level before the change. Detectors live in a bounded LRU: memory does not grow
 with the number of users, and a user who falls out of it simply starts a fresh detector.
 
+:class:`DriftMonitor` ties it together for the learner: it feeds the live hits to
+:class:`~metarec.live_quality.LiveQuality`, dates each domain's change, and says when the
+aggregator should retrain on the new regime only.
+
 >>> d = UserDrift(min_events=5, delta=0.5)
 >>> flags = [d.update("u", h) for h in [1.0] * 30 + [0.0] * 30]
 >>> any(flags[:30]), any(flags[30:]), d.boosted("u")
@@ -28,8 +32,10 @@ import numpy.typing as npt
 from river import drift
 
 from metarec.adaptation import UserBatch
+from metarec.live_quality import LiveQuality
 
-__all__ = ["BOOST", "KEEP_AFTER_DRIFT", "UserDrift", "cut_history", "respond"]
+__all__ = ["BOOST", "KEEP_AFTER_DRIFT", "LIVE_WINDOW", "DriftMonitor", "RetrainRequest",
+           "UserDrift", "cut_history", "respond"]
 
 #: How much larger the inner-loop steps of a drifted user are, while they recover.
 BOOST = 3.0
@@ -40,6 +46,9 @@ RECOVERED = 0.9
 #: Events kept when a user drifts: ADWIN sees a change only a handful of events after it,
 #: so the newest few are the ones that already show the new taste.
 KEEP_AFTER_DRIFT = 5
+#: Events per rolling window of the live list-quality metrics: long enough for a steady
+#: rate, short enough that a recovery shows within a few thousand events.
+LIVE_WINDOW = 1000
 
 
 @dataclass
@@ -154,3 +163,76 @@ def respond(drift: UserDrift, batch: UserBatch, row: int, user: str, hit: bool,
     cut_history(batch, row, keep=int((valid & ~old).sum()))
     drift.boost(user, before=baseline)
     return True
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    """The learner asks the aggregator for a cycle: why, and (after a change) since when.
+
+    ``floor`` is the start of the new regime: train only on events from then on. None
+    keeps the current floor (another domain already reported the same change, or the lists
+    are still recovering from it).
+    """
+
+    reason: str
+    floor: int | None = None
+
+
+class DriftMonitor:
+    """Live list quality per domain, the changes it shows, and the reactions they call for.
+
+    Parameters
+    ----------
+    k
+        Cut-off of the live HR@K/NDCG@K (the length of the lists apps are shown).
+    window
+        Events per rolling window.
+
+    Examples
+    --------
+    >>> m = DriftMonitor(k=10, window=50)
+    >>> reqs = m.observe(["g"] * 400, [0] * 200 + [-1] * 200, list(range(400)),
+    ...                  [f"u{i % 40}" for i in range(400)])
+    >>> [(r.reason.split(":")[0], r.floor is not None) for r in reqs]
+    [("drift in domain 'g'", True)]
+    >>> m.drifting_domains(), m.since["g"] > 200
+    (['g'], True)
+    """
+
+    def __init__(self, k: int = 20, window: int = LIVE_WINDOW) -> None:
+        self.k = k
+        self.window = window
+        self.live = LiveQuality(k=k, window=window)
+        self.users = UserDrift()
+        #: When each domain's latest change was detected (its events before it are stale).
+        self.since: dict[str, int] = {}
+
+    def observe(self, domains: list[str], ranks: list[int], ts: list[int],
+                users: list[str]) -> list[RetrainRequest]:
+        """Record live hits (rank of each event's item in the list shown, -1: absent).
+
+        Returns the retraining requests: one per newly detected change, dated at it, unless
+        another domain is already recovering from the same change (no new floor then).
+        """
+        out: list[RetrainRequest] = []
+        for g, rank, t, u in zip(domains, ranks, ts, users, strict=True):
+            change = self.live.update(g, rank, t, u)
+            if change is None:
+                continue
+            self.since[g] = change
+            others = [d for d in self.live.drifting_domains() if d != g]
+            out.append(RetrainRequest(f"drift in domain {g!r}: live HR@{self.k} dropped",
+                                      None if others else change))
+        return out
+
+    def after_reload(self) -> RetrainRequest | None:
+        """Each version trained on more of the new regime is better than the last: until
+        the lists recover, ask for the next one straight away."""
+        drifting = self.live.drifting_domains()
+        return RetrainRequest(f"recovering from drift in {drifting}") if drifting else None
+
+    def drifting_domains(self) -> list[str]:
+        return self.live.drifting_domains()
+
+    def baseline(self) -> float:
+        return self.live.baseline()

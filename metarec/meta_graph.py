@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-from metarec.model import MetaModel
+from metarec.model import HISTORY_BUCKETS, MetaModel
 from metarec.window import TrainingData
 
 if TYPE_CHECKING:
@@ -84,7 +84,11 @@ class MetaGraph:
         age = (-decays[:, None] * np.arange(cfg.history_length)).astype(np.float32)
         log_step = np.full(d, np.log(cfg.step_init), np.float32)
         domain_map = np.stack([np.eye(d, dtype=np.float32)] * len(self.domains))
-        log_prox, trend = np.float32(np.log(0.1)), np.float32(1.0)
+        log_prox = np.float32(np.log(0.1))
+        # Start as one equal blend of the trending scales for everyone; training finds which
+        # scale each history length follows.
+        n_scales = len(cfg.half_lives)
+        trend = np.full((HISTORY_BUCKETS, n_scales), 1.0 / n_scales, np.float32)
         if init is not None and init.dim == d and init.age_logits.shape == age.shape:
             emb = _rows_by_name(self.item_ids, init.item_ids, init.item_emb, emb)
             ctx = _rows_by_name(self.item_ids, init.item_ids, init.item_ctx, ctx)
@@ -105,7 +109,8 @@ class MetaGraph:
                 domain_map = flat.reshape(domain_map.shape)
                 log_step = np.log(np.maximum(init.step, 1e-6)).astype(np.float32)
                 log_prox = np.float32(np.log(max(init.prox, 1e-6)))
-            trend = np.float32(init.trend)
+            if init.trend_weights.shape == trend.shape:
+                trend = init.trend_weights.copy()
         var = tf.Variable
         self.emb, self.ctx, self.bias = var(emb), var(ctx), var(bias)
         self.g_emb, self.g_ctx, self.g_bias = var(g_emb), var(g_ctx), var(g_bias)
@@ -127,8 +132,9 @@ class MetaGraph:
             "profile": spec([None, None], tf.int64), "hist_items": spec([None, None], tf.int64),
             "hist_weights": spec([None, None], tf.float32), "query": spec([None, None], tf.int64),
             "consumed": spec([None, 2], tf.int64), "snap": spec([None], tf.int64),
-            "decay": spec([None], tf.float32), "negatives": spec([None, None, None], tf.int64),
-            "own_weight": spec([None], tf.float32),
+            "decay": spec([None, None], tf.float32),
+            "negatives": spec([None, None, None], tf.int64),
+            "own_weight": spec([None], tf.float32), "bucket": spec([None], tf.int64),
         }
         self._step = tf.function(self._train_step, input_signature=[signature])
 
@@ -201,8 +207,12 @@ class MetaGraph:
                 theta = theta0 + self._inner_loop(b, theta0, vectors, bias)
             else:
                 theta = tf.gather(self.free_users, b["users"])
-            pop = tf.gather(self.snapshots, b["snap"]) * b["decay"][:, None]
-            logits = theta @ tf.transpose(vectors) + bias + self.trend * tf.math.log1p(pop)
+            # The trending prior, weighted per history bucket (the ablation: one weight set).
+            pop = tf.gather(self.snapshots, b["snap"]) * b["decay"][:, :, None]
+            bucket = b["bucket"] if self.cfg.meta else tf.zeros_like(b["bucket"])
+            beta = tf.gather(self.trend, bucket)
+            logits = theta @ tf.transpose(vectors) + bias + tf.einsum(
+                "bs,bsn->bn", beta, tf.math.log1p(pop))
             masked = tf.fill(tf.shape(b["consumed"])[:1], tf.constant(_MASKED, tf.float32))
             logits = tf.tensor_scatter_nd_update(logits, b["consumed"], masked)
             lse = tf.reduce_logsumexp(logits, axis=1, keepdims=True)
@@ -266,6 +276,7 @@ class MetaGraph:
                                                                     np.float32),
             domain_map=self.domain_map.numpy(),
             prox=float(np.exp(self.log_prox.numpy())) if meta else 0.1,
-            inner_steps=1, negatives=cfg.negatives, trend=float(self.trend.numpy()),
-            blend=cfg.blend, meta=meta,
+            trend_weights=self.trend.numpy() if meta else np.tile(self.trend.numpy()[:1],
+                                                                  (HISTORY_BUCKETS, 1)),
+            inner_steps=1, negatives=cfg.negatives, blend=cfg.blend, meta=meta,
         )

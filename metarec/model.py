@@ -14,8 +14,12 @@ the consumer loads and serves it without TensorFlow. It holds
   age) mapped by ``A_p`` into one user vector, which the per-domain *adaptation mapping*
   ``M_g`` carries into domain ``g`` (so what a user did in one domain informs their first
   events in another), and the user's profile features;
-* Meta-SGD per-dimension step sizes ``α``, the proximal strength ``λ`` and the weight ``β`` of
-  the trending prior in the score.
+* Meta-SGD per-dimension step sizes ``α``, the proximal strength ``λ``, and the weights
+  ``β[c, s]`` of the trending prior in the score: one per trending scale ``s``
+  (:mod:`metarec.trending`) and per *history bucket* ``c`` of the user (how many events
+  their history holds: 0, 1, 2-3, 4-7, ..., see :func:`history_buckets`), so the model
+  learns which popularity a brand-new user follows and how much an established one still
+  does.
 
 With ``meta=False`` the same structure describes the ablation: no mappings, ``θ0 = 0`` and
 fixed step sizes.
@@ -44,20 +48,34 @@ import numpy.typing as npt
 from metarec.catalog import Catalog
 from metarec.errors import ModelError
 
-__all__ = ["FORMAT_VERSION", "ItemTables", "MetaModel"]
+__all__ = ["FORMAT_VERSION", "HISTORY_BUCKETS", "ItemTables", "MetaModel", "history_buckets"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 #: Bumped when the artifact layout changes; loading an artifact of another format fails
 #: loudly instead of serving garbage.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: History buckets of the per-user weights: 0, 1, 2-3, 4-7, 8-15, 16-31 and 32+ events.
+HISTORY_BUCKETS = 7
 
 _ARRAYS = (
     "item_emb", "item_bias", "item_ctx", "item_count",
     "feat_emb", "feat_bias", "feat_ctx",
-    "theta0", "user_feat", "hist_map", "age_logits", "step", "domain_map",
+    "theta0", "user_feat", "hist_map", "age_logits", "step", "domain_map", "trend_weights",
 )
+
+
+def history_buckets(n_events: npt.ArrayLike) -> I64:
+    """Bucket of each history length: 0, 1, 2-3, 4-7, ... (its bit length), capped.
+
+    >>> history_buckets([0, 1, 2, 3, 4, 7, 8, 50]).tolist()
+    [0, 1, 2, 2, 3, 3, 4, 6]
+    """
+    n = np.maximum(np.asarray(n_events, np.int64), 0)
+    bits = np.floor(np.log2(np.maximum(n, 1))).astype(np.int64) + 1
+    out: I64 = np.minimum(np.where(n > 0, bits, 0), HISTORY_BUCKETS - 1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,14 +123,16 @@ class MetaModel:
     age_logits: F32
     step: F32
     domain_map: F32
+    trend_weights: F32
     prox: float = 0.1
     inner_steps: int = 1
     negatives: int = 4
-    trend: float = 0.0
     blend: float = 10.0
     meta: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    _vocab_index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False,
+                                                    compare=False)
 
     # -- construction ---------------------------------------------------------------
 
@@ -123,6 +143,7 @@ class MetaModel:
         *,
         history_length: int = 50,
         pools: int = 2,
+        trend_scales: int = 3,
         domains: Sequence[str] = ("default",),
         step: float = 0.05,
         meta: bool = True,
@@ -147,6 +168,7 @@ class MetaModel:
             age_logits=z((pools, history_length), np.float32),
             step=np.full(dim, step, np.float32), meta=meta,
             domain_map=np.stack([np.eye(dim, dtype=np.float32)] * len(domains)),
+            trend_weights=z((HISTORY_BUCKETS, trend_scales), np.float32),
         )
 
     @property
@@ -163,15 +185,24 @@ class MetaModel:
             self._item_index = {name: i for i, name in enumerate(self.item_ids)}
         return self._item_index.get(item, -1)
 
+    @property
+    def trend_scales(self) -> int:
+        return int(self.trend_weights.shape[1])
+
     def with_version(self, version: int) -> MetaModel:
-        return replace(self, version=version, _item_index=self._item_index)
+        return replace(self, version=version, _item_index=self._item_index,
+                       _vocab_index=self._vocab_index)
 
     # -- serving tables ---------------------------------------------------------------
 
-    def feature_matrix(self, features: Sequence[Iterable[str]], vocab: Sequence[str],
+    def feature_matrix(self, features: Sequence[Iterable[str]], kind: str,
                        ) -> tuple[I64, I64]:
-        """CSR (row pointer, column) of feature strings against ``vocab``; unknown ones drop."""
-        index = {name: i for i, name in enumerate(vocab)}
+        """CSR (row pointer, column) of feature strings against the ``"item"`` or ``"user"``
+        feature vocabulary; unknown features drop."""
+        index = self._vocab_index.get(kind)
+        if index is None:  # built once per model: the consumer asks for every batch
+            vocab = self.item_features if kind == "item" else self.user_features
+            index = self._vocab_index[kind] = {name: i for i, name in enumerate(vocab)}
         ptr = [0]
         cols: list[int] = []
         for feats in features:
@@ -210,7 +241,7 @@ class MetaModel:
         bias[known] = self.item_bias[rows[known]]
         ctx[known] = self.item_ctx[rows[known]]
         if self.meta:
-            ptr, cols = self.feature_matrix(catalog.features[start:], self.item_features)
+            ptr, cols = self.feature_matrix(catalog.features[start:], "item")
             w_own = (count / (count + self.blend))[:, None]
             emb = (w_own * emb + (1 - w_own) * self._feature_mean(self.feat_emb, ptr, cols)
                    ).astype(np.float32)
@@ -224,7 +255,7 @@ class MetaModel:
         """The profile term ``mean(W_u[x_u])`` for each user's feature strings."""
         if not self.meta or not len(self.user_features):
             return np.zeros((len(profiles), self.dim), np.float32)
-        ptr, cols = self.feature_matrix(profiles, self.user_features)
+        ptr, cols = self.feature_matrix(profiles, "user")
         return self._feature_mean(self.user_feat, ptr, cols)
 
     def domain_index(self, domain: str) -> int:
@@ -250,7 +281,7 @@ class MetaModel:
         header = {
             "format": FORMAT_VERSION, "version": self.version, "prox": self.prox,
             "inner_steps": self.inner_steps, "negatives": self.negatives,
-            "trend": self.trend, "blend": self.blend, "meta": self.meta, "info": self.info,
+            "blend": self.blend, "meta": self.meta, "info": self.info,
             "domains": self.domains, "item_features": self.item_features,
             "user_features": self.user_features,
         }
@@ -276,7 +307,7 @@ class MetaModel:
             version=int(header["version"]), item_ids=ids,
             item_features=list(header["item_features"]),
             user_features=list(header["user_features"]), domains=list(header["domains"]),
-            prox=float(header["prox"]), trend=float(header["trend"]),
+            prox=float(header["prox"]),
             inner_steps=int(header["inner_steps"]), negatives=int(header["negatives"]),
             blend=float(header["blend"]), meta=bool(header["meta"]),
             info=dict(header.get("info", {})), **arrays,

@@ -3,6 +3,10 @@
 Recommenders work on dense integer indices, the way the consumer does internally: users,
 items and domains are numbered in order of first appearance by the harness. The harness
 owns the candidate set and the exclusion of consumed items; a recommender only scores.
+
+A recommender may also offer ``learn_many(xs)``: the harness then hands it each group of
+same-timestamp events at once (metarec learns such a group as one consumer batch);
+otherwise it calls ``learn_one`` for each event of the group, in order.
 """
 
 from __future__ import annotations

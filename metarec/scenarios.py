@@ -28,14 +28,12 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from metarec.aggregator import MIN_STEPS
 from metarec.baselines import RecentPopularity
 from metarec.dataset import Dataset
 from metarec.evaluation import EncodedStream, encode, prequential
 from metarec.events import Event, UserRecord
-from metarec.online import OnlineConfig, OnlineMetarec
+from metarec.online import OnlineMetarec
 from metarec.synthetic import SyntheticConfig, generate
-from metarec.training import MetaTrainer
 
 __all__ = ["SCENARIOS", "cross_domain", "drift", "plot_png", "recovery_events",
            "rolling_curve"]
@@ -139,12 +137,9 @@ def plot_png(result: dict[str, Any], path: str | Path) -> None:
     fig.savefig(str(path), format="png")
 
 
-def _metarec(drift_handling: bool, min_steps: int = 1,
-             ) -> Callable[[EncodedStream, int], OnlineMetarec]:
+def _metarec(handle_drift: bool = True) -> Callable[[EncodedStream, int], OnlineMetarec]:
     def factory(stream: EncodedStream, seed: int) -> OnlineMetarec:
-        config = dataclasses.replace(OnlineConfig.for_stream(stream.n_events),
-                                     drift_handling=drift_handling)
-        return OnlineMetarec(stream, MetaTrainer(min_steps=min_steps), config, seed=seed)
+        return OnlineMetarec(stream, seed=seed, handle_drift=handle_drift)
     return factory
 
 
@@ -166,9 +161,7 @@ def drift(seeds: Sequence[int], *, small: bool = False,
 
             def factory(s: EncodedStream, sd: int, handling: bool = handling,
                         rec: list[OnlineMetarec] = rec) -> OnlineMetarec:
-                # Trained as the aggregator trains (at least MIN_STEPS steps a run): the
-                # window that starts at a change is small, and one pass over it is not enough.
-                rec.append(_metarec(handling, MIN_STEPS)(s, sd))
+                rec.append(_metarec(handling)(s, sd))
                 return rec[-1]
 
             records = prequential(stream, factory, seed=seed, evaluated_users=everyone)
@@ -211,8 +204,8 @@ def cross_domain(seeds: Sequence[int], *, small: bool = False,
         moves = cast(list[dict[str, Any]], ds.scenario["moves"])
         for name, data, factory in (
                 ("domain_pop", ds, lambda s, sd: RecentPopularity(seed=sd)),
-                ("metarec_transfer", ds, _metarec(False)),
-                ("metarec_no_transfer", _split_by_domain(ds), _metarec(False))):
+                ("metarec_transfer", ds, _metarec()),
+                ("metarec_no_transfer", _split_by_domain(ds), _metarec())):
             if progress:
                 progress(f"cross-domain seed={seed} {name}")
             stream = encode(data)

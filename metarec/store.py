@@ -17,8 +17,8 @@ key                                type        value
 ``items:index``                    hash        item id → dense index 0..n-1
 ``items:next``                     string      number of items registered (next index)
 ``items:meta``                     hash        index → JSON ``{"item","domain","features"}``
-``pop``                            hash        item index → scaled decayed count
-``pop:tref``                       string      reference time (ms) of the scaled counts
+``trend:{h}``                      hash        item index → scaled trending count, half-life h
+``trend:meta``                     hash        ``clock`` (events applied), ``ref:{h}`` per scale
 ``offset:{topic}:{partition}``     string      the partition's next offset to process
 ``partials:{topic}:{partition}``   hash        ``w:{row}`` = Σw, ``s:{row}:{j}`` = Σ w·δ_j
 ``partials:index``                 set         names of the partial-sum hashes not yet taken
@@ -34,8 +34,10 @@ key                                type        value
 
 Floats go through ``HINCRBYFLOAT``, which stores 17 digits *after the decimal point*: sums
 keep ~15 significant digits for magnitudes above 1e-3, and amounts below 1e-17 vanish. The
-popularity counts are kept scaled by ``2^((ts - tref)/h)`` (as in
-:mod:`metarec.popularity`), so fresh counts are ≥ their weight and the floor is immaterial.
+trending counts are kept scaled by ``2^((clock - ref)/h)`` (as in :mod:`metarec.trending`),
+so fresh counts are ≥ their weight and the floor is immaterial; the commit script advances
+the shared event clock by the batch's size and scales the batch's increments itself, so
+consumers never disagree about the clock.
 Scripts start with ``#!lua`` (Redis ≥ 7 / Valkey): under ``maxmemory`` a script is then
 refused before its first write rather than stopped after some of them.
 """
@@ -56,6 +58,7 @@ import redis
 from metarec.aggregation import PartialSums
 from metarec.errors import ConfigError, MetarecError, ModelError, StaleOffset
 from metarec.events import ItemRecord, UserRecord
+from metarec.trending import Trending
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore"]
 
@@ -72,50 +75,61 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 CatalogRow = tuple[int, str, str, tuple[str, ...]]
 
-# KEYS: offset, pop, pop:tref, partials, partials:index, then the state keys, the recs keys.
-# ARGV: expected ('' = none stored), next, recs ttl, tref, half-life, #states, #recs, #pop,
-#       #partials, state values, recs values, pop (field, inc) pairs, partial (field, inc).
-# Replies {1, tref} when applied, {0, stored offset} when fenced, {2, tref} when the stored
-# tref is too far from the caller's to rescale its increments. Nothing is written until
-# every check has passed.
+# KEYS: offset, trend:meta, partials, partials:index, then one trend:{h} hash per scale,
+#       the state keys, the recs keys.
+# ARGV: expected ('' = none stored), next, recs ttl, #scales, #states, #recs, #trend,
+#       #partials, events (the clock's advance), the scales' half-lives, state values,
+#       recs values, trend (item, weight) pairs, partial (field, inc) pairs.
+# Replies {1, clock} when applied, {0, stored offset} when fenced. Nothing is written until
+# the offset check has passed. A scale whose factor would pass 2^60 is rebased first (its
+# counts multiplied down, its reference moved to the clock), inside the same unit.
 _COMMIT_LUA: Final = """#!lua
 local stored = redis.call('GET', KEYS[1])
 if (ARGV[1] == '' and stored) or (ARGV[1] ~= '' and stored ~= ARGV[1]) then
   return {0, stored or ''}
 end
-local ns, nr, np, nq = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local tref = redis.call('GET', KEYS[3])
-local scale = nil
-if np > 0 and tref and tref ~= ARGV[4] then
-  scale = 2 ^ ((tonumber(ARGV[4]) - tonumber(tref)) / tonumber(ARGV[5]))
-  if scale ~= scale or scale > 2 ^ 900 then return {2, tref} end
-end
-local a = 9
-for i = 1, ns do redis.call('SET', KEYS[5 + i], ARGV[a + i]) end
+local nh, ns, nr = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local nt, nq, events = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local a = 9 + nh
+for i = 1, ns do redis.call('SET', KEYS[4 + nh + i], ARGV[a + i]) end
 a = a + ns
 local ttl = tonumber(ARGV[3])
 for i = 1, nr do
   if ttl > 0 then
-    redis.call('SET', KEYS[5 + ns + i], ARGV[a + i], 'EX', ttl)
+    redis.call('SET', KEYS[4 + nh + ns + i], ARGV[a + i], 'EX', ttl)
   else
-    redis.call('SET', KEYS[5 + ns + i], ARGV[a + i])
+    redis.call('SET', KEYS[4 + nh + ns + i], ARGV[a + i])
   end
 end
 a = a + nr
-if np > 0 and not tref then
-  redis.call('SET', KEYS[3], ARGV[4])
-  tref = ARGV[4]
+local clock = redis.call('HINCRBY', KEYS[2], 'clock', events)
+if nt > 0 then
+  for s = 1, nh do
+    local h = tonumber(ARGV[9 + s])
+    local name = 'ref:' .. ARGV[9 + s]
+    local ref = tonumber(redis.call('HGET', KEYS[2], name) or clock)
+    if (clock - ref) / h > 60 then
+      local shrink = 2 ^ (-(clock - ref) / h)
+      local flat = redis.call('HGETALL', KEYS[4 + s])
+      for i = 2, #flat, 2 do
+        redis.call('HSET', KEYS[4 + s], flat[i - 1],
+                   string.format('%.17g', tonumber(flat[i]) * shrink))
+      end
+      ref = clock
+    end
+    redis.call('HSET', KEYS[2], name, ref)
+    local factor = 2 ^ ((clock - ref) / h)
+    for i = 1, nt do
+      redis.call('HINCRBYFLOAT', KEYS[4 + s], ARGV[a + 2 * i - 1],
+                 string.format('%.17g', tonumber(ARGV[a + 2 * i]) * factor))
+    end
+  end
 end
-for i = 1, np do
-  local inc = ARGV[a + 2 * i]
-  if scale then inc = string.format('%.17g', tonumber(inc) * scale) end
-  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[a + 2 * i - 1], inc)
-end
-a = a + 2 * np
-for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
-if nq > 0 then redis.call('SADD', KEYS[5], KEYS[4]) end
+a = a + 2 * nt
+for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
+if nq > 0 then redis.call('SADD', KEYS[4], KEYS[3]) end
 redis.call('SET', KEYS[1], ARGV[2])
-return {1, tref or ''}
+return {1, clock}
 """
 
 # KEYS: items:index, items:next, items:meta. ARGV: overwrite ('1' = replace the meta of
@@ -148,36 +162,6 @@ end
 return out
 """
 
-# KEYS: pop, pop:tref. ARGV: new tref, half-life. Replies the old tref (or nil); a scale
-# that would overflow is refused before anything is written.
-_REBASE_LUA: Final = """#!lua
-local old = redis.call('GET', KEYS[2])
-if old then
-  local scale = 2 ^ ((tonumber(old) - tonumber(ARGV[1])) / tonumber(ARGV[2]))
-  local flat = redis.call('HGETALL', KEYS[1])
-  local vals = {}
-  for i = 2, #flat, 2 do
-    local v = tonumber(flat[i]) * scale
-    if v ~= v or v == math.huge or v == -math.huge then
-      return redis.error_reply('rebase would overflow the popularity counts')
-    end
-    vals[i / 2] = string.format('%.17g', v)
-  end
-  local batch = {}
-  for i = 1, #vals do
-    batch[#batch + 1] = flat[2 * i - 1]
-    batch[#batch + 1] = vals[i]
-    if #batch >= 1000 then
-      redis.call('HSET', KEYS[1], unpack(batch))
-      batch = {}
-    end
-  end
-  if #batch > 0 then redis.call('HSET', KEYS[1], unpack(batch)) end
-end
-redis.call('SET', KEYS[2], ARGV[1])
-return old
-"""
-
 # KEYS: model:current, model:seq, model:versions. ARGV: version, versions to keep.
 # Replies {1, pruned versions...} or {0, current} when the version is not newer.
 _FLIP_LUA: Final = """#!lua
@@ -203,6 +187,14 @@ def _num(value: float, what: str) -> str:
     if not math.isfinite(x):
         raise ValueError(f"{what} must be finite, got {x!r}")
     return repr(x)
+
+
+def _scale(half_life: float) -> str:
+    """A trending scale's name in keys: its half-life, '1000' rather than '1000.0'."""
+    h = float(half_life)
+    if not (math.isfinite(h) and h > 0):
+        raise ValueError(f"a half-life must be a positive number, got {half_life!r}")
+    return str(int(h)) if h.is_integer() else repr(h)
 
 
 def _dump(obj: object) -> bytes:
@@ -236,11 +228,11 @@ class RedisStore:
     'demo:recs:u1'
     >>> store.commit_batch("metarec.events", 0, None, 10,  # doctest: +SKIP
     ...                    states={"u1": b"state"}, recs={"u1": b'{"user":"u1"}'},
-    ...                    recs_ttl_s=0, popularity={}, partials=None)
+    ...                    recs_ttl_s=0, partials=None)
     >>> store.offsets("metarec.events", [0, 1])  # doctest: +SKIP
     {0: 10, 1: None}
     >>> store.commit_batch("metarec.events", 0, None, 20, states={}, recs={},  # doctest: +SKIP
-    ...                    recs_ttl_s=0, popularity={}, partials=None)
+    ...                    recs_ttl_s=0, partials=None)
     Traceback (most recent call last):
     metarec.errors.StaleOffset: ...
     """
@@ -261,7 +253,6 @@ class RedisStore:
         self._commit = client.register_script(_COMMIT_LUA)
         self._register = client.register_script(_REGISTER_LUA)
         self._take = client.register_script(_TAKE_LUA)
-        self._rebase = client.register_script(_REBASE_LUA)
         self._flip = client.register_script(_FLIP_LUA)
 
     def key(self, *parts: object) -> str:
@@ -286,11 +277,11 @@ class RedisStore:
         states: Mapping[str, bytes],
         recs: Mapping[str, bytes],
         recs_ttl_s: int,
-        popularity: Mapping[int, float],
         partials: PartialSums | None,
-        tref: int | None = None,
-        half_life_ms: float | None = None,
-    ) -> int | None:
+        events: int = 0,
+        trending: Mapping[int, float] | None = None,
+        half_lives: Sequence[float] = (),
+    ) -> int:
         """Write a batch's effects and move the partition's offset, all or nothing.
 
         The write happens only if the stored ``offset:{topic}:{partition}`` equals
@@ -299,46 +290,45 @@ class RedisStore:
         whose partition was reassigned. ``next_offset == expected_offset`` is a *refresh*:
         rewriting states or lists (e.g. after a model change) without consuming anything.
 
-        ``popularity`` maps item index → increment already scaled by
-        ``2^((ts - tref)/half_life_ms)``; with increments, ``tref`` becomes ``pop:tref``
-        unless one is stored.
-        Both are required with increments, because when another writer set or rebased
-        ``pop:tref`` first, the script rescales the increments to the stored reference.
+        ``events`` advances the shared trending clock (the batch's size); ``trending`` maps
+        item index → weight the batch adds at the new clock, on every scale of
+        ``half_lives`` (:mod:`metarec.trending`).
 
         Returns
         -------
-        int or None
-            The ``pop:tref`` in effect after the commit; when it differs from ``tref``,
-            reload :meth:`popularity` before the next batch.
+        int
+            The trending clock after the commit (other consumers may have moved it too).
         """
         if expected_offset is not None and next_offset < expected_offset:
             raise ValueError(f"next_offset {next_offset} is before expected_offset "
                              f"{expected_offset} of {topic}[{partition}]")
-        if next_offset < 0 or recs_ttl_s < 0:
-            raise ValueError(f"next_offset ({next_offset}) and recs_ttl_s ({recs_ttl_s}) "
-                             "must be >= 0")
-        if popularity and (tref is None or half_life_ms is None or not half_life_ms > 0):
-            raise ValueError("popularity increments need tref and a positive half_life_ms")
-        pop_args: list[str] = []
-        for item, inc in popularity.items():
+        if next_offset < 0 or recs_ttl_s < 0 or events < 0:
+            raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}) and "
+                             f"events ({events}) must be >= 0")
+        trending = trending or {}
+        if trending and not half_lives:
+            raise ValueError("trending increments need the half_lives of the scales")
+        trend_args: list[str] = []
+        for item, inc in trending.items():
             if int(item) < 0:
-                raise ValueError(f"popularity item index must be >= 0, got {item}")
-            pop_args += (str(int(item)), _num(inc, f"popularity increment of item {item}"))
+                raise ValueError(f"trending item index must be >= 0, got {item}")
+            trend_args += (str(int(item)), _num(inc, f"trending weight of item {item}"))
         part_args = [] if partials is None else self._partial_fields(partials)
         partials_key = self._k("partials", topic, partition)
-        keys = [self._k("offset", topic, partition), self._k("pop"), self._k("pop", "tref"),
-                partials_key, self._k("partials", "index")]
+        scales = [_scale(h) for h in half_lives]
+        keys = [self._k("offset", topic, partition), self._k("trend", "meta"), partials_key,
+                self._k("partials", "index")]
+        keys += [self._k("trend", h) for h in scales]
         keys += [self._k("user", u) for u in states]
         keys += [self._k("recs", u) for u in recs]
         args: list[str | bytes] = [
             "" if expected_offset is None else str(int(expected_offset)), str(int(next_offset)),
-            str(int(recs_ttl_s)), "" if tref is None else str(int(tref)),
-            "" if half_life_ms is None else _num(half_life_ms, "half_life_ms"),
-            str(len(states)), str(len(recs)), str(len(pop_args) // 2), str(len(part_args) // 2),
+            str(int(recs_ttl_s)), str(len(scales)), str(len(states)), str(len(recs)),
+            str(len(trend_args) // 2), str(len(part_args) // 2), str(int(events)), *scales,
         ]
         args += states.values()
         args += recs.values()
-        args += pop_args
+        args += trend_args
         args += part_args
         status, value = self._commit(keys=keys, args=args)
         if status == 0:
@@ -349,10 +339,7 @@ class RedisStore:
                 f"{stored or 'none'}; another consumer owns this partition now, so drop the "
                 "batch and re-read the offset after the next assignment"
             )
-        if status == 2:
-            raise ValueError(f"tref {tref} is too far from the stored pop:tref "
-                             f"{_text(value)}; compute increments against the stored one")
-        return int(value) if value else None
+        return int(value)
 
     @staticmethod
     def _partial_fields(partials: PartialSums) -> list[str]:
@@ -453,38 +440,28 @@ class RedisStore:
                              tuple(str(f) for f in meta["features"])))
         return rows
 
-    # -- popularity ------------------------------------------------------------------
+    # -- trending ----------------------------------------------------------------------
 
-    def popularity(self, n_items: int) -> tuple[int | None, F64]:
-        """``pop:tref`` and the scaled counts of items ``0 .. n_items-1`` (one MULTI).
-
-        Decayed to time ``t``: ``counts * 2^(-(t - tref)/half_life)``.
-        """
+    def trending(self, n_items: int, half_lives: Sequence[float]) -> Trending:
+        """The shared trending counts of items ``0 .. n_items-1`` (one MULTI round trip)."""
+        scales = [_scale(h) for h in half_lives]
         pipe = self.client.pipeline(transaction=True)
-        pipe.get(self._k("pop", "tref"))
-        pipe.hgetall(self._k("pop"))
-        tref_raw, table = pipe.execute()
-        out = np.zeros(n_items)
-        if table:
-            idx = np.array([int(k) for k in table], dtype=np.int64)
-            vals = np.array(list(table.values())).astype(np.float64)
-            keep = idx < n_items
-            out[idx[keep]] = vals[keep]
-        return (None if tref_raw is None else int(tref_raw)), out
-
-    def rebase_popularity(self, new_tref: int, half_life_ms: float) -> int | None:
-        """Rescale every count to reference ``new_tref`` and store it, atomically.
-
-        Decayed values do not change. Call it when ``(now - tref)/half_life`` grows large
-        (e.g. past :data:`metarec.popularity.MAX_EXPONENT`) with ``new_tref`` at most the
-        newest event time: a reference ahead of the stream shrinks every count towards the
-        1e-17 floor of HINCRBYFLOAT. It costs O(items) inside Redis. Returns the old tref.
-        """
-        if not half_life_ms > 0:
-            raise ValueError(f"half_life_ms must be positive, got {half_life_ms!r}")
-        old = self._rebase(keys=[self._k("pop"), self._k("pop", "tref")],
-                           args=[str(int(new_tref)), _num(half_life_ms, "half_life_ms")])
-        return None if old is None else int(old)
+        pipe.hgetall(self._k("trend", "meta"))
+        for h in scales:
+            pipe.hgetall(self._k("trend", h))
+        meta, *tables = pipe.execute()
+        fields = {_text(k): int(float(v)) for k, v in meta.items()}
+        clock = fields.get("clock", 0)
+        counts = np.zeros((len(scales), n_items))
+        for s, table in enumerate(tables):
+            if table:
+                idx = np.array([int(k) for k in table], dtype=np.int64)
+                vals = np.array(list(table.values())).astype(np.float64)
+                keep = idx < n_items
+                counts[s, idx[keep]] = vals[keep]
+        refs = np.array([fields.get(f"ref:{h}", clock) for h in scales], np.int64)
+        return Trending.from_arrays({"counts": counts, "ref": refs, "clock": np.array(clock),
+                                     "half_lives": np.asarray(half_lives, np.float64)})
 
     # -- partial sums ----------------------------------------------------------------
 

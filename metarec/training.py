@@ -25,13 +25,15 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from metarec.model import MetaModel
+from metarec.model import MetaModel, history_buckets
+from metarec.trending import HALF_LIVES
 from metarec.window import TrainingData
 
 __all__ = ["MetaTrainer", "TrainingBatches", "trend_snapshots"]
@@ -41,36 +43,36 @@ log = logging.getLogger(__name__)
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 
-DAY_MS = 24 * 3600 * 1000
 #: How much more often an event that enters a new domain is drawn as a training example.
 SWITCH_WEIGHT = 10.0
 #: Logit given to consumed items so that softmax ignores them without producing NaNs.
 _MASKED = -1e9
 
 
-def trend_snapshots(items: I64, ts: I64, n_items: int, half_life_ms: float,
-                    every: int) -> tuple[F32, I64]:
-    """Recency-decayed item popularity before every ``every``-th event of a window.
+def trend_snapshots(items: I64, weights: F32, n_items: int, half_lives: Sequence[float],
+                    every: int) -> F32:
+    """Trending counts (:mod:`metarec.trending`) before every ``every``-th event of a window.
 
-    Returns ``(snapshots, snapshot_ts)``; the popularity just before event ``q`` is
-    approximately ``snapshots[q // every] * 2**(-(ts[q] - snapshot_ts[q // every]) / h)``.
+    The clock is the event's position: ``snapshots[k, s]`` holds scale ``s``'s counts of
+    the positive events before position ``k·every``, read at that clock, so the trending
+    counts just before event ``q`` are about ``snapshots[q // every, s] ·
+    2^(-(q - (q // every)·every) / H_s)`` (the events since the snapshot are left out).
     """
-    n_snap = (len(items) + every - 1) // every
-    snaps = np.zeros((max(n_snap, 1), n_items), np.float32)
-    snap_ts = np.zeros(max(n_snap, 1), np.int64)
-    pop = np.zeros(n_items, np.float64)
-    last = int(ts[0]) if len(ts) else 0
+    n_snap = max(1, (len(items) + every - 1) // every)
+    h = np.asarray(half_lives, np.float64)
+    snaps = np.zeros((n_snap, h.size, n_items), np.float32)
+    pop = np.zeros((h.size, n_items))
+    positive = np.asarray(weights) > 0
     for k in range(n_snap):
-        lo, hi = k * every, min((k + 1) * every, len(items))
-        t0 = int(ts[lo])
-        pop *= 2.0 ** (-(t0 - last) / half_life_ms)
         snaps[k] = pop
-        snap_ts[k] = t0
-        t_end = int(ts[hi - 1])
-        pop *= 2.0 ** (-(t_end - t0) / half_life_ms)
-        np.add.at(pop, items[lo:hi], 2.0 ** (-(t_end - ts[lo:hi]) / half_life_ms))
-        last = t_end
-    return snaps, snap_ts
+        lo, hi = k * every, min((k + 1) * every, len(items))
+        # One tick per event, as a consumer applying them one by one: event q counts from
+        # clock q + 1, and the next snapshot reads at clock (k + 1)·every.
+        pop *= np.exp2(-every / h)[:, None]
+        q = np.arange(lo, hi)[positive[lo:hi]]
+        for s in range(h.size):
+            np.add.at(pop[s], items[q], np.exp2(-((k + 1) * every - (q + 1)) / h[s]))
+    return snaps
 
 
 @dataclass
@@ -88,8 +90,10 @@ class TrainingBatches:
     query_length: int
     negatives: int
     rng: np.random.Generator
-    half_life_ms: float = 7 * DAY_MS
-    snapshot_every: int = 500
+    half_lives: Sequence[float] = HALF_LIVES
+    #: Events between two trending snapshots; raised for big windows and catalogs so the
+    #: snapshots stay within about 200 MB.
+    snapshot_every: int = 50
 
     def __post_init__(self) -> None:
         d = self.data
@@ -116,8 +120,10 @@ class TrainingBatches:
         if switch.any():
             w = np.where(switch, SWITCH_WEIGHT, 1.0)
             self.switch_p = w / w.sum()
-        self.snapshots, self.snapshot_ts = trend_snapshots(
-            d.items, d.ts, len(d.item_ids), self.half_life_ms, self.snapshot_every)
+        size = len(d) * len(self.half_lives) * len(d.item_ids) * 4
+        self.snapshot_every = max(self.snapshot_every, math.ceil(size / 200e6))
+        self.snapshots = trend_snapshots(d.items, d.weights, len(d.item_ids), self.half_lives,
+                                         self.snapshot_every)
         fu = [len(f) for f in d.user_features]
         width = max([*fu, 1])
         self.user_feat = np.full((len(d.user_ids), width), -1, np.int64)
@@ -148,7 +154,8 @@ class TrainingBatches:
         offs = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         consumed = self.seq_items[np.repeat(start, lengths) + offs]
         snap = q // self.snapshot_every
-        decay = 2.0 ** (-(d.ts[q] - self.snapshot_ts[snap]) / self.half_life_ms)
+        age = (q - snap * self.snapshot_every)[:, None]
+        decay = np.exp2(-age / np.asarray(self.half_lives, np.float64)[None, :])
         neg = self.rng.integers(0, len(d.item_ids),
                                 (batch_size, self.inner_events, self.negatives))
         return {
@@ -156,6 +163,7 @@ class TrainingBatches:
             "hist_items": hist_items, "hist_weights": hist_w, "query": query,
             "consumed": np.stack([rows, consumed], axis=1), "snap": snap,
             "decay": decay.astype(np.float32), "negatives": neg,
+            "bucket": history_buckets(hist_ok.sum(1)),
         }
 
 
@@ -179,15 +187,14 @@ class MetaTrainer:
     #: passes overfit the window (measured on ml-100k: 3 passes cost 0.03 HR@10).
     epochs: float = 1.0
     max_steps: int = 400
-    #: Fewest steps per run. One pass over a few thousand events is a handful of steps, too
-    #: few to learn from, so a live aggregator starting on a small window raises this; the
-    #: evaluation keeps 1 (more passes over early windows cost 0.005 HR@10 on ml-100k).
-    min_steps: int = 1
+    #: Fewest steps per run: one pass over the few thousand events of a first window is a
+    #: handful of steps, too few to learn from.
+    min_steps: int = 50
     learning_rate: float = 0.02
     l2: float = 1e-5
     blend: float = 10.0
     cold_item_rate: float = 0.1
-    half_life_ms: float = 7 * DAY_MS
+    half_lives: tuple[float, ...] = HALF_LIVES
     step_init: float = 0.05
     meta: bool = True
     seed: int = 0
@@ -208,7 +215,7 @@ class MetaTrainer:
         device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
         started = time.perf_counter()
         batches = TrainingBatches(data, self.history_length, self.inner_events,
-                                  self.query_length, self.negatives, rng, self.half_life_ms)
+                                  self.query_length, self.negatives, rng, self.half_lives)
         with tf.device(device):
             graph = MetaGraph(self, data, batches, init, rng)
             steps = int(min(self.max_steps, max(

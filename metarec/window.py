@@ -61,11 +61,19 @@ class EventWindow:
         self._events: deque[tuple[str, str, int, float, str]] = deque(maxlen=max_events)
         self.item_meta: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.user_meta: dict[str, tuple[str, ...]] = {}
+        # count_since(ts) for the last ts asked, kept up to date by append: the schedule
+        # asks after every event while a drift request waits.
+        self._since: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._events)
 
     def append(self, user: str, item: str, ts: int, weight: float, domain: str) -> None:
+        if self._since is not None:
+            since, count = self._since
+            if len(self._events) == self.max_events and self._events[0][2] >= since:
+                count -= 1
+            self._since = (since, count + (ts >= since))
         self._events.append((user, item, ts, weight, domain))
 
     def describe_item(self, item: str, domain: str, features: Sequence[str]) -> None:
@@ -85,7 +93,9 @@ class EventWindow:
 
     def count_since(self, ts: int) -> int:
         """How many of the window's events happened at ``ts`` or later."""
-        return sum(1 for e in self._events if e[2] >= ts)
+        if self._since is None or self._since[0] != ts:
+            self._since = (ts, sum(1 for e in self._events if e[2] >= ts))
+        return self._since[1]
 
 
 def build_training_data(

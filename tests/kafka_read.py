@@ -41,3 +41,22 @@ def drain(bootstrap: str, topic: str, group_id: str) -> list[Message]:
         return out
     finally:
         consumer.close()
+
+
+def read_records(bootstrap: str, topic: str, partitions: int, n: int,
+                 start: int = OFFSET_BEGINNING) -> list[Message]:
+    """The first ``n`` records of ``topic`` from offset ``start`` of each partition, read
+    without a group (``assign``)."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader",
+                       "enable.auto.commit": "false"})
+    got: list[Message] = []
+    try:
+        reader.assign([TopicPartition(topic, p, start) for p in range(partitions)])
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while len(got) < n:
+            assert time.monotonic() < deadline, f"read {len(got)} of {n} records of {topic}"
+            got += [m for m in reader.consume(n - len(got), 0.5) if m.error() is None]
+    finally:
+        reader.close()
+    return got
+

@@ -13,6 +13,8 @@ from metarec.adaptation import (
     prior,
     push_history,
     replay,
+    sample_negatives,
+    user_keys,
     user_vectors,
     waves,
 )
@@ -83,17 +85,30 @@ def test_adapt_lowers_the_loss_and_dislike_pushes_away() -> None:
 
 def test_batched_observe_equals_one_user_at_a_time() -> None:
     model, tables, batch = _random_setup()
-    solo = UserBatch(*(a.copy() for a in (batch.delta, batch.hist_items, batch.hist_weights,
-                                          batch.domain, batch.profile)))
+    batch.keys = user_keys(["a", "b", "c", "d"])
+    solo = batch.subset(np.arange(4))
     items = np.array([1, 2, 3, 4])
     weights = np.array([1.0, 2.0, -1.0, 1.0], np.float32)
-    neg = np.arange(8).reshape(4, 2)
-    observe(model, tables, batch, np.arange(4), items, weights, neg)
+    observe(model, tables, batch, np.arange(4), items, weights, seed=3)
     for r in range(4):
-        observe(model, tables, solo, np.array([r]), items[r:r + 1], weights[r:r + 1],
-                neg[r:r + 1])
+        observe(model, tables, solo, np.array([r]), items[r:r + 1], weights[r:r + 1], seed=3)
     np.testing.assert_allclose(batch.delta, solo.delta, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(batch.hist_items, solo.hist_items)
+    assert batch.events.tolist() == solo.events.tolist() == [4, 4, 4, 4]
+
+
+def test_negatives_depend_on_user_event_number_and_seed_only() -> None:
+    keys = user_keys(["a", "b"])
+    base = sample_negatives(keys, [5, 5], 0, 1000, 8)
+    assert base.shape == (2, 8) and base.min() >= 0 and base.max() < 1000
+    assert (base[0] != base[1]).any()
+    np.testing.assert_array_equal(sample_negatives(keys[:1], [5], 0, 1000, 8), base[:1])
+    assert (sample_negatives(keys, [6, 6], 0, 1000, 8) != base).any()
+    assert (sample_negatives(keys, [5, 5], 1, 1000, 8) != base).any()
+    # Close to uniform over the catalog.
+    many = sample_negatives(user_keys([f"u{j}" for j in range(2000)]), np.ones(2000), 0, 10, 5)
+    counts = np.bincount(many.ravel(), minlength=10)
+    assert counts.min() > 0.8 * counts.mean()
 
 
 def test_history_is_right_aligned_and_bounded() -> None:
@@ -114,21 +129,29 @@ def test_prior_depends_on_history_order_through_age_weights() -> None:
 
 def test_replay_rebuilds_the_same_history_and_an_offset() -> None:
     model, tables, batch = _random_setup()
-    hist = batch.hist_items.copy()
-    replay(model, tables, batch, np.random.default_rng(0))
+    hist, events = batch.hist_items.copy(), batch.events.copy()
+    replay(model, tables, batch, seed=0)
     np.testing.assert_array_equal(batch.hist_items, hist)
+    np.testing.assert_array_equal(batch.events, events)
     assert np.abs(batch.delta).sum() > 0
     vec = user_vectors(model, tables, batch)
     assert vec.shape == (4, 5) and np.isfinite(vec).all()
 
 
-def test_replay_is_seeded() -> None:
+def test_replay_gives_back_the_offset_the_events_built() -> None:
     model, tables, batch = _random_setup()
-    other = UserBatch(*(a.copy() for a in (batch.delta, batch.hist_items, batch.hist_weights,
-                                           batch.domain, batch.profile)))
-    replay(model, tables, batch, np.random.default_rng(7))
-    replay(model, tables, other, np.random.default_rng(7))
-    np.testing.assert_array_equal(batch.delta, other.delta)
+    batch.keys = user_keys(["a", "b", "c", "d"])
+    batch.hist_items[:] = -1
+    batch.events[:] = 0
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        observe(model, tables, batch, np.arange(4), rng.integers(0, 12, 4),
+                np.ones(4, np.float32), seed=7)
+    built = batch.delta.copy()
+    replay(model, tables, batch, seed=7)
+    np.testing.assert_allclose(batch.delta, built, rtol=1e-6)
+    replay(model, tables, batch, seed=8)  # other negatives, another offset
+    assert not np.allclose(batch.delta, built)
 
 
 def test_waves_keep_each_users_order() -> None:

@@ -2,7 +2,7 @@
 
 Why in-process: what the aggregator promises is in :meth:`Aggregator.cycle` (fold the
 consumers' partial sums into ``θ0``, publish a version, announce it) and in when it decides
-to run one (:meth:`Aggregator._due`); driving those directly, with its window filled from a
+to run one (:meth:`Aggregator.due`); driving those directly, with its window filled from a
 real topic and its partial sums, versions and requests in a real Redis, checks both without
 waiting for a schedule. Training runs for real, but tiny (dimension 8, two steps).
 """
@@ -22,15 +22,16 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from metarec.aggregation import PartialSums
-from metarec.aggregator import Aggregator
+from metarec.aggregator import OPERATOR_REQUEST, Aggregator
 from metarec.config import Settings
 from metarec.devservices import LOCAL_GROUP_CONFIG
 from metarec.model import MetaModel
 from metarec.store import RedisStore
 from metarec.training import MetaTrainer
+from tests.kafka_read import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("books", "music")
@@ -126,18 +127,7 @@ def publish_events(settings: Settings, records: Sequence[tuple[str, dict[str, An
 
 def read_all(settings: Settings, topic: str, partitions: int, n: int) -> list[Any]:
     """The first ``n`` records of ``topic``, read without a group (``assign``)."""
-    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                       "group.id": f"{topic}-reader", "enable.auto.commit": "false"})
-    got: list[Any] = []
-    try:
-        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-        deadline = time.monotonic() + 20
-        while len(got) < n:
-            assert time.monotonic() < deadline, f"read {len(got)} of {n} records of {topic}"
-            got += [m for m in reader.consume(n - len(got), 0.5) if m.error() is None]
-    finally:
-        reader.close()
-    return got
+    return read_records(settings.kafka_bootstrap, topic, partitions, n)
 
 
 def initial_model(theta0: np.ndarray[Any, Any]) -> MetaModel:
@@ -203,7 +193,7 @@ def test_a_cycle_folds_the_partial_sums_publishes_and_announces(
         p.add(rows, deltas, weights)
         parts.append(p)
         store.commit_batch(settings.events_topic, partition, None, 5, states={}, recs={},
-                           recs_ttl_s=0, popularity={}, partials=p)
+                           recs_ttl_s=0, partials=p)
     total = parts[0].merge(parts[1])
     expected = theta0 + total.sums / total.weights[:, None]
 
@@ -237,7 +227,7 @@ def test_a_now_request_makes_a_cycle_due(make_aggregator: Callable[..., Aggregat
     publish_events(settings, records)
     agg.ingest(read_all(settings, settings.events_topic, EVENTS_PARTITIONS, len(records)))
     store.publish_model(initial_model(np.zeros((2, DIM), np.float32)).to_bytes())
-    assert not agg._due(), "a cycle is due with a model and the next one an hour away"
+    assert agg.due() is None, "a cycle is due with a model and the next one an hour away"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
     env.update({"METAREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -246,13 +236,12 @@ def test_a_now_request_makes_a_cycle_due(make_aggregator: Callable[..., Aggregat
     out = subprocess.run([sys.executable, "-m", "metarec.cli", "aggregate", "--now"], env=env,
                          cwd=REPO, capture_output=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert agg._due(), "metarec aggregate --now did not make a cycle due"
-    reason = agg._reason()
-    assert reason not in {"schedule", "first model"}, reason
+    reason = agg.due()
+    assert reason == OPERATOR_REQUEST, "metarec aggregate --now did not make a cycle due"
 
     version = agg.cycle(reason=reason)
     assert version == 2 == store.current_model_version()
-    assert not agg._due(), "the request must be used up by the cycle it asked for"
+    assert agg.due() is None, "the request must be used up by the cycle it asked for"
 
 
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
@@ -336,13 +325,14 @@ def test_a_drift_request_trains_only_on_the_events_since_the_change(
     # A consumer saw live quality drop, dating the change at the first new event.
     store.request_aggregation("drift in domain 'books'", since_ts=new[0][1]["ts"])
     assert store.training_floor() == new[0][1]["ts"]
-    assert not agg._due(), "30 events of the new regime are too few to train on"
+    assert agg.due() is None, "30 events of the new regime are too few to train on"
 
     publish_events(settings, new[30:])
     everything = read_all(settings, settings.events_topic, EVENTS_PARTITIONS, 110)
     agg.ingest([m for m in everything if json.loads(m.value())["ts"] >= new[30][1]["ts"]])
-    assert agg._due()
-    version = agg.cycle(reason=agg._reason())
+    reason = agg.due()
+    assert reason == "drift in domain 'books'"
+    version = agg.cycle(reason=reason)
     assert version == 2
     model = MetaModel.from_bytes(store.load_model_blob(2))
     assert model.info["events"] == len(new), "the events before the change were trained on"

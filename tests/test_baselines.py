@@ -8,7 +8,17 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from metarec.baselines import DAY_MS, ItemKNN, OnlineBPRMF, Popularity, RecentPopularity
+from metarec.baselines import (
+    DAY_MS,
+    EASE,
+    FirstPop,
+    ItemKNN,
+    OnlineBPRMF,
+    Popularity,
+    RecentPopularity,
+)
+from metarec.errors import ConfigError
+from metarec.evaluation import BASELINES, encode
 from metarec.recommender import Interaction, Recommender
 
 Make = Callable[[int], Recommender]
@@ -18,6 +28,9 @@ ALL: dict[str, Make] = {
     "recent_pop": lambda seed: RecentPopularity(seed=seed),
     "bprmf": lambda seed: OnlineBPRMF(seed=seed),
     "itemknn": lambda seed: ItemKNN(seed=seed),
+    "firstpop": lambda seed: FirstPop(seed=seed),
+    # Refits a few times on the 300-event stream, so the contract covers the fitted model.
+    "ease": lambda seed: EASE(refit_every=70, seed=seed),
 }
 
 
@@ -184,3 +197,219 @@ def test_hyperparameters_are_stored_under_their_names() -> None:
     knn = ItemKNN(n_recent=5, decay=0.5, pop_weight=0.0, half_life_ms=10, seed=2)
     assert (knn.n_recent, knn.decay, knn.pop_weight, knn.half_life_ms, knn.seed) == (
         5, 0.5, 0.0, 10, 2)
+    fp = FirstPop(first_events=2, seed=4)
+    assert (fp.first_events, fp.seed) == (2, 4)
+    ease = EASE(lambdas=(1.0, 2.0), refit_every=5, max_items=7, first_events=2, seed=3)
+    assert (ease.lambdas, ease.refit_every, ease.max_items, ease.first_events, ease.seed) == (
+        (1.0, 2.0), 5, 7, 2, 3)
+
+
+def test_baselines_registry_keeps_the_old_order_and_adds_the_new_ones() -> None:
+    assert list(BASELINES) == ["pop", "recent_pop", "bprmf", "itemknn", "firstpop", "ease"]
+    from metarec.dataset import Dataset
+    from metarec.events import Event
+
+    stream = encode(Dataset("toy", [Event("a", "x", "click", 1)]))
+    assert isinstance(BASELINES["firstpop"](stream, 0), FirstPop)
+    assert isinstance(BASELINES["ease"](stream, 0), EASE)
+
+
+@pytest.mark.parametrize("kwargs", [{"lambdas": ()}, {"lambdas": (0.0, 1.0)},
+                                    {"refit_every": 0}, {"max_items": 0},
+                                    {"first_events": 0}])
+def test_ease_rejects_bad_settings(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        EASE(**kwargs)  # type: ignore[arg-type]
+
+
+# --- FirstPop ---------------------------------------------------------------------------
+
+
+def test_firstpop_counts_each_users_first_positive_events_only() -> None:
+    events = [
+        (0, 5, -1.0),  # a dislike: neither counted nor numbered
+        (0, 0, 1.0), (0, 0, 2.0),  # a repeat is an event, but the item counts once
+        (0, 1, 1.0),
+        (0, 2, 1.0),  # user 0's 4th positive event: too late
+        (1, 1, 1.0), (1, 2, 1.0), (1, 3, 1.0), (1, 4, 1.0),
+        (2, 4, -1.0), (2, 1, 1.0),
+    ]
+    fp, first = FirstPop(), FirstPop(first_events=1)
+    for user, item, w in events:
+        x = Interaction(user=user, item=item, ts=0, weight=w)
+        fp.learn_one(x)
+        first.learn_one(x)
+    assert fp.score(9, 0, 0, 6).tolist() == [1.0, 3.0, 1.0, 1.0, 0.0, 0.0]
+    assert fp.score(0, 0, 0, 6).tolist() == fp.score(9, 0, 0, 6).tolist()
+    assert first.score(0, 0, 0, 6).tolist() == [1.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+
+
+# --- EASE -------------------------------------------------------------------------------
+
+
+def _histories(events: list[Interaction]) -> dict[int, list[int]]:
+    """Each user's distinct positively consumed items, in order of first consumption."""
+    hist: dict[int, list[int]] = {}
+    for x in events:
+        if x.weight > 0 and x.item not in hist.setdefault(x.user, []):
+            hist[x.user].append(x.item)
+    return hist
+
+
+def _reference_b(rows: list[list[int]], n: int, lam: float) -> np.ndarray:
+    """EASE's B the textbook way: one explicit inverse."""
+    x = np.zeros((len(rows), n))
+    for u, items in enumerate(rows):
+        x[u, items] = 1.0
+    p = np.linalg.inv(x.T @ x + lam * np.eye(n))
+    b = np.eye(n) - p / np.diag(p)
+    return b
+
+
+def _mixed_stream(n: int = 300, seed: int = 0) -> list[Interaction]:
+    """Like :func:`_stream`, with one event in ten a dislike."""
+    rng = np.random.default_rng(seed)
+    return [
+        Interaction(user=int(rng.integers(0, 20)), item=int(rng.integers(0, 30)), ts=t,
+                    weight=-1.0 if rng.random() < 0.1 else 1.0)
+        for t in range(n)
+    ]
+
+
+def test_ease_fit_matches_the_closed_form_and_has_a_zero_diagonal() -> None:
+    events = _mixed_stream(200)
+    ease = EASE(lambdas=(3.0,), refit_every=200)
+    _replay(ease, events)
+    assert ease.lambdas_chosen == [3.0]
+    hist = _histories(events)
+    n = max(max(h) for h in hist.values()) + 1
+    assert ease._fit_items.tolist() == sorted({i for h in hist.values() for i in h})
+    ref = _reference_b(list(hist.values()), n, 3.0)
+    fit = ease._fit_items
+    np.testing.assert_allclose(ease._weights, ref[np.ix_(fit, fit)], atol=1e-10)
+    assert np.all(np.diag(ease._weights) == 0.0)
+    assert np.abs(ease._weights).max() > 0.01
+
+
+def test_ease_ranks_the_co_occurring_item_first() -> None:
+    # Items 0 and 1 always go together; 2 and 3 are twice as popular, on their own.
+    events = [Interaction(user=u, item=i, ts=0) for u in range(5) for i in (0, 1)]
+    events += [Interaction(user=u, item=i, ts=0) for u in range(5, 15) for i in (2, 3)]
+    ease = EASE(refit_every=len(events))
+    _replay(ease, events)
+    assert len(ease.lambdas_chosen) == 1
+    ease.learn_one(Interaction(user=20, item=0, ts=0))
+    s = ease.score(20, 0, 0, 4)
+    assert int(np.argmax(np.delete(s, 0))) == 0  # item 1, once the user's own item is out
+    assert s[1] > max(s[2], s[3]) + 1e-3
+
+
+def _reference_lambda(events: list[Interaction], grid: tuple[float, ...]) -> float:
+    """Leave-last-out HR@10 of every λ with explicit inverses; ties go to the larger λ."""
+    hist = _histories(events)
+    n = max(max(h) for h in hist.values()) + 1
+    train = [h[:-1] if len(h) >= 2 else h for h in hist.values()]
+    val = [(h[:-1], h[-1]) for h in hist.values() if len(h) >= 2]
+    best_lam, best_hr = 0.0, -1.0
+    for lam in sorted(grid):
+        b = _reference_b(train, n, lam)
+        hits = 0.0
+        for rest, target in val:
+            s = b[rest].sum(axis=0)
+            s[rest] = -np.inf
+            greater = int(np.sum(s > s[target]))
+            ties = int(np.sum(s == s[target]))
+            hits += min(max(10 - greater, 0), ties) / ties
+        if hits >= best_hr - 1e-9:
+            best_lam, best_hr = lam, hits
+    return best_lam
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ease_chooses_lambda_on_the_past_like_the_textbook_computation(seed: int) -> None:
+    grid = (0.3, 1.0, 3.0, 10.0, 30.0)
+    events = _mixed_stream(400, seed=seed)
+    ease = EASE(lambdas=grid, refit_every=200)
+    _replay(ease, events)
+    assert len(ease.lambdas_chosen) == 2
+    assert ease.lambdas_chosen == [_reference_lambda(events[:200], grid),
+                                   _reference_lambda(events, grid)]
+
+
+def test_ease_lambda_ties_go_to_the_larger_value() -> None:
+    # Every user consumes the same two items: every λ ranks the held-out item first.
+    events = [Interaction(user=u, item=i, ts=0) for u in range(4) for i in (0, 1)]
+    ease = EASE(lambdas=(100.0, 1.0, 10.0), refit_every=len(events))
+    _replay(ease, events)
+    assert ease.lambdas_chosen == [100.0]
+
+
+def test_ease_new_user_gets_firstpop_order_with_popularity_breaking_ties() -> None:
+    events = _mixed_stream(300)
+    ease, fp, pop = EASE(refit_every=100), FirstPop(), Popularity()
+    for x in events:
+        for rec in (ease, fp, pop):
+            rec.learn_one(x)
+    ease.learn_one(Interaction(user=50, item=3, ts=0, weight=-1.0))  # a dislike: no history
+    first, counts = fp.score(0, 0, 0, 32), pop.score(0, 0, 0, 32)
+    assert len(np.unique(first)) < first.size  # FirstPop has ties for popularity to break
+    for user in (50, 99):
+        s = ease.score(user, 0, 0, 32)
+        assert np.abs(s).max() < 1e-4
+        # Lexicographic (first-event count, count): same pairwise order as the scores.
+        before = (first[:, None] > first) | ((first[:, None] == first) & (counts[:, None] > counts))
+        np.testing.assert_array_equal(s[:, None] > s, before)
+
+
+def test_ease_uses_popularity_before_the_first_fit_and_outside_b() -> None:
+    events = _mixed_stream(300)
+    ease, pop = EASE(refit_every=1000), Popularity()
+    for x in events:
+        ease.learn_one(x)
+        pop.learn_one(x)
+    assert ease.lambdas_chosen == []
+    np.testing.assert_allclose(ease.score(0, 0, 0, 32), 1e-6 * np.log1p(pop.score(0, 0, 0, 32)))
+    capped = EASE(refit_every=300, max_items=5)
+    _replay(capped, events)
+    assert capped._fit_items.size == 5
+    counts = np.bincount([i for h in _histories(events).values() for i in h], minlength=30)
+    assert set(capped._fit_items.tolist()) == set(np.argsort(-counts, kind="stable")[:5].tolist())
+    s = capped.score(0, 0, 0, 30)
+    outside = np.setdiff1d(np.arange(30), capped._fit_items)
+    np.testing.assert_allclose(s[outside], 1e-6 * np.log1p(pop.score(0, 0, 0, 30)[outside]))
+
+
+def test_ease_refits_every_refit_every_events_on_the_past_only() -> None:
+    events = _mixed_stream(400)
+    ease = EASE(lambdas=(1.0, 10.0), refit_every=100)
+    for t, x in enumerate(events[:250]):
+        ease.learn_one(x)
+        assert len(ease.lambdas_chosen) == (t + 1) // 100  # dislikes count as events too
+    # An identical model that stops at the refit: the later events never reach B.
+    at_fit = EASE(lambdas=(1.0, 10.0), refit_every=100)
+    _replay(at_fit, events[:200])
+    np.testing.assert_array_equal(ease._weights, at_fit._weights)
+    # A user untouched since the fit keeps their scores, up to the popularity tie-breaker.
+    quiet = next(u for u in range(20) if all(x.user != u for x in events[200:250]))
+    np.testing.assert_allclose(ease.score(quiet, 0, 0, 30), at_fit.score(quiet, 0, 0, 30),
+                               atol=1e-5)
+    # The user's own row moves at once: a new item adds its row of B.
+    user = events[0].user
+    item = next(i for i in at_fit._fit_items.tolist()
+                if i not in _histories(events[:200]).get(user, []))
+    before = at_fit.score(user, 0, 0, 30)
+    at_fit.learn_one(Interaction(user=user, item=item, ts=0))
+    row = np.zeros(30)
+    row[at_fit._fit_items] = at_fit._weights[int(np.searchsorted(at_fit._fit_items, item))]
+    np.testing.assert_allclose(at_fit.score(user, 0, 0, 30) - before, row, atol=1e-5)
+
+
+def test_ease_is_deterministic() -> None:
+    events = _mixed_stream(400, seed=5)
+    a, b = EASE(refit_every=150, seed=1), EASE(refit_every=150, seed=1)
+    _replay(a, events)
+    _replay(b, events)
+    assert a.lambdas_chosen == b.lambdas_chosen and len(a.lambdas_chosen) == 2
+    np.testing.assert_array_equal(a._weights, b._weights)
+    for user in (0, 7, 99):
+        np.testing.assert_array_equal(a.score(user, 0, 0, 30), b.score(user, 0, 0, 30))

@@ -40,6 +40,7 @@ from metarec.events import MAX_ID_BYTES, MAX_RECORD_BYTES, Event, ItemRecord
 from metarec.model import MetaModel
 from metarec.store import RedisStore
 from metarec.user_state import UserState
+from tests.kafka_read import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 RECS_KEYS = {"user", "items", "scores", "model_version", "events", "updated_ms"}
@@ -795,8 +796,9 @@ def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
     change = base + 1_000_000
     rounds = [[Event(u, hits[k], "click", base + 100 * k + j, "books")
                for j, u in enumerate(users)] for k in range(12)]
+    # Enough rounds for the drop to be flagged and then confirmed over half a live window.
     rounds += [[Event(u, misses[k], "click", change + 100 * k + j, "books")
-                for j, u in enumerate(users)] for k in range(12)]
+                for j, u in enumerate(users)] for k in range(24)]
     consumer = system.start()
     pub = Publisher(kafka_bootstrap)
     for item in hits + misses:  # the whole catalogue is known from the start
@@ -824,4 +826,95 @@ def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
     wait_until(lambda: (system.store.aggregation_request() or "").startswith(
         "recovering from drift"), 30.0, "a request for the next cycle after reloading v2",
         lambda: f"{system.store.aggregation_request()}{system.logs()}", procs=[consumer])
+    assert system.terminate(consumer) == 0
+
+
+# --- one learner: the consumer writes what metarec eval measures ---------------------------
+
+
+def test_the_consumer_writes_the_lists_metarec_eval_computes(
+        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    """The services and ``metarec eval`` run one learner.
+
+    One stream goes through the consumer (real broker and Redis) with the aggregator's
+    cycles in between, and through the evaluation's in-process learner with the same
+    settings; both train the same model versions at the same events, fold the same
+    partial sums in, and end with the same lists. The consumer takes one record per batch,
+    as the evaluation applies one timestamp group (here: one event) at a time.
+    """
+    from metarec.aggregator import Aggregator
+    from metarec.dataset import Dataset
+    from metarec.evaluation import encode
+    from metarec.online import OnlineMetarec
+    from metarec.training import MetaTrainer
+    from tests.streams import feed
+
+    first, every, tail = 500, 400, 300
+    history = 10
+    system = make_system(1, METAREC_BATCH_SIZE="1", METAREC_HISTORY_LENGTH=str(history),
+                         METAREC_MIN_EVENTS_FOR_MODEL=str(first),
+                         METAREC_RETRAIN_EVENTS=str(every))
+    rng = np.random.default_rng(5)
+    taste = rng.integers(0, 4, 40)
+    base = int(time.time() * 1000) - 3_600_000
+    events = []
+    for k in range(first + every + tail):
+        u = int(rng.integers(0, 40))
+        item = int(rng.integers(0, 15)) * 4 + int(taste[u])
+        kind = "like" if rng.random() < 0.3 else "dislike" if rng.random() < 0.05 else "click"
+        events.append(Event(f"u{u}", f"i{item}", kind, base + 7 * k))
+
+    def trainer() -> MetaTrainer:
+        return MetaTrainer(dim=8, history_length=history, batch_size=128, min_steps=20,
+                           max_steps=20, seed=0)
+
+    settings = system.settings()
+    stream = encode(Dataset("same-stream", events))
+    # The evaluation's side: every event its own timestamp group.
+    offline = OnlineMetarec(stream, settings=settings, trainer=trainer(), seed=settings.seed)
+    # The services' side.
+    agg = Aggregator(settings, trainer())
+    consumer = system.start()
+    pub = Publisher(kafka_bootstrap)
+
+    def same_lists(phase: str) -> None:
+        differ = []
+        for u in sorted({e.user for e in events[:done]}):
+            recs = system.recs(u)
+            assert recs is not None
+            mine = [offline.learner.catalog.item_id(int(j)) for j in offline.states[u].recs]
+            if recs["items"] != mine:
+                differ.append((u, recs["items"], mine))
+        assert not differ, f"{phase}: {len(differ)} lists differ, e.g. {differ[:2]}"
+
+    done = 0
+    try:
+        for end in (first, first + every, len(events)):
+            feed(offline, stream, done, end)
+            for e in events[done:end]:
+                pub.send_event(system.events, e)
+            pub.flush()
+            system.wait_applied(pub.ends(system.events))
+            agg.ingest(read_records(kafka_bootstrap, system.events, 1, end - done, done))
+            done = end
+            reason = agg.due()
+            if reason is not None:
+                version = agg.cycle(reason=reason)
+                # The consumer reloads, then refreshes its users' lists while idle.
+                seen = {e.user for e in events[:done]}
+                wait_until(lambda v=version, seen=seen: all(
+                    (system.recs(u) or {}).get("model_version") == v for u in seen), 60.0,
+                    f"every list to come from version {version}", system.logs,
+                    procs=[consumer])
+            same_lists(f"after {done} events")
+    finally:
+        agg.consumer.close()
+        agg.producer.flush(5)
+    assert [t["reason"] for t in offline.trainings] == ["first model", "schedule"]
+    assert system.store.current_model_version() == 2
+    served = MetaModel.from_bytes(system.store.load_model_blob(2))
+    assert offline.model is not None
+    np.testing.assert_allclose(served.theta0, offline.model.theta0, rtol=1e-5, atol=1e-6,
+                               err_msg="the Reptile folds differ")
+    np.testing.assert_allclose(served.item_emb, offline.model.item_emb, rtol=1e-5, atol=1e-6)
     assert system.terminate(consumer) == 0

@@ -11,11 +11,12 @@ from metarec.live_quality import ALL, MAX_EPISODE_WINDOWS, LiveQuality
 
 
 def feed(q: LiveQuality, domain: str, hits: list[int] | np.ndarray, start_ts: int = 0,
-         ) -> list[int]:
-    """Record each hit as rank 0 and each miss as absent; the timestamps of reported drops."""
+         users: int = 50) -> list[int]:
+    """Record each hit as rank 0 and each miss as absent, from ``users`` users in turn;
+    the timestamps of reported drops."""
     changes = []
     for k, hit in enumerate(hits):
-        change = q.update(domain, 0 if hit else -1, start_ts + k)
+        change = q.update(domain, 0 if hit else -1, start_ts + k, f"u{k % users}")
         if change is not None:
             changes.append(change)
     return changes
@@ -43,6 +44,7 @@ def test_a_drop_is_reported_once_and_the_episode_ends_on_recovery() -> None:
     assert "books" not in q.drifting_domains()
     # ADWIN keeps cutting its window while the rate is low; only the first cut is a change.
     changes = feed(q, "books", bad, start_ts=10_000)
+    # Dated at ADWIN's flag, reported once the next half window confirms it.
     assert len(changes) == 1 and 10_000 < changes[0] < 10_500, changes
     assert "books" in q.drifting_domains() and q.get()["books"]["drifts"] >= 1
     assert q.baseline("books") == pytest.approx(0.5, abs=0.05)  # the level before the drop
@@ -60,6 +62,19 @@ def test_an_episode_that_never_recovers_ends_after_its_cap() -> None:
     assert len(feed(q, "g", [0] * 400, start_ts=5_000)) == 1
     feed(q, "g", [0] * (MAX_EPISODE_WINDOWS * 50), start_ts=6_000)
     assert "g" not in q.drifting_domains()
+
+
+def test_a_dip_or_one_users_burst_is_not_a_change() -> None:
+    rng = np.random.default_rng(2)
+    q = LiveQuality(k=10, window=200)
+    feed(q, "g", (rng.random(3000) < 0.4).astype(int))
+    # A 30% dip is significant for ADWIN, but the lists did not lose half their hits.
+    assert feed(q, "g", (rng.random(600) < 0.28).astype(int), start_ts=5_000) == []
+    feed(q, "g", (rng.random(2000) < 0.4).astype(int), start_ts=6_000)
+    # One user missing everything for hundreds of events, among a few others who do not.
+    burst = [0] * 400
+    assert feed(q, "g", burst, start_ts=9_000, users=1) == []
+    assert q.drifting_domains() == []
 
 
 def test_a_rise_is_not_a_change() -> None:

@@ -1,14 +1,17 @@
-"""The in-process streaming metarec that ``metarec eval`` runs."""
+"""The in-process streaming metarec that ``metarec eval`` runs: the services' objects."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
+from metarec.config import Settings
 from metarec.dataset import Dataset
 from metarec.evaluation import encode
 from metarec.events import Event, ItemRecord, UserRecord
-from metarec.online import OnlineConfig, OnlineMetarec
+from metarec.online import OnlineMetarec
 from metarec.training import MetaTrainer
 from tests.streams import feed
 
@@ -28,48 +31,54 @@ def _stream(n_events: int = 900, seed: int = 0) -> Dataset:
     return Dataset("toy", events, items, users)
 
 
-def _learner(stream, **config: int) -> OnlineMetarec:  # type: ignore[no-untyped-def]
-    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
-                          max_steps=30)
-    return OnlineMetarec(stream, trainer, OnlineConfig(**config), seed=0)
+def _learner(stream, trainer: MetaTrainer | None = None,  # type: ignore[no-untyped-def]
+             **settings: int) -> OnlineMetarec:
+    trainer = trainer or MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
+                                     max_steps=30, min_steps=5)
+    s = dataclasses.replace(Settings.defaults(), history_length=6, **settings)
+    return OnlineMetarec(stream, settings=s, trainer=trainer, seed=0)
 
 
-def test_before_the_first_model_it_ranks_by_recent_popularity() -> None:
+def test_before_the_first_model_it_ranks_by_what_is_trending() -> None:
     stream = encode(_stream())
-    rec = _learner(stream, first_training=10_000, retrain_every=10_000)
+    rec = _learner(stream, min_events_for_model=10_000)
     feed(rec, stream, 0, 50)
     scores = rec.score(0, int(stream.ts[50]), 0, int(stream.n_seen[50]))
-    expected = rec.popularity.scores(-1, int(stream.ts[50]), int(stream.n_seen[50]))
-    np.testing.assert_allclose(scores, expected)
+    trending = rec.learner.trending.features(int(stream.n_seen[50])).mean(axis=0)
+    np.testing.assert_allclose(scores, trending, rtol=1e-6)
     assert rec.model is None
 
 
 def test_trains_on_schedule_only_on_past_events_and_folds_in_the_partial_sums() -> None:
     stream = encode(_stream())
-    rec = _learner(stream, first_training=300, retrain_every=300, window_events=250)
-    feed(rec, stream, 0, 299)
+    rec = _learner(stream, min_events_for_model=300, retrain_events=300, window_events=250)
+    feed(rec, stream, 0, 249)
     assert rec.model is None
-    feed(rec, stream, 299, 300)
+    feed(rec, stream, 249, 250)  # the window holds 250 < 300 events: still waiting
+    assert rec.model is None
+    rec.schedule = dataclasses.replace(rec.schedule, min_events=250)
+    feed(rec, stream, 250, 251)
     assert rec.model is not None and rec.model.version == 1
-    window = rec.window()
+    window = rec.window.training_data()
     # The bounded window holds the most recent past events, nothing later.
-    assert len(window) == 250 and window.ts.max() == stream.ts[299]
-    feed(rec, stream, 300, 450)
-    assert rec.partials.weights.sum() == 150
+    assert len(window) == 250 and window.ts.max() == stream.ts[250]
+    feed(rec, stream, 251, 400)
+    assert rec.partials.weights.sum() == 149
     theta0 = rec.model.theta0.copy()
-    feed(rec, stream, 450, 600)
+    feed(rec, stream, 400, 551)
     assert rec.model.version == 2 and rec.partials.weights.sum() == 0
+    assert rec.trainings[-1]["folded_weight"] == 300
     assert not np.allclose(rec.model.theta0, theta0)
-    assert [t["at_event"] for t in rec.trainings] == [300, 600]
+    assert [t["reason"] for t in rec.trainings] == ["first model", "schedule"]
 
 
 def test_a_trained_model_ranks_a_users_taste_first() -> None:
     stream = encode(_stream(n_events=1500))
-    rec = OnlineMetarec(stream, MetaTrainer(dim=8, history_length=6, inner_events=2,
-                                            batch_size=64, max_steps=300,
-                                            learning_rate=0.05),
-                        OnlineConfig(first_training=1400, retrain_every=10_000), seed=0)
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
+                          max_steps=300, min_steps=300, learning_rate=0.05)
+    rec = _learner(stream, trainer, min_events_for_model=1400, retrain_events=10_000)
     feed(rec, stream, 0, 1400)
+    assert rec.model is not None
     hits = []
     for u in range(20):
         taste = int(stream.user_features[u][0].split(":")[1])

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metarec.config import Settings
 from metarec.dataset import Dataset
 from metarec.evaluation import encode
 from metarec.events import Event
-from metarec.online import OnlineConfig, OnlineMetarec
+from metarec.online import OnlineMetarec
 from metarec.scenarios import (
     _split_by_domain,
     cross_domain_config,
@@ -69,16 +70,18 @@ def test_an_abrupt_change_is_detected_and_retrains_early() -> None:
     events = ds.events[:half] + [dataclasses.replace(e, item=swap[e.item])
                                  for e in ds.events[half:]]
     stream = encode(Dataset("changed", events))
-    config = OnlineConfig(first_training=600, retrain_every=10_000, drift_handling=True,
-                          min_retrain_gap=200)
-    rec = OnlineMetarec(stream, MetaTrainer(dim=8, min_steps=50, max_steps=80, learning_rate=0.05),
-                        config, seed=0)
+    settings = dataclasses.replace(Settings.defaults(), min_events_for_model=400,
+                                   retrain_events=10_000)
+    rec = OnlineMetarec(stream, settings=settings, trainer=MetaTrainer(
+        dim=8, min_steps=50, max_steps=80, learning_rate=0.05), seed=0)
     feed(rec, stream, 0, stream.n_events)
     reasons = [str(t["reason"]) for t in rec.trainings]
     assert reasons[0] == "first model"
     early = [t for t in rec.trainings if str(t["reason"]).startswith("drift in domain")]
     assert early and all(int(str(t["at_event"])) > half for t in early), reasons
-    assert rec.live.get()["default"]["drifts"] > 0
+    # ... trained from scratch on the events since the change only.
+    assert early[0]["fresh_start"] and early[0]["events"] < half
+    assert rec.learner.drift.live.get()["default"]["drifts"] > 0
     assert rec.user_drifts > 0
 
 
@@ -88,8 +91,9 @@ def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
     moves = ds.scenario["moves"]
     assert isinstance(moves, list)
     move = next(m for m in moves if m["ts"] > stream.ts[1200])
-    rec = OnlineMetarec(stream, MetaTrainer(dim=16, min_steps=50, max_steps=60),
-                        OnlineConfig(first_training=1000, retrain_every=10_000), seed=0)
+    settings = dataclasses.replace(Settings.defaults(), min_events_for_model=1000)
+    rec = OnlineMetarec(stream, settings=settings,
+                        trainer=MetaTrainer(dim=16, min_steps=50, max_steps=60), seed=0)
     first_new = int(np.flatnonzero((stream.ts >= move["ts"]) & (
         stream.users == stream.user_ids.index(move["user"])))[0])
     feed(rec, stream, 0, first_new)
@@ -98,11 +102,9 @@ def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
     domain = stream.domain_names.index(move["to"])
     n = int(stream.n_seen[first_new])
     with_history = np.argsort(-rec.score(user, int(stream.ts[first_new]), domain, n))[:10]
-    saved = rec.users.hist_items[user].copy()
-    rec.users.hist_items[user] = -1  # the same user as a stranger to every domain
-    rec.users.delta[user] = 0
+    saved = rec.states.pop(move["user"])  # the same user as a stranger to every domain
     fresh = np.argsort(-rec.score(user, int(stream.ts[first_new]), domain, n))[:10]
-    rec.users.hist_items[user] = saved
+    rec.states[move["user"]] = saved
     assert set(with_history.tolist()) != set(fresh.tolist())
 
 

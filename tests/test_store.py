@@ -7,12 +7,10 @@ come from Redis executing Lua scripts atomically, which only a real server can s
 from __future__ import annotations
 
 import json
-import math
 import random
 import threading
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import redis
 
@@ -20,9 +18,10 @@ from metarec.aggregation import PartialSums
 from metarec.errors import ConfigError, ModelError, StaleOffset
 from metarec.events import ItemRecord, UserRecord
 from metarec.store import RedisStore
+from metarec.trending import Trending
 
 TOPIC = "metarec.events"
-HALF_LIFE = 1000.0
+SCALES = (1.0, 1000.0)
 
 
 @pytest.fixture
@@ -37,16 +36,16 @@ def snapshot(client: redis.Redis[bytes], prefix: str) -> dict[bytes, tuple[bytes
 
 
 def commit(store: RedisStore, expected: int | None, nxt: int, tag: str, *,
-           partition: int = 0, ttl: int = 0) -> int | None:
-    """A batch touching every key type: states, recs, popularity, partial sums, offset."""
+           partition: int = 0, ttl: int = 0) -> int:
+    """A batch touching every key type: states, recs, trending, partial sums, offset."""
     partials = PartialSums.zeros(2, 3)
     partials.add([1], [[0.5, -0.25, 2.0]], [2.0])
     return store.commit_batch(
         TOPIC, partition, expected, nxt,
         states={"u1": f"state-{tag}".encode(), "u2": b"\x00\xff" + tag.encode()},
         recs={"u1": json.dumps({"user": "u1", "items": [tag]}).encode()},
-        recs_ttl_s=ttl, popularity={3: 1.5, 7: 0.25}, partials=partials,
-        tref=0, half_life_ms=HALF_LIFE,
+        recs_ttl_s=ttl, partials=partials, events=2, trending={3: 1.5, 7: 0.25},
+        half_lives=SCALES,
     )
 
 
@@ -55,15 +54,15 @@ def commit(store: RedisStore, expected: int | None, nxt: int, tag: str, *,
 
 def test_commit_applies_everything_and_moves_the_offset(
         store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
-    assert commit(store, None, 10, "a") == 0
+    assert commit(store, None, 10, "a") == 2  # the trending clock: two events so far
     assert store.offsets(TOPIC, [0, 1]) == {0: 10, 1: None}
     states, profiles = store.load_users(["u1", "u2", "nobody"])
     assert states == [b"state-a", b"\x00\xffa", None]
     assert profiles == [None, None, None]
     assert store.read_recs("u1") == {"user": "u1", "items": ["a"]}
-    tref, pop = store.popularity(8)
-    assert tref == 0
-    assert pop.tolist() == [0, 0, 0, 1.5, 0, 0, 0, 0.25]
+    trend = store.trending(8, SCALES)
+    assert trend.clock == 2
+    assert trend.counts(8).tolist() == [[0, 0, 0, 1.5, 0, 0, 0, 0.25]] * 2
     [part] = store.take_partials(TOPIC)
     assert part.weights.tolist() == [0.0, 2.0]
     assert part.sums.tolist() == [[0, 0, 0], [1.0, -0.5, 4.0]]
@@ -75,7 +74,7 @@ def test_a_zombie_batch_raises_and_changes_nothing(
     commit(store, 10, 20, "new-owner", ttl=60)
     before = snapshot(redis_client, key_prefix)
     kinds = {k[len(key_prefix):].split(b":")[0] for k in before}
-    assert {b"user", b"recs", b"pop", b"partials", b"offset"} <= kinds
+    assert {b"user", b"recs", b"trend", b"partials", b"offset"} <= kinds
     with pytest.raises(StaleOffset) as info:
         commit(store, 10, 15, "zombie")
     assert all(s in str(info.value) for s in (TOPIC, "[0]", "10", "20"))
@@ -97,7 +96,7 @@ def test_offsets_must_not_go_back_and_refresh_keeps_the_offset(store: RedisStore
     with pytest.raises(ValueError, match="before expected_offset"):
         commit(store, 10, 9, "b")
     store.commit_batch(TOPIC, 0, 10, 10, states={}, recs={"u1": b'{"v":2}'}, recs_ttl_s=0,
-                       popularity={}, partials=None)
+                       partials=None)
     assert store.offsets(TOPIC, [0]) == {0: 10}
     assert store.read_recs("u1") == {"v": 2}
     commit(store, 10, 11, "c")  # the refresh did not move the fence
@@ -108,12 +107,12 @@ def test_recs_are_byte_exact_and_get_their_ttl(
     value = json.dumps({"user": "ü", "items": ["x"], "scores": [0.1]},
                        ensure_ascii=False).encode()
     store.commit_batch(TOPIC, 0, None, 1, states={"ü": b"s"}, recs={"ü": value},
-                       recs_ttl_s=30, popularity={}, partials=None)
+                       recs_ttl_s=30, partials=None)
     assert redis_client.get(store.recs_key("ü")) == value
     assert 0 < redis_client.ttl(store.recs_key("ü")) <= 30
     assert redis_client.ttl(f"{store.prefix}user:ü") == -1  # states never expire
     store.commit_batch(TOPIC, 0, 1, 2, states={}, recs={"ü": value}, recs_ttl_s=0,
-                       popularity={}, partials=None)
+                       partials=None)
     assert redis_client.ttl(store.recs_key("ü")) == -1
 
 
@@ -121,11 +120,14 @@ def test_bad_numbers_are_refused_before_anything_is_written(
         store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
     with pytest.raises(ValueError, match="finite"):
         store.commit_batch(TOPIC, 0, None, 1, states={"u": b"s"}, recs={}, recs_ttl_s=0,
-                           popularity={1: float("nan")}, partials=None, tref=0,
-                           half_life_ms=HALF_LIFE)
-    with pytest.raises(ValueError, match="half_life_ms"):
+                           partials=None, events=1, trending={1: float("nan")},
+                           half_lives=SCALES)
+    with pytest.raises(ValueError, match="half_lives"):
         store.commit_batch(TOPIC, 0, None, 1, states={}, recs={}, recs_ttl_s=0,
-                           popularity={1: 1.0}, partials=None)
+                           partials=None, events=1, trending={1: 1.0})
+    with pytest.raises(ValueError, match="half-life"):
+        store.commit_batch(TOPIC, 0, None, 1, states={}, recs={}, recs_ttl_s=0,
+                           partials=None, events=1, trending={1: 1.0}, half_lives=(0.0,))
     assert snapshot(redis_client, key_prefix) == {}
 
 
@@ -135,7 +137,7 @@ def test_bad_numbers_are_refused_before_anything_is_written(
 def test_profiles_and_states_load_together(store: RedisStore) -> None:
     store.set_profiles([UserRecord("u1", ("age:30", "city:x")), UserRecord("u3")])
     store.commit_batch(TOPIC, 0, None, 1, states={"u1": b"s1"}, recs={}, recs_ttl_s=0,
-                       popularity={}, partials=None)
+                       partials=None)
     states, profiles = store.load_users(["u1", "u2", "u3"])
     assert states == [b"s1", None, None]
     assert profiles == [["age:30", "city:x"], None, []]
@@ -206,10 +208,8 @@ def test_take_partials_sums_exactly_per_partition_and_resets(store: RedisStore) 
     commit(store, 1, 2, "b", partition=0)
     p1 = PartialSums.zeros(1, 3)
     p1.add([0], [[1.0, 2.0, 3.0]], [0.5])
-    store.commit_batch(TOPIC, 3, None, 5, states={}, recs={}, recs_ttl_s=0, popularity={},
-                       partials=p1)
-    store.commit_batch("other", 0, None, 1, states={}, recs={}, recs_ttl_s=0, popularity={},
-                       partials=p1)
+    store.commit_batch(TOPIC, 3, None, 5, states={}, recs={}, recs_ttl_s=0, partials=p1)
+    store.commit_batch("other", 0, None, 1, states={}, recs={}, recs_ttl_s=0, partials=p1)
     first, third = store.take_partials(TOPIC)
     assert first.weights.tolist() == [0.0, 4.0]
     assert first.sums.tolist() == [[0, 0, 0], [2.0, -1.0, 8.0]]
@@ -223,40 +223,40 @@ def test_take_partials_sums_exactly_per_partition_and_resets(store: RedisStore) 
     assert len(store.take_partials("other")) == 1
 
 
-# -- popularity --------------------------------------------------------------------------
+# -- trending ----------------------------------------------------------------------------
 
 
-def decayed(store: RedisStore, n: int, t: int) -> npt.NDArray[np.float64]:
-    tref, counts = store.popularity(n)
-    assert tref is not None
-    return counts * math.pow(2.0, -(t - tref) / HALF_LIFE)
+def test_trending_follows_the_shared_clock_like_the_learners_copy(store: RedisStore) -> None:
+    """Two consumers' batches, then a read: the counts of one Trending fed the same way."""
+    assert store.trending(3, SCALES).clock == 0
+    local = Trending(SCALES)
+    for partition, items in ((0, [1, 1, 2]), (1, [0]), (0, [2, 2])):
+        counts: dict[int, float] = {}
+        for item in items:
+            counts[item] = counts.get(item, 0.0) + 1.0
+        clock = store.commit_batch(TOPIC, partition, store.offsets(TOPIC, [partition])[
+            partition], 10 + partition + local.clock, states={}, recs={}, recs_ttl_s=0,
+            partials=None, events=len(items), trending=counts, half_lives=SCALES)
+        assert clock == local.learn_many(items)
+    shared = store.trending(4, SCALES)
+    assert shared.clock == local.clock == 6
+    np.testing.assert_allclose(shared.counts(4), local.counts(4), rtol=1e-12)
 
 
-def test_popularity_reads_back_decayed_and_survives_a_rebase(store: RedisStore) -> None:
-    assert store.popularity(3)[0] is None
-    # two events on item 1 at t=1000 and t=2000, one on item 2 at t=0; tref = 0
-    incs = {1: 2.0 ** (1000 / HALF_LIFE) + 2.0 ** (2000 / HALF_LIFE), 2: 1.0}
-    store.commit_batch(TOPIC, 0, None, 3, states={}, recs={}, recs_ttl_s=0,
-                       popularity=incs, partials=None, tref=0, half_life_ms=HALF_LIFE)
-    assert decayed(store, 4, 2000).tolist() == [0.0, 1.5, 0.25, 0.0]
-    assert store.rebase_popularity(2000, HALF_LIFE) == 0
-    assert store.popularity(4)[0] == 2000
-    np.testing.assert_allclose(decayed(store, 4, 2000), [0.0, 1.5, 0.25, 0.0], rtol=1e-12)
-    # a consumer that computed its increments before the rebase (tref 0) still adds right
-    tref = store.commit_batch(TOPIC, 0, 3, 4, states={}, recs={}, recs_ttl_s=0,
-                              popularity={2: 2.0 ** (2000 / HALF_LIFE)}, partials=None,
-                              tref=0, half_life_ms=HALF_LIFE)
-    assert tref == 2000
-    np.testing.assert_allclose(decayed(store, 4, 2000), [0.0, 1.5, 1.25, 0.0], rtol=1e-12)
-
-
-def test_the_first_tref_wins_and_later_ones_are_rescaled(store: RedisStore) -> None:
-    for partition, tref in ((0, 1000), (1, 3000)):  # two consumers that both saw no tref
-        store.commit_batch(TOPIC, partition, None, 1, states={}, recs={}, recs_ttl_s=0,
-                           popularity={0: 2.0 ** ((4000 - tref) / HALF_LIFE)}, partials=None,
-                           tref=tref, half_life_ms=HALF_LIFE)
-    assert store.popularity(1)[0] == 1000
-    np.testing.assert_allclose(decayed(store, 1, 4000), [2.0], rtol=1e-12)
+def test_a_scale_is_rebased_in_the_commit_once_its_factor_grows_large(
+        store: RedisStore) -> None:
+    local = Trending(SCALES)
+    offset = None
+    for step in range(70):  # 70 half-lives of the 1-event scale: one rebase on the way
+        clock = store.commit_batch(TOPIC, 0, offset, step + 1, states={}, recs={},
+                                   recs_ttl_s=0, partials=None, events=1,
+                                   trending={step % 3: 1.0}, half_lives=SCALES)
+        offset = step + 1
+        local.learn_many([step % 3])
+        assert clock == local.clock
+    shared = store.trending(3, SCALES)
+    np.testing.assert_allclose(shared.counts(3), local.counts(3), rtol=1e-9)
+    assert shared.to_arrays()["ref"][0] > 0  # the short scale's reference moved
 
 
 # -- models ------------------------------------------------------------------------------

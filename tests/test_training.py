@@ -8,6 +8,7 @@ import pytest
 from metarec.adaptation import UserBatch, adapt, prior
 from metarec.catalog import Catalog
 from metarec.training import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
+from metarec.trending import Trending
 from metarec.window import TrainingData
 
 tf = pytest.importorskip("tensorflow")
@@ -35,16 +36,16 @@ def _data(n_events: int = 600, n_users: int = 30, n_items: int = 40, seed: int =
     )
 
 
-def test_trend_snapshots_match_brute_force_decay() -> None:
+def test_trend_snapshots_are_the_learners_trending_counts_one_event_at_a_time() -> None:
     rng = np.random.default_rng(0)
     items = rng.integers(0, 5, 50)
-    ts = np.sort(rng.integers(0, 10_000, 50))
-    snaps, snap_ts = trend_snapshots(items, ts, 5, half_life_ms=1000.0, every=10)
-    for k in range(len(snap_ts)):
-        before = slice(0, 10 * k)
-        expected = np.zeros(5)
-        np.add.at(expected, items[before], 2.0 ** (-(snap_ts[k] - ts[before]) / 1000.0))
-        np.testing.assert_allclose(snaps[k], expected, rtol=1e-5, atol=1e-6)
+    weights = np.where(rng.random(50) < 0.2, -1.0, 1.0).astype(np.float32)
+    snaps = trend_snapshots(items, weights, 5, half_lives=(3.0, 30.0), every=10)
+    trend = Trending((3.0, 30.0))
+    for k in range(5):
+        np.testing.assert_allclose(snaps[k], trend.counts(5), rtol=1e-5, atol=1e-6)
+        for q in range(10 * k, 10 * k + 10):
+            trend.learn_many([items[q]], [weights[q]])
 
 
 def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> None:

@@ -1,0 +1,431 @@
+"""The per-event step of metarec: adapt users to their events and rank their lists.
+
+:class:`Learner` is the learner the product runs, with no I/O. The consumer loads a batch's
+users from Redis, calls :meth:`Learner.learn_many`, and writes what it returns in one atomic
+unit; ``metarec eval`` keeps the users in memory and calls the very same method, so the
+numbers the evaluation prints describe the lists the services write.
+
+Per batch the work is vectorized: the batch's events move the trending clock
+(:mod:`metarec.trending`), users are stacked into one :class:`~metarec.adaptation.UserBatch`,
+events are applied in waves (at most one event per user per wave, so each user's events
+keep their order), and all lists are ranked with one matrix product and one top-K. A list
+scores ``V θ_u + b + Σ_s β[c_u, s] log(1 + p_s)``: the user's adapted vector against the
+item vectors, plus the trending prior weighted for the user's history length ``c_u``.
+
+Before a model exists, lists are the trending items of the user's domain. Users adapted
+under another model version are re-derived from their stored history before anything else
+(a hot reload costs nothing until a user is touched). Each event's item is looked up in the
+list the user had before it: that is the live HR@K, which also drives drift detection
+(:class:`~metarec.drift.DriftMonitor`).
+
+>>> learner = Learner(top_k=2, history_length=3)
+>>> for item in ("a", "b", "c"):
+...     _ = learner.register(item)
+>>> batch = EventBatch(["u1", "u2"], np.array([0, 2]), np.array([1.0, 1.0], np.float32),
+...                    np.array([10, 11]), ["default", "default"])
+>>> out = learner.learn_many(batch, {}, {})
+>>> out.lists["u1"].items.tolist(), out.states["u1"].n_events   # trending, minus seen
+([2, 1], 1)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from metarec.adaptation import (
+    UserBatch,
+    observe,
+    push_history,
+    replay,
+    user_keys,
+    user_vectors,
+    waves,
+)
+from metarec.aggregation import PartialSums
+from metarec.catalog import Catalog
+from metarec.config import DEFAULT_HISTORY_LENGTH, DEFAULT_TOP_K
+from metarec.drift import LIVE_WINDOW, DriftMonitor, RetrainRequest, respond
+from metarec.model import ItemTables, MetaModel, history_buckets
+from metarec.ranking import top_k
+from metarec.trending import HALF_LIVES, Trending
+from metarec.user_state import UserState
+
+if TYPE_CHECKING:
+    from metarec.config import Settings
+
+__all__ = ["RECENT_USERS", "REFRESH_BATCH", "STATE_DIM", "BatchOutcome", "EventBatch",
+           "Learner", "RankedList"]
+
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+
+#: Size of a new user's offset before any model exists (the trainer's default ``dim``);
+#: once a model is served its own dimension wins and older offsets are re-derived.
+STATE_DIM = 32
+#: Most recently active users whose lists are refreshed after a model change (a consumer
+#: does it in the background, between batches, :data:`REFRESH_BATCH` at a time); the
+#: others get a fresh list with their next event.
+RECENT_USERS = 20_000
+REFRESH_BATCH = 500
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """Events as parallel columns, in stream order: what :meth:`Learner.learn_many` takes.
+
+    ``items`` are catalog indices and ``weights`` the event types' weights (negative for a
+    dislike).
+    """
+
+    users: list[str]
+    items: I64
+    weights: F32
+    ts: I64
+    domains: list[str]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass(frozen=True)
+class RankedList:
+    """A user's top-K: catalog indices, best first, and their scores."""
+
+    items: I64
+    scores: F32
+
+
+@dataclass
+class BatchOutcome:
+    """Everything one batch changes, ready to be written atomically."""
+
+    states: dict[str, UserState]
+    lists: dict[str, RankedList]
+    partials: PartialSums
+    #: Per event: the 0-based rank of its item in the list the user had before it (-1 if
+    #: absent): the live prequential quality of the lists.
+    hit_rank: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: Users found to have drifted in this batch (their history was cut at the change).
+    drifted: list[str] = field(default_factory=list)
+
+
+class Learner:
+    """Adapts users to their events and ranks their lists (see the module docstring).
+
+    Parameters
+    ----------
+    top_k
+        Length of every list.
+    history_length
+        Events kept per user (the prior's input; replayed after a model change).
+    seed
+        Keys the negatives of every inner-loop step (:func:`~metarec.adaptation.sample_negatives`).
+    live_window
+        Events per rolling window of the live quality metrics.
+    half_lives
+        The trending scales, in events; a model must have been trained with as many.
+    handle_drift
+        React to users and domains whose live hits show a change (the services do; the
+        drift scenario turns it off for its comparison).
+    """
+
+    def __init__(self, *, top_k: int = DEFAULT_TOP_K,
+                 history_length: int = DEFAULT_HISTORY_LENGTH, seed: int = 0,
+                 live_window: int = LIVE_WINDOW,
+                 half_lives: Sequence[float] = HALF_LIVES, handle_drift: bool = True) -> None:
+        self.top_k = top_k
+        self.history_length = history_length
+        self.seed = seed
+        self.live_window = live_window
+        self.half_lives = tuple(half_lives)
+        self.handle_drift = handle_drift
+        self.catalog = Catalog()
+        self.model: MetaModel | None = None
+        self.tables: ItemTables | None = None
+        self.trending = Trending(half_lives)
+        self.drift = DriftMonitor(k=top_k, window=live_window)
+        self._item_domain = np.zeros(0, np.int64)
+        self._features: tuple[int, int, F32] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, handle_drift: bool = True) -> Learner:
+        """The learner a consumer runs under ``settings``."""
+        return cls(top_k=settings.top_k, history_length=settings.history_length,
+                   seed=settings.seed, handle_drift=handle_drift)
+
+    @property
+    def version(self) -> int:
+        """The served model version; 0 before any model exists (trending only)."""
+        return 0 if self.model is None else self.model.version
+
+    # -- catalog and model ------------------------------------------------------------
+
+    def register(self, item: str, domain: str | None = None,
+                 features: Sequence[str] | None = None) -> int:
+        """Add ``item`` to the catalog (or update its metadata); returns its index."""
+        n = len(self.catalog)
+        idx = self.catalog.add(item, domain, features)
+        if idx == n:
+            self._item_domain = np.r_[self._item_domain, self.catalog.domain_indices()[idx]]
+            if self.model is not None and self.tables is not None:
+                self.tables = self.tables.extend(self.model.item_tables(self.catalog, n))
+        elif domain is not None or features is not None:
+            self._item_domain = self.catalog.domain_indices()
+            if self.model is not None:
+                self.tables = self.model.item_tables(self.catalog)
+        return idx
+
+    def add_items(self, rows: Iterable[tuple[int, str, str, tuple[str, ...]]]) -> None:
+        """Mirror registry rows ``(index, item, domain, features)``, in index order."""
+        start = len(self.catalog)
+        changed = False
+        for index, item, domain, features in rows:
+            known = index < len(self.catalog)
+            got = self.catalog.add(item, domain, features)
+            if got != index:
+                raise ValueError(f"registry index {index} of item {item!r} does not match the "
+                                 f"local catalog ({got}); rows must arrive in index order")
+            changed |= known
+        self._item_domain = self.catalog.domain_indices()
+        if self.model is None:
+            return
+        if changed or self.tables is None:
+            self.tables = self.model.item_tables(self.catalog)
+        elif len(self.catalog) > start:
+            self.tables = self.tables.extend(self.model.item_tables(self.catalog, start))
+
+    def load(self, model: MetaModel) -> RetrainRequest | None:
+        """Serve ``model`` from now on (a hot reload rebuilds the item tables once).
+
+        Returns a request for the next cycle while the lists are recovering from a drift.
+        """
+        if model.trend_scales != self.trending.n_scales:
+            raise ValueError(f"model version {model.version} weighs {model.trend_scales} "
+                             f"trending scales; this learner keeps {self.trending.n_scales}")
+        self.model = model
+        self.tables = model.item_tables(self.catalog)
+        return self.drift.after_reload() if self.handle_drift else None
+
+    # -- the step ---------------------------------------------------------------------
+
+    def learn_many(self, batch: EventBatch, states: Mapping[str, UserState | None],
+                   profiles: Mapping[str, Sequence[str] | None]) -> BatchOutcome:
+        """Adapt every touched user to their events (in order) and rank fresh lists.
+
+        ``states`` may lack a user or map them to None (first event ever). With a model,
+        a user whose live hits show a change is cut back to their history since it, and
+        adapts with larger steps (:func:`metarec.drift.respond`).
+        """
+        self.trending.learn_many(batch.items, np.where(batch.weights > 0, 1.0, 0.0))
+        users = list(dict.fromkeys(batch.users))
+        row_of = {u: r for r, u in enumerate(users)}
+        loaded = {u: states.get(u) or self.new_state() for u in users}
+        ub = self._stack(users, loaded, profiles)
+        self._rederive_stale(users, loaded, ub)
+        rows_all = np.fromiter((row_of[u] for u in batch.users), np.int64, len(batch))
+        hist_ts = np.stack([_right_align(loaded[u].hist_ts, ub.hist_items.shape[1], 0)
+                            for u in users])
+        hit_rank = np.full(len(batch), -1, np.int64)
+        drifted: list[str] = []
+        model, tables = self.model, self.tables
+        for wave in waves(rows_all):
+            rows, its, w = rows_all[wave], batch.items[wave], batch.weights[wave]
+            for pos, r, it in zip(wave.tolist(), rows.tolist(), its.tolist(), strict=True):
+                found = np.flatnonzero(loaded[users[r]].recs == it)
+                hit_rank[pos] = found[0] if found.size else -1
+            if model is not None and tables is not None:
+                ub.domain[rows] = [model.domain_index(batch.domains[p]) for p in wave.tolist()]
+                for pos, r in zip(wave.tolist(), rows.tolist(), strict=True):
+                    g = batch.domains[pos]
+                    if self.handle_drift and respond(
+                            self.drift.users, ub, r, users[r], bool(hit_rank[pos] >= 0),
+                            hist_ts[r], self.drift.since.get(g),
+                            self.drift.live.baseline(g), loaded[users[r]].n_events):
+                        drifted.append(users[r])
+                scale = self.drift.users.step_scale([users[r] for r in rows.tolist()])
+                observe(model, tables, ub, rows, its, w, seed=self.seed, step_scale=scale)
+            else:
+                push_history(ub, rows, its, w)
+            hist_ts[rows, :-1] = hist_ts[rows, 1:]
+            hist_ts[rows, -1] = batch.ts[wave]
+        applied = np.bincount(rows_all, minlength=len(users)).astype(np.float64)
+        partials = PartialSums.zeros(1, ub.delta.shape[1])
+        if model is not None:
+            partials.add(ub.domain, ub.delta, applied)
+        # Each user's event positions, in order (one sort, not one scan per user).
+        order = np.argsort(rows_all, kind="stable")
+        by_user = np.split(order, np.cumsum(applied.astype(np.int64))[:-1])
+        for r, user in enumerate(users):
+            st, mine = loaded[user], by_user[r]
+            st.delta = ub.delta[r].copy()
+            st.hist_items = ub.hist_items[r].copy()
+            st.hist_weights = ub.hist_weights[r].copy()
+            st.hist_ts = hist_ts[r].copy()
+            st.add_seen(batch.items[mine])
+            st.n_events += int(mine.size)
+            st.last_ts = max(st.last_ts, int(batch.ts[mine].max()))
+            st.domain = batch.domains[int(mine[-1])]
+            st.model_version = self.version
+        lists = self._rank(users, loaded, ub)
+        return BatchOutcome(states=loaded, lists=lists, partials=partials, hit_rank=hit_rank,
+                            drifted=drifted)
+
+    def observe(self, batch: EventBatch, outcome: BatchOutcome) -> list[RetrainRequest]:
+        """Feed a written batch's live hits to the drift monitor; returns its requests.
+
+        Call it once the batch's effects are stored (a batch fenced off by a newer owner of
+        the partition was never shown to anyone). Before a model exists there is nothing
+        to retrain, so changes only update the metrics.
+        """
+        reqs = self.drift.observe(batch.domains, outcome.hit_rank.tolist(), batch.ts.tolist(),
+                                  batch.users)
+        return reqs if self.model is not None and self.handle_drift else []
+
+    def refresh(self, users: Sequence[str], states: Mapping[str, UserState],
+                profiles: Mapping[str, Sequence[str] | None]) -> dict[str, RankedList]:
+        """Bring ``users`` to the served model without new events and re-rank them.
+
+        Updates the states in place (a hot reload's stale lists are refreshed this way).
+        """
+        ub = self._stack(users, states, profiles)
+        self._rederive_stale(users, states, ub)
+        for r, user in enumerate(users):
+            states[user].delta = ub.delta[r].copy()
+            states[user].model_version = self.version
+        return self._rank(users, states, ub)
+
+    def scores(self, users: Sequence[str], states: Mapping[str, UserState],
+               profiles: Mapping[str, Sequence[str] | None],
+               domains: Sequence[str] | None = None) -> F32:
+        """Scores of every catalog item for ``users``: ``(len(users), n_items)``.
+
+        ``domains`` asks for the lists of another domain than each user's last one (the
+        domain the user is acting in now). Stale users are re-derived first, in place.
+        Consumed items are not excluded here.
+        """
+        ub = self._stack(users, states, profiles)
+        self._rederive_stale(users, states, ub)
+        for r, user in enumerate(users):
+            states[user].delta = ub.delta[r].copy()
+            states[user].model_version = self.version
+        return self._scores(users, states, ub, domains)
+
+    def list_record(self, user: str, state: UserState, ranked: RankedList,
+                    now_ms: int) -> bytes:
+        """The ``recs:{user}`` JSON that apps read (the list contract)."""
+        return json.dumps({
+            "user": user,
+            "items": [self.catalog.item_id(int(j)) for j in ranked.items],
+            "scores": [round(float(v), 5) for v in ranked.scores],
+            "model_version": self.version,
+            "events": state.n_events,
+            "updated_ms": now_ms,
+        }, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    # -- internals ----------------------------------------------------------------------
+
+    def new_state(self) -> UserState:
+        """The state of a user the learner has never seen."""
+        dim = self.model.dim if self.model is not None else STATE_DIM
+        length = self.model.history_length if self.model is not None else self.history_length
+        state = UserState.new(dim, length)
+        state.model_version = self.version
+        return state
+
+    def _trend_features(self) -> F32:
+        """``log(1 + p_s)`` of every catalog item, cached until the clock moves."""
+        n = len(self.catalog)
+        cached = self._features
+        if cached is None or cached[0] != self.trending.clock or cached[1] != n:
+            cached = self._features = (self.trending.clock, n, self.trending.features(n))
+        return cached[2]
+
+    def _scores(self, users: Sequence[str], states: Mapping[str, UserState], ub: UserBatch,
+                domains: Sequence[str] | None = None) -> F32:
+        feats = self._trend_features()
+        if self.model is not None and self.tables is not None:
+            model = self.model
+            if domains is not None:
+                ub.domain[:] = [model.domain_index(g) for g in domains]
+            theta = user_vectors(model, self.tables, ub)
+            beta = model.trend_weights[history_buckets((ub.hist_items >= 0).sum(1))]
+            out: F32 = theta @ self.tables.vectors.T
+            out += self.tables.bias
+            out += beta @ feats
+            return out.astype(np.float32, copy=False)
+        # No model yet: what is trending within the domain of the user's event.
+        pop = feats.mean(axis=0)
+        out = np.tile(pop, (len(users), 1))
+        names = domains if domains is not None else [states[u].domain for u in users]
+        for r, g in enumerate(names):
+            out[r, self._item_domain[: out.shape[1]] != self.catalog.domains.get(g)] = -np.inf
+        return out
+
+    def _rank(self, users: Sequence[str], states: Mapping[str, UserState],
+              ub: UserBatch) -> dict[str, RankedList]:
+        scores = self._scores(users, states, ub)
+        idx, vals = top_k(scores, self.top_k, [states[u].seen for u in users])
+        out: dict[str, RankedList] = {}
+        for r, user in enumerate(users):
+            keep = idx[r] >= 0
+            ranked = RankedList(idx[r][keep].astype(np.int64), vals[r][keep])
+            states[user].recs = ranked.items
+            out[user] = ranked
+        return out
+
+    def _stack(self, users: Sequence[str], states: Mapping[str, UserState],
+               profiles: Mapping[str, Sequence[str] | None]) -> UserBatch:
+        model = self.model
+        dim = model.dim if model is not None else STATE_DIM
+        length = model.history_length if model is not None else self.history_length
+        n = len(users)
+        profile = (model.profile_vectors([tuple(profiles.get(u) or ()) for u in users])
+                   if model is not None else np.zeros((n, dim), np.float32))
+        domain = np.array([model.domain_index(states[u].domain) if model else 0
+                           for u in users], np.int64)
+        # States written under a model of another shape start their offset afresh (it is
+        # re-derived from history anyway) and keep the newest part of their history.
+        hist_items = np.stack([_right_align(states[u].hist_items, length, -1)
+                               for u in users]).astype(np.int64)
+        valid = (hist_items >= 0).sum(1)
+        return UserBatch(
+            delta=np.stack([states[u].delta if states[u].delta.size == dim
+                            else np.zeros(dim, np.float32) for u in users]).astype(np.float32),
+            hist_items=hist_items,
+            hist_weights=np.stack([_right_align(states[u].hist_weights, length, 0)
+                                   for u in users]).astype(np.float32),
+            domain=domain,
+            profile=profile,
+            keys=user_keys(users),
+            # A history cut by a drift holds fewer events than the user applied.
+            events=np.maximum(np.array([states[u].n_events for u in users], np.int64), valid),
+        )
+
+    def _rederive_stale(self, users: Sequence[str], states: Mapping[str, UserState],
+                        ub: UserBatch) -> None:
+        """Replay the history of users adapted under another model version."""
+        model, tables = self.model, self.tables
+        if model is None or tables is None:
+            return
+        stale = np.array([r for r, u in enumerate(users)
+                          if states[u].model_version != model.version
+                          and states[u].n_events > 0], np.int64)
+        if stale.size:
+            sub = ub.subset(stale)
+            replay(model, tables, sub, self.seed)
+            ub.delta[stale] = sub.delta
+
+
+def _right_align(values: npt.NDArray[np.generic], length: int, fill: float,
+                 ) -> npt.NDArray[np.generic]:
+    if values.size >= length:
+        return values[values.size - length:]
+    padded: npt.NDArray[np.generic] = np.r_[np.full(length - values.size, fill, values.dtype),
+                                            values]
+    return padded
