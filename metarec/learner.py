@@ -9,8 +9,10 @@ Per batch the work is vectorized: the batch's events move the trending clock
 (:mod:`metarec.trending`), users are stacked into one :class:`~metarec.adaptation.UserBatch`,
 events are applied in waves (at most one event per user per wave, so each user's events
 keep their order), and all lists are ranked with one matrix product and one top-K. A list
-scores ``V θ_u + b + Σ_s β[c_u, s] log(1 + p_s)``: the user's adapted vector against the
-item vectors, plus the trending prior weighted for the user's history length ``c_u``.
+scores ``V θ_u + b + Σ_s β[c_u, s] log(1 + p_s) + γ[c_u] knn_u``: the user's adapted
+vector against the item vectors, the trending prior, and the votes of the neighbours of
+the user's recent items (:mod:`metarec.neighbors`), the last two weighted for the user's
+history length ``c_u``.
 
 Before a model exists, lists are the trending items of the user's domain. Users adapted
 under another model version are re-derived from their stored history before anything else
@@ -52,6 +54,7 @@ from metarec.catalog import Catalog
 from metarec.config import DEFAULT_HISTORY_LENGTH, DEFAULT_TOP_K
 from metarec.drift import LIVE_WINDOW, DriftMonitor, RetrainRequest, respond
 from metarec.model import ItemTables, MetaModel, history_buckets
+from metarec.neighbors import votes
 from metarec.ranking import top_k
 from metarec.trending import HALF_LIVES, Trending
 from metarec.user_state import UserState
@@ -354,10 +357,16 @@ class Learner:
             if domains is not None:
                 ub.domain[:] = [model.domain_index(g) for g in domains]
             theta = user_vectors(model, self.tables, ub)
-            beta = model.trend_weights[history_buckets((ub.hist_items >= 0).sum(1))]
+            bucket = history_buckets((ub.hist_items >= 0).sum(1))
             out: F32 = theta @ self.tables.vectors.T
             out += self.tables.bias
-            out += beta @ feats
+            out += model.trend_weights[bucket] @ feats
+            nb = self.tables.neighbors
+            if nb is not None and model.knn_weights.any():
+                v = min(model.knn_age_logits.size, ub.hist_items.shape[1])
+                index, value = nb.votes(ub.hist_items[:, -v:], ub.hist_weights[:, -v:],
+                                        np.exp(model.knn_age_logits[:v][::-1]))
+                out += model.knn_weights[bucket][:, None] * votes(index, value, out.shape[1])
             return out.astype(np.float32, copy=False)
         # No model yet: what is trending within the domain of the user's event.
         pop = feats.mean(axis=0)

@@ -1,13 +1,22 @@
-"""The TensorFlow side of meta-training: variables, one vectorized step, and export.
+"""The TensorFlow side of meta-training: parameters, one vectorized step, and export.
 
 Kept apart from :mod:`metarec.training` so that the rest of metarec (and the consumer)
 never imports TensorFlow. The forward pass mirrors :mod:`metarec.adaptation` and
-:mod:`metarec.ranking` operation for operation; ``tests/test_meta_graph.py`` checks that the
-exported numpy model scores exactly like the graph did.
+:mod:`metarec.learner`'s scoring operation for operation; ``tests/test_training.py`` checks
+that the exported numpy model scores exactly like the graph did.
+
+The step is a pure function of (parameters, Adam state, window constants, batch), with
+every shape left open, so TensorFlow traces it once per process and configuration rather
+than once per training run: the aggregator and ``metarec eval`` retrain every few thousand
+events, and a trace costs seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import queue
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +24,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from metarec.model import HISTORY_BUCKETS, MetaModel
+from metarec.neighbors import VOTERS
 from metarec.window import TrainingData
 
 if TYPE_CHECKING:
@@ -25,6 +35,8 @@ __all__ = ["MetaGraph"]
 F32 = npt.NDArray[np.float32]
 _MASKED = -1e9
 _EPS = 1e-6
+#: Starting weight of the neighbour votes (votes of 20 recent items are a few units).
+_KNN_INIT = 0.5
 #: Initial scale of new embeddings: small, so a fresh model starts near popularity ranking.
 _INIT_SCALE = 0.05
 
@@ -40,8 +52,17 @@ def _rows_by_name(names: list[str], old_names: list[str], old: F32, fresh: F32) 
     return out
 
 
+#: Adam's moment decays and epsilon (Keras' defaults).
+_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-7
+#: Names of the parameters each variant trains (the others stay at their initial value).
+_META_PARAMS = ("emb", "ctx", "bias", "g_emb", "g_ctx", "g_bias", "theta0", "u_feat",
+                "hist_map", "age", "log_step", "log_prox", "trend", "domain_map", "knn_age",
+                "knn_weights")
+_PLAIN_PARAMS = ("emb", "bias", "free_users", "trend", "knn_age", "knn_weights")
+
+
 class MetaGraph:
-    """Variables and the training step for one :meth:`MetaTrainer.fit` call."""
+    """Parameters and the training loop for one :meth:`MetaTrainer.fit` call."""
 
     def __init__(self, cfg: MetaTrainer, data: TrainingData, batches: TrainingBatches,
                  init: MetaModel | None, rng: np.random.Generator) -> None:
@@ -89,6 +110,10 @@ class MetaGraph:
         # scale each history length follows.
         n_scales = len(cfg.half_lives)
         trend = np.full((HISTORY_BUCKETS, n_scales), 1.0 / n_scales, np.float32)
+        # Neighbour votes: the item-kNN baseline's decay of 0.9 per step of age to start.
+        self.voters = batches.voters
+        knn_age = (np.log(0.9) * np.arange(VOTERS)).astype(np.float32)
+        knn_weights = np.full(HISTORY_BUCKETS, _KNN_INIT, np.float32)
         if init is not None and init.dim == d and init.age_logits.shape == age.shape:
             emb = _rows_by_name(self.item_ids, init.item_ids, init.item_emb, emb)
             ctx = _rows_by_name(self.item_ids, init.item_ids, init.item_ctx, ctx)
@@ -111,122 +136,39 @@ class MetaGraph:
                 log_prox = np.float32(np.log(max(init.prox, 1e-6)))
             if init.trend_weights.shape == trend.shape:
                 trend = init.trend_weights.copy()
-        var = tf.Variable
-        self.emb, self.ctx, self.bias = var(emb), var(ctx), var(bias)
-        self.g_emb, self.g_ctx, self.g_bias = var(g_emb), var(g_ctx), var(g_bias)
-        self.theta0, self.u_feat, self.hist_map = var(theta0), var(u_feat), var(hist_map)
-        self.age, self.log_step = var(age), var(log_step)
-        self.domain_map = var(domain_map)
-        self.log_prox, self.trend = var(log_prox), var(trend)
-        self.free_users = var(normal((len(data.user_ids), d)))
-        if cfg.meta:
-            self.trainable = [self.emb, self.ctx, self.bias, self.g_emb, self.g_ctx,
-                              self.g_bias, self.theta0, self.u_feat, self.hist_map, self.age,
-                              self.log_step, self.log_prox, self.trend, self.domain_map]
-        else:
-            self.trainable = [self.emb, self.bias, self.free_users, self.trend]
-        self.optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
-        spec = tf.TensorSpec
-        signature = {
-            "users": spec([None], tf.int64), "domains": spec([None], tf.int64),
-            "profile": spec([None, None], tf.int64), "hist_items": spec([None, None], tf.int64),
-            "hist_weights": spec([None, None], tf.float32), "query": spec([None, None], tf.int64),
-            "consumed": spec([None, 2], tf.int64), "snap": spec([None], tf.int64),
-            "decay": spec([None, None], tf.float32),
-            "negatives": spec([None, None, None], tf.int64),
-            "own_weight": spec([None], tf.float32), "bucket": spec([None], tf.int64),
-        }
-        self._step = tf.function(self._train_step, input_signature=[signature])
+            if init.knn_age_logits.shape == knn_age.shape:
+                knn_age, knn_weights = init.knn_age_logits.copy(), init.knn_weights.copy()
+        self.neighbors = batches.neighbors
+        self.params: dict[str, tf.Tensor] = {
+            name: tf.constant(value) for name, value in {
+                "emb": emb, "ctx": ctx, "bias": bias, "g_emb": g_emb, "g_ctx": g_ctx,
+                "g_bias": g_bias, "theta0": theta0, "u_feat": u_feat, "hist_map": hist_map,
+                "age": age, "log_step": log_step, "log_prox": log_prox, "trend": trend,
+                "domain_map": domain_map, "knn_age": knn_age, "knn_weights": knn_weights,
+                "free_users": normal((len(data.user_ids), d)),
+            }.items()}
+        self.names = _META_PARAMS if cfg.meta else _PLAIN_PARAMS
+        self.adam_m = {k: tf.zeros_like(self.params[k]) for k in self.names}
+        self.adam_v = {k: tf.zeros_like(self.params[k]) for k in self.names}
+        self.adam_t = 0
+        self.consts = {"feat_rows": self.feat_rows, "feat_cols": self.feat_cols,
+                       "feat_count": self.feat_count, "snapshots": self.snapshots}
+        self._step = _step_function(_Shape.of(cfg, self.voters))
 
-    # -- forward ------------------------------------------------------------------------
+    # -- forward (for checks against the numpy side) --------------------------------------
 
     def item_tables(self, own_weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Serving vectors, biases and context vectors (the blend of model.item_tables)."""
-        if not self.cfg.meta:
-            return self.emb, self.bias, self.ctx
-        n = len(self.item_ids)
-        w = own_weight[:, None]
-
-        def mean(table: tf.Variable) -> tf.Tensor:
-            summed = tf.math.unsorted_segment_sum(tf.gather(table, self.feat_cols),
-                                                  self.feat_rows, n)
-            return summed / self.feat_count
-
-        vectors = w * self.emb + (1 - w) * mean(self.g_emb)
-        context = w * self.ctx + (1 - w) * mean(self.g_ctx)
-        g_bias = tf.squeeze(mean(self.g_bias[:, None]), 1)
-        bias = own_weight * self.bias + (1 - own_weight) * g_bias
-        return vectors, bias, context
+        return _item_tables(_Shape.of(self.cfg, self.voters), self.params, self.consts,
+                            own_weight)
 
     def _prior(self, b: dict[str, tf.Tensor], context: tf.Tensor) -> tf.Tensor:
-        items = b["hist_items"]
-        valid = tf.cast(items >= 0, tf.float32)
-        ctx = tf.gather(context, tf.maximum(items, 0))
-        age_weight = tf.exp(tf.reverse(self.age, [1]))
-        hist_w = b["hist_weights"] * valid
-        pooled = 0.0
-        for p in range(len(self.cfg.pool_decays)):
-            w = hist_w * age_weight[p]
-            pool = tf.einsum("bl,bld->bd", w, ctx) / (
-                tf.reduce_sum(tf.abs(w), axis=1, keepdims=True) + _EPS)
-            pooled += pool @ self.hist_map[p]
-        prof_idx = b["profile"]
-        prof_ok = tf.cast(prof_idx >= 0, tf.float32)
-        prof_idx = tf.where(prof_idx >= 0, prof_idx, len(self.user_vocab))
-        prof = tf.reduce_sum(tf.gather(self.u_feat, prof_idx) * prof_ok[..., None], 1)
-        prof = prof / tf.maximum(tf.reduce_sum(prof_ok, 1, keepdims=True), 1.0)
-        mapped = tf.einsum("bd,bde->be", pooled, tf.gather(self.domain_map, b["domains"]))
-        return tf.gather(self.theta0, b["domains"]) + mapped + prof
+        return _prior(_Shape.of(self.cfg, self.voters), self.params, b, context)
 
     def _inner_loop(self, b: dict[str, tf.Tensor], theta0: tf.Tensor, vectors: tf.Tensor,
                     bias: tf.Tensor) -> tf.Tensor:
-        """The consumer's pairwise Meta-SGD steps over the newest support events."""
-        step, prox = tf.exp(self.log_step), tf.exp(self.log_prox)
-        delta = tf.zeros_like(theta0)
-        s = self.cfg.inner_events
-        for j in range(s):
-            pos = b["hist_items"][:, -s + j]
-            ok = tf.cast(pos >= 0, tf.float32)[:, None]
-            pos = tf.maximum(pos, 0)
-            weight = b["hist_weights"][:, -s + j]
-            neg = b["negatives"][:, j, :]
-            dv = tf.gather(vectors, pos)[:, None, :] - tf.gather(vectors, neg)
-            db = tf.gather(bias, pos)[:, None] - tf.gather(bias, neg)
-            sign = tf.where(weight < 0, -1.0, 1.0)[:, None]
-            z = sign * (tf.einsum("bd,bnd->bn", theta0 + delta, dv) + db)
-            coeff = -tf.abs(weight)[:, None] * sign * tf.sigmoid(-z)
-            grad = tf.einsum("bn,bnd->bd", coeff, dv) / float(self.cfg.negatives) + prox * delta
-            delta = delta - ok * step * grad
-        return delta
-
-    def _train_step(self, b: dict[str, tf.Tensor]) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            vectors, bias, context = self.item_tables(b["own_weight"])
-            if self.cfg.meta:
-                theta0 = self._prior(b, context)
-                theta = theta0 + self._inner_loop(b, theta0, vectors, bias)
-            else:
-                theta = tf.gather(self.free_users, b["users"])
-            # The trending prior, weighted per history bucket (the ablation: one weight set).
-            pop = tf.gather(self.snapshots, b["snap"]) * b["decay"][:, :, None]
-            bucket = b["bucket"] if self.cfg.meta else tf.zeros_like(b["bucket"])
-            beta = tf.gather(self.trend, bucket)
-            logits = theta @ tf.transpose(vectors) + bias + tf.einsum(
-                "bs,bsn->bn", beta, tf.math.log1p(pop))
-            masked = tf.fill(tf.shape(b["consumed"])[:1], tf.constant(_MASKED, tf.float32))
-            logits = tf.tensor_scatter_nd_update(logits, b["consumed"], masked)
-            lse = tf.reduce_logsumexp(logits, axis=1, keepdims=True)
-            query = b["query"]
-            target = tf.gather(logits, tf.maximum(query, 0), batch_dims=1)
-            # A repeat of a consumed item is masked like the rest: it is not a target.
-            ok = tf.cast((query >= 0) & (target > _MASKED / 2), tf.float32)
-            nll = tf.reduce_sum((lse - target) * ok) / tf.maximum(tf.reduce_sum(ok), 1.0)
-            reg = self.cfg.l2 * (tf.reduce_sum(tf.square(theta)) + tf.reduce_sum(
-                tf.square(tf.gather(vectors, tf.maximum(query, 0)))))
-            loss = nll + reg
-        grads = tape.gradient(loss, self.trainable)
-        self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
-        return nll
+        return _inner_loop(_Shape.of(self.cfg, self.voters), self.params, b, theta0,
+                           vectors, bias)
 
     # -- loop and export ----------------------------------------------------------------
 
@@ -241,18 +183,43 @@ class MetaGraph:
         return np.where(cold, 0.0, w).astype(np.float32)
 
     def train(self, batches: TrainingBatches, steps: int) -> float:
-        losses: list[float] = []
-        for _ in range(steps):
+        """``steps`` Adam steps; returns the mean query loss of the last tenth of them.
+
+        The next batch is sampled (numpy) in a thread while TensorFlow runs the step, which
+        releases the interpreter lock.
+        """
+        def sample() -> dict[str, tf.Tensor]:
             raw: dict[str, Any] = batches.sample(self.cfg.batch_size)
             raw["own_weight"] = self._own_weight()
-            b = {k: tf.constant(v) for k, v in raw.items()}
-            losses.append(float(self._step(b)))
+            return {k: tf.constant(v) for k, v in raw.items()}
+
+        ahead: queue.Queue[dict[str, tf.Tensor]] = queue.Queue(maxsize=1)
+
+        def produce() -> None:
+            for _ in range(steps):
+                ahead.put(sample())
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        losses: list[float] = []
+        lr = tf.constant(self.cfg.learning_rate, tf.float32)
+        for _ in range(steps):
+            b = ahead.get()
+            self.adam_t += 1
+            trained = {k: self.params[k] for k in self.names}
+            new, self.adam_m, self.adam_v, loss = self._step(
+                trained, self.adam_m, self.adam_v, tf.constant(self.adam_t, tf.float32), lr,
+                {k: v for k, v in self.params.items() if k not in self.names}, self.consts, b)
+            self.params.update(new)
+            losses.append(float(loss))
+        worker.join()
         tail = losses[-max(1, len(losses) // 10):]
         return float(np.mean(tail))
 
     def export(self, version: int) -> MetaModel:
         cfg = self.cfg
         meta = cfg.meta
+        p = {k: v.numpy() for k, v in self.params.items()}
         d = cfg.dim
         empty = np.zeros((0, d), np.float32)
         return MetaModel(
@@ -261,22 +228,204 @@ class MetaGraph:
             item_features=self.item_vocab if meta else [],
             user_features=self.user_vocab if meta else [],
             domains=self.domains,
-            item_emb=self.emb.numpy(), item_bias=self.bias.numpy(),
-            item_ctx=self.ctx.numpy() if meta else np.zeros_like(self.emb.numpy()),
+            item_emb=p['emb'], item_bias=p['bias'],
+            item_ctx=p['ctx'] if meta else np.zeros_like(p['emb']),
             item_count=self.count,
-            feat_emb=self.g_emb.numpy() if meta else empty,
-            feat_bias=self.g_bias.numpy() if meta else np.zeros(0, np.float32),
-            feat_ctx=self.g_ctx.numpy() if meta else empty,
-            theta0=self.theta0.numpy() if meta else np.zeros((len(self.domains), d),
+            feat_emb=p['g_emb'] if meta else empty,
+            feat_bias=p['g_bias'] if meta else np.zeros(0, np.float32),
+            feat_ctx=p['g_ctx'] if meta else empty,
+            theta0=p['theta0'] if meta else np.zeros((len(self.domains), d),
                                                                 np.float32),
-            user_feat=self.u_feat.numpy()[:-1] if meta else empty,
-            hist_map=self.hist_map.numpy() if meta else np.zeros_like(self.hist_map.numpy()),
-            age_logits=self.age.numpy(),
-            step=np.exp(self.log_step.numpy()) if meta else np.full(d, cfg.step_init,
+            user_feat=p['u_feat'][:-1] if meta else empty,
+            hist_map=p['hist_map'] if meta else np.zeros_like(p['hist_map']),
+            age_logits=p['age'],
+            step=np.exp(p['log_step']) if meta else np.full(d, cfg.step_init,
                                                                     np.float32),
-            domain_map=self.domain_map.numpy(),
-            prox=float(np.exp(self.log_prox.numpy())) if meta else 0.1,
-            trend_weights=self.trend.numpy() if meta else np.tile(self.trend.numpy()[:1],
+            domain_map=p['domain_map'],
+            prox=float(np.exp(p['log_prox'])) if meta else 0.1,
+            trend_weights=p['trend'] if meta else np.tile(p['trend'][:1],
                                                                   (HISTORY_BUCKETS, 1)),
+            knn_index=self.neighbors.index, knn_weight=self.neighbors.weight,
+            knn_count=self.neighbors.count, knn_age_logits=p['knn_age'],
+            knn_weights=p['knn_weights'] if meta else np.full(
+                HISTORY_BUCKETS, p['knn_weights'][0], np.float32),
             inner_steps=1, negatives=cfg.negatives, blend=cfg.blend, meta=meta,
         )
+
+
+# --- the pure step, traced once per process and configuration ----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """What the traced step's Python control flow depends on (everything else is data)."""
+
+    meta: bool
+    pools: int
+    inner_events: int
+    negatives: int
+    l2: float
+    voters: int
+
+    @classmethod
+    def of(cls, cfg: MetaTrainer, voters: int) -> _Shape:
+        return cls(cfg.meta, len(cfg.pool_decays), cfg.inner_events, cfg.negatives, cfg.l2,
+                   voters)
+
+
+def _any_spec(dtype: tf.DType = tf.float32) -> tf.TensorSpec:
+    return tf.TensorSpec(None, dtype)
+
+
+_BATCH_SPEC = {
+    "users": tf.int64, "domains": tf.int64, "profile": tf.int64, "hist_items": tf.int64,
+    "hist_weights": tf.float32, "query": tf.int64, "consumed": tf.int64, "snap": tf.int64,
+    "decay": tf.float32, "negatives": tf.int64, "own_weight": tf.float32,
+    "bucket": tf.int64, "knn_index": tf.int64, "knn_value": tf.float32,
+}
+_CONST_SPEC = {"feat_rows": tf.int64, "feat_cols": tf.int64, "feat_count": tf.float32,
+               "snapshots": tf.float32}
+
+
+@functools.cache
+def _step_function(shape: _Shape) -> Any:
+    """One Adam step on the query loss, as a traced TensorFlow function."""
+    names = _META_PARAMS if shape.meta else _PLAIN_PARAMS
+    frozen = [k for k in (*_META_PARAMS, "free_users") if k not in names]
+    trained_spec = {k: _any_spec() for k in names}
+    signature = [trained_spec, trained_spec, trained_spec, _any_spec(), _any_spec(),
+                 {k: _any_spec() for k in frozen},
+                 {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
+                 {k: _any_spec(v) for k, v in _BATCH_SPEC.items()}]
+
+    def step(trained: dict[str, tf.Tensor], m: dict[str, tf.Tensor],
+             v: dict[str, tf.Tensor], t: tf.Tensor, lr: tf.Tensor,
+             fixed: dict[str, tf.Tensor], consts: dict[str, tf.Tensor],
+             b: dict[str, tf.Tensor]) -> tuple[Any, Any, Any, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            tape.watch(list(trained.values()))
+            p = {**fixed, **trained}
+            nll, reg = _query_loss(shape, p, consts, b)
+            loss = nll + reg
+        grads = tape.gradient(loss, trained)
+        new, new_m, new_v = {}, {}, {}
+        for k, value in trained.items():
+            g = tf.convert_to_tensor(grads[k])
+            new_m[k] = _BETA1 * m[k] + (1 - _BETA1) * g
+            new_v[k] = _BETA2 * v[k] + (1 - _BETA2) * tf.square(g)
+            m_hat = new_m[k] / (1 - _BETA1 ** t)
+            v_hat = new_v[k] / (1 - _BETA2 ** t)
+            new[k] = value - lr * m_hat / (tf.sqrt(v_hat) + _ADAM_EPS)
+        return new, new_m, new_v, nll
+
+    return tf.function(step, input_signature=signature)
+
+
+def _item_tables(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
+                 own_weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Serving vectors, biases and context vectors (the blend of model.item_tables)."""
+    if not shape.meta:
+        return p["emb"], p["bias"], p["ctx"]
+    n = tf.shape(p["emb"], out_type=tf.int64)[0]
+    w = own_weight[:, None]
+
+    def mean(table: tf.Tensor) -> tf.Tensor:
+        summed = tf.math.unsorted_segment_sum(tf.gather(table, c["feat_cols"]),
+                                              c["feat_rows"], n)
+        return summed / c["feat_count"]
+
+    vectors = w * p["emb"] + (1 - w) * mean(p["g_emb"])
+    context = w * p["ctx"] + (1 - w) * mean(p["g_ctx"])
+    g_bias = tf.squeeze(mean(p["g_bias"][:, None]), 1)
+    bias = own_weight * p["bias"] + (1 - own_weight) * g_bias
+    return vectors, bias, context
+
+
+def _prior(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
+           context: tf.Tensor) -> tf.Tensor:
+    items = b["hist_items"]
+    valid = tf.cast(items >= 0, tf.float32)
+    ctx = tf.gather(context, tf.maximum(items, 0))
+    age_weight = tf.exp(tf.reverse(p["age"], [1]))
+    hist_w = b["hist_weights"] * valid
+    pooled = 0.0
+    for k in range(shape.pools):
+        w = hist_w * age_weight[k]
+        pool = tf.einsum("bl,bld->bd", w, ctx) / (
+            tf.reduce_sum(tf.abs(w), axis=1, keepdims=True) + _EPS)
+        pooled += pool @ p["hist_map"][k]
+    prof_idx = b["profile"]
+    prof_ok = tf.cast(prof_idx >= 0, tf.float32)
+    n_vocab = tf.shape(p["u_feat"], out_type=tf.int64)[0] - 1
+    prof_idx = tf.where(prof_idx >= 0, prof_idx, n_vocab)
+    prof = tf.reduce_sum(tf.gather(p["u_feat"], prof_idx) * prof_ok[..., None], 1)
+    prof = prof / tf.maximum(tf.reduce_sum(prof_ok, 1, keepdims=True), 1.0)
+    mapped = tf.einsum("bd,bde->be", pooled, tf.gather(p["domain_map"], b["domains"]))
+    return tf.gather(p["theta0"], b["domains"]) + mapped + prof
+
+
+def _inner_loop(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
+                theta0: tf.Tensor, vectors: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """The consumer's pairwise Meta-SGD steps over the newest support events."""
+    step, prox = tf.exp(p["log_step"]), tf.exp(p["log_prox"])
+    delta = tf.zeros_like(theta0)
+    s = shape.inner_events
+    for j in range(s):
+        pos = b["hist_items"][:, -s + j]
+        ok = tf.cast(pos >= 0, tf.float32)[:, None]
+        pos = tf.maximum(pos, 0)
+        weight = b["hist_weights"][:, -s + j]
+        neg = b["negatives"][:, j, :]
+        dv = tf.gather(vectors, pos)[:, None, :] - tf.gather(vectors, neg)
+        db = tf.gather(bias, pos)[:, None] - tf.gather(bias, neg)
+        sign = tf.where(weight < 0, -1.0, 1.0)[:, None]
+        z = sign * (tf.einsum("bd,bnd->bn", theta0 + delta, dv) + db)
+        coeff = -tf.abs(weight)[:, None] * sign * tf.sigmoid(-z)
+        grad = tf.einsum("bn,bnd->bd", coeff, dv) / float(shape.negatives) + prox * delta
+        delta = delta - ok * step * grad
+    return delta
+
+
+def _votes(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
+           n: tf.Tensor) -> tf.Tensor:
+    """Dense ``(B, n_items)`` neighbour votes (metarec.neighbors), with learned age
+    weights: the consumer's :func:`metarec.neighbors.votes` in TensorFlow."""
+    age = tf.exp(tf.reverse(p["knn_age"][: shape.voters], [0]))
+    index = b["knn_index"]
+    value = tf.where(index >= 0, b["knn_value"] * age[None, :, None], 0.0)
+    rows = tf.shape(index, out_type=tf.int64)[0]
+    flat = tf.range(rows)[:, None, None] * n + tf.maximum(index, 0)
+    summed = tf.math.unsorted_segment_sum(tf.reshape(value, [-1]), tf.reshape(flat, [-1]),
+                                          rows * n)
+    return tf.reshape(summed, tf.stack([rows, n]))
+
+
+def _query_loss(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
+                b: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Softmax loss of the query items over the whole catalog, and the L2 penalty."""
+    vectors, bias, context = _item_tables(shape, p, c, b["own_weight"])
+    if shape.meta:
+        theta0 = _prior(shape, p, b, context)
+        theta = theta0 + _inner_loop(shape, p, b, theta0, vectors, bias)
+        bucket = b["bucket"]
+    else:
+        theta = tf.gather(p["free_users"], b["users"])
+        bucket = tf.zeros_like(b["bucket"])  # the ablation: one weight set for everyone
+    # The trending prior and the neighbours' votes, weighted per history bucket.
+    pop = tf.gather(c["snapshots"], b["snap"]) * b["decay"][:, :, None]
+    beta = tf.gather(p["trend"], bucket)
+    n = tf.shape(vectors, out_type=tf.int64)[0]
+    logits = theta @ tf.transpose(vectors) + bias + tf.einsum(
+        "bs,bsn->bn", beta, tf.math.log1p(pop))
+    logits += tf.gather(p["knn_weights"], bucket)[:, None] * _votes(shape, p, b, n)
+    masked = tf.fill(tf.shape(b["consumed"])[:1], tf.constant(_MASKED, tf.float32))
+    logits = tf.tensor_scatter_nd_update(logits, b["consumed"], masked)
+    lse = tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+    query = b["query"]
+    target = tf.gather(logits, tf.maximum(query, 0), batch_dims=1)
+    # A repeat of a consumed item is masked like the rest: it is not a target.
+    ok = tf.cast((query >= 0) & (target > _MASKED / 2), tf.float32)
+    nll = tf.reduce_sum((lse - target) * ok) / tf.maximum(tf.reduce_sum(ok), 1.0)
+    reg = shape.l2 * (tf.reduce_sum(tf.square(theta)) + tf.reduce_sum(
+        tf.square(tf.gather(vectors, tf.maximum(query, 0)))))
+    return nll, reg

@@ -19,7 +19,10 @@ the consumer loads and serves it without TensorFlow. It holds
   (:mod:`metarec.trending`) and per *history bucket* ``c`` of the user (how many events
   their history holds: 0, 1, 2-3, 4-7, ..., see :func:`history_buckets`), so the model
   learns which popularity a brand-new user follows and how much an established one still
-  does.
+  does;
+* every item's nearest items by co-consumption in the training window
+  (:mod:`metarec.neighbors`), whose votes from the user's recent items enter the score with
+  learned age weights and a learned weight per history bucket ``γ[c]``.
 
 With ``meta=False`` the same structure describes the ablation: no mappings, ``θ0 = 0`` and
 fixed step sizes.
@@ -47,6 +50,7 @@ import numpy.typing as npt
 
 from metarec.catalog import Catalog
 from metarec.errors import ModelError
+from metarec.neighbors import N_NEIGHBORS, VOTERS, ItemNeighbors
 
 __all__ = ["FORMAT_VERSION", "HISTORY_BUCKETS", "ItemTables", "MetaModel", "history_buckets"]
 
@@ -55,7 +59,7 @@ I64 = npt.NDArray[np.int64]
 
 #: Bumped when the artifact layout changes; loading an artifact of another format fails
 #: loudly instead of serving garbage.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: History buckets of the per-user weights: 0, 1, 2-3, 4-7, 8-15, 16-31 and 32+ events.
 HISTORY_BUCKETS = 7
 
@@ -63,6 +67,7 @@ _ARRAYS = (
     "item_emb", "item_bias", "item_ctx", "item_count",
     "feat_emb", "feat_bias", "feat_ctx",
     "theta0", "user_feat", "hist_map", "age_logits", "step", "domain_map", "trend_weights",
+    "knn_index", "knn_weight", "knn_count", "knn_age_logits", "knn_weights",
 )
 
 
@@ -82,23 +87,30 @@ def history_buckets(n_events: npt.ArrayLike) -> I64:
 class ItemTables:
     """What serving needs per catalog item, derived from a model and a catalog.
 
-    ``vectors`` score items (``V θ + bias``); ``context`` is what a user's history pools.
-    Rows follow the catalog's indices, including items the model has never seen (they get
-    their feature mapping alone).
+    ``vectors`` score items (``V θ + bias``); ``context`` is what a user's history pools;
+    ``neighbors`` are each item's nearest items, in catalog indices. Rows follow the
+    catalog's indices, including items the model has never seen (they get their feature
+    mapping alone, and no neighbours).
     """
 
     vectors: F32
     bias: F32
     context: F32
+    neighbors: ItemNeighbors | None = None
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
     def extend(self, more: ItemTables) -> ItemTables:
         """These rows followed by ``more``'s (for items added to the catalog since)."""
+        nb = None
+        if self.neighbors is not None and more.neighbors is not None:
+            a, b = self.neighbors, more.neighbors
+            nb = ItemNeighbors(np.vstack([a.index, b.index]), np.vstack([a.weight, b.weight]),
+                               np.concatenate([a.count, b.count]))
         return ItemTables(np.vstack([self.vectors, more.vectors]),
                           np.concatenate([self.bias, more.bias]),
-                          np.vstack([self.context, more.context]))
+                          np.vstack([self.context, more.context]), nb)
 
 
 @dataclass
@@ -124,6 +136,11 @@ class MetaModel:
     step: F32
     domain_map: F32
     trend_weights: F32
+    knn_index: npt.NDArray[np.int32]
+    knn_weight: F32
+    knn_count: F32
+    knn_age_logits: F32
+    knn_weights: F32
     prox: float = 0.1
     inner_steps: int = 1
     negatives: int = 4
@@ -169,6 +186,9 @@ class MetaModel:
             step=np.full(dim, step, np.float32), meta=meta,
             domain_map=np.stack([np.eye(dim, dtype=np.float32)] * len(domains)),
             trend_weights=z((HISTORY_BUCKETS, trend_scales), np.float32),
+            knn_index=z((0, N_NEIGHBORS), np.int32), knn_weight=z((0, N_NEIGHBORS), np.float32),
+            knn_count=z(0, np.float32), knn_age_logits=z(VOTERS, np.float32),
+            knn_weights=z(HISTORY_BUCKETS, np.float32),
         )
 
     @property
@@ -249,7 +269,23 @@ class MetaModel:
                    ).astype(np.float32)
             bias = (w_own[:, 0] * bias + (1 - w_own[:, 0]) * self._feature_mean(
                 self.feat_bias, ptr, cols)).astype(np.float32)
-        return ItemTables(emb, bias, ctx)
+        return ItemTables(emb, bias, ctx, self._neighbors(catalog, rows))
+
+    def _neighbors(self, catalog: Catalog, rows: I64) -> ItemNeighbors:
+        """The model's neighbour lists of the catalog items at ``rows`` (model rows, -1:
+        unknown), with the neighbours renumbered into catalog indices."""
+        out = ItemNeighbors.empty(len(rows), self.knn_index.shape[1])
+        known = rows >= 0
+        if not known.any() or not len(self.knn_index):
+            return out
+        to_catalog = np.fromiter((catalog.get(item) for item in self.item_ids), np.int64,
+                                 len(self.item_ids))
+        model_nb = self.knn_index[rows[known]]
+        mapped = np.where(model_nb >= 0, to_catalog[np.maximum(model_nb, 0)], -1)
+        out.index[known] = mapped
+        out.weight[known] = np.where(mapped >= 0, self.knn_weight[rows[known]], 0.0)
+        out.count[known] = self.knn_count[rows[known]]
+        return out
 
     def profile_vectors(self, profiles: Sequence[Iterable[str]]) -> F32:
         """The profile term ``mean(W_u[x_u])`` for each user's feature strings."""

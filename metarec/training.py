@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from metarec.model import MetaModel, history_buckets
+from metarec.neighbors import VOTERS, ItemNeighbors
 from metarec.trending import HALF_LIVES
 from metarec.window import TrainingData
 
@@ -124,6 +125,10 @@ class TrainingBatches:
         self.snapshot_every = max(self.snapshot_every, math.ceil(size / 200e6))
         self.snapshots = trend_snapshots(d.items, d.weights, len(d.item_ids), self.half_lives,
                                          self.snapshot_every)
+        positive = d.weights > 0
+        self.neighbors = ItemNeighbors.from_events(d.users[positive], d.items[positive],
+                                                   len(d.item_ids))
+        self.voters = min(VOTERS, self.history_length)
         fu = [len(f) for f in d.user_features]
         width = max([*fu, 1])
         self.user_feat = np.full((len(d.user_ids), width), -1, np.int64)
@@ -158,13 +163,35 @@ class TrainingBatches:
         decay = np.exp2(-age / np.asarray(self.half_lives, np.float64)[None, :])
         neg = self.rng.integers(0, len(d.item_ids),
                                 (batch_size, self.inner_events, self.negatives))
+        knn_index, knn_value = self._votes(pos, end, hist_items[:, -self.voters:],
+                                           hist_w[:, -self.voters:])
         return {
             "users": users, "domains": d.domains[q], "profile": self.user_feat[users],
             "hist_items": hist_items, "hist_weights": hist_w, "query": query,
             "consumed": np.stack([rows, consumed], axis=1), "snap": snap,
             "decay": decay.astype(np.float32), "negatives": neg,
-            "bucket": history_buckets(hist_ok.sum(1)),
+            "bucket": history_buckets(hist_ok.sum(1)), "knn_index": knn_index,
+            "knn_value": knn_value,
         }
+
+
+    def _votes(self, pos: I64, end: I64, hist: I64, weights: F32) -> tuple[I64, F32]:
+        """Neighbour votes of each example's recent items (age weights left to the graph),
+        with the user's own co-consumption taken out for the items they take from the
+        example on (their sequence positions ``pos .. end-1``)."""
+        n_items = len(self.data.item_ids)
+        rows = np.repeat(np.arange(len(pos)), end - pos)
+        at = np.arange(rows.size) - np.repeat(np.cumsum(end - pos) - (end - pos), end - pos)
+        seq = pos[rows] + at
+        take = self.seq_weights[seq] > 0
+        nb = self.neighbors.index[np.maximum(hist, 0)].astype(np.int64)
+        # Membership of each neighbour in the example's later items: a bitmap per example.
+        later = np.zeros((len(pos), n_items), bool)
+        later[rows[take], self.seq_items[seq[take]]] = True
+        leave_out = np.take_along_axis(later, np.maximum(nb, 0).reshape(len(pos), -1),
+                                       axis=1).reshape(nb.shape) & (nb >= 0)
+        return self.neighbors.votes(hist, weights, np.ones(hist.shape[1], np.float32),
+                                    leave_out=leave_out)
 
 
 @dataclass
