@@ -20,7 +20,7 @@ exactly what serving sees: neighbours computed before the events they score.
 >>> users = np.array([0, 0, 1, 1, 2, 2])
 >>> items = np.array([0, 1, 0, 1, 0, 2])
 >>> nb = ItemNeighbors.from_events(users, items, n_items=3, n_neighbors=2)
->>> nb.index[0].tolist(), nb.weight[0].round(3).tolist()   # 1 co-occurs with 0 twice
+>>> nb.index[0].tolist(), [round(float(w), 3) for w in nb.weight[0]]  # 1: twice with 0
 ([1, 2], [0.816, 0.577])
 """
 
