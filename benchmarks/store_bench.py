@@ -23,7 +23,7 @@ import redis
 from metarec.aggregation import PartialSums
 from metarec.devservices import DEFAULT_REDIS_URL
 from metarec.store import RedisStore
-from metarec.trending import HALF_LIVES
+from metarec.trending import CHANNELS
 
 TOPIC = "bench.events"
 STATE_BYTES = 1024
@@ -67,7 +67,7 @@ def commit(store: RedisStore, partition: int, offset: int | None, nxt: int,
     start = time.perf_counter()
     store.commit_batch(TOPIC, partition, offset, nxt, states=data.states, recs=data.recs,
                        recs_ttl_s=86_400, partials=data.partials, events=len(data.states),
-                       trending=data.trending, half_lives=HALF_LIVES)
+                       trending=[data.trending] * len(CHANNELS), channels=CHANNELS)
     return (time.perf_counter() - start) * 1000
 
 

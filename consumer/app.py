@@ -228,10 +228,6 @@ class ConsumerApp:
             domains=[e.domain for e in evs])
         outcome = self.learner.learn_many(batch, states,
                                           dict(zip(users, profiles, strict=True)))
-        trending: dict[int, float] = defaultdict(float)
-        for item, w in zip(batch.items.tolist(), batch.weights.tolist(), strict=True):
-            if w > 0:  # what the learner's own trending counts (Learner.learn_many)
-                trending[item] += 1.0
         try:
             clock = self.store.commit_batch(
                 s.events_topic, part, self._expected.get(part), nxt,
@@ -240,7 +236,7 @@ class ConsumerApp:
                       for u, ranked in outcome.lists.items()},
                 recs_ttl_s=s.recs_ttl_s,
                 partials=outcome.partials if self.learner.model is not None else None,
-                events=len(batch), trending=trending, half_lives=self.learner.half_lives)
+                events=len(batch), trending=outcome.trending, channels=self.learner.channels)
         except StaleOffset as exc:
             log.warning("batch fenced off: partition moved to another consumer",
                         extra={"partition": part, "error": str(exc)})
@@ -366,7 +362,7 @@ class ConsumerApp:
 
     def _refresh_trending(self) -> None:
         self.learner.trending = self.store.trending(len(self.learner.catalog),
-                                                    self.learner.half_lives)
+                                                    self.learner.channels)
 
     def _refresh_stale_lists(self) -> None:
         """Re-rank recently active users after a model change, a few hundred at a time."""

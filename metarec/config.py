@@ -507,6 +507,17 @@ class Settings:
         body = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
         return f"Settings({body})"
 
+    def __reduce__(self) -> tuple[object, tuple[dict[str, object]]]:
+        """Pickled by value: ``metarec eval`` hands the caller's settings to its workers."""
+        values: dict[str, object] = {spec.name: getattr(self, spec.name) for spec in SETTINGS}
+        values["event_types"] = dict(self.event_types)
+        values["kafka_options"] = dict(self.kafka_options)
+        return (_from_values, (values,))
+
+
+def _from_values(values: dict[str, object]) -> Settings:
+    return Settings.from_env({}, values)
+
 
 def _parse(spec: SettingSpec, raw: object, source: str) -> object:
     try:

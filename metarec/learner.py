@@ -56,7 +56,7 @@ from metarec.drift import LIVE_WINDOW, DriftMonitor, RetrainRequest, respond
 from metarec.model import ItemTables, MetaModel, history_buckets
 from metarec.neighbors import votes
 from metarec.ranking import top_k
-from metarec.trending import HALF_LIVES, Trending
+from metarec.trending import CHANNELS, FIRST_EVENTS, Channel, Trending
 from metarec.user_state import UserState
 
 if TYPE_CHECKING:
@@ -116,6 +116,8 @@ class BatchOutcome:
     hit_rank: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     #: Users found to have drifted in this batch (their history was cut at the change).
     drifted: list[str] = field(default_factory=list)
+    #: What the batch added to each trending channel (item → weight), for the shared copy.
+    trending: list[dict[int, float]] = field(default_factory=list)
 
 
 class Learner:
@@ -131,8 +133,9 @@ class Learner:
         Keys the negatives of every inner-loop step (:func:`~metarec.adaptation.sample_negatives`).
     live_window
         Events per rolling window of the live quality metrics.
-    half_lives
-        The trending scales, in events; a model must have been trained with as many.
+    channels
+        The trending channels (:mod:`metarec.trending`); a model must have been trained
+        with as many.
     handle_drift
         React to users and domains whose live hits show a change (the services do; the
         drift scenario turns it off for its comparison).
@@ -141,17 +144,17 @@ class Learner:
     def __init__(self, *, top_k: int = DEFAULT_TOP_K,
                  history_length: int = DEFAULT_HISTORY_LENGTH, seed: int = 0,
                  live_window: int = LIVE_WINDOW,
-                 half_lives: Sequence[float] = HALF_LIVES, handle_drift: bool = True) -> None:
+                 channels: Sequence[Channel] = CHANNELS, handle_drift: bool = True) -> None:
         self.top_k = top_k
         self.history_length = history_length
         self.seed = seed
         self.live_window = live_window
-        self.half_lives = tuple(half_lives)
+        self.channels = tuple(channels)
         self.handle_drift = handle_drift
         self.catalog = Catalog()
         self.model: MetaModel | None = None
         self.tables: ItemTables | None = None
-        self.trending = Trending(half_lives)
+        self.trending = Trending(channels)
         self.drift = DriftMonitor(k=top_k, window=live_window)
         self._item_domain = np.zeros(0, np.int64)
         self._features: tuple[int, int, F32] | None = None
@@ -208,9 +211,10 @@ class Learner:
 
         Returns a request for the next cycle while the lists are recovering from a drift.
         """
-        if model.trend_scales != self.trending.n_scales:
-            raise ValueError(f"model version {model.version} weighs {model.trend_scales} "
-                             f"trending scales; this learner keeps {self.trending.n_scales}")
+        if model.trend_channels != self.trending.n_channels:
+            raise ValueError(f"model version {model.version} weighs {model.trend_channels} "
+                             f"trending channels; this learner keeps "
+                             f"{self.trending.n_channels}")
         self.model = model
         self.tables = model.item_tables(self.catalog)
         return self.drift.after_reload() if self.handle_drift else None
@@ -225,10 +229,20 @@ class Learner:
         a user whose live hits show a change is cut back to their history since it, and
         adapts with larger steps (:func:`metarec.drift.respond`).
         """
-        self.trending.learn_many(batch.items, np.where(batch.weights > 0, 1.0, 0.0))
         users = list(dict.fromkeys(batch.users))
         row_of = {u: r for r, u in enumerate(users)}
         loaded = {u: states.get(u) or self.new_state() for u in users}
+        # Trending counts every positive event once; the newcomers' channel those among
+        # their user's first FIRST_EVENTS.
+        seen = {u: loaded[u].n_events for u in users}
+        first = np.zeros(len(batch), bool)
+        for pos, u in enumerate(batch.users):
+            first[pos] = seen[u] < FIRST_EVENTS
+            seen[u] += 1
+        increments = self.trending.increments(batch.items, np.where(batch.weights > 0, 1.0,
+                                                                    0.0), first)
+        self.trending.clock += len(batch)
+        self.trending.add(increments, self.trending.clock)
         ub = self._stack(users, loaded, profiles)
         self._rederive_stale(users, loaded, ub)
         rows_all = np.fromiter((row_of[u] for u in batch.users), np.int64, len(batch))
@@ -277,7 +291,7 @@ class Learner:
             st.model_version = self.version
         lists = self._rank(users, loaded, ub)
         return BatchOutcome(states=loaded, lists=lists, partials=partials, hit_rank=hit_rank,
-                            drifted=drifted)
+                            drifted=drifted, trending=increments)
 
     def observe(self, batch: EventBatch, outcome: BatchOutcome) -> list[RetrainRequest]:
         """Feed a written batch's live hits to the drift monitor; returns its requests.

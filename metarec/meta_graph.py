@@ -108,8 +108,8 @@ class MetaGraph:
         log_prox = np.float32(np.log(0.1))
         # Start as one equal blend of the trending scales for everyone; training finds which
         # scale each history length follows.
-        n_scales = len(cfg.half_lives)
-        trend = np.full((HISTORY_BUCKETS, n_scales), 1.0 / n_scales, np.float32)
+        n_channels = len(cfg.channels)
+        trend = np.full((HISTORY_BUCKETS, n_channels), 1.0 / n_channels, np.float32)
         # Neighbour votes: the item-kNN baseline's decay of 0.9 per step of age to start.
         self.voters = batches.voters
         knn_age = (np.log(0.9) * np.arange(VOTERS)).astype(np.float32)

@@ -15,7 +15,7 @@ the consumer loads and serves it without TensorFlow. It holds
   ``M_g`` carries into domain ``g`` (so what a user did in one domain informs their first
   events in another), and the user's profile features;
 * Meta-SGD per-dimension step sizes ``α``, the proximal strength ``λ``, and the weights
-  ``β[c, s]`` of the trending prior in the score: one per trending scale ``s``
+  ``β[c, s]`` of the trending prior in the score: one per trending channel ``s``
   (:mod:`metarec.trending`) and per *history bucket* ``c`` of the user (how many events
   their history holds: 0, 1, 2-3, 4-7, ..., see :func:`history_buckets`), so the model
   learns which popularity a brand-new user follows and how much an established one still
@@ -51,6 +51,7 @@ import numpy.typing as npt
 from metarec.catalog import Catalog
 from metarec.errors import ModelError
 from metarec.neighbors import N_NEIGHBORS, VOTERS, ItemNeighbors
+from metarec.trending import CHANNELS
 
 __all__ = ["FORMAT_VERSION", "HISTORY_BUCKETS", "ItemTables", "MetaModel", "history_buckets"]
 
@@ -160,7 +161,7 @@ class MetaModel:
         *,
         history_length: int = 50,
         pools: int = 2,
-        trend_scales: int = 3,
+        trend_channels: int = len(CHANNELS),
         domains: Sequence[str] = ("default",),
         step: float = 0.05,
         meta: bool = True,
@@ -185,7 +186,7 @@ class MetaModel:
             age_logits=z((pools, history_length), np.float32),
             step=np.full(dim, step, np.float32), meta=meta,
             domain_map=np.stack([np.eye(dim, dtype=np.float32)] * len(domains)),
-            trend_weights=z((HISTORY_BUCKETS, trend_scales), np.float32),
+            trend_weights=z((HISTORY_BUCKETS, trend_channels), np.float32),
             knn_index=z((0, N_NEIGHBORS), np.int32), knn_weight=z((0, N_NEIGHBORS), np.float32),
             knn_count=z(0, np.float32), knn_age_logits=z(VOTERS, np.float32),
             knn_weights=z(HISTORY_BUCKETS, np.float32),
@@ -206,7 +207,7 @@ class MetaModel:
         return self._item_index.get(item, -1)
 
     @property
-    def trend_scales(self) -> int:
+    def trend_channels(self) -> int:
         return int(self.trend_weights.shape[1])
 
     def with_version(self, version: int) -> MetaModel:

@@ -191,12 +191,16 @@ class OnlineMetarec:
         return idx
 
 
-def metarec_factory(stream: EncodedStream, seed: int) -> OnlineMetarec:
-    """Full metarec, as the services run it."""
-    return OnlineMetarec(stream, seed=seed)
+def metarec_factory(stream: EncodedStream, seed: int,
+                    settings: Settings | None = None) -> OnlineMetarec:
+    """Full metarec, as the services run it (under ``settings``, default: the defaults)."""
+    return OnlineMetarec(stream, settings=settings, seed=seed)
 
 
-def metarec_no_meta_factory(stream: EncodedStream, seed: int) -> OnlineMetarec:
-    """The ablation: plain init, fixed step sizes, no mappings."""
-    return OnlineMetarec(stream, trainer=Retrainer.trainer_for(Settings.defaults(), meta=False),
+def metarec_no_meta_factory(stream: EncodedStream, seed: int,
+                            settings: Settings | None = None) -> OnlineMetarec:
+    """The ablation: plain init, fixed step sizes, no mappings, one set of prior weights
+    for every history length."""
+    s = settings or Settings.defaults()
+    return OnlineMetarec(stream, settings=s, trainer=Retrainer.trainer_for(s, meta=False),
                          seed=seed)

@@ -17,8 +17,8 @@ key                                type        value
 ``items:index``                    hash        item id → dense index 0..n-1
 ``items:next``                     string      number of items registered (next index)
 ``items:meta``                     hash        index → JSON ``{"item","domain","features"}``
-``trend:{h}``                      hash        item index → scaled trending count, half-life h
-``trend:meta``                     hash        ``clock`` (events applied), ``ref:{h}`` per scale
+``trend:{channel}``                hash        item index → scaled trending count of a channel
+``trend:meta``                     hash        ``clock`` (events applied), ``ref:{channel}``
 ``offset:{topic}:{partition}``     string      the partition's next offset to process
 ``partials:{topic}:{partition}``   hash        ``w:{row}`` = Σw, ``s:{row}:{j}`` = Σ w·δ_j
 ``partials:index``                 set         names of the partial-sum hashes not yet taken
@@ -58,7 +58,7 @@ import redis
 from metarec.aggregation import PartialSums
 from metarec.errors import ConfigError, MetarecError, ModelError, StaleOffset
 from metarec.events import ItemRecord, UserRecord
-from metarec.trending import Trending
+from metarec.trending import Channel, Trending
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore"]
 
@@ -75,57 +75,58 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 CatalogRow = tuple[int, str, str, tuple[str, ...]]
 
-# KEYS: offset, trend:meta, partials, partials:index, then one trend:{h} hash per scale,
-#       the state keys, the recs keys.
-# ARGV: expected ('' = none stored), next, recs ttl, #scales, #states, #recs, #trend,
-#       #partials, events (the clock's advance), the scales' half-lives, state values,
-#       recs values, trend (item, weight) pairs, partial (field, inc) pairs.
+# KEYS: offset, trend:meta, partials, partials:index, then one trend:{channel} hash per
+#       trending channel, the state keys, the recs keys.
+# ARGV: expected ('' = none stored), next, recs ttl, #channels, #states, #recs, #partials,
+#       events (the clock's advance), then per channel: its name, half-life and number of
+#       (item, weight) pairs; then state values, recs values, every channel's pairs in
+#       channel order, partial (field, inc) pairs.
 # Replies {1, clock} when applied, {0, stored offset} when fenced. Nothing is written until
-# the offset check has passed. A scale whose factor would pass 2^60 is rebased first (its
+# the offset check has passed. A channel whose factor would pass 2^60 is rebased first (its
 # counts multiplied down, its reference moved to the clock), inside the same unit.
 _COMMIT_LUA: Final = """#!lua
 local stored = redis.call('GET', KEYS[1])
 if (ARGV[1] == '' and stored) or (ARGV[1] ~= '' and stored ~= ARGV[1]) then
   return {0, stored or ''}
 end
-local nh, ns, nr = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local nt, nq, events = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local a = 9 + nh
-for i = 1, ns do redis.call('SET', KEYS[4 + nh + i], ARGV[a + i]) end
+local nc, ns, nr = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local nq, events = tonumber(ARGV[7]), tonumber(ARGV[8])
+local a = 8 + 3 * nc
+for i = 1, ns do redis.call('SET', KEYS[4 + nc + i], ARGV[a + i]) end
 a = a + ns
 local ttl = tonumber(ARGV[3])
 for i = 1, nr do
   if ttl > 0 then
-    redis.call('SET', KEYS[4 + nh + ns + i], ARGV[a + i], 'EX', ttl)
+    redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i], 'EX', ttl)
   else
-    redis.call('SET', KEYS[4 + nh + ns + i], ARGV[a + i])
+    redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i])
   end
 end
 a = a + nr
 local clock = redis.call('HINCRBY', KEYS[2], 'clock', events)
-if nt > 0 then
-  for s = 1, nh do
-    local h = tonumber(ARGV[9 + s])
-    local name = 'ref:' .. ARGV[9 + s]
+for c = 1, nc do
+  local name = 'ref:' .. ARGV[6 + 3 * c]
+  local h, np = tonumber(ARGV[7 + 3 * c]), tonumber(ARGV[8 + 3 * c])
+  if np > 0 then
     local ref = tonumber(redis.call('HGET', KEYS[2], name) or clock)
     if (clock - ref) / h > 60 then
       local shrink = 2 ^ (-(clock - ref) / h)
-      local flat = redis.call('HGETALL', KEYS[4 + s])
+      local flat = redis.call('HGETALL', KEYS[4 + c])
       for i = 2, #flat, 2 do
-        redis.call('HSET', KEYS[4 + s], flat[i - 1],
+        redis.call('HSET', KEYS[4 + c], flat[i - 1],
                    string.format('%.17g', tonumber(flat[i]) * shrink))
       end
       ref = clock
     end
     redis.call('HSET', KEYS[2], name, ref)
     local factor = 2 ^ ((clock - ref) / h)
-    for i = 1, nt do
-      redis.call('HINCRBYFLOAT', KEYS[4 + s], ARGV[a + 2 * i - 1],
+    for i = 1, np do
+      redis.call('HINCRBYFLOAT', KEYS[4 + c], ARGV[a + 2 * i - 1],
                  string.format('%.17g', tonumber(ARGV[a + 2 * i]) * factor))
     end
+    a = a + 2 * np
   end
 end
-a = a + 2 * nt
 for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
 if nq > 0 then redis.call('SADD', KEYS[4], KEYS[3]) end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -187,14 +188,6 @@ def _num(value: float, what: str) -> str:
     if not math.isfinite(x):
         raise ValueError(f"{what} must be finite, got {x!r}")
     return repr(x)
-
-
-def _scale(half_life: float) -> str:
-    """A trending scale's name in keys: its half-life, '1000' rather than '1000.0'."""
-    h = float(half_life)
-    if not (math.isfinite(h) and h > 0):
-        raise ValueError(f"a half-life must be a positive number, got {half_life!r}")
-    return str(int(h)) if h.is_integer() else repr(h)
 
 
 def _dump(obj: object) -> bytes:
@@ -279,8 +272,8 @@ class RedisStore:
         recs_ttl_s: int,
         partials: PartialSums | None,
         events: int = 0,
-        trending: Mapping[int, float] | None = None,
-        half_lives: Sequence[float] = (),
+        trending: Sequence[Mapping[int, float]] = (),
+        channels: Sequence[Channel] = (),
     ) -> int:
         """Write a batch's effects and move the partition's offset, all or nothing.
 
@@ -290,9 +283,9 @@ class RedisStore:
         whose partition was reassigned. ``next_offset == expected_offset`` is a *refresh*:
         rewriting states or lists (e.g. after a model change) without consuming anything.
 
-        ``events`` advances the shared trending clock (the batch's size); ``trending`` maps
-        item index → weight the batch adds at the new clock, on every scale of
-        ``half_lives`` (:mod:`metarec.trending`).
+        ``events`` advances the shared trending clock (the batch's size); ``trending``
+        holds, for each of ``channels`` (:mod:`metarec.trending`), the item index → weight
+        the batch adds to it at the new clock.
 
         Returns
         -------
@@ -305,26 +298,30 @@ class RedisStore:
         if next_offset < 0 or recs_ttl_s < 0 or events < 0:
             raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}) and "
                              f"events ({events}) must be >= 0")
-        trending = trending or {}
-        if trending and not half_lives:
-            raise ValueError("trending increments need the half_lives of the scales")
+        if len(trending) != len(channels):
+            raise ValueError(f"{len(trending)} trending increments for {len(channels)} "
+                             "channels; pass one mapping per channel")
+        head: list[str] = []
         trend_args: list[str] = []
-        for item, inc in trending.items():
-            if int(item) < 0:
-                raise ValueError(f"trending item index must be >= 0, got {item}")
-            trend_args += (str(int(item)), _num(inc, f"trending weight of item {item}"))
+        for channel, incs in zip(channels, trending, strict=True):
+            head += (channel.name, _num(channel.half_life, "half-life"), str(len(incs)))
+            if not channel.half_life > 0:
+                raise ValueError(f"channel {channel.name!r} needs a positive half-life")
+            for item, inc in incs.items():
+                if int(item) < 0:
+                    raise ValueError(f"trending item index must be >= 0, got {item}")
+                trend_args += (str(int(item)), _num(inc, f"trending weight of item {item}"))
         part_args = [] if partials is None else self._partial_fields(partials)
         partials_key = self._k("partials", topic, partition)
-        scales = [_scale(h) for h in half_lives]
         keys = [self._k("offset", topic, partition), self._k("trend", "meta"), partials_key,
                 self._k("partials", "index")]
-        keys += [self._k("trend", h) for h in scales]
+        keys += [self._k("trend", c.name) for c in channels]
         keys += [self._k("user", u) for u in states]
         keys += [self._k("recs", u) for u in recs]
         args: list[str | bytes] = [
             "" if expected_offset is None else str(int(expected_offset)), str(int(next_offset)),
-            str(int(recs_ttl_s)), str(len(scales)), str(len(states)), str(len(recs)),
-            str(len(trend_args) // 2), str(len(part_args) // 2), str(int(events)), *scales,
+            str(int(recs_ttl_s)), str(len(channels)), str(len(states)), str(len(recs)),
+            str(len(part_args) // 2), str(int(events)), *head,
         ]
         args += states.values()
         args += recs.values()
@@ -442,26 +439,25 @@ class RedisStore:
 
     # -- trending ----------------------------------------------------------------------
 
-    def trending(self, n_items: int, half_lives: Sequence[float]) -> Trending:
+    def trending(self, n_items: int, channels: Sequence[Channel]) -> Trending:
         """The shared trending counts of items ``0 .. n_items-1`` (one MULTI round trip)."""
-        scales = [_scale(h) for h in half_lives]
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(self._k("trend", "meta"))
-        for h in scales:
-            pipe.hgetall(self._k("trend", h))
+        for c in channels:
+            pipe.hgetall(self._k("trend", c.name))
         meta, *tables = pipe.execute()
         fields = {_text(k): int(float(v)) for k, v in meta.items()}
         clock = fields.get("clock", 0)
-        counts = np.zeros((len(scales), n_items))
+        counts = np.zeros((len(channels), n_items))
         for s, table in enumerate(tables):
             if table:
                 idx = np.array([int(k) for k in table], dtype=np.int64)
                 vals = np.array(list(table.values())).astype(np.float64)
                 keep = idx < n_items
                 counts[s, idx[keep]] = vals[keep]
-        refs = np.array([fields.get(f"ref:{h}", clock) for h in scales], np.int64)
-        return Trending.from_arrays({"counts": counts, "ref": refs, "clock": np.array(clock),
-                                     "half_lives": np.asarray(half_lives, np.float64)})
+        refs = np.array([fields.get(f"ref:{c.name}", clock) for c in channels], np.int64)
+        return Trending.from_arrays({"counts": counts, "ref": refs, "clock": np.array(clock)},
+                                    channels)
 
     # -- partial sums ----------------------------------------------------------------
 

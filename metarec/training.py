@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from metarec.model import MetaModel, history_buckets
 from metarec.neighbors import VOTERS, ItemNeighbors
-from metarec.trending import HALF_LIVES
+from metarec.trending import CHANNELS, Channel
 from metarec.window import TrainingData
 
 __all__ = ["MetaTrainer", "TrainingBatches", "trend_snapshots"]
@@ -50,28 +50,30 @@ SWITCH_WEIGHT = 10.0
 _MASKED = -1e9
 
 
-def trend_snapshots(items: I64, weights: F32, n_items: int, half_lives: Sequence[float],
-                    every: int) -> F32:
+def trend_snapshots(items: I64, weights: F32, first: npt.NDArray[np.bool_], n_items: int,
+                    channels: Sequence[Channel], every: int) -> F32:
     """Trending counts (:mod:`metarec.trending`) before every ``every``-th event of a window.
 
-    The clock is the event's position: ``snapshots[k, s]`` holds scale ``s``'s counts of
-    the positive events before position ``k·every``, read at that clock, so the trending
-    counts just before event ``q`` are about ``snapshots[q // every, s] ·
-    2^(-(q - (q // every)·every) / H_s)`` (the events since the snapshot are left out).
+    The clock is the event's position: ``snapshots[k, s]`` holds channel ``s``'s counts of
+    the positive events before position ``k·every`` (for a newcomers' channel, only those
+    ``first`` among their user's events), read at that clock, so the counts just before
+    event ``q`` are about ``snapshots[q // every, s] · 2^(-(q - (q // every)·every) / H_s)``
+    (the events since the snapshot are left out).
     """
     n_snap = max(1, (len(items) + every - 1) // every)
-    h = np.asarray(half_lives, np.float64)
+    h = np.asarray([c.half_life for c in channels], np.float64)
     snaps = np.zeros((n_snap, h.size, n_items), np.float32)
     pop = np.zeros((h.size, n_items))
     positive = np.asarray(weights) > 0
+    counted = [positive & first if c.first_only else positive for c in channels]
     for k in range(n_snap):
         snaps[k] = pop
         lo, hi = k * every, min((k + 1) * every, len(items))
         # One tick per event, as a consumer applying them one by one: event q counts from
         # clock q + 1, and the next snapshot reads at clock (k + 1)·every.
         pop *= np.exp2(-every / h)[:, None]
-        q = np.arange(lo, hi)[positive[lo:hi]]
         for s in range(h.size):
+            q = lo + np.flatnonzero(counted[s][lo:hi])
             np.add.at(pop[s], items[q], np.exp2(-((k + 1) * every - (q + 1)) / h[s]))
     return snaps
 
@@ -91,7 +93,7 @@ class TrainingBatches:
     query_length: int
     negatives: int
     rng: np.random.Generator
-    half_lives: Sequence[float] = HALF_LIVES
+    channels: Sequence[Channel] = CHANNELS
     #: Events between two trending snapshots; raised for big windows and catalogs so the
     #: snapshots stay within about 200 MB.
     snapshot_every: int = 50
@@ -121,10 +123,11 @@ class TrainingBatches:
         if switch.any():
             w = np.where(switch, SWITCH_WEIGHT, 1.0)
             self.switch_p = w / w.sum()
-        size = len(d) * len(self.half_lives) * len(d.item_ids) * 4
+        size = len(d) * len(self.channels) * len(d.item_ids) * 4
         self.snapshot_every = max(self.snapshot_every, math.ceil(size / 200e6))
-        self.snapshots = trend_snapshots(d.items, d.weights, len(d.item_ids), self.half_lives,
-                                         self.snapshot_every)
+        first = d.first if d.first.size == len(d) else np.zeros(len(d), bool)
+        self.snapshots = trend_snapshots(d.items, d.weights, first, len(d.item_ids),
+                                         self.channels, self.snapshot_every)
         positive = d.weights > 0
         self.neighbors = ItemNeighbors.from_events(d.users[positive], d.items[positive],
                                                    len(d.item_ids))
@@ -160,7 +163,8 @@ class TrainingBatches:
         consumed = self.seq_items[np.repeat(start, lengths) + offs]
         snap = q // self.snapshot_every
         age = (q - snap * self.snapshot_every)[:, None]
-        decay = np.exp2(-age / np.asarray(self.half_lives, np.float64)[None, :])
+        half_lives = np.asarray([c.half_life for c in self.channels], np.float64)
+        decay = np.exp2(-age / half_lives[None, :])
         neg = self.rng.integers(0, len(d.item_ids),
                                 (batch_size, self.inner_events, self.negatives))
         knn_index, knn_value = self._votes(pos, end, hist_items[:, -self.voters:],
@@ -221,7 +225,7 @@ class MetaTrainer:
     l2: float = 1e-5
     blend: float = 10.0
     cold_item_rate: float = 0.1
-    half_lives: tuple[float, ...] = HALF_LIVES
+    channels: tuple[Channel, ...] = CHANNELS
     step_init: float = 0.05
     meta: bool = True
     seed: int = 0
@@ -242,7 +246,7 @@ class MetaTrainer:
         device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
         started = time.perf_counter()
         batches = TrainingBatches(data, self.history_length, self.inner_events,
-                                  self.query_length, self.negatives, rng, self.half_lives)
+                                  self.query_length, self.negatives, rng, self.channels)
         with tf.device(device):
             graph = MetaGraph(self, data, batches, init, rng)
             steps = int(min(self.max_steps, max(

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from metarec.catalog import Vocabulary
+from metarec.trending import FIRST_EVENTS
 
 __all__ = ["EventWindow", "TrainingData"]
 
@@ -46,6 +47,9 @@ class TrainingData:
     user_features: list[tuple[str, ...]]
     domain_names: list[str]
     meta: dict[str, object] = field(default_factory=dict)
+    #: Whether each event is among its user's first :data:`~metarec.trending.FIRST_EVENTS`
+    #: events (counted from the first event the window's owner saw).
+    first: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -58,7 +62,10 @@ class EventWindow:
         if max_events < 1:
             raise ValueError(f"max_events must be positive, got {max_events}")
         self.max_events = max_events
-        self._events: deque[tuple[str, str, int, float, str]] = deque(maxlen=max_events)
+        self._events: deque[tuple[str, str, int, float, str, bool]] = deque(maxlen=max_events)
+        # Events seen per user, over everything appended (not only what the window keeps):
+        # whether an event is among its user's first ones outlives the event's neighbours.
+        self._user_events: dict[str, int] = {}
         self.item_meta: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.user_meta: dict[str, tuple[str, ...]] = {}
         # count_since(ts) for the last ts asked, kept up to date by append: the schedule
@@ -74,7 +81,9 @@ class EventWindow:
             if len(self._events) == self.max_events and self._events[0][2] >= since:
                 count -= 1
             self._since = (since, count + (ts >= since))
-        self._events.append((user, item, ts, weight, domain))
+        n = self._user_events.get(user, 0)
+        self._user_events[user] = n + 1
+        self._events.append((user, item, ts, weight, domain, n < FIRST_EVENTS))
 
     def describe_item(self, item: str, domain: str, features: Sequence[str]) -> None:
         self.item_meta[item] = (domain, tuple(features))
@@ -99,11 +108,11 @@ class EventWindow:
 
 
 def build_training_data(
-    events: Sequence[tuple[str, str, int, float, str]],
+    events: Sequence[tuple[str, str, int, float, str, bool]],
     item_meta: Mapping[str, tuple[str, tuple[str, ...]]],
     user_meta: Mapping[str, tuple[str, ...]],
 ) -> TrainingData:
-    """Encode ``(user, item, ts, weight, domain)`` tuples into :class:`TrainingData`."""
+    """Encode ``(user, item, ts, weight, domain, first)`` tuples into :class:`TrainingData`."""
     users, items, domains = Vocabulary(), Vocabulary(), Vocabulary()
     n = len(events)
     u = np.empty(n, np.int64)
@@ -111,8 +120,9 @@ def build_training_data(
     t = np.empty(n, np.int64)
     w = np.empty(n, np.float32)
     g = np.empty(n, np.int64)
+    f = np.empty(n, bool)
     item_domain: list[int] = []
-    for k, (user, item, ts, weight, domain) in enumerate(events):
+    for k, (user, item, ts, weight, domain, first) in enumerate(events):
         u[k] = users.index(user)
         idx = items.index(item)
         if idx == len(item_domain):
@@ -122,6 +132,7 @@ def build_training_data(
         t[k] = ts
         w[k] = weight
         g[k] = domains.index(domain)
+        f[k] = first
     return TrainingData(
         users=u, items=i, ts=t, weights=w, domains=g,
         item_ids=items.names,
@@ -130,4 +141,5 @@ def build_training_data(
         user_ids=users.names,
         user_features=[user_meta.get(x, ()) for x in users.names],
         domain_names=domains.names,
+        first=f,
     )

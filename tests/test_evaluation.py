@@ -15,6 +15,7 @@ from metarec.errors import DataError
 from metarec.evaluation import (
     BASELINES,
     BUCKETS,
+    DETERMINISTIC,
     EncodedStream,
     EvaluationReport,
     PrequentialRecords,
@@ -307,3 +308,65 @@ def test_popularity_baselines_reproduce_the_reference_on_ml100k() -> None:
         b = report.results[method].buckets
         got = (b["1"].hr, b["first20"].hr, b["all"].hr)
         assert got == pytest.approx(want, abs=0.01), method
+
+
+# -- the clock: same-timestamp groups ------------------------------------------------------
+
+
+class Remembers:
+    """Scores the items its user learned most recently highest: it profits from history."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, int] = {}
+        self.groups: list[list[int]] = []
+
+    def score(self, user: int, ts: int, domain: int, n_items: int) -> npt.NDArray[np.float64]:
+        out = np.arange(n_items) * 1e-3  # otherwise the newest item
+        last = self.last.get(user)
+        if last is not None and last + 1 < n_items:
+            out[last + 1] = 1.0  # "the item after the last one": right on this toy stream
+        return out
+
+    def learn_many(self, xs: list[Interaction]) -> None:
+        self.groups.append([x.item for x in xs])
+        for x in xs:
+            self.last[x.user] = x.item
+
+
+def test_events_of_one_timestamp_are_scored_before_any_of_them_is_learned() -> None:
+    # User b takes items 0, 1, 2 in the same second, then 3 a second later. Had the harness
+    # learned item 0 before scoring item 1, "the item after the last one" would hit.
+    events = [Event("a", f"i{j}", "click", j) for j in range(4)]
+    events += [Event("b", f"i{j}", "click", 10) for j in range(3)]
+    events += [Event("b", "i3", "click", 11)]
+    stream = encode(Dataset("same-second", events))
+    rec = Remembers()
+    out = prequential(stream, lambda s, seed: rec, seed=0, evaluated_users=[1], k=1)
+    assert out.hr.tolist() == [0.0, 0.0, 0.0, 1.0]
+    # The group is learned at once, in order, and its items are candidates only after it.
+    assert rec.groups[4] == [0, 1, 2] and rec.groups[5] == [3]
+    assert stream.n_seen[4:8].tolist() == [4, 4, 4, 4]
+
+
+def test_parallel_workers_give_the_same_records() -> None:
+    ds = _small_dataset()
+    methods = {name: BASELINES[name] for name in ("pop", "bprmf")}
+    one = evaluate(ds, methods, seeds=[0, 1], progress=False, n_boot=20)
+    two = evaluate(ds, methods, seeds=[0, 1], progress=False, n_boot=20, workers=2)
+    for name in methods:
+        for a, b in zip(one.results[name].runs, two.results[name].runs, strict=True):
+            np.testing.assert_array_equal(a.hr, b.hr)
+
+
+def test_deterministic_methods_run_once_and_stand_for_every_seed() -> None:
+    stream = encode(_small_dataset())
+    users = select_evaluated_users(stream)
+    for name in sorted(DETERMINISTIC):
+        a = prequential(stream, BASELINES[name], seed=0, evaluated_users=users)
+        b = prequential(stream, BASELINES[name], seed=7, evaluated_users=users)
+        np.testing.assert_array_equal(a.hr, b.hr, err_msg=f"{name} depends on the seed")
+    report = evaluate(_small_dataset(), {"pop": BASELINES["pop"]}, seeds=[0, 1, 2],
+                      progress=False, n_boot=20, deterministic=DETERMINISTIC)
+    res = report.results["pop"]
+    assert len(res.runs) == 3 and len(res.wall_time_s) == 1
+    assert res.buckets["all"].events == 3 * len(res.runs[0])

@@ -9,6 +9,7 @@ import pytest
 
 from metarec.learner import EventBatch, Learner
 from metarec.model import MetaModel
+from metarec.trending import Channel
 from metarec.user_state import UserState
 
 
@@ -119,6 +120,6 @@ def test_hits_are_measured_on_the_list_the_user_had() -> None:
 
 
 def test_an_unknown_trending_scale_count_is_refused() -> None:
-    learner = Learner(half_lives=(10.0, 100.0))
-    with pytest.raises(ValueError, match="trending scales"):
+    learner = Learner(channels=[Channel("10", 10.0), Channel("100", 100.0)])
+    with pytest.raises(ValueError, match="trending channels"):
         learner.load(_model(1))

@@ -18,10 +18,10 @@ from metarec.aggregation import PartialSums
 from metarec.errors import ConfigError, ModelError, StaleOffset
 from metarec.events import ItemRecord, UserRecord
 from metarec.store import RedisStore
-from metarec.trending import Trending
+from metarec.trending import Channel, Trending
 
 TOPIC = "metarec.events"
-SCALES = (1.0, 1000.0)
+CHANNELS = (Channel("1", 1.0), Channel("1000", 1000.0))
 
 
 @pytest.fixture
@@ -44,8 +44,8 @@ def commit(store: RedisStore, expected: int | None, nxt: int, tag: str, *,
         TOPIC, partition, expected, nxt,
         states={"u1": f"state-{tag}".encode(), "u2": b"\x00\xff" + tag.encode()},
         recs={"u1": json.dumps({"user": "u1", "items": [tag]}).encode()},
-        recs_ttl_s=ttl, partials=partials, events=2, trending={3: 1.5, 7: 0.25},
-        half_lives=SCALES,
+        recs_ttl_s=ttl, partials=partials, events=2, trending=[{3: 1.5, 7: 0.25}] * 2,
+        channels=CHANNELS,
     )
 
 
@@ -60,7 +60,7 @@ def test_commit_applies_everything_and_moves_the_offset(
     assert states == [b"state-a", b"\x00\xffa", None]
     assert profiles == [None, None, None]
     assert store.read_recs("u1") == {"user": "u1", "items": ["a"]}
-    trend = store.trending(8, SCALES)
+    trend = store.trending(8, CHANNELS)
     assert trend.clock == 2
     assert trend.counts(8).tolist() == [[0, 0, 0, 1.5, 0, 0, 0, 0.25]] * 2
     [part] = store.take_partials(TOPIC)
@@ -120,14 +120,15 @@ def test_bad_numbers_are_refused_before_anything_is_written(
         store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
     with pytest.raises(ValueError, match="finite"):
         store.commit_batch(TOPIC, 0, None, 1, states={"u": b"s"}, recs={}, recs_ttl_s=0,
-                           partials=None, events=1, trending={1: float("nan")},
-                           half_lives=SCALES)
-    with pytest.raises(ValueError, match="half_lives"):
+                           partials=None, events=1, trending=[{1: float("nan")}] * 2,
+                           channels=CHANNELS)
+    with pytest.raises(ValueError, match="channels"):
         store.commit_batch(TOPIC, 0, None, 1, states={}, recs={}, recs_ttl_s=0,
-                           partials=None, events=1, trending={1: 1.0})
+                           partials=None, events=1, trending=[{1: 1.0}])
     with pytest.raises(ValueError, match="half-life"):
         store.commit_batch(TOPIC, 0, None, 1, states={}, recs={}, recs_ttl_s=0,
-                           partials=None, events=1, trending={1: 1.0}, half_lives=(0.0,))
+                           partials=None, events=1, trending=[{1: 1.0}],
+                           channels=[Channel("zero", 0.0)])
     assert snapshot(redis_client, key_prefix) == {}
 
 
@@ -228,33 +229,31 @@ def test_take_partials_sums_exactly_per_partition_and_resets(store: RedisStore) 
 
 def test_trending_follows_the_shared_clock_like_the_learners_copy(store: RedisStore) -> None:
     """Two consumers' batches, then a read: the counts of one Trending fed the same way."""
-    assert store.trending(3, SCALES).clock == 0
-    local = Trending(SCALES)
+    assert store.trending(3, CHANNELS).clock == 0
+    local = Trending(CHANNELS)
     for partition, items in ((0, [1, 1, 2]), (1, [0]), (0, [2, 2])):
-        counts: dict[int, float] = {}
-        for item in items:
-            counts[item] = counts.get(item, 0.0) + 1.0
         clock = store.commit_batch(TOPIC, partition, store.offsets(TOPIC, [partition])[
             partition], 10 + partition + local.clock, states={}, recs={}, recs_ttl_s=0,
-            partials=None, events=len(items), trending=counts, half_lives=SCALES)
+            partials=None, events=len(items), trending=local.increments(items),
+            channels=CHANNELS)
         assert clock == local.learn_many(items)
-    shared = store.trending(4, SCALES)
+    shared = store.trending(4, CHANNELS)
     assert shared.clock == local.clock == 6
     np.testing.assert_allclose(shared.counts(4), local.counts(4), rtol=1e-12)
 
 
 def test_a_scale_is_rebased_in_the_commit_once_its_factor_grows_large(
         store: RedisStore) -> None:
-    local = Trending(SCALES)
+    local = Trending(CHANNELS)
     offset = None
-    for step in range(70):  # 70 half-lives of the 1-event scale: one rebase on the way
+    for step in range(70):  # 70 half-lives of the 1-event channel: one rebase on the way
         clock = store.commit_batch(TOPIC, 0, offset, step + 1, states={}, recs={},
                                    recs_ttl_s=0, partials=None, events=1,
-                                   trending={step % 3: 1.0}, half_lives=SCALES)
+                                   trending=[{step % 3: 1.0}] * 2, channels=CHANNELS)
         offset = step + 1
         local.learn_many([step % 3])
         assert clock == local.clock
-    shared = store.trending(3, SCALES)
+    shared = store.trending(3, CHANNELS)
     np.testing.assert_allclose(shared.counts(3), local.counts(3), rtol=1e-9)
     assert shared.to_arrays()["ref"][0] > 0  # the short scale's reference moved
 

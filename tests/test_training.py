@@ -8,7 +8,7 @@ import pytest
 from metarec.adaptation import UserBatch, adapt, prior
 from metarec.catalog import Catalog
 from metarec.training import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
-from metarec.trending import Trending
+from metarec.trending import Channel, Trending
 from metarec.window import TrainingData
 
 tf = pytest.importorskip("tensorflow")
@@ -40,12 +40,14 @@ def test_trend_snapshots_are_the_learners_trending_counts_one_event_at_a_time() 
     rng = np.random.default_rng(0)
     items = rng.integers(0, 5, 50)
     weights = np.where(rng.random(50) < 0.2, -1.0, 1.0).astype(np.float32)
-    snaps = trend_snapshots(items, weights, 5, half_lives=(3.0, 30.0), every=10)
-    trend = Trending((3.0, 30.0))
+    first = rng.random(50) < 0.3
+    channels = (Channel("3", 3.0), Channel("30", 30.0), Channel("new", 30.0, True))
+    snaps = trend_snapshots(items, weights, first, 5, channels, every=10)
+    trend = Trending(channels)
     for k in range(5):
         np.testing.assert_allclose(snaps[k], trend.counts(5), rtol=1e-5, atol=1e-6)
         for q in range(10 * k, 10 * k + 10):
-            trend.learn_many([items[q]], [weights[q]])
+            trend.learn_many([items[q]], [weights[q]], [first[q]])
 
 
 def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> None:
