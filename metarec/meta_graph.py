@@ -59,6 +59,7 @@ _META_PARAMS = ("emb", "ctx", "bias", "g_emb", "g_ctx", "g_bias", "theta0", "u_f
                 "hist_map", "age", "log_step", "log_prox", "trend", "domain_map", "knn_age",
                 "knn_weights")
 _PLAIN_PARAMS = ("emb", "bias", "free_users", "trend", "knn_age", "knn_weights")
+_ALL_PARAMS = (*_META_PARAMS, "free_users")
 
 
 class MetaGraph:
@@ -291,7 +292,7 @@ _CONST_SPEC = {"feat_rows": tf.int64, "feat_cols": tf.int64, "feat_count": tf.fl
 def _step_function(shape: _Shape) -> Any:
     """One Adam step on the query loss, as a traced TensorFlow function."""
     names = _META_PARAMS if shape.meta else _PLAIN_PARAMS
-    frozen = [k for k in (*_META_PARAMS, "free_users") if k not in names]
+    frozen = [k for k in _ALL_PARAMS if k not in names]
     trained_spec = {k: _any_spec() for k in names}
     signature = [trained_spec, trained_spec, trained_spec, _any_spec(), _any_spec(),
                  {k: _any_spec() for k in frozen},

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 
+#: Prefixes of the window whose neighbours the training examples vote with (see
+#: TrainingBatches): the first quarter votes with none, as a system without history.
+KNN_SNAPSHOTS = 4
 #: How much more often an event that enters a new domain is drawn as a training example.
 SWITCH_WEIGHT = 10.0
 #: Logit given to consumed items so that softmax ignores them without producing NaNs.
@@ -128,9 +131,21 @@ class TrainingBatches:
         first = d.first if d.first.size == len(d) else np.zeros(len(d), bool)
         self.snapshots = trend_snapshots(d.items, d.weights, first, len(d.item_ids),
                                          self.channels, self.snapshot_every)
+        # The neighbours shipped with the model come from the whole window; each training
+        # example votes with neighbours computed from the events before it (the latest of
+        # KNN_SNAPSHOTS prefixes of the window), as serving votes with those of the last
+        # training: neighbours that know what comes next would teach the model to trust
+        # them more than serving can.
         positive = d.weights > 0
+        n_items = len(d.item_ids)
         self.neighbors = ItemNeighbors.from_events(d.users[positive], d.items[positive],
-                                                   len(d.item_ids))
+                                                   n_items)
+        self.knn_bounds = (np.arange(KNN_SNAPSHOTS) * len(d)) // KNN_SNAPSHOTS
+        prefixes = [ItemNeighbors.from_events(d.users[:b][positive[:b]],
+                                              d.items[:b][positive[:b]], n_items)
+                    for b in self.knn_bounds]
+        self.knn_index = np.stack([p.index for p in prefixes])
+        self.knn_weight = np.stack([p.weight for p in prefixes])
         self.voters = min(VOTERS, self.history_length)
         fu = [len(f) for f in d.user_features]
         width = max([*fu, 1])
@@ -167,7 +182,7 @@ class TrainingBatches:
         decay = np.exp2(-age / half_lives[None, :])
         neg = self.rng.integers(0, len(d.item_ids),
                                 (batch_size, self.inner_events, self.negatives))
-        knn_index, knn_value = self._votes(pos, end, hist_items[:, -self.voters:],
+        knn_index, knn_value = self._votes(q, hist_items[:, -self.voters:],
                                            hist_w[:, -self.voters:])
         return {
             "users": users, "domains": d.domains[q], "profile": self.user_feat[users],
@@ -179,23 +194,15 @@ class TrainingBatches:
         }
 
 
-    def _votes(self, pos: I64, end: I64, hist: I64, weights: F32) -> tuple[I64, F32]:
-        """Neighbour votes of each example's recent items (age weights left to the graph),
-        with the user's own co-consumption taken out for the items they take from the
-        example on (their sequence positions ``pos .. end-1``)."""
-        n_items = len(self.data.item_ids)
-        rows = np.repeat(np.arange(len(pos)), end - pos)
-        at = np.arange(rows.size) - np.repeat(np.cumsum(end - pos) - (end - pos), end - pos)
-        seq = pos[rows] + at
-        take = self.seq_weights[seq] > 0
-        nb = self.neighbors.index[np.maximum(hist, 0)].astype(np.int64)
-        # Membership of each neighbour in the example's later items: a bitmap per example.
-        later = np.zeros((len(pos), n_items), bool)
-        later[rows[take], self.seq_items[seq[take]]] = True
-        leave_out = np.take_along_axis(later, np.maximum(nb, 0).reshape(len(pos), -1),
-                                       axis=1).reshape(nb.shape) & (nb >= 0)
-        return self.neighbors.votes(hist, weights, np.ones(hist.shape[1], np.float32),
-                                    leave_out=leave_out)
+    def _votes(self, q: I64, hist: I64, weights: F32) -> tuple[I64, F32]:
+        """Neighbour votes of each example's recent items, from the neighbours of the
+        window's prefix before example ``q`` (age weights are left to the graph)."""
+        snap = np.searchsorted(self.knn_bounds, q, side="right") - 1
+        ok = (hist >= 0) & (weights > 0)
+        safe = np.where(ok, hist, 0)
+        index = np.where(ok[..., None], self.knn_index[snap[:, None], safe], -1)
+        value = np.where(ok[..., None], self.knn_weight[snap[:, None], safe], 0.0)
+        return index.astype(np.int64), value.astype(np.float32)
 
 
 @dataclass
