@@ -155,6 +155,7 @@ class MetaGraph:
         self.consts = {"feat_rows": self.feat_rows, "feat_cols": self.feat_cols,
                        "feat_count": self.feat_count, "snapshots": self.snapshots}
         self._step = _step_function(_Shape.of(cfg, self.voters))
+        self._loss = _loss_function(_Shape.of(cfg, self.voters))
 
     # -- forward (for checks against the numpy side) --------------------------------------
 
@@ -182,6 +183,42 @@ class MetaGraph:
         w = self.count / (self.count + self.cfg.blend)
         cold = self.rng.random(len(w)) < self.cfg.cold_item_rate
         return np.where(cold, 0.0, w).astype(np.float32)
+
+    def validation_loss(self, examples: dict[str, Any]) -> float:
+        """Mean query loss of ``examples`` under the current parameters (in batches)."""
+        n = len(examples["users"])
+        total, weight = 0.0, 0.0
+        own = self.count / (self.count + self.cfg.blend)  # no item made cold on purpose
+        for lo in range(0, n, self.cfg.batch_size):
+            part = _slice_examples(examples, lo, lo + self.cfg.batch_size)
+            part["own_weight"] = own.astype(np.float32)
+            b = {k: tf.constant(v) for k, v in part.items()}
+            loss, count = self._loss(self.params, self.consts, b)
+            total += float(loss) * float(count)
+            weight += float(count)
+        return total / max(weight, 1.0)
+
+    def train_until_best(self, batches: TrainingBatches, validation: dict[str, Any],
+                         max_steps: int, check_every: int, patience: int,
+                         ) -> tuple[float, int]:
+        """Train while the held-out loss improves; keep the best parameters.
+
+        Returns that loss and the steps that reached it.
+        """
+        best_loss, best_step = self.validation_loss(validation), 0
+        best = dict(self.params)  # tensors are immutable: a shallow copy is a snapshot
+        steps, since_best = 0, 0
+        while steps < max_steps and since_best < patience:
+            chunk = min(check_every, max_steps - steps)
+            self.train(batches, chunk)
+            steps += chunk
+            loss = self.validation_loss(validation)
+            if loss < best_loss:
+                best_loss, best_step, best, since_best = loss, steps, dict(self.params), 0
+            else:
+                since_best += 1
+        self.params = best
+        return best_loss, best_step
 
     def train(self, batches: TrainingBatches, steps: int) -> float:
         """``steps`` Adam steps; returns the mean query loss of the last tenth of them.
@@ -306,7 +343,7 @@ def _step_function(shape: _Shape) -> Any:
         with tf.GradientTape() as tape:
             tape.watch(list(trained.values()))
             p = {**fixed, **trained}
-            nll, reg = _query_loss(shape, p, consts, b)
+            nll, reg, _ = _query_loss(shape, p, consts, b)
             loss = nll + reg
         grads = tape.gradient(loss, trained)
         new, new_m, new_v = {}, {}, {}
@@ -320,6 +357,30 @@ def _step_function(shape: _Shape) -> Any:
         return new, new_m, new_v, nll
 
     return tf.function(step, input_signature=signature)
+
+
+@functools.cache
+def _loss_function(shape: _Shape) -> Any:
+    """The query loss of a batch and how many query items it counted, traced once."""
+    signature = [{k: _any_spec() for k in _ALL_PARAMS},
+                 {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
+                 {k: _any_spec(v) for k, v in _BATCH_SPEC.items()}]
+
+    def loss(p: dict[str, tf.Tensor], consts: dict[str, tf.Tensor],
+             b: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        nll, _, count = _query_loss(shape, p, consts, b)
+        return nll, count
+
+    return tf.function(loss, input_signature=signature)
+
+
+def _slice_examples(examples: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    """Rows ``lo .. hi-1`` of a batch of examples (``consumed`` holds (row, item) pairs)."""
+    out = {k: v[lo:hi] for k, v in examples.items() if k != "consumed"}
+    pairs = examples["consumed"]
+    keep = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+    out["consumed"] = pairs[keep] - np.array([lo, 0])
+    return out
 
 
 def _item_tables(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
@@ -402,8 +463,9 @@ def _votes(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
 
 
 def _query_loss(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
-                b: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Softmax loss of the query items over the whole catalog, and the L2 penalty."""
+                b: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Softmax loss of the query items over the whole catalog, the L2 penalty, and how
+    many query items were counted."""
     vectors, bias, context = _item_tables(shape, p, c, b["own_weight"])
     if shape.meta:
         theta0 = _prior(shape, p, b, context)
@@ -426,7 +488,8 @@ def _query_loss(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
     target = tf.gather(logits, tf.maximum(query, 0), batch_dims=1)
     # A repeat of a consumed item is masked like the rest: it is not a target.
     ok = tf.cast((query >= 0) & (target > _MASKED / 2), tf.float32)
-    nll = tf.reduce_sum((lse - target) * ok) / tf.maximum(tf.reduce_sum(ok), 1.0)
+    count = tf.reduce_sum(ok)
+    nll = tf.reduce_sum((lse - target) * ok) / tf.maximum(count, 1.0)
     reg = shape.l2 * (tf.reduce_sum(tf.square(theta)) + tf.reduce_sum(
         tf.square(tf.gather(vectors, tf.maximum(query, 0)))))
-    return nll, reg
+    return nll, reg, count

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from metarec.adaptation import user_keys
 from metarec.model import MetaModel, history_buckets
 from metarec.neighbors import VOTERS, ItemNeighbors
 from metarec.trending import CHANNELS, Channel
@@ -47,6 +48,11 @@ F32 = npt.NDArray[np.float32]
 #: Prefixes of the window whose neighbours the training examples vote with (see
 #: TrainingBatches): the first quarter votes with none, as a system without history.
 KNN_SNAPSHOTS = 4
+#: A window with fewer held-out users or events than these trains without validation.
+MIN_VALIDATION_USERS = 10
+MIN_VALIDATION_EVENTS = 200
+#: Held-out examples that judge a training run (two forward passes of a batch).
+VALIDATION_EXAMPLES = 2048
 #: How much more often an event that enters a new domain is drawn as a training example.
 SWITCH_WEIGHT = 10.0
 #: Logit given to consumed items so that softmax ignores them without producing NaNs.
@@ -88,6 +94,14 @@ class TrainingBatches:
     Events are regrouped per user in time order once; each batch then picks events
     uniformly and gathers their support history, the query items and the items the user
     had already consumed, all as fixed-shape arrays.
+
+    A share ``holdout`` of the users is kept out of the training examples: their newest
+    events are the validation examples that decide when training stops
+    (:meth:`MetaTrainer.fit`). Users are the tasks of meta-learning, so unseen users are
+    what the model must generalize to. The share is picked by a hash of the user id, so it
+    is the same users in every version: a model warm-started from one that trained on them
+    would otherwise find them already learned. Their events still count in the trending
+    counts and the neighbours, as every event does in serving.
     """
 
     data: TrainingData
@@ -100,6 +114,7 @@ class TrainingBatches:
     #: Events between two trending snapshots; raised for big windows and catalogs so the
     #: snapshots stay within about 200 MB.
     snapshot_every: int = 50
+    holdout: float = 0.1
 
     def __post_init__(self) -> None:
         d = self.data
@@ -122,9 +137,17 @@ class TrainingBatches:
         same_user = np.r_[False, np.diff(users_sorted) == 0]
         switch = np.zeros(len(d), bool)
         switch[self.order] = same_user & (seq_dom != np.r_[-1, seq_dom[:-1]])
+        held = (user_keys(d.user_ids) % np.uint64(10_000)).astype(np.int64) < round(
+            self.holdout * 10_000)
+        valid = held[d.users]
+        # Too few to judge by: no validation, every user trains.
+        if valid.sum() < MIN_VALIDATION_EVENTS or held.sum() < MIN_VALIDATION_USERS:
+            valid[:] = False
+        self.train_idx = np.flatnonzero(~valid)
+        self.valid_idx = np.flatnonzero(valid)
         self.switch_p: npt.NDArray[np.float64] | None = None
-        if switch.any():
-            w = np.where(switch, SWITCH_WEIGHT, 1.0)
+        if switch[self.train_idx].any():
+            w = np.where(switch[self.train_idx], SWITCH_WEIGHT, 1.0)
             self.switch_p = w / w.sum()
         size = len(d) * len(self.channels) * len(d.item_ids) * 4
         self.snapshot_every = max(self.snapshot_every, math.ceil(size / 200e6))
@@ -155,11 +178,25 @@ class TrainingBatches:
             for j, f in enumerate(feats):
                 self.user_feat[u, j] = self.user_vocab.setdefault(f, len(self.user_vocab))
 
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.valid_idx.size)
+
     def sample(self, batch_size: int) -> dict[str, Any]:
-        """One batch of examples (the arrays the TensorFlow step takes)."""
+        """One batch of training examples (the arrays the TensorFlow step takes)."""
+        pick = (self.rng.integers(0, self.train_idx.size, batch_size) if self.switch_p is None
+                else self.rng.choice(self.train_idx.size, batch_size, p=self.switch_p))
+        return self.examples(self.train_idx[pick])
+
+    def validation(self, n: int) -> dict[str, Any]:
+        """Up to ``n`` examples of the held-out users, the newest ones: what the model has
+        to do next is like what came last (the same examples on every call)."""
+        return self.examples(self.valid_idx[-n:])
+
+    def examples(self, q: I64) -> dict[str, Any]:
+        """The examples of window events ``q``."""
         d, L, Q = self.data, self.history_length, self.query_length
-        q = (self.rng.integers(0, len(d), batch_size) if self.switch_p is None
-             else self.rng.choice(len(d), batch_size, p=self.switch_p))
+        batch_size = len(q)
         users = d.users[q]
         pos = self.seq_pos[q]
         start = self.user_start[users]
@@ -193,7 +230,6 @@ class TrainingBatches:
             "knn_value": knn_value,
         }
 
-
     def _votes(self, q: I64, hist: I64, weights: F32) -> tuple[I64, F32]:
         """Neighbour votes of each example's recent items, from the neighbours of the
         window's prefix before example ``q`` (age weights are left to the graph)."""
@@ -221,13 +257,18 @@ class MetaTrainer:
     query_length: int = 3
     negatives: int = 4
     batch_size: int = 1024
-    #: One pass over the window per run: the model is warm-started every run, and more
-    #: passes overfit the window (measured on ml-100k: 3 passes cost 0.03 HR@10).
-    epochs: float = 1.0
+    #: How long to train is decided on held-out users (see TrainingBatches): their query
+    #: loss is checked every ``check_every`` steps, and training stops after ``patience``
+    #: checks without a new best (the best parameters are kept), or at ``max_steps``. How
+    #: much training a window can take differs by stream and grows with the window.
+    check_every: int = 5
+    patience: int = 3
     max_steps: int = 400
-    #: Fewest steps per run: one pass over the few thousand events of a first window is a
-    #: handful of steps, too few to learn from.
-    min_steps: int = 50
+    holdout: float = 0.1
+    #: Without enough held-out users (a tiny window): ``epochs`` passes over the window, at
+    #: least ``min_steps``.
+    epochs: float = 0.5
+    min_steps: int = 25
     learning_rate: float = 0.02
     l2: float = 1e-5
     blend: float = 10.0
@@ -249,19 +290,26 @@ class MetaTrainer:
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
         tf.random.set_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng([self.seed, version])
         device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
         started = time.perf_counter()
         batches = TrainingBatches(data, self.history_length, self.inner_events,
-                                  self.query_length, self.negatives, rng, self.channels)
+                                  self.query_length, self.negatives, rng, self.channels,
+                                  holdout=self.holdout)
         with tf.device(device):
             graph = MetaGraph(self, data, batches, init, rng)
-            steps = int(min(self.max_steps, max(
-                self.min_steps, math.ceil(self.epochs * len(data) / self.batch_size))))
-            loss = graph.train(batches, steps)
+            if batches.has_validation:
+                loss, steps = graph.train_until_best(
+                    batches, batches.validation(VALIDATION_EXAMPLES), self.max_steps,
+                    self.check_every, self.patience)
+            else:
+                steps = int(min(self.max_steps, max(
+                    self.min_steps, math.ceil(self.epochs * len(data) / self.batch_size))))
+                loss = graph.train(batches, steps)
             model = graph.export(version)
         elapsed = time.perf_counter() - started
         model.info.update({"device": device, "steps": steps, "loss": loss,
+                           "validated": batches.has_validation,
                            "events": len(data), "seconds": round(elapsed, 3),
                            "seed": self.seed})
         log.info("meta-training done", extra={"device": device, "steps": steps,
