@@ -169,3 +169,32 @@ def test_domain_switches_are_drawn_more_often() -> None:
 def test_one_domain_keeps_uniform_sampling() -> None:
     assert TrainingBatches(_domain_data([0] * 10), 4, 1, 1, 1, np.random.default_rng(0)).switch_p \
         is None
+
+
+def test_held_out_users_never_train_and_are_the_same_in_every_version() -> None:
+    data = _data(n_events=3000, n_users=300)
+    a = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(1), holdout=0.2)
+    assert a.has_validation
+    np.testing.assert_array_equal(a.valid_idx, b.valid_idx)
+    held = set(data.users[a.valid_idx].tolist())
+    assert 30 < len(held) < 90
+    trained = set(a.sample(4096)["users"].tolist())
+    assert not trained & held
+    val = a.validation(500)
+    # The newest events of the held-out users.
+    assert set(val["users"].tolist()) <= held and len(val["users"]) == 500
+    assert a.valid_idx[-500:].tolist() == sorted(a.valid_idx[-500:].tolist())
+
+
+def test_training_stops_when_held_out_users_stop_improving() -> None:
+    data = _data(n_events=4000, n_users=400)
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
+                          check_every=5, patience=2, max_steps=300, learning_rate=0.1)
+    model = trainer.fit(data)
+    assert model.info["validated"]
+    assert 0 < model.info["steps"] < 300  # it stopped on its own, at a best checkpoint
+    assert model.info["steps"] % 5 == 0
+    few = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64, min_steps=7,
+                      max_steps=7).fit(_data(n_events=300, n_users=20))
+    assert not few.info["validated"] and few.info["steps"] == 7
