@@ -1,4 +1,4 @@
-"""``metarec eval``: the prequential comparison of DESIGN.md, from the command line.
+"""``metarec eval``: the prequential comparison, the suite and the scenarios, from the CLI.
 
 Kept out of :mod:`metarec.cli` so the argument wiring of each subcommand sits next to
 nothing but its own job.

@@ -1,4 +1,4 @@
-"""The prequential ("test-then-train") harness that judges every method (DESIGN.md).
+"""The prequential ("test-then-train") harness that judges every method.
 
 The stream is replayed in timestamp order. Before each event of an evaluated user the
 recommender scores the candidate set — every item of an event it has already learned —

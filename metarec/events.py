@@ -1,6 +1,6 @@
 """The records that flow through metarec: events, item metadata and user profiles.
 
-These mirror the topic contracts in DESIGN.md exactly. Parsing is strict because apps in
+These are the topic contracts (README, "Publishing events"). Parsing is strict because apps in
 other languages publish here: a record that does not follow the contract raises
 :class:`~metarec.errors.InvalidEvent` naming the field, and the consumer sends it to the
 dead-letter topic.

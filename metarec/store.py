@@ -1,6 +1,6 @@
 """The Redis state store: everything the consumer and the aggregator keep in Redis.
 
-Why one class: the atomic-offset rule of DESIGN.md (a batch's effects and its partition's
+Why one class: the atomic-offset rule (a batch's effects and its partition's
 next offset are one unit that checks the stored offset first) can only be kept if every
 write goes through code that knows the whole key layout. The multi-key operations are Lua
 scripts (run with EVALSHA), so each is one round trip and atomic; their inputs are checked
@@ -11,7 +11,7 @@ Key layout (every key starts with the prefix, default ``metarec:``; see docs/RED
 =================================  ==========  ===============================================
 key                                type        value
 =================================  ==========  ===============================================
-``recs:{user}``                    string      the list apps read (JSON, DESIGN.md); TTL opt.
+``recs:{user}``                    string      the list apps read (JSON, the contract); TTL
 ``user:{user}``                    string      the user's state blob (``UserState.to_bytes``)
 ``profile:{user}``                 string      profile features, JSON list of strings
 ``items:index``                    hash        item id → dense index 0..n-1

@@ -316,7 +316,7 @@ def make_system(kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis[
 
 def check_list(system: System, user: str, *, events: int, catalog: set[str],
                consumed: set[str], top_k: int, model_version: int | None = None) -> None:
-    """``recs:{user}`` follows the contract of DESIGN.md exactly."""
+    """``recs:{user}`` follows the list contract exactly."""
     recs = system.recs(user)
     assert recs is not None, f"no list for user {user!r}"
     assert set(recs) == RECS_KEYS, f"keys of recs:{user}: {sorted(recs)}"
