@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint test demo bench eval
+.PHONY: help install lint test demo bench eval suite
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-8s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ demo: $(STAMP) ## the whole loop on the local broker and Redis, on a bundled syn
 
 eval: $(STAMP) ## the ml-100k prequential comparison (about 5 minutes)
 	$(BIN)/metarec eval --data ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/ml100k.json
+
+suite: $(STAMP) ## the robustness suite: ml-100k, its variants and the synthetic stream (about 20 minutes)
+	$(BIN)/metarec eval --suite ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/suite.json
 
 bench: $(STAMP) ## hot-path benchmarks: core math, Redis commit, consumer end to end
 	$(BIN)/python benchmarks/core_bench.py

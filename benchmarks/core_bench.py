@@ -1,7 +1,11 @@
-"""Time the consumer's hot-path core: adapt + rank a batch of users, and load a model.
+"""Time the consumer's hot-path core: one batch through the learner, and a model load.
 
-Usage: ``python benchmarks/core_bench.py [--users 1000] [--items 1682] [--repeat 20]``.
-Prints measured numbers; asserts nothing.
+One batch of ``--users`` users, one event each, through :meth:`metarec.learner.Learner.
+learn_many` exactly as a consumer applies it: trending counts, negatives, prior, inner
+step, scores (item vectors, biases, trending and neighbour votes), exact top-K with the
+consumed items excluded. The model has ``--items`` items with random vectors and random
+neighbour lists. Usage: ``python benchmarks/core_bench.py [--users 1000] [--items 1682]
+[--repeat 20]``. Prints measured numbers; asserts nothing.
 """
 
 from __future__ import annotations
@@ -11,14 +15,28 @@ import time
 
 import numpy as np
 
-from metarec.adaptation import UserBatch, observe, push_history, user_keys, user_vectors
-from metarec.catalog import Catalog
+from metarec.learner import EventBatch, Learner
 from metarec.model import MetaModel
-from metarec.ranking import score, top_k, trend_prior
+from metarec.neighbors import N_NEIGHBORS
+
+
+def _model(n: int, dim: int, history: int, rng: np.random.Generator) -> MetaModel:
+    model = MetaModel.initial(dim, history_length=history)
+    model.item_ids = [f"i{j}" for j in range(n)]
+    model.item_emb = rng.standard_normal((n, dim)).astype(np.float32)
+    model.item_ctx = rng.standard_normal((n, dim)).astype(np.float32)
+    model.item_bias = np.zeros(n, np.float32)
+    model.item_count = np.full(n, 5.0, np.float32)
+    model.trend_weights[:] = 0.3
+    model.knn_weights[:] = 0.5
+    model.knn_index = rng.integers(0, n, (n, N_NEIGHBORS)).astype(np.int32)
+    model.knn_weight = rng.random((n, N_NEIGHBORS)).astype(np.float32)
+    model.knn_count = np.full(n, 10.0, np.float32)
+    return model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--items", type=int, default=1682)
     parser.add_argument("--dim", type=int, default=32)
@@ -26,49 +44,35 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    model = MetaModel.initial(args.dim)
-    n = args.items
-    model.item_ids = [f"i{j}" for j in range(n)]
-    model.item_emb = rng.standard_normal((n, args.dim)).astype(np.float32)
-    model.item_ctx = rng.standard_normal((n, args.dim)).astype(np.float32)
-    model.item_bias = rng.standard_normal(n).astype(np.float32)
-    model.item_count = np.full(n, 5.0, np.float32)
-    catalog = Catalog()
-    for j in range(n):
-        catalog.add(f"i{j}")
-    tables = model.item_tables(catalog)
-    batch = UserBatch.empty(args.users, model)
-    batch.keys = user_keys([f"user-{r}" for r in range(args.users)])
-    rows = np.arange(args.users)
-    for _ in range(model.history_length):
-        push_history(batch, rows, rng.integers(0, n, args.users),
-                     np.ones(args.users, np.float32))
-    seen = [batch.hist_items[r] for r in rows]
-    prior = trend_prior(rng.random(n), 0.5)
+    n, history = args.items, 50
+    learner = Learner(top_k=args.k, history_length=history)
+    learner.add_items([(j, f"i{j}", "default", ()) for j in range(n)])
+    learner.load(_model(n, args.dim, history, rng))
+    users = [f"user-{r}" for r in range(args.users)]
+    states = {}
+    for _ in range(history):  # full histories: the prior and the votes at their widest
+        batch = EventBatch(users, rng.integers(0, n, args.users),
+                           np.ones(args.users, np.float32), np.zeros(args.users, np.int64),
+                           ["default"] * args.users)
+        states.update(learner.learn_many(batch, states, {}).states)
     timings = []
     for _ in range(args.repeat):
+        batch = EventBatch(users, rng.integers(0, n, args.users),
+                           np.ones(args.users, np.float32), np.zeros(args.users, np.int64),
+                           ["default"] * args.users)
         started = time.perf_counter()
-        observe(model, tables, batch, rows, rng.integers(0, n, args.users),
-                np.ones(args.users, np.float32), seed=0)
-        theta = user_vectors(model, tables, batch)
-        top_k(score(tables, theta, prior), args.k, seen)
+        states.update(learner.learn_many(batch, states, {}).states)
         timings.append(time.perf_counter() - started)
     ms = 1000 * np.asarray(timings)
-    print(f"adapt+rank {args.users} users x {n} items (d={args.dim}, history "
-          f"{model.history_length}, K={args.k}): median {np.median(ms):.1f} ms, "
+    print(f"learn_many: {args.users} users x {n} items (d={args.dim}, history {history}, "
+          f"K={args.k}, {N_NEIGHBORS} neighbours): median {np.median(ms):.1f} ms, "
           f"p90 {np.percentile(ms, 90):.1f} ms over {args.repeat} runs")
 
-    big = MetaModel.initial(args.dim)
-    m = 100_000
-    big.item_ids = [f"item-{j}" for j in range(m)]
-    big.item_emb = rng.standard_normal((m, args.dim)).astype(np.float32)
-    big.item_ctx = rng.standard_normal((m, args.dim)).astype(np.float32)
-    big.item_bias = np.zeros(m, np.float32)
-    big.item_count = np.ones(m, np.float32)
+    big = _model(100_000, args.dim, history, rng)
     blob = big.to_bytes()
     started = time.perf_counter()
     MetaModel.from_bytes(blob)
-    print(f"load a {len(blob) / 2**20:.1f} MiB artifact with {m} items: "
+    print(f"load a {len(blob) / 2**20:.1f} MiB artifact with 100000 items: "
           f"{1000 * (time.perf_counter() - started):.0f} ms")
 
 

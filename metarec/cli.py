@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="prequential comparison against the baselines",
                         description="Prequential (test-then-train) evaluation, full ranking, "
-                                    "of metarec against the baselines, on the code the services run.")
+                                    "of metarec against the baselines, on the code the "
+                                    "services run.")
     add_eval_arguments(ev)
 
     consume = sub.add_parser("consume", help="run one consumer of the consumer group",

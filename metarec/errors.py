@@ -24,7 +24,8 @@ class ConfigError(MetarecError):
 
 
 class InvalidEvent(MetarecError):
-    """A record on an input topic does not follow the event contract (README, "Publishing events")."""
+    """A record on an input topic does not follow the event contract (README, "Publishing
+    events")."""
 
 
 class DataError(MetarecError):

@@ -569,8 +569,10 @@ def _single_threaded_children() -> Iterator[None]:
     """Children spawned inside inherit one-thread settings for BLAS and TensorFlow."""
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
+    quiet = "TF_CPP_MIN_LOG_LEVEL"  # TensorFlow's C++ start-up chatter, once per worker
+    saved = {name: os.environ.get(name) for name in (*names, quiet)}
     os.environ.update({name: "1" for name in names})
+    os.environ.setdefault(quiet, "2")
     try:
         yield
     finally:

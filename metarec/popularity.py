@@ -9,8 +9,8 @@ multiplies by ``2^(-(t - t_ref)/h)``. Only when the scale factor grows past
 O(n_items) pass per ``MAX_EXPONENT`` half-lives of stream time), which keeps everything
 far inside float64 range over any time span.
 
-This one structure serves as the ``recent_pop`` baseline, as the trending prior
-``β·log(1 + p_g)`` of the metarec model and as the consumer's answer before a model exists.
+This is the wall-clock popularity of the ``recent_pop`` and ``itemknn`` baselines. metarec
+itself counts time in events (:mod:`metarec.trending`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Scoring and exact top-K with consumed items excluded.
+"""Exact top-K with consumed items excluded.
 
-``score = V θ_u + b + β·log(1 + p)`` where ``p`` is the item's recency-decayed popularity
-(a trending prior). Scoring is one BLAS matrix product for the whole batch; top-K is an
-``argpartition`` followed by a sort of the K winners, so it stays exact and cheap.
+Scores come from :meth:`metarec.learner.Learner.scores` (one matrix product for the whole
+batch); top-K is an ``argpartition`` followed by a sort of the K winners, so it stays
+exact and cheap.
 
 >>> import numpy as np
 >>> s = np.array([[0.1, 0.9, 0.5, 0.7]])
@@ -18,26 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from metarec.model import ItemTables
-
-__all__ = ["score", "top_k", "trend_prior"]
+__all__ = ["top_k"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-
-
-def trend_prior(popularity: npt.ArrayLike, beta: float) -> F32:
-    """``β·log(1 + p)`` for a popularity vector."""
-    return (beta * np.log1p(np.asarray(popularity, np.float32))).astype(np.float32)
-
-
-def score(tables: ItemTables, theta: F32, prior: F32 | None = None) -> F32:
-    """Scores of every catalog item for each row of ``theta``: shape ``(B, n_items)``."""
-    out = theta @ tables.vectors.T
-    out += tables.bias
-    if prior is not None:
-        out += prior[: out.shape[1]]
-    return out.astype(np.float32, copy=False)
 
 
 def top_k(scores: npt.NDArray[np.floating], k: int,

@@ -1,10 +1,11 @@
 """What apps import to publish events, item metadata and user profiles to metarec.
 
 Why a class of our own rather than a bare Kafka producer: every record is validated against
-the contract (README, "Publishing events") *before* it leaves the process, so a bad event fails loudly in the
-app that made it instead of landing in the consumer's dead-letter topic; events are keyed by
-user id so each user's events stay ordered on one partition; and delivery failures, which
-librdkafka only reports in callbacks, are collected and raised by :meth:`EventProducer.flush`.
+the contract (README, "Publishing events") *before* it leaves the process, so a bad event
+fails loudly in the app that made it instead of landing in the consumer's dead-letter
+topic; events are keyed by user id so each user's events stay ordered on one partition;
+and delivery failures, which librdkafka only reports in callbacks, are collected and raised
+by :meth:`EventProducer.flush`.
 """
 
 from __future__ import annotations
