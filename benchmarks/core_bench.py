@@ -31,7 +31,6 @@ def _model(n: int, dim: int, history: int, rng: np.random.Generator) -> MetaMode
     model.knn_weights[:] = 0.5
     model.knn_index = rng.integers(0, n, (n, N_NEIGHBORS)).astype(np.int32)
     model.knn_weight = rng.random((n, N_NEIGHBORS)).astype(np.float32)
-    model.knn_count = np.full(n, 10.0, np.float32)
     return model
 
 

@@ -371,7 +371,9 @@ class Learner:
             if domains is not None:
                 ub.domain[:] = [model.domain_index(g) for g in domains]
             theta = user_vectors(model, self.tables, ub)
-            bucket = history_buckets((ub.hist_items >= 0).sum(1))
+            names = domains if domains is not None else [states[u].domain for u in users]
+            bucket = history_buckets(self._history_in([self.catalog.domains.get(g)
+                                                       for g in names], ub.hist_items))
             out: F32 = theta @ self.tables.vectors.T
             out += self.tables.bias
             out += model.trend_weights[bucket] @ feats
@@ -389,6 +391,15 @@ class Learner:
         for r, g in enumerate(names):
             out[r, self._item_domain[: out.shape[1]] != self.catalog.domains.get(g)] = -np.inf
         return out
+
+    def _history_in(self, domains: Sequence[int], hist_items: I64) -> I64:
+        """How many of each row's history items belong to the domain it acts in: the
+        weights of the score's blend follow the user's history *there* (a user entering a
+        new domain is a newcomer to it)."""
+        valid = hist_items >= 0
+        item_domain = self._item_domain[np.where(valid, hist_items, 0)]
+        counted: I64 = (valid & (item_domain == np.asarray(domains)[:, None])).sum(1)
+        return counted
 
     def _rank(self, users: Sequence[str], states: Mapping[str, UserState],
               ub: UserBatch) -> dict[str, RankedList]:

@@ -284,7 +284,7 @@ class MetaGraph:
             trend_weights=p['trend'] if meta else np.tile(p['trend'][:1],
                                                                   (HISTORY_BUCKETS, 1)),
             knn_index=self.neighbors.index, knn_weight=self.neighbors.weight,
-            knn_count=self.neighbors.count, knn_age_logits=p['knn_age'],
+            knn_age_logits=p['knn_age'],
             knn_weights=p['knn_weights'] if meta else np.full(
                 HISTORY_BUCKETS, p['knn_weights'][0], np.float32),
             inner_steps=1, negatives=cfg.negatives, blend=cfg.blend, meta=meta,

@@ -17,7 +17,8 @@ the consumer loads and serves it without TensorFlow. It holds
 * Meta-SGD per-dimension step sizes ``α``, the proximal strength ``λ``, and the weights
   ``β[c, s]`` of the trending prior in the score: one per trending channel ``s``
   (:mod:`metarec.trending`) and per *history bucket* ``c`` of the user (how many events
-  their history holds: 0, 1, 2-3, 4-7, ..., see :func:`history_buckets`), so the model
+  their history holds in the domain they act in: 0, 1, 2-3, 4-7, ..., see
+  :func:`history_buckets`), so the model
   learns which popularity a brand-new user follows and how much an established one still
   does;
 * every item's nearest items by co-consumption in the training window
@@ -68,7 +69,7 @@ _ARRAYS = (
     "item_emb", "item_bias", "item_ctx", "item_count",
     "feat_emb", "feat_bias", "feat_ctx",
     "theta0", "user_feat", "hist_map", "age_logits", "step", "domain_map", "trend_weights",
-    "knn_index", "knn_weight", "knn_count", "knn_age_logits", "knn_weights",
+    "knn_index", "knn_weight", "knn_age_logits", "knn_weights",
 )
 
 
@@ -107,8 +108,7 @@ class ItemTables:
         nb = None
         if self.neighbors is not None and more.neighbors is not None:
             a, b = self.neighbors, more.neighbors
-            nb = ItemNeighbors(np.vstack([a.index, b.index]), np.vstack([a.weight, b.weight]),
-                               np.concatenate([a.count, b.count]))
+            nb = ItemNeighbors(np.vstack([a.index, b.index]), np.vstack([a.weight, b.weight]))
         return ItemTables(np.vstack([self.vectors, more.vectors]),
                           np.concatenate([self.bias, more.bias]),
                           np.vstack([self.context, more.context]), nb)
@@ -139,7 +139,6 @@ class MetaModel:
     trend_weights: F32
     knn_index: npt.NDArray[np.int32]
     knn_weight: F32
-    knn_count: F32
     knn_age_logits: F32
     knn_weights: F32
     prox: float = 0.1
@@ -188,7 +187,7 @@ class MetaModel:
             domain_map=np.stack([np.eye(dim, dtype=np.float32)] * len(domains)),
             trend_weights=z((HISTORY_BUCKETS, trend_channels), np.float32),
             knn_index=z((0, N_NEIGHBORS), np.int32), knn_weight=z((0, N_NEIGHBORS), np.float32),
-            knn_count=z(0, np.float32), knn_age_logits=z(VOTERS, np.float32),
+            knn_age_logits=z(VOTERS, np.float32),
             knn_weights=z(HISTORY_BUCKETS, np.float32),
         )
 
@@ -285,7 +284,6 @@ class MetaModel:
         mapped = np.where(model_nb >= 0, to_catalog[np.maximum(model_nb, 0)], -1)
         out.index[known] = mapped
         out.weight[known] = np.where(mapped >= 0, self.knn_weight[rows[known]], 0.0)
-        out.count[known] = self.knn_count[rows[known]]
         return out
 
     def profile_vectors(self, profiles: Sequence[Iterable[str]]) -> F32:

@@ -10,11 +10,11 @@ for item ``j`` are ``Σ_h a(age_h) S_hj`` over their :data:`VOTERS` most recent 
 events ``h``; the model weighs the votes per history length and learns the age weights
 ``a`` (:mod:`metarec.training`).
 
-In training the neighbours come from the very window the examples are drawn from, so a
-user's own later items would vote for themselves: their co-consumption with the user's
-history is in ``C``. :meth:`ItemNeighbors.votes` therefore takes the user's own pair count
-out again for the items the user consumes from the example on (``leave_out``), which is
-exactly what serving sees: neighbours computed before the events they score.
+Serving votes with neighbours computed before the events it scores. Training must too:
+neighbours from the whole window would know each example's future, the user's own later
+co-consumption included, and teach the model to trust them more than serving can. So
+training examples vote with neighbours of the part of the window before them
+(:class:`metarec.training.TrainingBatches`).
 
 >>> import numpy as np
 >>> users = np.array([0, 0, 1, 1, 2, 2])
@@ -49,17 +49,15 @@ MAX_ITEMS_PER_USER = 500
 
 @dataclass(frozen=True)
 class ItemNeighbors:
-    """Each item's nearest items: ``index`` (``-1``: none) and cosine ``weight``, plus the
-    ``count`` of users who took each item (to take one user's pair out again)."""
+    """Each item's nearest items: ``index`` (``-1``: none) and cosine ``weight``."""
 
     index: npt.NDArray[np.int32]
     weight: F32
-    count: F32
 
     @classmethod
     def empty(cls, n_items: int, n_neighbors: int = N_NEIGHBORS) -> ItemNeighbors:
         return cls(np.full((n_items, n_neighbors), -1, np.int32),
-                   np.zeros((n_items, n_neighbors), np.float32), np.zeros(n_items, np.float32))
+                   np.zeros((n_items, n_neighbors), np.float32))
 
     @classmethod
     def from_events(cls, users: npt.ArrayLike, items: npt.ArrayLike, n_items: int,
@@ -100,28 +98,21 @@ class ItemNeighbors:
             best = np.argsort(-vals, kind="stable")
             index[row, :cols.size] = cols[best]
             weight[row, :cols.size] = vals[best]
-        return cls(index, weight, count)
+        return cls(index, weight)
 
     def votes(self, hist_items: I64, hist_weights: npt.ArrayLike, age_weight: npt.ArrayLike,
-              leave_out: npt.NDArray[np.bool_] | None = None,
               ) -> tuple[I64, F32]:
         """Each row's votes as neighbour lists: ``(index, value)`` of shape ``(B, V, N)``.
 
         ``hist_items`` are the rows' newest ``V`` history items (right-aligned, ``-1``
         padding), ``hist_weights`` their event weights (only positive events vote) and
-        ``age_weight[V - 1 - k]`` the weight of the ``k``-th newest. ``leave_out`` marks the
-        neighbours whose co-consumption with the voter includes the row's own user (see
-        the module docstring): one pair count is taken out of them.
+        ``age_weight[V - 1 - k]`` the weight of the ``k``-th newest.
         """
         h = np.asarray(hist_items, np.int64)
         ok = (h >= 0) & (np.asarray(hist_weights) > 0)
         safe = np.where(ok, h, 0)
         index = np.where(ok[..., None], self.index[safe], -1).astype(np.int64)
         value = self.weight[safe]
-        if leave_out is not None:
-            nb = np.maximum(index, 0)
-            own = 1.0 / np.sqrt(np.maximum(self.count[safe][..., None] * self.count[nb], 1.0))
-            value = np.where(leave_out, np.maximum(value - own, 0.0), value)
         value = value * (ok * np.asarray(age_weight, np.float32))[..., None]
         return index, value.astype(np.float32)
 

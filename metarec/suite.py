@@ -223,29 +223,37 @@ def targets_markdown(checks: Sequence[TargetCheck]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_png(suite: SuiteReport, path: str | Path) -> None:
-    """One figure: a panel per dataset, HR@10 per suite bucket and method, with intervals."""
+def plot_png(suite: SuiteReport | Mapping[str, Any], path: str | Path) -> None:
+    """One figure: a panel per dataset, HR@10 per suite bucket and method, with intervals.
+
+    ``suite`` may also be :meth:`SuiteReport.to_json`'s dict (a saved run, plotted again).
+    """
     from matplotlib.figure import Figure  # deferred: matplotlib is slow to import
 
-    n = len(suite.reports)
-    fig = Figure(figsize=(4.2 * n, 4.2), dpi=110)
+    data = suite.to_json() if isinstance(suite, SuiteReport) else suite
+    datasets = data["datasets"]
+    n = len(datasets)
+    fig = Figure(figsize=(4.2 * n, 4.8), dpi=110)
     axes = fig.subplots(1, n, sharey=False, squeeze=False)[0]
     x = np.arange(len(SUITE_BUCKETS))
-    for ax, report in zip(axes, suite.reports, strict=True):
-        methods = list(report.results)
+    handles: list[Any] = []
+    for ax, (name, report) in zip(axes, datasets.items(), strict=True):
+        methods = [m for m in report if m != "meta"]
         width = 0.8 / max(1, len(methods))
+        handles = []
         for j, method in enumerate(methods):
-            stats = [report.results[method].buckets[b] for b in SUITE_BUCKETS]
-            y = np.array([s.hr for s in stats])
-            err = np.array([[s.hr - s.hr_ci[0] for s in stats],
-                            [s.hr_ci[1] - s.hr for s in stats]])
-            ax.bar(x + (j - (len(methods) - 1) / 2) * width, y, width, label=method,
-                   yerr=np.nan_to_num(err), capsize=2,
-                   edgecolor="black" if method == METAREC else None)
+            cells = [report[method][b] for b in SUITE_BUCKETS]
+            y = np.array([np.nan if c["hr10"] is None else c["hr10"] for c in cells])
+            lo = np.array([np.nan if c["hr10_ci"][0] is None else c["hr10_ci"][0] for c in cells])
+            hi = np.array([np.nan if c["hr10_ci"][1] is None else c["hr10_ci"][1] for c in cells])
+            handles.append(ax.bar(x + (j - (len(methods) - 1) / 2) * width, y, width,
+                                  label=method, yerr=np.nan_to_num([y - lo, hi - y]),
+                                  capsize=2, edgecolor="black" if method == METAREC else None))
         ax.set_xticks(x, ["event 1", "first 5", "first 20", "all"])
-        ax.set_title(report.dataset, fontsize=10)
+        ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("HR@10 (95% CI over users)")
-    axes[-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(str(path), format="png")

@@ -226,7 +226,9 @@ class TrainingBatches:
             "hist_items": hist_items, "hist_weights": hist_w, "query": query,
             "consumed": np.stack([rows, consumed], axis=1), "snap": snap,
             "decay": decay.astype(np.float32), "negatives": neg,
-            "bucket": history_buckets(hist_ok.sum(1)), "knn_index": knn_index,
+            "bucket": history_buckets((hist_ok & (d.item_domains[np.maximum(hist_items, 0)]
+                                                  == d.domains[q][:, None])).sum(1)),
+            "knn_index": knn_index,
             "knn_value": knn_value,
         }
 
