@@ -2,9 +2,13 @@
 
 One batch, start to finish (the order is the whole point, so it is written here once):
 
-1. consume up to ``batch_size`` records (one ``consume`` call);
-2. decode and validate; a bad record goes to the dead-letter topic unchanged, with headers
-   naming the error; metadata records (items, users) update the registry and profiles;
+1. consume up to ``batch_size`` records (one ``consume`` call); when due (every 5 s, after
+   a Kafka error, at every assignment) check that the events topic is still the log the
+   stored offsets refer to (:mod:`consumer.topic_log`: a broker reset or a recreated topic
+   rebases them, and that partition's records are fetched again);
+2. decode and validate; a bad record (malformed, outside the limits or the time window,
+   keyed by another user) goes to the dead-letter topic unchanged, with headers naming the
+   error; metadata records (items, users) update the registry and profiles;
 3. flush the dead-letter producer — before anything is committed, so no bad record is
    ever lost behind a committed offset;
 4. register the batch's items (one round trip) and load the touched users' states and
@@ -14,19 +18,22 @@ One batch, start to finish (the order is the whole point, so it is written here 
    whether the item was in the list the user was being shown — live HR@K/NDCG@K — and
    reacts to users whose hits show a drift), then write states, lists, trending counts,
    partial sums *and the partition's next offset* as one atomic Redis unit that first
-   checks the stored offset (a zombie's write changes nothing); the live metrics are fed
-   only once the unit is written;
+   checks the stored offset (a zombie's write changes nothing) and each user's stored
+   event count (a user whose events also arrive on another partition, written by another
+   consumer meanwhile, makes the unit refuse; it is redone from the stored states); the
+   live metrics are fed only once the unit is written;
 6. only then commit the offsets to Kafka too, for lag monitoring (Redis stays the source
    of truth: on assignment the consumer seeks to the offsets stored in Redis).
 
 A crash anywhere before step 5 leaves Redis untouched, and the records are consumed again;
 a crash after it re-delivers records whose offsets Redis already holds, and they are
-skipped. SIGTERM lets the batch in flight finish its step 5 and exits 0.
+skipped. Every Redis call is retried through an outage (:mod:`metarec.outage`), with
+fetching stopped meanwhile; a write whose reply was lost is recognised by its offset when
+it is retried. SIGTERM lets the batch in flight finish its step 5 and exits 0.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -36,20 +43,32 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import redis
 from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from consumer.dlq import DeadLetterQueue
+from consumer.dlq import DeadLetterQueue, dead_letter_reason
 from consumer.stats import ConsumerStats, format_line
+from consumer.topic_log import TopicLog
 from metarec.config import Settings, incremental_rebalancing
 from metarec.drift import RetrainRequest
-from metarec.errors import InvalidEvent, ModelError, StaleOffset
-from metarec.events import Event, ItemRecord, UserRecord, decode_event, decode_item, decode_user
+from metarec.errors import InvalidEvent, MetarecError, ModelError, StaleOffset, UserConflict
+from metarec.events import (
+    Event,
+    ItemRecord,
+    UserRecord,
+    check_key,
+    decode_event,
+    decode_item,
+    decode_user,
+)
 from metarec.learner import RECENT_USERS, REFRESH_BATCH, EventBatch, Learner
 from metarec.live_quality import ALL
+from metarec.logs import Throttle, kafka_logger
+from metarec.metrics import HealthServer, Metrics
 from metarec.model import MetaModel
+from metarec.outage import Outage, Stopped, retrying
 from metarec.store import RedisStore
-from metarec.user_state import UserState
+from metarec.user_state import UserState, count_guard
 
 __all__ = ["ConsumerApp", "incremental_rebalancing"]
 
@@ -59,6 +78,15 @@ log = logging.getLogger("metarec.consumer")
 #: Redis (between two reads, this consumer's own batches keep its copy moving).
 MODEL_POLL_S = 1.0
 TRENDING_REFRESH_S = 5.0
+#: Attempts at one partition's batch while other consumers keep writing its users; each
+#: attempt fails only if another write landed in the milliseconds between load and commit.
+MAX_USER_CONFLICTS = 50
+#: Freshness values observed per batch by the Prometheus histogram (a sample).
+FRESHNESS_SAMPLES = 64
+#: A member that owns nothing this long while events wait says so.
+STARVED_WARN_S = 30.0
+#: At most one warning per this many seconds for each kind of repeated problem.
+WARN_EVERY_S = 60.0
 
 #: Group settings that suit the local Tansu broker (docs/LOCAL_SERVICES.md) and are valid on
 #: Apache Kafka; anything passed through METAREC_KAFKA_* overrides them.
@@ -73,7 +101,6 @@ GROUP_DEFAULTS = {
     "heartbeat.interval.ms": "500",
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "range",
-    "statistics.interval.ms": "5000",
 }
 
 
@@ -83,26 +110,42 @@ class ConsumerApp:
     def __init__(self, settings: Settings, *, member: str | None = None) -> None:
         self.settings = settings
         self.member = member or f"{socket.gethostname()}-{os.getpid()}"
-        self.store = RedisStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+        self._stopping = False
+        # Every store call is retried through a Redis outage (metarec.outage); fetching
+        # stops meanwhile, because the loop is inside the call.
+        self.outage = Outage("redis", settings.redis_retry_s, log,
+                             should_stop=lambda: self._stopping)
+        self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
+                              self.outage)
         # The learner also keeps the live quality of the lists apps were shown, and what it
         # says about drift.
         self.learner = Learner.from_settings(settings)
         self.stats = ConsumerStats(settings.stats_interval_s, time.monotonic(), seed=settings.seed)
-        self._stopping = False
         self._expected: dict[int, int | None] = {}
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._refresh_queue: list[str] = []
-        self._lag: dict[int, int] = {}
+        self._lag: dict[int, int] = {}  # every partition's, from the last topic check
         self._next_model_poll = 0.0
         self._next_trend_refresh = 0.0
+        self._conflict_log = Throttle(WARN_EVERY_S)
+        self._starved_log = Throttle(WARN_EVERY_S)
+        self._starved_since: float | None = None
+        self.metrics = Metrics("consumer")
+        self._exported = {"retried": 0, "outages": 0, "resets": 0}
+        self._model_created_ms: int | None = None
         config = {**GROUP_DEFAULTS, **settings.kafka_config()}
         config.update({"group.id": settings.group_id, "enable.auto.commit": "false",
                        "client.id": f"metarec-consumer-{self.member}"})
         self._incremental = incremental_rebalancing(config)
-        self.consumer = Consumer(config, stats_cb=self._on_kafka_stats,
-                                 logger=logging.getLogger("metarec.kafka.consumer"))
+        self.consumer = Consumer(config, error_cb=self._on_kafka_error,
+                                 logger=kafka_logger("consumer"))
+        admin_config: dict[str, str | int | float | bool] = {**settings.kafka_config()}
+        admin = AdminClient(admin_config, logger=kafka_logger("admin"))
+        self.topic_log = TopicLog(self.consumer, admin, self.store, settings.events_topic,
+                                  "skip" if settings.log_reset_policy == "skip" else "replay")
         producer = Producer(settings.kafka_config(**{"enable.idempotence": "true",
-                                                     "linger.ms": "5"}))
+                                                     "linger.ms": "5"}),
+                            logger=kafka_logger("producer"))
         self.dlq = DeadLetterQueue(producer, settings.dlq_topic, settings.group_id)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -113,6 +156,9 @@ class ConsumerApp:
 
     def run(self) -> int:
         s = self.settings
+        self.store.check_access()  # a refused login or ACL stops us here, in one line
+        health = (HealthServer(self.metrics, s.metrics_port, self.missing)
+                  if s.metrics_port else None)
         self._sync_catalog()
         self._poll_model()
         self._refresh_trending()
@@ -128,7 +174,15 @@ class ConsumerApp:
                 if len(records) < s.batch_size:  # no backlog: time to refresh lists
                     self._refresh_stale_lists()
                 self._maybe_report()
+                self._export()
+                if health is not None:
+                    health.tick()
+        except Stopped:
+            log.info("stopped while Redis was unavailable; the batch in flight is consumed "
+                     "again by the partitions' next owner")
         finally:
+            if health is not None:
+                health.close()
             self.dlq.flush(10.0)
             self.consumer.close()
             log.info("consumer stopped", extra={"member": self.member,
@@ -141,10 +195,15 @@ class ConsumerApp:
         """Steps 2-6 of the module docstring for one consumed batch."""
         s = self.settings
         self._maybe_reload(time.monotonic())
+        rebased = self._check_log()
+        if rebased:  # their records come again from the new offsets
+            records = [m for m in records if not (m.topic() == s.events_topic
+                                                  and m.partition() in rebased)]
         if not records:
             return
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
+        checks = s.event_checks(now_ms)
         events: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
         next_offset: dict[int, int] = {}
         items: list[ItemRecord] = []
@@ -156,6 +215,8 @@ class ConsumerApp:
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka error", extra={"error": str(err)})
+                    self.topic_log.suspect()
+                    self.metrics.kafka_errors.inc()
                 continue
             topic, part, offset = msg.topic(), int(msg.partition() or 0), int(msg.offset() or 0)
             try:
@@ -165,15 +226,18 @@ class ConsumerApp:
                                                       and offset < expected):
                         continue  # not ours any more, or already applied (a re-delivery)
                     next_offset[part] = max(next_offset.get(part, 0), offset + 1)
-                    events[part].append((msg, decode_event(
-                        msg.value() or b"", event_types=s.event_types,
-                        default_ts=msg.timestamp()[1], now_ms=now_ms)))
+                    event = decode_event(msg.value() or b"", default_ts=msg.timestamp()[1],
+                                         **checks)
+                    check_key(msg.key(), event.user)
+                    events[part].append((msg, event))
                 elif topic == s.items_topic:
                     meta_offsets[(topic, part)] = offset + 1
-                    items.append(decode_item(msg.value() or b"", default_ts=now_ms))
+                    items.append(decode_item(msg.value() or b"", default_ts=now_ms,
+                                             limits=checks["limits"]))
                 elif topic == s.users_topic:
                     meta_offsets[(topic, part)] = offset + 1
-                    users.append(decode_user(msg.value() or b"", default_ts=now_ms))
+                    users.append(decode_user(msg.value() or b"", default_ts=now_ms,
+                                             limits=checks["limits"]))
             except Exception as exc:
                 # Decoding is pure, so whatever it raises is this record's fault; anything
                 # but InvalidEvent (RecursionError on deeply nested JSON) is a decoder gap,
@@ -183,6 +247,7 @@ class ConsumerApp:
                                 extra={"error": repr(exc)[:200], "topic": topic,
                                        "partition": part, "offset": offset})
                 self.dlq.send(msg, exc)
+                self.metrics.dead_letters.labels(reason=dead_letter_reason(exc)).inc()
                 n_dlq += 1
         if n_dlq:
             self.dlq.flush(30.0)  # raises if a dead letter could not be written
@@ -209,39 +274,75 @@ class ConsumerApp:
                 # Only dead letters in this partition: move its offset past them.
                 self._commit_offset_only(part, nxt)
         self._commit_kafka(next_offset, meta_offsets)
-        self.stats.record_batch(len(records), n_events, n_dlq, time.perf_counter() - started,
-                                np.asarray(freshness))
+        elapsed = time.perf_counter() - started
+        self.stats.record_batch(len(records), n_events, n_dlq, elapsed, np.asarray(freshness))
+        m = self.metrics
+        m.events_consumed.inc(sum(1 for r in records if r.topic() == s.events_topic))
+        m.events_applied.inc(n_events)
+        m.batch_seconds.observe(elapsed)
+        # A sample of the batch's events: observing thousands per batch would cost more
+        # than the batch's own bookkeeping.
+        for ms in freshness[::max(1, len(freshness) // FRESHNESS_SAMPLES)]:
+            m.freshness_seconds.observe(max(0.0, ms) / 1000)
 
     def _apply_partition(self, part: int, pairs: list[tuple[Message, Event]], nxt: int,
                          index_of: dict[str, int], now_ms: int) -> bool:
         s = self.settings
         evs = [e for _, e in pairs]
         users = list(dict.fromkeys(e.user for e in evs))
-        raw_states, profiles = self.store.load_users(users)
-        states = {u: None if b is None else UserState.from_bytes(b)
-                  for u, b in zip(users, raw_states, strict=True)}
         batch = EventBatch(
             users=[e.user for e in evs],
             items=np.fromiter((index_of[e.item] for e in evs), np.int64, len(evs)),
             weights=np.fromiter((s.event_types[e.type] for e in evs), np.float32, len(evs)),
             ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
             domains=[e.domain for e in evs])
-        outcome = self.learner.learn_many(batch, states,
-                                          dict(zip(users, profiles, strict=True)))
-        try:
-            clock = self.store.commit_batch(
-                s.events_topic, part, self._expected.get(part), nxt,
-                states={u: st.to_bytes() for u, st in outcome.states.items()},
-                recs={u: self.learner.list_record(u, outcome.states[u], ranked, now_ms)
-                      for u, ranked in outcome.lists.items()},
-                recs_ttl_s=s.recs_ttl_s,
-                partials=outcome.partials if self.learner.model is not None else None,
-                events=len(batch), trending=outcome.trending, channels=self.learner.channels)
-        except StaleOffset as exc:
-            log.warning("batch fenced off: partition moved to another consumer",
-                        extra={"partition": part, "error": str(exc)})
-            self._reseek(part)
-            return False
+        for attempt in range(1, MAX_USER_CONFLICTS + 1):
+            raw_states, profiles = self.store.load_users(users)
+            states = {u: None if b is None else UserState.from_bytes(b)
+                      for u, b in zip(users, raw_states, strict=True)}
+            guards = {u: count_guard(st) for u, st in states.items()}
+            outcome = self.learner.learn_many(batch, states,
+                                              dict(zip(users, profiles, strict=True)))
+            try:
+                clock = self.store.commit_batch(
+                    s.events_topic, part, self._expected.get(part), nxt,
+                    states={u: st.to_bytes() for u, st in outcome.states.items()},
+                    recs={u: self.learner.list_record(u, outcome.states[u], ranked, now_ms)
+                          for u, ranked in outcome.lists.items()},
+                    recs_ttl_s=s.recs_ttl_s,
+                    partials=outcome.partials if self.learner.model is not None else None,
+                    events=len(batch), trending=outcome.trending,
+                    channels=self.learner.channels, guards=guards)
+            except StaleOffset as exc:
+                if exc.stored == nxt:
+                    # Its effects are stored: a commit whose reply a dropped connection
+                    # lost (and was retried), or another member that wrote these records.
+                    log.info("batch already written", extra={"partition": part,
+                                                             "offset": nxt})
+                    self._expected[part] = nxt
+                    return True
+                log.warning("batch fenced off: partition moved to another consumer",
+                            extra={"partition": part, "error": str(exc)})
+                self._reseek(part)
+                return False
+            except UserConflict as exc:
+                # Another consumer wrote some of these users meanwhile: their events come
+                # on two partitions. Redo the batch from what is stored now; the trending
+                # counts this attempt added locally are dropped by re-reading them.
+                self.stats.record_conflicts(len(exc.users))
+                self.metrics.user_conflicts.inc(len(exc.users))
+                self._refresh_trending()
+                if self._conflict_log.allow(time.monotonic()):
+                    log.warning("users' events arrive on more than one partition; batch "
+                                "redone from their stored states (producers must key "
+                                "events by user with one partitioner)",
+                                extra={"partition": part, "users": exc.users[:5],
+                                       "conflicts": len(exc.users), "attempt": attempt})
+                continue
+            break
+        else:
+            raise MetarecError(f"{s.events_topic}[{part}]: users' states kept changing "
+                               f"under {MAX_USER_CONFLICTS} attempts to write this batch")
         # Other consumers moved the shared clock too: follow it (their counts come with
         # the next refresh).
         self.learner.trending.clock = max(self.learner.trending.clock, clock)
@@ -297,6 +398,8 @@ class ConsumerApp:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         topic = self.settings.events_topic
         mine = [p.partition for p in partitions if p.topic == topic]
+        if mine:
+            self._check_log(force=True)  # offsets of a replaced log are rebased first
         stored = self.store.offsets(topic, mine)
         for tp in partitions:
             if tp.topic == topic:
@@ -314,7 +417,6 @@ class ConsumerApp:
         for tp in partitions:
             if tp.topic == self.settings.events_topic:
                 self._expected.pop(tp.partition, None)
-                self._lag.pop(tp.partition, None)
         if self._incremental:
             consumer.incremental_unassign(partitions)  # keep the partitions not revoked
         else:
@@ -354,6 +456,8 @@ class ConsumerApp:
             log.error("cannot serve model", extra={"version": version, "error": str(exc)})
             return
         self.stats.set_model_version(version)
+        self.metrics.model_version.set(version)
+        self._model_created_ms = self.store.model_created_ms(version)
         self._refresh_queue = list(self._recent)
         log.info("model loaded", extra={"version": version, "items": len(model.item_ids),
                                         "stale_lists": len(self._refresh_queue)})
@@ -382,6 +486,7 @@ class ConsumerApp:
                       if b is not None}
             if not states:
                 continue
+            guards = {u: count_guard(st) for u, st in states.items()}
             lists = self.learner.refresh(list(states), states,
                                          dict(zip(users, profiles, strict=True)))
             try:
@@ -393,31 +498,90 @@ class ConsumerApp:
                     states={u: st.to_bytes() for u, st in states.items()},
                     recs={u: self.learner.list_record(u, states[u], lists[u], now_ms)
                           for u in states},
-                    recs_ttl_s=self.settings.recs_ttl_s, partials=None)
+                    recs_ttl_s=self.settings.recs_ttl_s, partials=None, guards=guards,
+                    skip_conflicts=True)  # a user written meanwhile has a fresh list
             except StaleOffset:
                 self._reseek(part)
 
     # -- stats ------------------------------------------------------------------------
 
-    def _on_kafka_stats(self, raw: str) -> None:
-        try:
-            stats: dict[str, Any] = json.loads(raw)
-            parts = stats.get("topics", {}).get(self.settings.events_topic, {}).get(
-                "partitions", {})
-            for key, p in parts.items():
-                part = int(key)
-                if part in self._expected and p.get("consumer_lag", -1) >= 0:
-                    self._lag[part] = int(p["consumer_lag"])
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.debug("bad kafka statistics", extra={"error": str(exc)})
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        """librdkafka's client-level errors (a broker down, all brokers down...): logged
+        by its logger already; they may mean the log was replaced, so check it."""
+        self.topic_log.suspect()
+        self.metrics.kafka_errors.inc()
+
+    def _check_log(self, force: bool = False) -> set[int]:
+        """Check the events topic's log (:mod:`consumer.topic_log`) when due; returns the
+        owned partitions whose offsets were rebased, re-seeked to their new offsets."""
+        if not (force or self.topic_log.due(time.monotonic())):
+            return set()
+        found = self.topic_log.check()
+        if found is None:
+            return set()
+        self._lag = found.lag
+        for p, n in found.lag.items():
+            self.metrics.lag.labels(partition=str(p)).set(n)
+        self.stats.set_offset_resets(self.topic_log.resets)
+        moved = {p for p in found.rebased if p in self._expected}
+        for p in moved:
+            self._expected[p] = found.rebased[p]
+            try:
+                self.consumer.seek(TopicPartition(self.settings.events_topic, p,
+                                                  found.rebased[p]))
+            except Exception as exc:  # not fetching yet: the assignment's offset applies
+                log.debug("seek failed", extra={"partition": p, "error": str(exc)})
+        return moved
+
+    def _warn_if_starved(self, now: float) -> None:
+        """Say so when this member owns nothing while the group's events wait: the group
+        may be stuck (on the local Tansu broker, after all members left at once)."""
+        waiting = sum(self._lag.values())
+        if self._expected or not waiting:
+            self._starved_since = None
+            return
+        if self._starved_since is None:
+            self._starved_since = now
+        if now - self._starved_since >= STARVED_WARN_S and self._starved_log.allow(now):
+            log.warning("this member owns no partition while events wait; if no member "
+                        "owns them, the group is stuck: restart the consumers with a new "
+                        "METAREC_GROUP_ID (offsets are kept in Redis, so nothing is lost)",
+                        extra={"lag": waiting,
+                               "seconds": round(now - self._starved_since, 1)})
+
+    def _export(self) -> None:
+        """Bring the counters kept elsewhere (retries, resets, live quality) to the metrics."""
+        m = self.metrics
+        m.redis_errors.inc(self.outage.retried - self._exported["retried"])
+        m.redis_outages.inc(self.outage.outages - self._exported["outages"])
+        m.offset_resets.inc(self.topic_log.resets - self._exported["resets"])
+        self._exported = {"retried": self.outage.retried, "outages": self.outage.outages,
+                          "resets": self.topic_log.resets}
+        if self._model_created_ms is not None:
+            m.model_age_seconds.set(max(0.0, time.time() - self._model_created_ms / 1000))
+
+    def missing(self) -> list[str]:
+        """What keeps this member from doing its job now (empty: ready; ``/readyz``)."""
+        out = []
+        if self.outage.down:
+            out.append("redis unavailable")
+        if self._starved_since is not None:
+            out.append("no partition owned while events wait")
+        if self.learner.model is None and self.learner.trending.clock == 0:
+            out.append("no model and no popularity to serve yet")
+        return out
 
     def _maybe_report(self) -> None:
         now = time.monotonic()
         if self.settings.stats_interval_s <= 0 or not self.stats.due(now):
             return
-        self.stats.set_lag(sum(self._lag.values()))
+        self.stats.set_lag(sum(self._lag.values()), self._lag)
+        self._warn_if_starved(now)
         report = self.stats.report(now)
         report["live"] = self.learner.drift.live.get()
+        for domain, q in report["live"].items():
+            self.metrics.live_hr.labels(domain=domain).set(q["hr"])
+            self.metrics.live_ndcg.labels(domain=domain).set(q["ndcg"])
         overall = report["live"].get(ALL)
         line = format_line(report)
         if overall is not None:

@@ -73,6 +73,7 @@ __all__ = [
     "ORIGINAL_TOPIC",
     "VALUE_TRUNCATED",
     "DeadLetterQueue",
+    "dead_letter_reason",
 ]
 
 ERROR_CLASS: Final = "metarec.error.class"
@@ -127,6 +128,32 @@ class _Record:
     @property
     def headers(self) -> Headers:
         return self.original_headers + self.our_headers
+
+
+def dead_letter_reason(error: BaseException) -> str:
+    """A short, bounded label of why a record was dead-lettered (for metrics): the field
+    the message names, else the error's class.
+
+    >>> from metarec.errors import InvalidEvent
+    >>> dead_letter_reason(InvalidEvent("field 'ts' is negative (-5)"))
+    'field:ts'
+    >>> dead_letter_reason(InvalidEvent("record is not JSON: Expecting value"))
+    'not-json'
+    >>> dead_letter_reason(RecursionError("maximum recursion depth exceeded"))
+    'RecursionError'
+    """
+    text = str(error)
+    if text.startswith("field '"):
+        return "field:" + text[7:].split("'", 1)[0][:32]
+    for words, label in _REASONS:
+        if words in text:
+            return label
+    return type(error).__name__[:40]
+
+
+_REASONS = (("not JSON", "not-json"), ("not UTF-8", "not-utf8"), ("JSON object", "not-object"),
+            ("nested too deeply", "too-deep"), ("bytes, over", "too-large"),
+            ("-byte limit", "too-large"), ("record key", "key-mismatch"))
 
 
 def _text(value: object) -> bytes:

@@ -15,7 +15,7 @@ unbiased estimates. The clock is injected: every verb that depends on time takes
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -142,6 +142,9 @@ class ConsumerStats:
         self._window_start = now
         self._records = self._events = self._batches = self._dlq = 0
         self._total_events = self._total_dlq = 0
+        self._conflicts = self._total_conflicts = 0
+        self._offset_resets = 0
+        self._lag_by_partition: dict[str, int] = {}
         self._lag: int | None = None
         self._model_version: int | None = None
         self._partitions: list[int] = []
@@ -188,9 +191,21 @@ class ConsumerStats:
             self._latency_ms.add(np.array([latency_s * 1000.0]))
         self._freshness_ms.add(fresh[np.isfinite(fresh)])
 
-    def set_lag(self, total: int) -> None:
-        """Set the consumer lag summed over the assigned partitions (a gauge)."""
+    def record_conflicts(self, n_users: int) -> None:
+        """Count users whose batch was redone because another consumer wrote them meanwhile
+        (their events arrive on two partitions)."""
+        self._conflicts += n_users
+        self._total_conflicts += n_users
+
+    def set_lag(self, total: int, by_partition: Mapping[int, int] | None = None) -> None:
+        """Set the group's lag: records not yet applied, summed over every partition of
+        the events topic, owned by this member or not (a gauge)."""
         self._lag = int(total)
+        self._lag_by_partition = {str(p): int(n) for p, n in (by_partition or {}).items()}
+
+    def set_offset_resets(self, total: int) -> None:
+        """Set how many times the events log was found replaced or truncated."""
+        self._offset_resets = int(total)
 
     def set_model_version(self, v: int | None) -> None:
         """Set the model version being served; ``None`` before the first model."""
@@ -231,9 +246,13 @@ class ConsumerStats:
             "window_s": window_s,
             "total_events": self._total_events,
             "total_dlq": self._total_dlq,
+            "lag_by_partition": dict(self._lag_by_partition),
+            "offset_resets": self._offset_resets,
+            "user_conflicts": self._conflicts,
+            "total_user_conflicts": self._total_conflicts,
         }
         self._window_start = now
-        self._records = self._events = self._batches = self._dlq = 0
+        self._records = self._events = self._batches = self._dlq = self._conflicts = 0
         self._latency_ms.reset()
         self._freshness_ms.reset()
         return stats

@@ -23,13 +23,17 @@ import json
 import logging
 import time
 
-import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # the stubs declare it here, not in .admin
 
 from metarec.config import Settings, incremental_rebalancing
 from metarec.errors import InvalidEvent, ModelError
-from metarec.events import decode_event, decode_item, decode_user
+from metarec.events import check_key, decode_event, decode_item, decode_user
+from metarec.logs import kafka_logger
+from metarec.metrics import HealthServer, Metrics
 from metarec.model import MetaModel
+from metarec.outage import Outage, Stopped, retrying
 from metarec.retraining import Retrainer, RetrainSchedule
 from metarec.store import RedisStore
 from metarec.training import MetaTrainer
@@ -50,9 +54,15 @@ class Aggregator:
         self.settings = settings
         self.retrainer = Retrainer(trainer or Retrainer.trainer_for(settings))
         self.schedule = RetrainSchedule.from_settings(settings)
-        self.store = RedisStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
-        self.window = EventWindow(settings.window_events)
         self._stopping = False
+        self.outage = Outage("redis", settings.redis_retry_s, log,
+                             should_stop=lambda: self._stopping)
+        self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
+                              self.outage)
+        self.window = EventWindow(settings.window_events)
+        self.metrics = Metrics("aggregator")
+        self._exported = (0, 0)
+        self._published_ms: int | None = None
         self._events_since = 0
         self._next_cycle = self._interval_deadline()
         config = {
@@ -61,14 +71,18 @@ class Aggregator:
             "group.id": settings.aggregator_group_id, "enable.auto.commit": "true",
         }
         self._incremental = incremental_rebalancing(config)
-        self.consumer = Consumer(config, logger=logging.getLogger("metarec.kafka.aggregator"))
-        self.producer = Producer(settings.kafka_config())
+        self.consumer = Consumer(config, logger=kafka_logger("aggregator"))
+        self.producer = Producer(settings.kafka_config(), logger=kafka_logger("producer"))
 
     def stop(self, *_: object) -> None:
         self._stopping = True
 
     def run(self, *, max_cycles: int | None = None) -> int:
         s = self.settings
+        self.store.check_access()
+        self._ensure_model_topic()
+        health = (HealthServer(self.metrics, s.metrics_port, self.missing)
+                  if s.metrics_port else None)
         self.consumer.subscribe([s.events_topic, s.items_topic, s.users_topic],
                                 on_assign=self._rewind)
         cycles = 0
@@ -80,10 +94,42 @@ class Aggregator:
                 reason = self.due()
                 if reason is not None and self.cycle(reason=reason) is not None:
                     cycles += 1
+                self._export()
+                if health is not None:
+                    health.tick()
+        except Stopped:
+            log.info("stopped while Redis was unavailable")
         finally:
+            if health is not None:
+                health.close()
             self.consumer.close()
             self.producer.flush(10)
         return 0
+
+    def _export(self) -> None:
+        m = self.metrics
+        m.redis_errors.inc(self.outage.retried - self._exported[0])
+        m.redis_outages.inc(self.outage.outages - self._exported[1])
+        self._exported = (self.outage.retried, self.outage.outages)
+        if self._published_ms is not None:
+            m.model_age_seconds.set(max(0.0, time.time() - self._published_ms / 1000))
+
+    def missing(self) -> list[str]:
+        """What keeps the aggregator from doing its job now (empty: ready; ``/readyz``)."""
+        return ["redis unavailable"] if self.outage.down else []
+
+    def _ensure_model_topic(self) -> None:
+        """Create the model topic with one partition (notices are ordered by version); a
+        broker that auto-creates topics would otherwise give it its default count."""
+        config: dict[str, str | int | float | bool] = {**self.settings.kafka_config()}
+        admin = AdminClient(config, logger=kafka_logger("admin"))
+        try:
+            if self.settings.model_topic in admin.list_topics(timeout=10).topics:
+                return
+            futures = admin.create_topics([NewTopic(self.settings.model_topic, 1)])
+            futures[self.settings.model_topic].result(timeout=10)
+        except Exception as exc:  # exists by now, or the broker is down: the producer waits
+            log.debug("model topic not created", extra={"error": str(exc)})
 
     def _rewind(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Rebuild the window from the retained log: the window lives only in memory."""
@@ -101,6 +147,7 @@ class Aggregator:
         """Add consumed records to the window (invalid ones are the consumers' DLQ's job)."""
         s = self.settings
         now_ms = int(time.time() * 1000)
+        checks = s.event_checks(now_ms)
         for msg in records:
             if msg.error() is not None:
                 if msg.error().code() != KafkaError._PARTITION_EOF:
@@ -108,15 +155,16 @@ class Aggregator:
                 continue
             try:
                 if msg.topic() == s.events_topic:
-                    e = decode_event(msg.value() or b"", event_types=s.event_types,
-                                     default_ts=msg.timestamp()[1], now_ms=now_ms)
+                    e = decode_event(msg.value() or b"", default_ts=msg.timestamp()[1],
+                                     **checks)
+                    check_key(msg.key(), e.user)  # the consumers dead-letter it
                     self.window.append(e.user, e.item, e.ts, s.event_types[e.type], e.domain)
                     self._events_since += 1
                 elif msg.topic() == s.items_topic:
-                    item = decode_item(msg.value() or b"")
+                    item = decode_item(msg.value() or b"", limits=checks["limits"])
                     self.window.describe_item(item.item, item.domain, item.features)
                 elif msg.topic() == s.users_topic:
-                    user = decode_user(msg.value() or b"")
+                    user = decode_user(msg.value() or b"", limits=checks["limits"])
                     self.window.describe_user(user.user, user.features)
             except (InvalidEvent, RecursionError):  # deeply nested JSON
                 continue
@@ -173,6 +221,8 @@ class Aggregator:
         model, folded = self.retrainer.fold(
             model, init, self.store.take_partials(self.settings.events_topic))
         version = self.store.publish_model(model.to_bytes())
+        self.metrics.model_version.set(version)
+        self._published_ms = int(time.time() * 1000)
         notice = {"version": version, "created_ms": int(time.time() * 1000),
                   "events": model.info.get("events"), "users": model.info.get("users"),
                   "items": model.info.get("items"), "reason": reason, "floor_ts": floor,

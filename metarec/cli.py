@@ -18,6 +18,7 @@ from types import FrameType
 
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
 from metarec.errors import ConfigError, MetarecError
+from metarec.logs import configure_logging, fatal
 
 __all__ = ["build_parser", "main"]
 
@@ -53,6 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ask the running aggregator for a cycle now, then exit")
     add_arguments(agg)
 
+    recs = sub.add_parser("recs", help="show a user's list and the state behind it",
+                          description="Print, as JSON, the list apps read for USER, their "
+                                      "profile and a summary of their state.")
+    recs.add_argument("user")
+    add_arguments(recs)
+
+    user = sub.add_parser("user", help="act on one user's state",
+                          description="reset: delete USER's state and list (their next "
+                                      "event starts them afresh; the profile stays).")
+    user.add_argument("action", choices=["reset"])
+    user.add_argument("user")
+    add_arguments(user)
+
+    letters = sub.add_parser("dlq", help="inspect or replay the dead-letter topic",
+                             description="inspect: print dead letters with their error and "
+                                         "origin. replay: publish them again to their "
+                                         "original topic, key and value unchanged, from where "
+                                         "the last replay ended.")
+    letters.add_argument("action", choices=["inspect", "replay"])
+    letters.add_argument("--limit", type=int, default=100, help="inspect: most letters shown")
+    letters.add_argument("--matching", default=None,
+                         help="replay: only letters whose error message contains this")
+    letters.add_argument("--dry-run", action="store_true",
+                         help="replay: count what would be replayed, publish nothing")
+    add_arguments(letters)
+
+    models = sub.add_parser("model", help="list model versions or roll back to one",
+                            description="list: stored versions, newest first. rollback V: "
+                                        "publish a copy of version V as the newest version; "
+                                        "consumers reload it within a second.")
+    models.add_argument("action", choices=["list", "rollback"])
+    models.add_argument("version", nargs="?", type=int)
+    add_arguments(models)
+
     dev = sub.add_parser("dev", help="local services for a laptop: broker and Redis",
                          description="Start, stop or inspect the local Tansu broker and Redis.")
     dev.add_argument("action", choices=["up", "down", "status"])
@@ -80,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_eval(args)
         settings = settings_from_args(args)
-        from metarec.logs import configure_logging
-
         configure_logging(settings.log_level, service=f"metarec-{args.command}")
         if args.command == "consume":
             from consumer.app import ConsumerApp
@@ -91,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return app.run()
         if args.command == "aggregate":
             return _aggregate(settings, once=args.once, now=args.now)
+        if args.command in ("recs", "user", "dlq", "model"):
+            return _operate(settings, args)
         if args.command == "dev":
             return _dev(settings, args.action, args.state_dir)
         if args.command == "demo":
@@ -98,10 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(settings, data=args.data, rate=args.rate, state_dir=args.state_dir)
     except ConfigError as exc:
-        print(f"metarec: configuration error: {exc}", file=sys.stderr)
+        fatal("configuration error", service=f"metarec-{args.command}", error=str(exc))
         return 2
     except MetarecError as exc:
-        print(f"metarec: {exc}", file=sys.stderr)
+        fatal(f"{args.command} failed", service=f"metarec-{args.command}",
+              error=str(exc), kind=type(exc).__name__)
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
@@ -129,6 +165,33 @@ def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
         return 0
     _stop_on_signals(agg.stop)
     return agg.run(max_cycles=1 if once else None)
+
+
+def _operate(settings: Settings, args: argparse.Namespace) -> int:
+    """The operator commands (:mod:`metarec.operations`); each prints one JSON document."""
+    from metarec import operations
+    from metarec.store import RedisStore
+
+    store = RedisStore.connect(settings.redis_url, settings.key_prefix)
+    result: object
+    if args.command == "recs":
+        result = operations.user_summary(store, args.user)
+    elif args.command == "user":
+        result = {"user": args.user, "reset": operations.reset_user(store, args.user)}
+    elif args.command == "dlq" and args.action == "inspect":
+        result = operations.inspect_dead_letters(settings, limit=args.limit)
+    elif args.command == "dlq":
+        result = operations.replay_dead_letters(settings, store, dry_run=args.dry_run,
+                                                matching=args.matching)
+    elif args.action == "list":
+        result = operations.list_models(store)
+    else:
+        if args.version is None:
+            raise ConfigError("metarec model rollback needs the VERSION to serve again")
+        result = {"rolled_back_to": args.version,
+                  "published": operations.rollback_model(store, args.version)}
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _dev(settings: Settings, action: str, state_dir: Path) -> int:

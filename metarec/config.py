@@ -31,10 +31,19 @@ import re
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from metarec.errors import ConfigError
-from metarec.events import DEFAULT_EVENT_WEIGHTS
+from metarec.events import (
+    DEFAULT_EVENT_WEIGHTS,
+    MAX_FEATURES,
+    MAX_FUTURE_SKEW_MS,
+    MAX_ID_BYTES,
+    MAX_RECORD_BYTES,
+    MIN_EVENT_TS_MS,
+    Limits,
+)
 
 __all__ = [
     "DEFAULT_HISTORY_LENGTH",
@@ -151,6 +160,9 @@ def _parse_redis_url(raw: object) -> str:
     expected = "a redis://, rediss:// or unix:// URL, such as 'redis://user:pass@host:6379/0'"
     if not isinstance(raw, str):
         raise ValueError(expected)
+    if raw.count("@") > 1 or "#" in raw or "/" in raw.partition("://")[2].rpartition("@")[0]:
+        raise ValueError(expected + "; percent-encode '@', '/', '#' and ':' in the user "
+                         "and password (%40, %2F, %23, %3A)")
     try:
         parts = urlsplit(raw)
         port = parts.port  # raises ValueError on a non-numeric port
@@ -168,6 +180,13 @@ def _parse_redis_url(raw: object) -> str:
     if db and not db.isdigit():
         raise ValueError(expected + " (the path, if any, is the database number)")
     return raw
+
+
+def _parse_reset_policy(raw: object) -> str:
+    expected = "replay (go on from the new log's start) or skip (from its end)"
+    if not isinstance(raw, str) or raw.strip().lower() not in ("replay", "skip"):
+        raise ValueError(expected)
+    return raw.strip().lower()
 
 
 def _parse_log_level(raw: object) -> str:
@@ -218,24 +237,30 @@ def _format_event_types(value: object) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password (userinfo or a ``password`` query parameter) masked.
 
+    Why not ``urlsplit``: a password with an unencoded ``@``, ``/`` or ``#`` makes the
+    parser cut the URL in the wrong place, and half of the password would be shown. The
+    host never contains ``@``, so everything up to the *last* ``@`` is the userinfo.
+
     >>> redact_url("rediss://app:s3cret@cache:6380/1")
     'rediss://app:***@cache:6380/1'
+    >>> redact_url("redis://app:x@y/z#Secret@127.0.0.1:6379/0")
+    'redis://app:***@127.0.0.1:6379/0'
     """
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return MASK  # unparsable: it may hold anything, so show nothing
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{MASK}@{hostport}"
-    query = parts.query
-    if "password" in query.lower():
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return MASK if ("@" in url or "password" in url.lower()) else url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:{MASK}@{hostpart}" if colon else f"{MASK}@{hostpart}"
+    head, qmark, query = rest.partition("?")
+    if qmark and "password" in query.lower():
+        query = query.partition("#")[0]
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, MASK if "password" in k.lower() else v) for k, v in pairs])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        query = urlencode([(k, MASK if "password" in k.lower() else v) for k, v in pairs],
+                          safe="*")
+        rest = f"{head}?{query}"
+    return f"{scheme}://{rest}"
 
 
 def _is_secret_kafka_option(name: str) -> bool:
@@ -327,6 +352,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("redis_url", "url", "redis://127.0.0.1:6379/0",
                 "Redis URL (redis://, rediss:// for TLS, unix://); user:password@ allowed.",
                 _parse_redis_url, secret=True),
+    _int_spec("redis_retry_s", 120, 0, _DAY_S,
+              "How long a consumer or the aggregator retries an unavailable Redis before it "
+              "exits (keep it under librdkafka's max.poll.interval.ms, 300 s)."),
     SettingSpec("key_prefix", "str", "metarec:", "Prefix of every Redis key metarec writes.",
                 _name_parser("a non-empty prefix without spaces, such as 'metarec:'", 128)),
     _id_spec("group_id", "metarec-consumer", "Kafka consumer group of the consumer service."),
@@ -338,6 +366,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     _topic_spec("dlq_topic", "metarec.events.dlq",
                 "Dead-letter topic for records that could not be processed."),
     _topic_spec("model_topic", "metarec.model", "Topic announcing new model versions."),
+    SettingSpec("log_reset_policy", "policy", "replay",
+                "When the events topic is a new log (broker reset, topic recreated): replay "
+                "it from its start, or skip to its end.", _parse_reset_policy),
     _int_spec("top_k", DEFAULT_TOP_K, 1, 1000, "Length of each user's recommendation list."),
     _int_spec("batch_size", 500, 1, 100_000, "Most records taken per consume call."),
     # Short on purpose: under load a batch fills at once; at low load a long wait is
@@ -349,6 +380,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
               "Events kept per user, to re-derive the user after a model change."),
     _int_spec("recs_ttl_s", 0, 0, 365 * _DAY_S,
               "TTL in seconds of recs:{user} keys; 0 means no expiry."),
+    _int_spec("metrics_port", 0, 0, 65535,
+              "Port of the /metrics, /healthz and /readyz endpoints of a consumer or the "
+              "aggregator; 0 turns them off."),
     _int_spec("stats_interval_s", 10, 0, _DAY_S,
               "Seconds between stats log lines; 0 turns them off."),
     _int_spec("retrain_events", DEFAULT_RETRAIN_EVENTS, 1, 10**9,
@@ -365,6 +399,18 @@ SETTINGS: tuple[SettingSpec, ...] = (
                     dict(DEFAULT_EVENT_WEIGHTS)),
                 "Accepted event types and their weights; a negative weight is a dislike.",
                 _parse_event_types, _format_event_types),
+    _int_spec("event_ts_min_ms", MIN_EVENT_TS_MS, 0, 2**62,
+              "Earliest accepted event time, epoch ms (default 1990-01-01); earlier events "
+              "go to the dead-letter topic."),
+    _int_spec("event_max_future_s", MAX_FUTURE_SKEW_MS // 1000, 0, 365 * _DAY_S,
+              "How far ahead of the consumer's clock an event time may be, in seconds; "
+              "later ones go to the dead-letter topic."),
+    _int_spec("max_record_bytes", MAX_RECORD_BYTES, 256, 16 * 1024 * 1024,
+              "Largest record accepted, in bytes; larger ones go to the dead-letter topic."),
+    _int_spec("max_id_bytes", MAX_ID_BYTES, 8, 4096,
+              "Longest user, item, domain or event id accepted, in UTF-8 bytes."),
+    _int_spec("max_features", MAX_FEATURES, 0, 100_000,
+              "Most features an item or user record may list."),
     SettingSpec("log_level", "level", "INFO", "One of DEBUG, INFO, WARNING, ERROR.",
                 _parse_log_level),
     _int_spec("seed", 0, 0, 2**32 - 1, "Seed of every random generator."),
@@ -400,6 +446,7 @@ class Settings:
 
     kafka_bootstrap: str
     redis_url: str
+    redis_retry_s: int
     key_prefix: str
     group_id: str
     aggregator_group_id: str
@@ -408,18 +455,25 @@ class Settings:
     users_topic: str
     dlq_topic: str
     model_topic: str
+    log_reset_policy: str
     top_k: int
     batch_size: int
     batch_timeout_ms: int
     partitions: int
     history_length: int
     recs_ttl_s: int
+    metrics_port: int
     stats_interval_s: int
     retrain_events: int
     aggregate_interval_s: int
     min_events_for_model: int
     window_events: int
     event_types: Mapping[str, float] = field(hash=False)
+    event_ts_min_ms: int
+    event_max_future_s: int
+    max_record_bytes: int
+    max_id_bytes: int
+    max_features: int
     log_level: str
     seed: int
     kafka_options: Mapping[str, str] = field(
@@ -486,6 +540,17 @@ class Settings:
         for name, value in extra.items():
             config[name.replace("_", ".")] = _kafka_value(value)
         return config
+
+    def limits(self) -> Limits:
+        """What records may be (:class:`metarec.events.Limits`), from these settings."""
+        return Limits(max_record_bytes=self.max_record_bytes, max_id_bytes=self.max_id_bytes,
+                      max_features=self.max_features, min_ts=self.event_ts_min_ms,
+                      max_future_ms=self.event_max_future_s * 1000)
+
+    def event_checks(self, now_ms: int | None) -> dict[str, Any]:
+        """The keyword arguments of :func:`metarec.events.decode_event` that these settings
+        fix: the accepted types and the limits, with the time window at ``now_ms``."""
+        return {"event_types": self.event_types, "now_ms": now_ms, "limits": self.limits()}
 
     def redacted(self) -> dict[str, object]:
         """Every setting, with secrets masked: safe to log."""

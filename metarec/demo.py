@@ -34,6 +34,8 @@ CONSUMERS = 2
 #: How long to wait for the consumers to catch up with everything the replay sent.
 CATCH_UP_S = 180.0
 STATS_INTERVAL_S = 5
+#: Pause between two members leaving the group (Tansu's stuck-group bug needs > 0.5 s).
+LEAVE_GAP_S = 1.0
 
 
 def _env(settings: Settings, run: str) -> dict[str, str]:
@@ -122,9 +124,14 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
         _say(f"read a list yourself: redis-cli GET '{store.recs_key(dataset.events[-1].user)}'")
         return 0
     finally:
-        for _, proc in procs:
+        # One member at a time: on the local Tansu broker, a group whose members all
+        # leave within half a second gives new members no partitions for minutes
+        # (docs/LOCAL_SERVICES.md); a rerun with the same group id would sit idle.
+        codes: dict[str, int] = {}
+        for name, proc in procs:
             proc.send_signal(signal.SIGTERM)
-        codes = {name: proc.wait(timeout=30) for name, proc in procs}
+            codes[name] = proc.wait(timeout=30)
+            time.sleep(LEAVE_GAP_S)
         _say("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
         if started_services:
             devservices.down(state_dir)

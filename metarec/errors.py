@@ -40,5 +40,23 @@ class StaleOffset(MetarecError):
     """A batch was written against an offset that another writer has moved past.
 
     Raised by the state store when the compare-and-set on a partition's offset fails,
-    which is how a zombie consumer's batch is fenced off.
+    which is how a zombie consumer's batch is fenced off. ``stored`` is the offset found
+    (None: none stored).
     """
+
+    def __init__(self, message: str, stored: int | None = None) -> None:
+        super().__init__(message)
+        self.stored = stored
+
+
+class UserConflict(MetarecError):
+    """Another writer changed some of a batch's users since they were loaded.
+
+    Raised by the state store when a user's state guard fails (the user's events arrive on
+    two partitions owned by two consumers at once); nothing was written, and the batch is
+    redone from the users' stored states. ``users`` are the users that changed.
+    """
+
+    def __init__(self, message: str, users: list[str]) -> None:
+        super().__init__(message)
+        self.users = users

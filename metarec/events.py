@@ -25,12 +25,17 @@ from metarec.errors import InvalidEvent
 __all__ = [
     "DEFAULT_DOMAIN",
     "DEFAULT_EVENT_WEIGHTS",
+    "LIMITS",
     "MAX_FEATURES",
+    "MAX_FUTURE_SKEW_MS",
     "MAX_ID_BYTES",
     "MAX_RECORD_BYTES",
+    "MIN_EVENT_TS_MS",
     "Event",
     "ItemRecord",
+    "Limits",
     "UserRecord",
+    "check_key",
     "decode_event",
     "decode_item",
     "decode_user",
@@ -50,8 +55,28 @@ MAX_ID_BYTES = 256
 #: An event is a few hundred bytes; anything past 64 KiB is a bug or an attack.
 MAX_RECORD_BYTES = 64 * 1024
 MAX_FEATURES = 256
-#: Events stamped more than a day ahead are clock errors, and would poison recency decay.
+#: The timestamp window an event must fall in (the settings ``event_ts_min_ms`` and
+#: ``event_max_future_s`` move it). Events stamped more than a day ahead are clock errors;
+#: before 1990 (``ts`` in seconds, or ``ts: 1``) they are unit or test mistakes, and both
+#: would sit in users' histories and the training window for good.
+MIN_EVENT_TS_MS = 631_152_000_000  # 1990-01-01T00:00:00Z
 MAX_FUTURE_SKEW_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a record may be: its size, its ids, its features, its time. The defaults are
+    the constants above; the settings ``max_record_bytes``, ``max_id_bytes``,
+    ``max_features``, ``event_ts_min_ms`` and ``event_max_future_s`` move them."""
+
+    max_record_bytes: int = MAX_RECORD_BYTES
+    max_id_bytes: int = MAX_ID_BYTES
+    max_features: int = MAX_FEATURES
+    min_ts: int = MIN_EVENT_TS_MS
+    max_future_ms: int = MAX_FUTURE_SKEW_MS
+
+
+LIMITS = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,18 +129,19 @@ class UserRecord:
         return {"user": self.user, "features": list(self.features), "ts": self.ts}
 
 
-def _load_object(raw: bytes | str) -> dict[str, Any]:
+def _load_object(raw: bytes | str, limits: Limits) -> dict[str, Any]:
+    cap = limits.max_record_bytes
     if isinstance(raw, bytes | bytearray | memoryview):
-        if len(raw) > MAX_RECORD_BYTES:
-            raise InvalidEvent(f"record is {len(raw)} bytes, over the {MAX_RECORD_BYTES} limit")
+        if len(raw) > cap:
+            raise InvalidEvent(f"record is {len(raw)} bytes, over the {cap} limit")
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidEvent(f"record is not UTF-8: {exc.reason} at byte {exc.start}") from None
     else:
         text = raw
-        if len(text.encode("utf-8")) > MAX_RECORD_BYTES:
-            raise InvalidEvent(f"record is over the {MAX_RECORD_BYTES}-byte limit")
+        if len(text.encode("utf-8")) > cap:
+            raise InvalidEvent(f"record is over the {cap}-byte limit")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -127,7 +153,7 @@ def _load_object(raw: bytes | str) -> dict[str, Any]:
     return obj
 
 
-def _id(obj: Mapping[str, Any], field: str) -> str:
+def _id(obj: Mapping[str, Any], field: str, limits: Limits) -> str:
     if field not in obj:
         raise InvalidEvent(f"field {field!r} is missing")
     value = obj[field]
@@ -135,14 +161,15 @@ def _id(obj: Mapping[str, Any], field: str) -> str:
         raise InvalidEvent(f"field {field!r} must be a string, got {type(value).__name__}")
     if not value or value.strip() != value:
         raise InvalidEvent(f"field {field!r} must be a non-empty id without surrounding spaces")
-    if len(value.encode("utf-8")) > MAX_ID_BYTES:
-        raise InvalidEvent(f"field {field!r} is longer than {MAX_ID_BYTES} bytes")
+    if len(value.encode("utf-8")) > limits.max_id_bytes:
+        raise InvalidEvent(f"field {field!r} is longer than {limits.max_id_bytes} bytes")
     if any(ord(c) < 32 for c in value):
         raise InvalidEvent(f"field {field!r} contains control characters")
     return value
 
 
-def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None) -> int:
+def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None,
+        min_ts: int = 0, max_future_ms: int = MAX_FUTURE_SKEW_MS) -> int:
     value = obj.get("ts")
     if value is None:
         if default_ts is None:
@@ -155,17 +182,22 @@ def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None) -> i
     ts = int(value)
     if ts < 0:
         raise InvalidEvent(f"field 'ts' is negative ({ts}); it must be epoch milliseconds")
-    if now_ms is not None and ts > now_ms + MAX_FUTURE_SKEW_MS:
-        raise InvalidEvent(f"field 'ts' ({ts}) is more than a day in the future")
+    if ts < min_ts:
+        raise InvalidEvent(f"field 'ts' ({ts}) is before the earliest accepted time "
+                           f"({min_ts} ms; setting event_ts_min_ms); is it in seconds?")
+    if now_ms is not None and ts > now_ms + max_future_ms:
+        raise InvalidEvent(f"field 'ts' ({ts}) is more than {max_future_ms // 1000} s in the "
+                           "future (setting event_max_future_s)")
     return ts
 
 
-def _features(obj: Mapping[str, Any]) -> tuple[str, ...]:
+def _features(obj: Mapping[str, Any], limits: Limits) -> tuple[str, ...]:
     value = obj.get("features", [])
     if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
         raise InvalidEvent("field 'features' must be a list of non-empty strings")
-    if len(value) > MAX_FEATURES:
-        raise InvalidEvent(f"field 'features' has {len(value)} entries, over {MAX_FEATURES}")
+    if len(value) > limits.max_features:
+        raise InvalidEvent(f"field 'features' has {len(value)} entries, over "
+                           f"{limits.max_features}")
     return tuple(value)
 
 
@@ -175,21 +207,24 @@ def validate_event(
     event_types: Sequence[str] | Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
     default_ts: int | None = None,
     now_ms: int | None = None,
+    limits: Limits = LIMITS,
 ) -> Event:
     """Check a decoded event object against the contract and return it as an :class:`Event`.
 
     ``default_ts`` is the Kafka record timestamp, used when the event carries no ``ts``;
-    ``now_ms`` enables the check against timestamps far in the future.
+    ``now_ms`` enables the check against timestamps more than ``limits.max_future_ms``
+    ahead; a timestamp before ``limits.min_ts`` is refused.
     """
-    user = _id(obj, "user")
-    item = _id(obj, "item")
+    user = _id(obj, "user", limits)
+    item = _id(obj, "item", limits)
     etype = obj.get("type")
     if not isinstance(etype, str) or etype not in event_types:
         allowed = ", ".join(sorted(event_types))
         raise InvalidEvent(f"field 'type' is {etype!r}; expected one of: {allowed}")
-    domain = _id(obj, "domain") if "domain" in obj else DEFAULT_DOMAIN
-    event_id = _id(obj, "event_id") if obj.get("event_id") is not None else None
-    return Event(user, item, etype, _ts(obj, default_ts, now_ms), domain, event_id)
+    domain = _id(obj, "domain", limits) if "domain" in obj else DEFAULT_DOMAIN
+    event_id = _id(obj, "event_id", limits) if obj.get("event_id") is not None else None
+    ts = _ts(obj, default_ts, now_ms, limits.min_ts, limits.max_future_ms)
+    return Event(user, item, etype, ts, domain, event_id)
 
 
 def decode_event(
@@ -198,24 +233,38 @@ def decode_event(
     event_types: Sequence[str] | Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
     default_ts: int | None = None,
     now_ms: int | None = None,
+    limits: Limits = LIMITS,
 ) -> Event:
     """Parse one ``metarec.events`` record value; raises :class:`InvalidEvent` if it is bad."""
-    return validate_event(
-        _load_object(raw), event_types=event_types, default_ts=default_ts, now_ms=now_ms
-    )
+    return validate_event(_load_object(raw, limits), event_types=event_types,
+                          default_ts=default_ts, now_ms=now_ms, limits=limits)
 
 
-def decode_item(raw: bytes | str, *, default_ts: int | None = None) -> ItemRecord:
+def check_key(key: bytes | None, user: str) -> None:
+    """Refuse an event whose record key is not its user: keyed by something else, it may
+    land on another partition than the user's other events. A record without a key passes
+    (the consumers guard each user's state, so it is applied correctly, only later)."""
+    if key is not None and key != user.encode("utf-8"):
+        shown = key[:64].decode("utf-8", "replace")
+        raise InvalidEvent(f"record key {shown!r} is not the event's user {user[:64]!r}; "
+                           "key events by user id")
+
+
+def decode_item(raw: bytes | str, *, default_ts: int | None = None,
+                limits: Limits = LIMITS) -> ItemRecord:
     """Parse one ``metarec.items`` record value."""
-    obj = _load_object(raw)
-    domain = _id(obj, "domain") if "domain" in obj else DEFAULT_DOMAIN
-    return ItemRecord(_id(obj, "item"), domain, _features(obj), _ts(obj, default_ts or 0, None))
+    obj = _load_object(raw, limits)
+    domain = _id(obj, "domain", limits) if "domain" in obj else DEFAULT_DOMAIN
+    return ItemRecord(_id(obj, "item", limits), domain, _features(obj, limits),
+                      _ts(obj, default_ts or 0, None))
 
 
-def decode_user(raw: bytes | str, *, default_ts: int | None = None) -> UserRecord:
+def decode_user(raw: bytes | str, *, default_ts: int | None = None,
+                limits: Limits = LIMITS) -> UserRecord:
     """Parse one ``metarec.users`` record value."""
-    obj = _load_object(raw)
-    return UserRecord(_id(obj, "user"), _features(obj), _ts(obj, default_ts or 0, None))
+    obj = _load_object(raw, limits)
+    return UserRecord(_id(obj, "user", limits), _features(obj, limits),
+                      _ts(obj, default_ts or 0, None))
 
 
 def _dump(obj: Mapping[str, Any]) -> bytes:

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
@@ -41,7 +42,8 @@ import numpy as np
 
 from metarec.errors import ConfigError
 
-__all__ = ["BASE_FIELDS", "JsonFormatter", "configure_logging"]
+__all__ = ["BASE_FIELDS", "JsonFormatter", "RepeatFilter", "Throttle", "configure_logging",
+           "fatal", "kafka_logger"]
 
 #: The fields every line has, in this order; an ``extra`` field with one of these names
 #: is written as ``<name>_`` so that it can never replace them.
@@ -55,6 +57,10 @@ HANDLER_NAME: Final = "metarec.json"
 #: How deep nested ``extra`` values are converted; deeper (or cyclic) parts become strings.
 _MAX_DEPTH: Final = 8
 #: Attributes every LogRecord has; anything else on a record came from ``extra``.
+#: A librdkafka log line repeated within this many seconds is dropped: with the broker
+#: down it logs the same connection failure every reconnect backoff (tens of ms).
+REPEAT_LOG_WINDOW_S: Final = 30.0
+_REPEATS_TRACKED: Final = 256
 _RECORD_ATTRS: Final = frozenset(
     logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
 ) | {"message", "asctime", "taskName"}
@@ -185,3 +191,68 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(number)
     logging.captureWarnings(True)
+
+
+class RepeatFilter(logging.Filter):
+    """Drops a message already seen within the last ``window`` seconds (bounded memory).
+
+    >>> f = RepeatFilter(window=30.0)
+    >>> rec = logging.LogRecord("k", logging.ERROR, "", 0, "Connect failed", None, None)
+    >>> f.filter(rec), f.filter(rec)
+    (True, False)
+    """
+
+    def __init__(self, window: float = REPEAT_LOG_WINDOW_S) -> None:
+        super().__init__()
+        self.window = window
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        text = record.getMessage()
+        last = self._seen.get(text)
+        if last is not None and now - last < self.window:
+            return False
+        if len(self._seen) >= _REPEATS_TRACKED:
+            self._seen.clear()
+        self._seen[text] = now
+        return True
+
+
+def kafka_logger(client: str) -> logging.Logger:
+    """The logger that a librdkafka client of ``client`` kind (consumer, producer...) logs
+    to, with repeats dropped: one line per problem, not one per reconnect attempt."""
+    logger = logging.getLogger(f"metarec.kafka.{client}")
+    if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+        logger.addFilter(RepeatFilter())
+    return logger
+
+
+class Throttle:
+    """Lets a repeated warning through at most once per ``every_s`` seconds.
+
+    >>> t = Throttle(every_s=60.0)
+    >>> t.allow(0.0), t.allow(1.0), t.allow(61.0)
+    (True, False, True)
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._next = -math.inf
+
+    def allow(self, now: float) -> bool:
+        if now < self._next:
+            return False
+        self._next = now + self.every_s
+        return True
+
+
+def fatal(message: str, service: str = "metarec", stream: TextIO | None = None,
+          **fields: Any) -> None:
+    """Write one CRITICAL JSON line, whether or not logging is configured yet: how a
+    process that cannot start (or must stop) says why, in the format of all its lines."""
+    record = logging.LogRecord("metarec", logging.CRITICAL, "", 0, message, None, None)
+    record.__dict__.update(fields)
+    out = sys.stderr if stream is None else stream
+    out.write(JsonFormatter(service=service).format(record) + "\n")
+    out.flush()

@@ -20,6 +20,7 @@ key                                type        value
 ``trend:{channel}``                hash        item index → scaled trending count of a channel
 ``trend:meta``                     hash        ``clock`` (events applied), ``ref:{channel}``
 ``offset:{topic}:{partition}``     string      the partition's next offset to process
+``topic-id:{topic}``               string      the Kafka topic id those offsets refer to
 ``partials:{topic}:{partition}``   hash        ``w:{row}`` = Σw, ``s:{row}:{j}`` = Σ w·δ_j
 ``partials:index``                 set         names of the partial-sum hashes not yet taken
 ``model:seq``                      string      last allocated model version
@@ -56,9 +57,10 @@ import numpy.typing as npt
 import redis
 
 from metarec.aggregation import PartialSums
-from metarec.errors import ConfigError, MetarecError, ModelError, StaleOffset
+from metarec.errors import ConfigError, MetarecError, ModelError, StaleOffset, UserConflict
 from metarec.events import ItemRecord, UserRecord
 from metarec.trending import Channel, Trending
+from metarec.user_state import COUNT_AT
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore"]
 
@@ -68,6 +70,8 @@ DEFAULT_PREFIX: Final = "metarec:"
 DEFAULT_CHUNK_BYTES: Final = 8 * 1024 * 1024
 #: Model versions kept after a publish: the current one plus two a slow reader may still load.
 DEFAULT_KEEP_MODELS: Final = 3
+#: Longest a single Redis call may take before it fails (and is retried by the caller).
+SOCKET_TIMEOUT_S: Final = 5.0
 #: Catalog rows fetched per HMGET; one call for any realistic delta, bounded for a cold start.
 _HMGET_CHUNK: Final = 50_000
 
@@ -78,12 +82,17 @@ CatalogRow = tuple[int, str, str, tuple[str, ...]]
 # KEYS: offset, trend:meta, partials, partials:index, then one trend:{channel} hash per
 #       trending channel, the state keys, the recs keys.
 # ARGV: expected ('' = none stored), next, recs ttl, #channels, #states, #recs, #partials,
-#       events (the clock's advance), then per channel: its name, half-life and number of
-#       (item, weight) pairs; then state values, recs values, every channel's pairs in
-#       channel order, partial (field, inc) pairs.
-# Replies {1, clock} when applied, {0, stored offset} when fenced. Nothing is written until
-# the offset check has passed. A channel whose factor would pass 2^60 is rebased first (its
-# counts multiplied down, its reference moved to the clock), inside the same unit.
+#       events (the clock's advance), the byte offset of a state's event count, '1' to
+#       skip users whose guard fails ('0': refuse the whole unit), then per channel: its
+#       name, half-life and number of (item, weight) pairs; then state values, their
+#       guards ('*' = unchecked, '' = no state may be stored, else the 4 count bytes the
+#       stored state must have), recs values, the state number each list belongs to (0:
+#       none), every channel's pairs in channel order, partial (field, inc) pairs.
+# Replies {1, clock, skipped state numbers...} when applied, {0, stored offset} when
+# fenced, {2, conflicting state numbers...} when a guard failed and skipping is off.
+# Nothing is written until the offset and guard checks have passed. A channel whose
+# factor would pass 2^60 is rebased first (its counts multiplied down, its reference
+# moved to the clock), inside the same unit.
 _COMMIT_LUA: Final = """#!lua
 local stored = redis.call('GET', KEYS[1])
 if (ARGV[1] == '' and stored) or (ARGV[1] ~= '' and stored ~= ARGV[1]) then
@@ -91,22 +100,41 @@ if (ARGV[1] == '' and stored) or (ARGV[1] ~= '' and stored ~= ARGV[1]) then
 end
 local nc, ns, nr = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local nq, events = tonumber(ARGV[7]), tonumber(ARGV[8])
-local a = 8 + 3 * nc
-for i = 1, ns do redis.call('SET', KEYS[4 + nc + i], ARGV[a + i]) end
-a = a + ns
-local ttl = tonumber(ARGV[3])
-for i = 1, nr do
-  if ttl > 0 then
-    redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i], 'EX', ttl)
-  else
-    redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i])
+local at, skip = tonumber(ARGV[9]), ARGV[10] == '1'
+local a = 10 + 3 * nc
+local skipped, conflicts = {}, {}
+for i = 1, ns do
+  local guard = ARGV[a + ns + i]
+  if guard ~= '*' and redis.call('GETRANGE', KEYS[4 + nc + i], at, at + 3) ~= guard then
+    skipped[i] = true
+    conflicts[#conflicts + 1] = i
   end
 end
-a = a + nr
+if #conflicts > 0 and not skip then
+  local out = {2}
+  for i = 1, #conflicts do out[i + 1] = conflicts[i] end
+  return out
+end
+for i = 1, ns do
+  if not skipped[i] then redis.call('SET', KEYS[4 + nc + i], ARGV[a + i]) end
+end
+a = a + 2 * ns
+local ttl = tonumber(ARGV[3])
+for i = 1, nr do
+  local owner = tonumber(ARGV[a + nr + i])
+  if owner == 0 or not skipped[owner] then
+    if ttl > 0 then
+      redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i], 'EX', ttl)
+    else
+      redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i])
+    end
+  end
+end
+a = a + 2 * nr
 local clock = redis.call('HINCRBY', KEYS[2], 'clock', events)
 for c = 1, nc do
-  local name = 'ref:' .. ARGV[6 + 3 * c]
-  local h, np = tonumber(ARGV[7 + 3 * c]), tonumber(ARGV[8 + 3 * c])
+  local name = 'ref:' .. ARGV[8 + 3 * c]
+  local h, np = tonumber(ARGV[9 + 3 * c]), tonumber(ARGV[10 + 3 * c])
   if np > 0 then
     local ref = tonumber(redis.call('HGET', KEYS[2], name) or clock)
     if (clock - ref) / h > 60 then
@@ -130,7 +158,22 @@ end
 for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
 if nq > 0 then redis.call('SADD', KEYS[4], KEYS[3]) end
 redis.call('SET', KEYS[1], ARGV[2])
-return {1, clock}
+local out = {1, clock}
+for i = 1, #conflicts do out[i + 2] = conflicts[i] end
+return out
+"""
+
+# KEYS: topic-id:{topic}, then the offset keys of the topic's partitions. ARGV: the id the
+# caller saw stored ('' = none), the topic's id now, then each partition's offset to go on
+# from ('' = leave it). Replies {1} or {0, stored id} when another member got there first.
+_REBASE_LUA: Final = """#!lua
+local stored = redis.call('GET', KEYS[1]) or ''
+if stored ~= ARGV[1] then return {0, stored} end
+redis.call('SET', KEYS[1], ARGV[2])
+for i = 2, #KEYS do
+  if ARGV[i + 1] ~= '' then redis.call('SET', KEYS[i], ARGV[i + 1]) end
+end
+return {1}
 """
 
 # KEYS: items:index, items:next, items:meta. ARGV: overwrite ('1' = replace the meta of
@@ -190,6 +233,10 @@ def _num(value: float, what: str) -> str:
     return repr(x)
 
 
+def _offset_arg(offset: int | None) -> str:
+    return "" if offset is None else str(int(offset))
+
+
 def _dump(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -247,6 +294,47 @@ class RedisStore:
         self._register = client.register_script(_REGISTER_LUA)
         self._take = client.register_script(_TAKE_LUA)
         self._flip = client.register_script(_FLIP_LUA)
+        self._rebase = client.register_script(_REBASE_LUA)
+
+    @classmethod
+    def connect(cls, url: str, prefix: str = DEFAULT_PREFIX, **kwargs: Any) -> RedisStore:
+        """A store on a new client for ``url`` with explicit timeouts: a stalled server
+        fails a call after :data:`SOCKET_TIMEOUT_S` instead of hanging it, so that the
+        caller's retry policy (:mod:`metarec.outage`) decides what happens next."""
+        client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                      socket_connect_timeout=SOCKET_TIMEOUT_S,
+                                      health_check_interval=30)
+        return cls(client, prefix, **kwargs)
+
+    def check_access(self) -> None:
+        """Fail now, not at the first batch, if Redis refuses this client: authentication,
+        or an ACL that does not cover the key prefix or the commands the store needs.
+
+        Raises :class:`~metarec.errors.ConfigError` naming ``METAREC_REDIS_URL`` (or the
+        prefix) and the cause; a connection error is left to the caller's retry policy.
+        """
+        offset = self._k("offset", "access-check", 0)
+        try:
+            self.client.ping()
+            self.client.set(offset, b"0", px=10_000)
+            self._commit(keys=[offset, self._k("trend", "meta"),
+                               self._k("partials", "access-check", 0),
+                               self._k("partials", "index")],
+                         args=["0", "0", "0", "0", "0", "0", "0", "0", str(COUNT_AT), "0"])
+            self.client.delete(offset)
+        except redis.AuthenticationError as exc:
+            raise ConfigError(f"Redis refused the credentials of METAREC_REDIS_URL: {exc}; "
+                              "check the user and password") from None
+        except redis.exceptions.NoPermissionError as exc:
+            raise ConfigError(f"Redis's ACL refuses the METAREC_REDIS_URL user keys under "
+                              f"the prefix {self.prefix!r} (METAREC_KEY_PREFIX) or a command "
+                              f"metarec needs: {exc}; allow ~{self.prefix}* and GET, SET, "
+                              "MGET, EVALSHA, SCRIPT, HSET, HINCRBYFLOAT...") from None
+        except redis.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise ConfigError(f"Redis needs credentials that METAREC_REDIS_URL does not "
+                                  f"give: {exc}") from None
+            raise
 
     def key(self, *parts: object) -> str:
         """The full key for ``parts`` under this store's prefix (``key("a", 1)`` → ``…a:1``)."""
@@ -274,6 +362,8 @@ class RedisStore:
         events: int = 0,
         trending: Sequence[Mapping[int, float]] = (),
         channels: Sequence[Channel] = (),
+        guards: Mapping[str, bytes] | None = None,
+        skip_conflicts: bool = False,
     ) -> int:
         """Write a batch's effects and move the partition's offset, all or nothing.
 
@@ -286,6 +376,15 @@ class RedisStore:
         ``events`` advances the shared trending clock (the batch's size); ``trending``
         holds, for each of ``channels`` (:mod:`metarec.trending`), the item index → weight
         the batch adds to it at the new clock.
+
+        ``guards`` protects users' states from a concurrent writer: for each user in it,
+        the state is written only if the stored one still has the event count it had when
+        loaded (:func:`metarec.user_state.count_guard` of the loaded state; ``b""``: none
+        was stored). The offset fences a partition; the guard fences a user whose events
+        arrive on two partitions at once. When a guard fails, the whole unit is refused
+        with :class:`~metarec.errors.UserConflict` (redo the batch from the stored states),
+        or, with ``skip_conflicts`` (a refresh, which applies no events), only that user's
+        state and list are left out.
 
         Returns
         -------
@@ -318,24 +417,36 @@ class RedisStore:
         keys += [self._k("trend", c.name) for c in channels]
         keys += [self._k("user", u) for u in states]
         keys += [self._k("recs", u) for u in recs]
+        guards = guards or {}
+        number = {u: i for i, u in enumerate(states, 1)}
         args: list[str | bytes] = [
             "" if expected_offset is None else str(int(expected_offset)), str(int(next_offset)),
             str(int(recs_ttl_s)), str(len(channels)), str(len(states)), str(len(recs)),
-            str(len(part_args) // 2), str(int(events)), *head,
+            str(len(part_args) // 2), str(int(events)), str(COUNT_AT),
+            "1" if skip_conflicts else "0", *head,
         ]
         args += states.values()
+        args += [guards.get(u, b"*") for u in states]
         args += recs.values()
+        args += [str(number.get(u, 0)) for u in recs]
         args += trend_args
         args += part_args
-        status, value = self._commit(keys=keys, args=args)
+        status, value, *rest = self._commit(keys=keys, args=args)
+        if status == 2:
+            names = list(states)
+            users = [names[int(i) - 1] for i in (value, *rest)]
+            raise UserConflict(
+                f"{topic}[{partition}]: {len(users)} users changed since they were loaded "
+                f"(first: {users[0]!r}); their events arrive on more than one partition. "
+                "Nothing was written; redo the batch from the stored states", users)
         if status == 0:
             stored = _text(value)
             raise StaleOffset(
                 f"{topic}[{partition}]: expected stored offset "
                 f"{'none' if expected_offset is None else expected_offset}, found "
                 f"{stored or 'none'}; another consumer owns this partition now, so drop the "
-                "batch and re-read the offset after the next assignment"
-            )
+                "batch and re-read the offset after the next assignment",
+                int(stored) if stored else None)
         return int(value)
 
     @staticmethod
@@ -357,6 +468,27 @@ class RedisStore:
             return {}
         raw = self.client.mget([self._k("offset", topic, p) for p in partitions])
         return {p: None if v is None else int(v) for p, v in zip(partitions, raw, strict=True)}
+
+    def topic_id(self, topic: str) -> str | None:
+        """The id of the topic log the stored offsets of ``topic`` refer to (None: unset)."""
+        raw = self.client.get(self._k("topic-id", topic))
+        return None if raw is None else _text(raw)
+
+    def rebase_offsets(self, topic: str, seen_id: str | None, new_id: str,
+                       offsets: Mapping[int, int | None]) -> bool:
+        """Point the stored offsets of ``topic`` at a new log, atomically and once.
+
+        A recreated topic (or a broker that lost its data) starts its offsets again, so the
+        stored ones mean nothing there. ``offsets`` gives each partition's offset to go on
+        from in the log ``new_id`` (None: leave it); ``seen_id`` is the id the caller
+        found stored. Returns False, changing nothing, when the stored id is no longer
+        ``seen_id``: another consumer rebased first.
+        """
+        parts = sorted(offsets)
+        keys = [self._k("topic-id", topic)] + [self._k("offset", topic, p) for p in parts]
+        args = [seen_id or "", new_id] + [_offset_arg(offsets[p]) for p in parts]
+        status, *_ = self._rebase(keys=keys, args=args)
+        return bool(status == 1)
 
     # -- users -----------------------------------------------------------------------
 
@@ -556,6 +688,11 @@ class RedisStore:
         """The version readers should load (None before the first publish)."""
         raw = self.client.get(self._k("model", "current"))
         return None if raw is None else int(raw)
+
+    def model_created_ms(self, version: int) -> int | None:
+        """When ``version`` was published (epoch ms), or None if it is not stored."""
+        raw = self.client.get(self._k("model", version, "meta"))
+        return None if raw is None else int(json.loads(raw)["created_ms"])
 
     def load_model_blob(self, version: int) -> bytes:
         """The bytes of model ``version``, checked against its size and sha256."""

@@ -32,13 +32,25 @@ import numpy.typing as npt
 
 from metarec.events import DEFAULT_DOMAIN
 
-__all__ = ["MAX_SEEN", "UserState"]
+__all__ = ["COUNT_AT", "COUNT_BYTES", "MAX_SEEN", "UserState", "count_guard"]
 
 #: Items a user consumed that stay excluded from their list. Past this the oldest ones may
 #: come back; 5,000 covers all but robots and keeps the state under ~25 KiB.
 MAX_SEEN = 5000
 _MAGIC = b"MU2"
 _HEADER = struct.Struct("<3sHHIHiiqH")
+#: Where the event count sits in a stored state, and its encoding. Every write that
+#: applies events raises it, so the store compares these bytes to guard a user's state
+#: against a concurrent writer (the compare-and-set of :meth:`metarec.store.RedisStore.
+#: commit_batch`) without reading the whole state back.
+COUNT_AT = struct.calcsize("<3sHHIHi")
+COUNT_BYTES = struct.Struct("<i")
+
+
+def count_guard(state: UserState | None) -> bytes:
+    """What a stored state's count bytes must be for a write based on ``state`` to land
+    (empty: no state stored yet)."""
+    return b"" if state is None else COUNT_BYTES.pack(state.n_events)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from metarec.events import (
     encode_user,
     validate_event,
 )
+from metarec.logs import kafka_logger
 
 __all__ = ["DEFAULT_PRODUCER_CONFIG", "DeliveryError", "EventProducer"]
 
@@ -39,6 +40,9 @@ __all__ = ["DEFAULT_PRODUCER_CONFIG", "DeliveryError", "EventProducer"]
 #: Idempotence stops a retried batch from being written twice or reordered, which would
 #: break per-user ordering; a few ms of linger batches records without visible latency.
 DEFAULT_PRODUCER_CONFIG: Final[Mapping[str, str]] = {
+    # The Java client's partitioner (murmur2 of the key): every producer of the events
+    # topic must put one user on one partition, whatever client it is written with.
+    "partitioner": "murmur2_random",
     "enable.idempotence": "true",
     "linger.ms": "5",
     "client.id": "metarec-producer",
@@ -50,36 +54,9 @@ _QUEUE_FULL_POLL_S = 0.05
 #: Failures kept for the error message; the count is exact, the examples are a sample.
 _FAILURES_KEPT = 5
 
-#: A librdkafka log line repeated within this many seconds is dropped: with the broker
-#: down it logs the same connection failure every reconnect backoff (tens of ms).
-REPEAT_LOG_WINDOW_S: Final = 30.0
-_REPEATS_TRACKED = 256
-
-
-class _RepeatFilter(logging.Filter):
-    """Drops a message seen within the last ``window`` seconds (bounded memory)."""
-
-    def __init__(self, window: float) -> None:
-        super().__init__()
-        self.window = window
-        self._seen: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        text = record.getMessage()
-        last = self._seen.get(text)
-        if last is not None and now - last < self.window:
-            return False
-        if len(self._seen) >= _REPEATS_TRACKED:
-            self._seen.clear()
-        self._seen[text] = now
-        return True
-
-
 _log = logging.getLogger(__name__)
 #: librdkafka's own log lines go through Python logging instead of raw stderr.
-_kafka_log = logging.getLogger("metarec.kafka.producer")
-_kafka_log.addFilter(_RepeatFilter(REPEAT_LOG_WINDOW_S))
+_kafka_log = kafka_logger("producer")
 
 
 class DeliveryError(MetarecError):
@@ -217,27 +194,25 @@ class EventProducer:
             obj["domain"] = domain
         if event_id is not None:
             obj["event_id"] = event_id
-        event = validate_event(obj, event_types=self.settings.event_types, now_ms=now)
+        event = validate_event(obj, **self.settings.event_checks(now))
         self._produce(self.settings.events_topic, event.user, encode_event(event))
         return event
 
     def send_event(self, event: Event) -> Event:
         """Validate and queue an :class:`~metarec.events.Event` (see :meth:`send`)."""
-        checked = validate_event(
-            event.to_json(), event_types=self.settings.event_types, now_ms=_now_ms()
-        )
+        checked = validate_event(event.to_json(), **self.settings.event_checks(_now_ms()))
         self._produce(self.settings.events_topic, checked.user, encode_event(checked))
         return checked
 
     def send_item(self, item: ItemRecord) -> ItemRecord:
         """Validate and queue an item's metadata on the items topic, keyed by item id."""
-        checked = decode_item(encode_item(item))
+        checked = decode_item(encode_item(item), limits=self.settings.limits())
         self._produce(self.settings.items_topic, checked.item, encode_item(checked))
         return checked
 
     def send_user(self, user: UserRecord) -> UserRecord:
         """Validate and queue a user's profile on the users topic, keyed by user id."""
-        checked = decode_user(encode_user(user))
+        checked = decode_user(encode_user(user), limits=self.settings.limits())
         self._produce(self.settings.users_topic, checked.user, encode_user(checked))
         return checked
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from metarec.aggregation import PartialSums
 from metarec.aggregator import OPERATOR_REQUEST, Aggregator
@@ -249,7 +250,8 @@ def test_the_first_model_comes_as_soon_as_the_window_is_large_enough(
         make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore,
         assignor: str) -> None:
     enough = 80
-    agg = make_aggregator(min_events_for_model=enough,
+    fresh_topic = f"{settings.model_topic}-new"  # not created: the aggregator makes it
+    agg = make_aggregator(min_events_for_model=enough, model_topic=fresh_topic,
                           kafka_options={"partition.assignment.strategy": assignor})
     records = event_records(enough)
     publish_events(settings, records[:-1])
@@ -268,6 +270,10 @@ def test_the_first_model_comes_as_soon_as_the_window_is_large_enough(
     assert store.current_model_version() == 1
     model = MetaModel.from_bytes(store.load_model_blob(1))
     assert model.info["events"] == enough
+    # With one partition, so that notices keep the versions' order.
+    topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(
+        timeout=10).topics
+    assert len(topics[fresh_topic].partitions) == 1
 
 
 def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(

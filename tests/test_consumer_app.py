@@ -635,6 +635,11 @@ def bad_records(now: int) -> list[tuple[str, bytes | None, str]]:
         ("k-type", event(type="share"), "'type' is 'share'"),
         ("k-future", event(ts=now + 3 * 24 * 3600 * 1000), "in the future"),
         ("k-negative-ts", event(ts=-5), "negative"),
+        # A time before 1990 is a unit mistake (seconds) or a test value, not an event.
+        ("k-ts-1", event(ts=1), "before the earliest accepted time"),
+        ("k-ts-seconds", event(ts=now // 1000), "before the earliest accepted time"),
+        # Valid, but keyed by another user: it may sit on another partition than theirs.
+        ("k-key-mismatch", event(), "is not the event's user"),
         ("k-huge", event(pad=pad), f"over the {MAX_RECORD_BYTES} limit"),
         ("k-over-1mb", event(pad=pad * 6), f"over the {MAX_RECORD_BYTES} limit"),
         # Under the size limit, but deeper than Python's JSON parser recurses.

@@ -15,10 +15,11 @@ import pytest
 import redis
 
 from metarec.aggregation import PartialSums
-from metarec.errors import ConfigError, ModelError, StaleOffset
+from metarec.errors import ConfigError, ModelError, StaleOffset, UserConflict
 from metarec.events import ItemRecord, UserRecord
 from metarec.store import RedisStore
 from metarec.trending import Channel, Trending
+from metarec.user_state import UserState, count_guard
 
 TOPIC = "metarec.events"
 CHANNELS = (Channel("1", 1.0), Channel("1000", 1000.0))
@@ -100,6 +101,57 @@ def test_offsets_must_not_go_back_and_refresh_keeps_the_offset(store: RedisStore
     assert store.offsets(TOPIC, [0]) == {0: 10}
     assert store.read_recs("u1") == {"v": 2}
     commit(store, 10, 11, "c")  # the refresh did not move the fence
+
+
+def user_state(n_events: int) -> UserState:
+    state = UserState.new(dim=2, history_length=3)
+    state.n_events = n_events
+    return state
+
+
+def test_a_users_state_written_meanwhile_refuses_the_whole_unit(
+        store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    # Two consumers load u1 at 3 events; the one on partition 1 writes first.
+    loaded = user_state(3)
+    store.commit_batch(TOPIC, 0, None, 5, states={"u1": loaded.to_bytes()}, recs={},
+                       recs_ttl_s=0, partials=None)
+    store.commit_batch(TOPIC, 1, None, 7, states={"u1": user_state(4).to_bytes()},
+                       recs={"u1": b"list-1"}, recs_ttl_s=0, partials=None,
+                       guards={"u1": count_guard(loaded)})
+    before = snapshot(redis_client, key_prefix)
+    with pytest.raises(UserConflict) as caught:
+        store.commit_batch(TOPIC, 0, 5, 9, states={"u0": b"new", "u1": b"stale"},
+                           recs={"u1": b"stale-list"}, recs_ttl_s=0, partials=None, events=2,
+                           guards={"u0": count_guard(None), "u1": count_guard(loaded)})
+    assert caught.value.users == ["u1"]
+    assert snapshot(redis_client, key_prefix) == before  # not even the offset moved
+    # Redone from the stored state, it lands; a user that appeared meanwhile conflicts too.
+    redis_client.set(store.key("user", "u0"), user_state(1).to_bytes())
+    with pytest.raises(UserConflict) as caught:
+        store.commit_batch(TOPIC, 0, 5, 9, states={"u0": b"x", "u1": b"y"}, recs={},
+                           recs_ttl_s=0, partials=None,
+                           guards={"u0": count_guard(None), "u1": count_guard(user_state(4))})
+    assert caught.value.users == ["u0"]
+    store.commit_batch(TOPIC, 0, 5, 9, states={"u0": b"x", "u1": b"y"}, recs={},
+                       recs_ttl_s=0, partials=None,
+                       guards={"u0": count_guard(user_state(1)),
+                               "u1": count_guard(user_state(4))})
+    assert store.load_users(["u0", "u1"])[0] == [b"x", b"y"]
+    assert store.offsets(TOPIC, [0, 1]) == {0: 9, 1: 7}
+
+
+def test_a_refresh_skips_only_the_users_written_meanwhile(store: RedisStore) -> None:
+    store.commit_batch(TOPIC, 0, None, 5,
+                       states={"a": user_state(2).to_bytes(), "b": user_state(6).to_bytes()},
+                       recs={"a": b"old-a", "b": b"old-b"}, recs_ttl_s=0, partials=None)
+    store.commit_batch(TOPIC, 0, 5, 5, states={"a": b"fresh-a", "b": b"fresh-b"},
+                       recs={"a": b"new-a", "b": b"new-b"}, recs_ttl_s=0, partials=None,
+                       guards={"a": count_guard(user_state(2)),
+                               "b": count_guard(user_state(5))},
+                       skip_conflicts=True)
+    assert store.load_users(["a", "b"])[0] == [b"fresh-a", user_state(6).to_bytes()]
+    assert store.client.get(store.recs_key("a")) == b"new-a"
+    assert store.client.get(store.recs_key("b")) == b"old-b"
 
 
 def test_recs_are_byte_exact_and_get_their_ttl(
