@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import redis
-from confluent_kafka import Producer
 
+from metarec.bench import produce
 from metarec.config import Settings
 from metarec.datasets import load_dataset
 from metarec.devservices import create_topics, start_broker
@@ -61,25 +61,6 @@ def _topics(bootstrap: str, env: dict[str, str]) -> Settings:
     create_topics(bootstrap, {s.events_topic: PARTITIONS, s.items_topic: 1, s.users_topic: 1,
                               s.dlq_topic: 1})
     return s
-
-
-def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]],
-             rate: float | None = None) -> float:
-    """Send keyed records; with ``rate`` paced in 10 ms chunks. Returns seconds taken."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": "5",
-                  "partitioner": "murmur2_random", "queue.buffering.max.messages": "1000000"})
-    started = time.perf_counter()
-    chunk = max(1, int((rate or 1e9) / 100))
-    for i in range(0, len(records), chunk):
-        for key, value in records[i:i + chunk]:
-            p.produce(topic, value=value, key=key)
-        p.poll(0)
-        if rate:
-            due = started + (i + chunk) / rate
-            while time.perf_counter() < due:
-                p.poll(0.002)
-    p.flush(60)
-    return time.perf_counter() - started
 
 
 def _event_records(events: list[Any], now_ms: int | None = None) -> list[tuple[bytes, bytes]]:
@@ -128,7 +109,7 @@ def throughput(bootstrap: str, r: redis.Redis, logs: Path) -> None:
     store = RedisStore(r, s.key_prefix)
     _publish_model(store)
     events = load_dataset(str(ML100K)).events
-    _produce(bootstrap, s.events_topic, _event_records(events))
+    produce(bootstrap, s.events_topic, _event_records(events))
     proc = _start_consumer(env, logs / "throughput.log")
     try:
         while _applied(store, s.events_topic) == 0:
@@ -160,7 +141,7 @@ def latency(bootstrap: str, r: redis.Redis, logs: Path, rate: float, seconds: fl
     try:
         time.sleep(8)  # joined the group and got its partitions
         now = int(time.time() * 1000)
-        took = _produce(bootstrap, s.events_topic, _event_records(events, now), rate=rate)
+        took = produce(bootstrap, s.events_topic, _event_records(events, now), rate=rate)
         deadline = time.time() + 60
         while _applied(store, s.events_topic) < len(events) and time.time() < deadline:
             time.sleep(0.1)
@@ -194,7 +175,7 @@ def users(bootstrap: str, r: redis.Redis, logs: Path, n_users: int, n_events: in
                                               "ts": now}).encode())
                for u, i in zip(user_ids.tolist(), item_ids.tolist(), strict=True)]
     mem0 = int(r.info("memory")["used_memory"])
-    _produce(bootstrap, s.events_topic, records)
+    produce(bootstrap, s.events_topic, records)
     proc = _start_consumer(env, logs / f"users-{n_users}.log")
     try:
         while _applied(store, s.events_topic) < n_events:

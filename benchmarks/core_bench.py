@@ -15,23 +15,10 @@ import time
 
 import numpy as np
 
+from metarec.bench import BenchConfig, bench_model
 from metarec.learner import EventBatch, Learner
 from metarec.model import MetaModel
 from metarec.neighbors import N_NEIGHBORS
-
-
-def _model(n: int, dim: int, history: int, rng: np.random.Generator) -> MetaModel:
-    model = MetaModel.initial(dim, history_length=history)
-    model.item_ids = [f"i{j}" for j in range(n)]
-    model.item_emb = rng.standard_normal((n, dim)).astype(np.float32)
-    model.item_ctx = rng.standard_normal((n, dim)).astype(np.float32)
-    model.item_bias = np.zeros(n, np.float32)
-    model.item_count = np.full(n, 5.0, np.float32)
-    model.trend_weights[:] = 0.3
-    model.knn_weights[:] = 0.5
-    model.knn_index = rng.integers(0, n, (n, N_NEIGHBORS)).astype(np.int32)
-    model.knn_weight = rng.random((n, N_NEIGHBORS)).astype(np.float32)
-    return model
 
 
 def main() -> None:
@@ -46,7 +33,7 @@ def main() -> None:
     n, history = args.items, 50
     learner = Learner(top_k=args.k, history_length=history)
     learner.add_items([(j, f"i{j}", "default", ()) for j in range(n)])
-    learner.load(_model(n, args.dim, history, rng))
+    learner.load(bench_model(BenchConfig(items=n, dim=args.dim), rng))
     users = [f"user-{r}" for r in range(args.users)]
     states = {}
     for _ in range(history):  # full histories: the prior and the votes at their widest
@@ -67,7 +54,7 @@ def main() -> None:
           f"K={args.k}, {N_NEIGHBORS} neighbours): median {np.median(ms):.1f} ms, "
           f"p90 {np.percentile(ms, 90):.1f} ms over {args.repeat} runs")
 
-    big = _model(100_000, args.dim, history, rng)
+    big = bench_model(BenchConfig(items=100_000, dim=args.dim), rng)
     blob = big.to_bytes()
     started = time.perf_counter()
     MetaModel.from_bytes(blob)

@@ -34,8 +34,10 @@ it is retried. SIGTERM lets the batch in flight finish its step 5 and exits 0.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import random
 import socket
 import time
 from collections import OrderedDict, defaultdict
@@ -51,7 +53,7 @@ from consumer.stats import ConsumerStats, format_line
 from consumer.topic_log import TopicLog
 from metarec.config import Settings, incremental_rebalancing
 from metarec.drift import RetrainRequest
-from metarec.errors import InvalidEvent, MetarecError, ModelError, StaleOffset, UserConflict
+from metarec.errors import InvalidEvent, LogReplaced, ModelError, StaleOffset, UserConflict
 from metarec.events import (
     Event,
     ItemRecord,
@@ -78,9 +80,9 @@ log = logging.getLogger("metarec.consumer")
 #: Redis (between two reads, this consumer's own batches keep its copy moving).
 MODEL_POLL_S = 1.0
 TRENDING_REFRESH_S = 5.0
-#: Attempts at one partition's batch while other consumers keep writing its users; each
-#: attempt fails only if another write landed in the milliseconds between load and commit.
-MAX_USER_CONFLICTS = 50
+#: First pause after a user conflict (another member wrote the batch's users meanwhile);
+#: each attempt fails only if another write landed between its load and its commit.
+CONFLICT_BACKOFF_S = 0.005
 #: Freshness values observed per batch by the Prometheus histogram (a sample).
 FRESHNESS_SAMPLES = 64
 #: A member that owns nothing this long while events wait says so.
@@ -113,8 +115,9 @@ class ConsumerApp:
         self._stopping = False
         # Every store call is retried through a Redis outage (metarec.outage); fetching
         # stops meanwhile, because the loop is inside the call.
+        self._health: HealthServer | None = None
         self.outage = Outage("redis", settings.redis_retry_s, log,
-                             should_stop=lambda: self._stopping)
+                             should_stop=lambda: self._stopping, on_wait=self._alive)
         self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
                               self.outage)
         # The learner also keeps the live quality of the lists apps were shown, and what it
@@ -157,8 +160,8 @@ class ConsumerApp:
     def run(self) -> int:
         s = self.settings
         self.store.check_access()  # a refused login or ACL stops us here, in one line
-        health = (HealthServer(self.metrics, s.metrics_port, self.missing)
-                  if s.metrics_port else None)
+        health = self._health = (HealthServer(self.metrics, s.metrics_port, self.missing)
+                                 if s.metrics_port else None)
         self._sync_catalog()
         self._poll_model()
         self._refresh_trending()
@@ -296,7 +299,7 @@ class ConsumerApp:
             weights=np.fromiter((s.event_types[e.type] for e in evs), np.float32, len(evs)),
             ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
             domains=[e.domain for e in evs])
-        for attempt in range(1, MAX_USER_CONFLICTS + 1):
+        for attempt in itertools.count(1):
             raw_states, profiles = self.store.load_users(users)
             states = {u: None if b is None else UserState.from_bytes(b)
                       for u, b in zip(users, raw_states, strict=True)}
@@ -312,7 +315,15 @@ class ConsumerApp:
                     recs_ttl_s=s.recs_ttl_s,
                     partials=outcome.partials if self.learner.model is not None else None,
                     events=len(batch), trending=outcome.trending,
-                    channels=self.learner.channels, guards=guards)
+                    channels=self.learner.channels, guards=guards,
+                    topic_id=self.topic_log.topic_id)
+            except LogReplaced as exc:
+                # Another member found the log replaced and rebased the offsets: this
+                # batch is from the old log. The next check re-reads and re-seeks.
+                log.warning("batch dropped: the events log was replaced",
+                            extra={"partition": part, "error": str(exc)})
+                self.topic_log.suspect()
+                return False
             except StaleOffset as exc:
                 if exc.stored == nxt:
                     # Its effects are stored: a commit whose reply a dropped connection
@@ -338,11 +349,11 @@ class ConsumerApp:
                                 "events by user with one partitioner)",
                                 extra={"partition": part, "users": exc.users[:5],
                                        "conflicts": len(exc.users), "attempt": attempt})
+                # Two members redoing the same users at once would collide again: back
+                # off a random, growing moment.
+                time.sleep(random.uniform(0, min(CONFLICT_BACKOFF_S * attempt, 0.5)))
                 continue
             break
-        else:
-            raise MetarecError(f"{s.events_topic}[{part}]: users' states kept changing "
-                               f"under {MAX_USER_CONFLICTS} attempts to write this batch")
         # Other consumers moved the shared clock too: follow it (their counts come with
         # the next refresh).
         self.learner.trending.clock = max(self.learner.trending.clock, clock)
@@ -368,8 +379,11 @@ class ConsumerApp:
     def _commit_offset_only(self, part: int, nxt: int) -> None:
         try:
             self.store.commit_batch(self.settings.events_topic, part, self._expected.get(part),
-                                    nxt, states={}, recs={}, recs_ttl_s=0, partials=None)
+                                    nxt, states={}, recs={}, recs_ttl_s=0, partials=None,
+                                    topic_id=self.topic_log.topic_id)
             self._expected[part] = nxt
+        except LogReplaced:
+            self.topic_log.suspect()
         except StaleOffset:
             self._reseek(part)
 
@@ -499,7 +513,10 @@ class ConsumerApp:
                     recs={u: self.learner.list_record(u, states[u], lists[u], now_ms)
                           for u in states},
                     recs_ttl_s=self.settings.recs_ttl_s, partials=None, guards=guards,
-                    skip_conflicts=True)  # a user written meanwhile has a fresh list
+                    skip_conflicts=True,  # a user written meanwhile has a fresh list
+                    topic_id=self.topic_log.topic_id)
+            except LogReplaced:
+                self.topic_log.suspect()
             except StaleOffset:
                 self._reseek(part)
 
@@ -520,6 +537,7 @@ class ConsumerApp:
         if found is None:
             return set()
         self._lag = found.lag
+        self._warn_if_starved(time.monotonic())
         for p, n in found.lag.items():
             self.metrics.lag.labels(partition=str(p)).set(n)
         self.stats.set_offset_resets(self.topic_log.resets)
@@ -560,12 +578,18 @@ class ConsumerApp:
         if self._model_created_ms is not None:
             m.model_age_seconds.set(max(0.0, time.time() - self._model_created_ms / 1000))
 
+    def _alive(self) -> None:
+        """Waiting for Redis is being alive: keep ``/healthz`` green meanwhile."""
+        if self._health is not None:
+            self._health.tick()
+
     def missing(self) -> list[str]:
         """What keeps this member from doing its job now (empty: ready; ``/readyz``)."""
         out = []
         if self.outage.down:
             out.append("redis unavailable")
-        if self._starved_since is not None:
+        if self._starved_since is not None and \
+                time.monotonic() - self._starved_since >= STARVED_WARN_S:
             out.append("no partition owned while events wait")
         if self.learner.model is None and self.learner.trending.clock == 0:
             out.append("no model and no popularity to serve yet")
@@ -576,7 +600,6 @@ class ConsumerApp:
         if self.settings.stats_interval_s <= 0 or not self.stats.due(now):
             return
         self.stats.set_lag(sum(self._lag.values()), self._lag)
-        self._warn_if_starved(now)
         report = self.stats.report(now)
         report["live"] = self.learner.drift.live.get()
         for domain, q in report["live"].items():

@@ -144,6 +144,7 @@ class ConsumerStats:
         self._total_events = self._total_dlq = 0
         self._conflicts = self._total_conflicts = 0
         self._offset_resets = 0
+        self._fresh_max = -1.0
         self._lag_by_partition: dict[str, int] = {}
         self._lag: int | None = None
         self._model_version: int | None = None
@@ -189,7 +190,10 @@ class ConsumerStats:
         self._total_dlq += n_dlq
         if math.isfinite(latency_s):
             self._latency_ms.add(np.array([latency_s * 1000.0]))
-        self._freshness_ms.add(fresh[np.isfinite(fresh)])
+        fresh = fresh[np.isfinite(fresh)]
+        self._freshness_ms.add(fresh)
+        if fresh.size:
+            self._fresh_max = max(self._fresh_max, float(fresh.max()))
 
     def record_conflicts(self, n_users: int) -> None:
         """Count users whose batch was redone because another consumer wrote them meanwhile
@@ -241,6 +245,7 @@ class ConsumerStats:
             "batch_latency_ms_p99": lat_p99,
             "freshness_ms_p50": fresh_p50,
             "freshness_ms_p99": fresh_p99,
+            "freshness_ms_max": self._fresh_max if self._fresh_max >= 0 else None,
             "model_version": self._model_version,
             "partitions": list(self._partitions),
             "window_s": window_s,
@@ -253,6 +258,7 @@ class ConsumerStats:
         }
         self._window_start = now
         self._records = self._events = self._batches = self._dlq = self._conflicts = 0
+        self._fresh_max = -1.0
         self._latency_ms.reset()
         self._freshness_ms.reset()
         return stats

@@ -53,6 +53,12 @@ class LogCheck:
     lost: dict[int, int] = field(default_factory=dict)
 
 
+def _real_id(raw: object) -> str | None:
+    """A topic id worth comparing: brokers without ids answer None or all zeros."""
+    text = "" if raw is None else str(raw)
+    return None if text in ("", "None") or set(text) <= {"A", "="} else text
+
+
 class TopicLog:
     """Checks the events topic's identity and watermarks against the stored offsets.
 
@@ -76,6 +82,9 @@ class TopicLog:
         self.topic = topic
         self.policy = policy
         self.resets = 0  # log replacements and truncations seen by this member
+        #: The id of the log this member's offsets refer to (None until the first check);
+        #: every batch commit is refused once the stored id is another one.
+        self.topic_id: str | None = None
         self._next_check = 0.0
         self._suspect = True
         self._lost_reported: dict[int, int] = {}
@@ -106,19 +115,24 @@ class TopicLog:
             log.debug("topic check failed", extra={"topic": self.topic, "error": str(exc)})
             return None
         self._suspect = False
-        topic_id = str(topic.topic_id)
         parts = sorted(marks)
         stored = self.store.offsets(self.topic, parts)
-        seen_id = self.store.topic_id(self.topic)
         out = LogCheck()
-        if seen_id != topic_id:
+        topic_id = _real_id(topic.topic_id)
+        if topic_id is not None:  # a broker without topic ids: nothing to compare
+            seen_id = self.store.topic_id(self.topic)
             if seen_id is None:
                 # First check ever (or offsets from before ids were kept): adopt the id.
                 self.store.rebase_offsets(self.topic, None, topic_id, {})
-            else:
+            elif seen_id != topic_id:
                 self._rebase(seen_id, topic_id, marks, stored)
+            if (self.topic_id is not None and self.topic_id != topic_id) or \
+                    seen_id not in (None, topic_id):
+                # The log changed since this member last looked (rebased by it or by
+                # another member): every offset it holds is to be read again.
                 stored = self.store.offsets(self.topic, parts)
                 out.rebased = {p: o for p, o in stored.items() if o is not None}
+            self.topic_id = topic_id
         for p in parts:
             low, high = marks[p]
             at = stored[p]

@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # the stubs declare it here, not in .admin
 
 from metarec.config import Settings, incremental_rebalancing
-from metarec.errors import InvalidEvent, ModelError
+from metarec.errors import ModelError
 from metarec.events import check_key, decode_event, decode_item, decode_user
 from metarec.logs import kafka_logger
 from metarec.metrics import HealthServer, Metrics
@@ -55,8 +55,9 @@ class Aggregator:
         self.retrainer = Retrainer(trainer or Retrainer.trainer_for(settings))
         self.schedule = RetrainSchedule.from_settings(settings)
         self._stopping = False
+        self._health: HealthServer | None = None
         self.outage = Outage("redis", settings.redis_retry_s, log,
-                             should_stop=lambda: self._stopping)
+                             should_stop=lambda: self._stopping, on_wait=self._alive)
         self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
                               self.outage)
         self.window = EventWindow(settings.window_events)
@@ -81,8 +82,8 @@ class Aggregator:
         s = self.settings
         self.store.check_access()
         self._ensure_model_topic()
-        health = (HealthServer(self.metrics, s.metrics_port, self.missing)
-                  if s.metrics_port else None)
+        health = self._health = (HealthServer(self.metrics, s.metrics_port, self.missing)
+                                 if s.metrics_port else None)
         self.consumer.subscribe([s.events_topic, s.items_topic, s.users_topic],
                                 on_assign=self._rewind)
         cycles = 0
@@ -113,6 +114,11 @@ class Aggregator:
         self._exported = (self.outage.retried, self.outage.outages)
         if self._published_ms is not None:
             m.model_age_seconds.set(max(0.0, time.time() - self._published_ms / 1000))
+
+    def _alive(self) -> None:
+        """Waiting for Redis is being alive: keep ``/healthz`` green meanwhile."""
+        if self._health is not None:
+            self._health.tick()
 
     def missing(self) -> list[str]:
         """What keeps the aggregator from doing its job now (empty: ready; ``/readyz``)."""
@@ -166,8 +172,10 @@ class Aggregator:
                 elif msg.topic() == s.users_topic:
                     user = decode_user(msg.value() or b"", limits=checks["limits"])
                     self.window.describe_user(user.user, user.features)
-            except (InvalidEvent, RecursionError):  # deeply nested JSON
-                continue
+            except Exception as exc:  # the consumers dead-letter it, with the reason
+                # Decoding is pure: whatever it raises is this record's fault, and raising
+                # here would stop the aggregator at this record on every restart.
+                log.debug("record skipped", extra={"error": repr(exc)[:200]})
 
     def due(self) -> str | None:
         """Why a cycle is due now (:class:`~metarec.retraining.RetrainSchedule`), or None."""

@@ -17,6 +17,7 @@ new items simply extend the arrays.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -75,6 +76,7 @@ class Catalog:
         self.domains = Vocabulary([DEFAULT_DOMAIN])
         self._domain: list[int] = []
         self._features: list[tuple[str, ...]] = []
+        self._json: list[str] = []  # each id as a JSON string, for the lists' hot path
         #: Bumped whenever an item's features change, so derived tables know to refresh.
         self.revision = 0
 
@@ -85,6 +87,7 @@ class Catalog:
         if idx == len(self._domain):
             self._domain.append(self.domains.index(domain or DEFAULT_DOMAIN))
             self._features.append(tuple(features or ()))
+            self._json.append(json.dumps(item, ensure_ascii=False))
             self.revision += 1
             return idx
         if domain is not None:
@@ -102,6 +105,11 @@ class Catalog:
 
     def item_id(self, idx: int) -> str:
         return self.ids.names[idx]
+
+    def json_ids(self, indices: Sequence[int]) -> str:
+        """The ids of ``indices`` as the inside of a JSON array: ``"a","b"``."""
+        quoted = self._json
+        return ",".join([quoted[j] for j in indices])
 
     def domain_of(self, idx: int) -> str:
         return self.domains.names[self._domain[idx]]

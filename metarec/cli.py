@@ -88,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", type=int)
     add_arguments(models)
 
+    bench = sub.add_parser("bench", help="the consumer against this machine's bounds",
+                           description="Measure, in one run on a local broker and the Redis "
+                                       "of METAREC_REDIS_URL: Kafka, Redis and numpy bounds, "
+                                       "the consumer end to end, freshness with 1 and 2 "
+                                       "consumers, memory per user, training and reload "
+                                       "times. Prints a Markdown table.")
+    bench.add_argument("--quick", action="store_true", help="a first look, in about 3 minutes")
+    bench.add_argument("--items", type=int, default=1682, help="catalog size")
+    bench.add_argument("--dim", type=int, default=32, help="embedding dimension d")
+    bench.add_argument("--k", type=int, default=20, help="list length K")
+    bench.add_argument("--batch-size", type=int, default=5000, help="consumer batch size")
+    bench.add_argument("--mix", default="click:0.7,like:0.25,dislike:0.05",
+                       help="event types and their shares")
+    bench.add_argument("--rate", type=float, default=5000.0,
+                       help="events/s offered in the freshness runs")
+    bench.add_argument("--json", type=Path, default=None, help="also write every number here")
+    bench.add_argument("--redis-url", default=None,
+                       help="Redis to measure (default: METAREC_REDIS_URL or the local one)")
+
     dev = sub.add_parser("dev", help="local services for a laptop: broker and Redis",
                          description="Start, stop or inspect the local Tansu broker and Redis.")
     dev.add_argument("action", choices=["up", "down", "status"])
@@ -114,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metarec.evaluate_cli import run_eval
 
             return run_eval(args)
+        if args.command == "bench":
+            return _bench(args)
         settings = settings_from_args(args)
         configure_logging(settings.log_level, service=f"metarec-{args.command}")
         if args.command == "consume":
@@ -165,6 +186,37 @@ def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
         return 0
     _stop_on_signals(agg.stop)
     return agg.run(max_cycles=1 if once else None)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from metarec.bench import BenchConfig, run_bench, to_markdown
+
+    try:
+        mix = {t: float(w) for t, w in (pair.split(":") for pair in args.mix.split(","))}
+    except ValueError:
+        raise ConfigError(f"invalid --mix {args.mix!r}; expected TYPE:SHARE,... such as "
+                          "click:0.7,like:0.25,dislike:0.05") from None
+    if not mix or set(mix) - {"click", "like", "dislike"} or min(mix.values()) < 0:
+        raise ConfigError(f"invalid --mix {args.mix!r}: types click, like, dislike, shares >= 0")
+    cfg = BenchConfig(items=args.items, dim=args.dim, top_k=args.k, batch_size=args.batch_size,
+                      mix=mix, quick=args.quick, rate=args.rate)
+    url = args.redis_url or Settings.from_env().redis_url
+    phases = 6 + len(cfg.user_counts) + len(cfg.training_windows)
+    with tqdm(total=phases, unit="phase", file=sys.stderr) as bar:
+        def progress(what: str) -> None:
+            if bar.n or bar.desc:
+                bar.update(1)
+            bar.set_description(what)
+
+        result = run_bench(cfg, url, progress)
+        bar.update(1)
+    print(to_markdown(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
 
 
 def _operate(settings: Settings, args: argparse.Namespace) -> int:

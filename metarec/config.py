@@ -160,9 +160,10 @@ def _parse_redis_url(raw: object) -> str:
     expected = "a redis://, rediss:// or unix:// URL, such as 'redis://user:pass@host:6379/0'"
     if not isinstance(raw, str):
         raise ValueError(expected)
-    if raw.count("@") > 1 or "#" in raw or "/" in raw.partition("://")[2].rpartition("@")[0]:
-        raise ValueError(expected + "; percent-encode '@', '/', '#' and ':' in the user "
-                         "and password (%40, %2F, %23, %3A)")
+    userinfo = raw.partition("://")[2].rpartition("@")[0]
+    if raw.count("@") > 1 or "#" in raw or any(c in userinfo for c in "/?"):
+        raise ValueError(expected + "; percent-encode '@', '/', '?' and '#' in the user "
+                         "and password (%40, %2F, %3F, %23)")
     try:
         parts = urlsplit(raw)
         port = parts.port  # raises ValueError on a non-numeric port

@@ -60,3 +60,8 @@ class UserConflict(MetarecError):
     def __init__(self, message: str, users: list[str]) -> None:
         super().__init__(message)
         self.users = users
+
+
+class LogReplaced(StaleOffset):
+    """The stored offsets were rebased onto a new log (a broker reset, a recreated topic)
+    since the writer last checked: its batch belongs to the old log and was not written."""

@@ -161,7 +161,7 @@ def _id(obj: Mapping[str, Any], field: str, limits: Limits) -> str:
         raise InvalidEvent(f"field {field!r} must be a string, got {type(value).__name__}")
     if not value or value.strip() != value:
         raise InvalidEvent(f"field {field!r} must be a non-empty id without surrounding spaces")
-    if len(value.encode("utf-8")) > limits.max_id_bytes:
+    if len(_utf8(value, field)) > limits.max_id_bytes:
         raise InvalidEvent(f"field {field!r} is longer than {limits.max_id_bytes} bytes")
     if any(ord(c) < 32 for c in value):
         raise InvalidEvent(f"field {field!r} contains control characters")
@@ -191,6 +191,15 @@ def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None,
     return ts
 
 
+def _utf8(value: str, field: str) -> bytes:
+    """``value`` as UTF-8; JSON's ``\\ud800`` escapes decode to lone surrogates, which no
+    Redis key or Kafka record can carry."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent(f"field {field!r} is not valid Unicode (a lone surrogate)") from None
+
+
 def _features(obj: Mapping[str, Any], limits: Limits) -> tuple[str, ...]:
     value = obj.get("features", [])
     if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
@@ -198,6 +207,8 @@ def _features(obj: Mapping[str, Any], limits: Limits) -> tuple[str, ...]:
     if len(value) > limits.max_features:
         raise InvalidEvent(f"field 'features' has {len(value)} entries, over "
                            f"{limits.max_features}")
+    for feature in value:
+        _utf8(feature, "features")
     return tuple(value)
 
 

@@ -335,15 +335,17 @@ class Learner:
 
     def list_record(self, user: str, state: UserState, ranked: RankedList,
                     now_ms: int) -> bytes:
-        """The ``recs:{user}`` JSON that apps read (the list contract)."""
-        return json.dumps({
-            "user": user,
-            "items": [self.catalog.item_id(int(j)) for j in ranked.items],
-            "scores": [round(float(v), 5) for v in ranked.scores],
-            "model_version": self.version,
-            "events": state.n_events,
-            "updated_ms": now_ms,
-        }, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        """The ``recs:{user}`` JSON that apps read (the list contract).
+
+        Written by hand, not by ``json.dumps`` of a dict: it is one per user per batch, and
+        the ids come pre-quoted from the catalog. Same compact JSON either way.
+        """
+        scores = ",".join(map(repr, np.round(ranked.scores.astype(np.float64), 5).tolist()))
+        version = "null" if self.version is None else str(int(self.version))
+        return (f'{{"user":{json.dumps(user, ensure_ascii=False)},'
+                f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
+                f'"scores":[{scores}],"model_version":{version},'
+                f'"events":{int(state.n_events)},"updated_ms":{int(now_ms)}}}').encode()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -460,6 +462,6 @@ def _right_align(values: npt.NDArray[np.generic], length: int, fill: float,
                  ) -> npt.NDArray[np.generic]:
     if values.size >= length:
         return values[values.size - length:]
-    padded: npt.NDArray[np.generic] = np.r_[np.full(length - values.size, fill, values.dtype),
-                                            values]
+    padded: npt.NDArray[np.generic] = np.concatenate(
+        (np.full(length - values.size, fill, values.dtype), values))
     return padded

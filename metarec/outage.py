@@ -1,11 +1,14 @@
 """Riding out a Redis outage: retry with capped backoff, log it once, give up past a limit.
 
-Why retrying whole store calls is safe: every :class:`~metarec.store.RedisStore` operation
-is idempotent or fenced. A batch commit whose reply was lost is refused when it is sent
-again (the stored offset has moved on), and the consumer reads that as "already written";
-a registration returns the same indices; a read is a read. So a call that failed on a
-dropped connection, a timeout, a restarting server (``LOADING``) or a failover (``READONLY``
-from a demoted primary) is simply made again, after a pause that doubles up to a cap.
+Why retrying whole store calls is safe for the consumer: every
+:class:`~metarec.store.RedisStore` call it makes is idempotent or fenced. A batch commit
+whose reply was lost is refused when it is sent again (the stored offset has moved on), and
+the consumer reads that as "already written"; a registration returns the same indices; a
+read is a read. Two of the aggregator's calls are not fenced, and a lost reply costs what
+docs/OPERATIONS.md says (one cycle's partial sums, or one model published twice). So a call
+that failed on a dropped connection, a timeout, a restarting server (``LOADING``) or a
+failover (``READONLY`` from a demoted primary) is simply made again, after a pause that
+doubles up to a cap.
 
 What an operator sees: one ERROR line when the outage starts, one WARNING line when Redis
 answers again (with how long it took and how many calls were retried), and, if it lasts
@@ -83,6 +86,9 @@ class Outage:
     should_stop
         Polled between attempts; when it says True, :class:`Stopped` is raised (a SIGTERM
         during an outage ends the process at once: nothing was written, nothing is lost).
+    on_wait
+        Called between attempts: the process is alive and waiting on purpose (its liveness
+        probe must not have it restarted, which would not bring Redis back).
     sleep, clock
         Injected for tests.
     """
@@ -90,6 +96,7 @@ class Outage:
     def __init__(self, what: str, give_up_s: float, log: logging.Logger, *,
                  setting: str = "METAREC_REDIS_URL",
                  should_stop: Callable[[], bool] = lambda: False,
+                 on_wait: Callable[[], None] = lambda: None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
@@ -97,6 +104,7 @@ class Outage:
         self.give_up_s = give_up_s
         self.log = log
         self.should_stop = should_stop
+        self.on_wait = on_wait
         self._sleep = sleep
         self._clock = clock
         self._since: float | None = None
@@ -146,6 +154,7 @@ class Outage:
         while self._clock() < deadline:
             if self.should_stop():
                 raise Stopped(f"stopped while waiting for {self.what}")
+            self.on_wait()
             self._sleep(min(0.1, max(0.0, deadline - self._clock())))
 
 

@@ -31,11 +31,15 @@ def top_k(scores: npt.NDArray[np.floating], k: int,
     ``scores`` is modified in place where items are excluded (set to ``-inf``). Rows with
     fewer than ``k`` eligible items return what they have, padded with ``-1``.
     """
-    if exclude is not None:
-        for row, items in enumerate(exclude):
-            cols = np.asarray(items, np.int64)
-            scores[row, cols[(cols >= 0) & (cols < scores.shape[1])]] = -np.inf
     n = scores.shape[1]
+    if exclude is not None:
+        # One scatter for the whole batch, not one per row.
+        lists = [np.asarray(items, np.int64).ravel() for items in exclude]
+        if lists:
+            cols = np.concatenate(lists)
+            rows = np.repeat(np.arange(len(lists)), [c.size for c in lists])
+            ok = (cols >= 0) & (cols < n)
+            scores[rows[ok], cols[ok]] = -np.inf
     k_eff = min(k, n)
     if k_eff == 0:
         return np.full((len(scores), k), -1, np.int64), np.full((len(scores), k), -np.inf,

@@ -57,7 +57,14 @@ import numpy.typing as npt
 import redis
 
 from metarec.aggregation import PartialSums
-from metarec.errors import ConfigError, MetarecError, ModelError, StaleOffset, UserConflict
+from metarec.errors import (
+    ConfigError,
+    LogReplaced,
+    MetarecError,
+    ModelError,
+    StaleOffset,
+    UserConflict,
+)
 from metarec.events import ItemRecord, UserRecord
 from metarec.trending import Channel, Trending
 from metarec.user_state import COUNT_AT
@@ -80,20 +87,27 @@ F64 = npt.NDArray[np.float64]
 CatalogRow = tuple[int, str, str, tuple[str, ...]]
 
 # KEYS: offset, trend:meta, partials, partials:index, then one trend:{channel} hash per
-#       trending channel, the state keys, the recs keys.
+#       trending channel, the state keys, the recs keys, and last topic-id:{topic}.
 # ARGV: expected ('' = none stored), next, recs ttl, #channels, #states, #recs, #partials,
 #       events (the clock's advance), the byte offset of a state's event count, '1' to
 #       skip users whose guard fails ('0': refuse the whole unit), then per channel: its
 #       name, half-life and number of (item, weight) pairs; then state values, their
 #       guards ('*' = unchecked, '' = no state may be stored, else the 4 count bytes the
 #       stored state must have), recs values, the state number each list belongs to (0:
-#       none), every channel's pairs in channel order, partial (field, inc) pairs.
+#       none), every channel's pairs in channel order, partial (field, inc) pairs, and last
+#       the topic id the offsets must refer to ('' = unchecked).
 # Replies {1, clock, skipped state numbers...} when applied, {0, stored offset} when
-# fenced, {2, conflicting state numbers...} when a guard failed and skipping is off.
+# fenced, {2, conflicting state numbers...} when a guard failed and skipping is off,
+# {3, stored topic id} when the offsets were rebased onto a new log meanwhile.
 # Nothing is written until the offset and guard checks have passed. A channel whose
 # factor would pass 2^60 is rebased first (its counts multiplied down, its reference
 # moved to the clock), inside the same unit.
 _COMMIT_LUA: Final = """#!lua
+local topic_id = ARGV[#ARGV]
+if topic_id ~= '' then
+  local current = redis.call('GET', KEYS[#KEYS]) or ''
+  if current ~= topic_id then return {3, current} end
+end
 local stored = redis.call('GET', KEYS[1])
 if (ARGV[1] == '' and stored) or (ARGV[1] ~= '' and stored ~= ARGV[1]) then
   return {0, stored or ''}
@@ -313,15 +327,19 @@ class RedisStore:
         Raises :class:`~metarec.errors.ConfigError` naming ``METAREC_REDIS_URL`` (or the
         prefix) and the cause; a connection error is left to the caller's retry policy.
         """
-        offset = self._k("offset", "access-check", 0)
+        # Names no topic or user can have (control characters are refused in both).
+        topic, probe = "\x01access-check", "\x01access-check"
         try:
             self.client.ping()
-            self.client.set(offset, b"0", px=10_000)
-            self._commit(keys=[offset, self._k("trend", "meta"),
-                               self._k("partials", "access-check", 0),
-                               self._k("partials", "index")],
-                         args=["0", "0", "0", "0", "0", "0", "0", "0", str(COUNT_AT), "0"])
-            self.client.delete(offset)
+            self.client.set(self._k("offset", topic, 0), b"0", px=10_000)
+            partials = PartialSums.zeros(1, 1)
+            partials.weights[0] = 1.0  # so that the probe writes a partial sum too
+            self.commit_batch(topic, 0, 0, 0, states={probe: b"probe"}, recs={probe: b"{}"},
+                              recs_ttl_s=10, partials=partials, guards={probe: b""},
+                              skip_conflicts=True)
+            self.client.delete(self._k("offset", topic, 0), self._k("user", probe),
+                               self._k("recs", probe), self._k("partials", topic, 0))
+            self.client.srem(self._k("partials", "index"), self._k("partials", topic, 0))
         except redis.AuthenticationError as exc:
             raise ConfigError(f"Redis refused the credentials of METAREC_REDIS_URL: {exc}; "
                               "check the user and password") from None
@@ -364,6 +382,7 @@ class RedisStore:
         channels: Sequence[Channel] = (),
         guards: Mapping[str, bytes] | None = None,
         skip_conflicts: bool = False,
+        topic_id: str | None = None,
     ) -> int:
         """Write a batch's effects and move the partition's offset, all or nothing.
 
@@ -385,6 +404,10 @@ class RedisStore:
         with :class:`~metarec.errors.UserConflict` (redo the batch from the stored states),
         or, with ``skip_conflicts`` (a refresh, which applies no events), only that user's
         state and list are left out.
+
+        ``topic_id`` is the Kafka topic id the caller's offsets refer to: if the stored
+        offsets were rebased onto a new log meanwhile (:meth:`rebase_offsets`), nothing is
+        written and :class:`~metarec.errors.LogReplaced` is raised.
 
         Returns
         -------
@@ -431,7 +454,13 @@ class RedisStore:
         args += [str(number.get(u, 0)) for u in recs]
         args += trend_args
         args += part_args
+        keys.append(self._k("topic-id", topic))
+        args.append(topic_id or "")
         status, value, *rest = self._commit(keys=keys, args=args)
+        if status == 3:
+            raise LogReplaced(f"{topic}: the stored offsets now refer to topic id "
+                              f"{_text(value) or 'none'}, not {topic_id}; the log was "
+                              "replaced and the offsets rebased: check the topic again")
         if status == 2:
             names = list(states)
             users = [names[int(i) - 1] for i in (value, *rest)]

@@ -141,3 +141,14 @@ def test_the_settings_move_every_limit() -> None:
         raise AssertionError("accepted 3 features")
     except InvalidEvent as exc:
         assert "over 2" in str(exc)
+
+
+def test_lone_surrogates_are_rejected_not_crashed_on() -> None:
+    for raw in ['{"user": "\\ud800", "item": "i", "type": "click", "ts": 1800000000000}',
+                '{"item": "i", "features": ["ok", "\\udfff"]}']:
+        accepted_or_rejected(raw)
+        try:
+            (decode_event if "user" in raw else decode_item)(raw)
+            raise AssertionError(f"accepted {raw}")
+        except InvalidEvent as exc:
+            assert "lone surrogate" in str(exc)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from consumer.topic_log import TopicLog
 from metarec.devservices import create_topics
+from metarec.errors import LogReplaced
 from metarec.store import RedisStore
 from tests.test_consumer_app import Publisher
 
@@ -37,6 +39,7 @@ def test_lag_counts_partitions_nobody_owns_and_a_recreated_topic_is_rebased_once
         assert first is not None and first.rebased == {}
         assert first.lag == {0: 0, 1: ends[1]}  # partition 1: nothing applied, nobody owns it
         assert store.topic_id(topic) is not None
+        assert other.check() is not None  # a second member has seen the same log
         # The topic is deleted and created again, with fewer records than were applied.
         for future in kafka_admin.delete_topics([topic], operation_timeout=10).values():
             future.result(timeout=10)
@@ -50,8 +53,14 @@ def test_lag_counts_partitions_nobody_owns_and_a_recreated_topic_is_rebased_once
         assert second.rebased == {0: 0, 1: 0}  # replay: from the new log's start
         assert store.offsets(topic, [0, 1]) == {0: 0, 1: 0}
         assert sum(second.lag.values()) == 6 and watch.resets == 1
-        # Another member checking later finds the id adopted and changes nothing.
+        # The other member finds the offsets rebased by the first: it re-reads them all,
+        # and rebases nothing itself.
         third = other.check()
-        assert third is not None and third.rebased == {} and other.resets == 0
+        assert third is not None and third.rebased == {0: 0, 1: 0} and other.resets == 0
+        assert store.offsets(topic, [0, 1]) == {0: 0, 1: 0}
+        # A commit made against the old log is refused.
+        with pytest.raises(LogReplaced):
+            store.commit_batch(topic, 0, 0, 5, states={}, recs={}, recs_ttl_s=0,
+                               partials=None, topic_id="the-old-log")
     finally:
         consumer.close()
