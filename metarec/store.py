@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -327,8 +328,9 @@ class RedisStore:
         Raises :class:`~metarec.errors.ConfigError` naming ``METAREC_REDIS_URL`` (or the
         prefix) and the cause; a connection error is left to the caller's retry policy.
         """
-        # Names no topic or user can have (control characters are refused in both).
-        topic, probe = "\x01access-check", "\x01access-check"
+        # Names no topic or user can have (control characters are refused in both), and
+        # this process's own: members starting together must not trip over each other.
+        topic = probe = f"\x01access-check-{uuid.uuid4().hex}"
         try:
             self.client.ping()
             self.client.set(self._k("offset", topic, 0), b"0", px=10_000)

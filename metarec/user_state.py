@@ -1,7 +1,10 @@
 """One user's stored state: what the consumer keeps in Redis between that user's events.
 
 The state is small and fixed-layout (little-endian binary, no pickle) so that loading a
-whole batch of users is one ``MGET`` and decoding is a few ``numpy.frombuffer`` calls:
+whole batch of users is one ``MGET`` and decoding is a few ``numpy.frombuffer`` calls.
+Redis memory is the cost that grows with users, so each part takes the narrowest exact
+encoding (16-bit item indices, 32-bit time offsets, 16-bit weights when they fit; a typical
+50-event state is ~600 bytes). What it holds:
 
 * the offset ``δ`` of the user's vector from their prior, and the model version it was
   adapted under (a different current version means: re-derive ``δ`` from the history);
@@ -37,8 +40,17 @@ __all__ = ["COUNT_AT", "COUNT_BYTES", "MAX_SEEN", "UserState", "count_guard"]
 #: Items a user consumed that stay excluded from their list. Past this the oldest ones may
 #: come back; 5,000 covers all but robots and keeps the state under ~25 KiB.
 MAX_SEEN = 5000
-_MAGIC = b"MU2"
+_MAGIC_V2 = b"MU2"
+_MAGIC = b"MU3"
 _HEADER = struct.Struct("<3sHHIHiiqH")
+#: MU3 adds one flags byte after the header: which compact encodings the state uses. Each is
+#: chosen only when it is exact, so a state reads back equal to what was written.
+_FLAGS = struct.Struct("<B")
+_ITEMS16 = 1  # item indices (history, seen, list) as int16: every one is below 32,768
+_TS32 = 2  # history times as int32 ms before last_ts (0 for empty slots)
+_WEIGHTS16 = 4  # history weights as float16 (event-type weights such as 1, 2, -1)
+_SEEN_EXTRA = 8  # seen holds only the items the history does not (see _seen_extra)
+_TS_EMPTY = np.iinfo(np.int32).min
 #: Where the event count sits in a stored state, and its encoding. Every write that
 #: applies events raises it, so the store compares these bytes to guard a user's state
 #: against a concurrent writer (the compare-and-set of :meth:`metarec.store.RedisStore.
@@ -97,26 +109,51 @@ class UserState:
 
     def to_bytes(self) -> bytes:
         dom = self.domain.encode("utf-8")
-        header = _HEADER.pack(_MAGIC, self.delta.size, self.hist_items.size, self.seen.size,
+        flags = 0
+        seen = self.seen
+        extra = _seen_extra(self.seen, self.hist_items)
+        if extra is not None:
+            flags |= _SEEN_EXTRA
+            seen = extra
+        items_dtype = "<i4"
+        if max(int(self.hist_items.max(initial=-1)), int(seen.max(initial=-1)),
+               int(self.recs.max(initial=-1))) < 32_768:
+            flags |= _ITEMS16
+            items_dtype = "<i2"
+        ts_bytes = self.hist_ts.astype("<i8").tobytes()
+        ago = np.where(self.hist_ts == 0, _TS_EMPTY, self.last_ts - self.hist_ts)
+        if ((ago > _TS_EMPTY) & (ago < 2**31) | (self.hist_ts == 0)).all():
+            flags |= _TS32
+            ts_bytes = ago.astype("<i4").tobytes()
+        weights = self.hist_weights.astype("<f4")
+        half = weights.astype("<f2")
+        if np.array_equal(half.astype("<f4"), weights):
+            flags |= _WEIGHTS16
+            weights = half
+        header = _HEADER.pack(_MAGIC, self.delta.size, self.hist_items.size, seen.size,
                               self.recs.size, self.model_version, self.n_events, self.last_ts,
                               len(dom))
         return b"".join((
-            header, dom,
+            header, _FLAGS.pack(flags), dom,
             self.delta.astype("<f4").tobytes(),
-            self.hist_items.astype("<i4").tobytes(),
-            self.hist_weights.astype("<f4").tobytes(),
-            self.hist_ts.astype("<i8").tobytes(),
-            self.seen.astype("<i4").tobytes(),
-            self.recs.astype("<i4").tobytes(),
+            self.hist_items.astype(items_dtype).tobytes(),
+            weights.tobytes(),
+            ts_bytes,
+            seen.astype(items_dtype).tobytes(),
+            self.recs.astype(items_dtype).tobytes(),
         ))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UserState:
         (magic, d, length, n_seen, n_recs, version, n_events, last_ts,
          n_dom) = _HEADER.unpack_from(data)
-        if magic != _MAGIC:
+        if magic not in (_MAGIC, _MAGIC_V2):
             raise ValueError("not a metarec user state (bad magic)")
         pos = _HEADER.size
+        flags = 0
+        if magic == _MAGIC:
+            (flags,) = _FLAGS.unpack_from(data, pos)
+            pos += _FLAGS.size
         domain = data[pos:pos + n_dom].decode("utf-8")
         pos += n_dom
 
@@ -126,10 +163,36 @@ class UserState:
             pos += arr.nbytes
             return arr
 
+        items_dtype = "<i2" if flags & _ITEMS16 else "<i4"
         delta = take("<f4", d).astype(np.float32)
-        items = take("<i4", length).astype(np.int64)
-        weights = take("<f4", length).astype(np.float32)
-        ts = take("<i8", length).astype(np.int64)
-        seen = take("<i4", n_seen).astype(np.int64)
-        recs = take("<i4", n_recs).astype(np.int64)
+        items = take(items_dtype, length).astype(np.int64)
+        weights = take("<f2" if flags & _WEIGHTS16 else "<f4", length).astype(np.float32)
+        if flags & _TS32:
+            ago = take("<i4", length).astype(np.int64)
+            ts = np.where(ago == _TS_EMPTY, 0, last_ts - ago)
+        else:
+            ts = take("<i8", length).astype(np.int64)
+        seen = take(items_dtype, n_seen).astype(np.int64)
+        if flags & _SEEN_EXTRA:
+            seen = np.concatenate((seen, _last_occurrences(items)))
+        recs = take(items_dtype, n_recs).astype(np.int64)
         return cls(delta, items, weights, ts, seen, recs, version, n_events, last_ts, domain)
+
+
+def _last_occurrences(hist_items: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The history's distinct items, each where it last occurs, in that order."""
+    # A history is short (tens of items): a dict beats numpy's sorting here.
+    last = dict.fromkeys(reversed([i for i in hist_items.tolist() if i >= 0]))
+    return np.fromiter(reversed(last), np.int64, len(last))
+
+
+def _seen_extra(seen: npt.NDArray[np.int64], hist_items: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.int64] | None:
+    """The seen items the history does not hold, if ``seen`` is exactly those followed by
+    the history's items in order of last occurrence (what :meth:`UserState.add_seen` keeps
+    when every event is recorded); None when it is not, and seen is stored whole."""
+    tail = _last_occurrences(hist_items)
+    cut = seen.size - tail.size
+    if cut < 0 or seen[cut:].tolist() != tail.tolist():
+        return None
+    return seen[:cut]
