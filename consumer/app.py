@@ -116,8 +116,11 @@ class ConsumerApp:
         # Every store call is retried through a Redis outage (metarec.outage); fetching
         # stops meanwhile, because the loop is inside the call.
         self._health: HealthServer | None = None
+        self.metrics = Metrics("consumer")
         self.outage = Outage("redis", settings.redis_retry_s, log,
-                             should_stop=lambda: self._stopping, on_wait=self._alive)
+                             should_stop=lambda: self._stopping, on_wait=self._alive,
+                             on_retry=self.metrics.redis_errors.inc,
+                             on_outage=self.metrics.redis_outages.inc)
         self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
                               self.outage)
         # The learner also keeps the live quality of the lists apps were shown, and what it
@@ -133,8 +136,6 @@ class ConsumerApp:
         self._conflict_log = Throttle(WARN_EVERY_S)
         self._starved_log = Throttle(WARN_EVERY_S)
         self._starved_since: float | None = None
-        self.metrics = Metrics("consumer")
-        self._exported = {"retried": 0, "outages": 0, "resets": 0}
         self._model_created_ms: int | None = None
         config = {**GROUP_DEFAULTS, **settings.kafka_config()}
         config.update({"group.id": settings.group_id, "enable.auto.commit": "false",
@@ -177,7 +178,7 @@ class ConsumerApp:
                 if len(records) < s.batch_size:  # no backlog: time to refresh lists
                     self._refresh_stale_lists()
                 self._maybe_report()
-                self._export()
+                self._set_model_age()
                 if health is not None:
                     health.tick()
         except Stopped:
@@ -212,7 +213,7 @@ class ConsumerApp:
         items: list[ItemRecord] = []
         users: list[UserRecord] = []
         meta_offsets: dict[tuple[str, int], int] = {}
-        n_dlq = 0
+        n_dlq = n_consumed = 0
         for msg in records:
             err = msg.error()
             if err is not None:
@@ -224,6 +225,7 @@ class ConsumerApp:
             topic, part, offset = msg.topic(), int(msg.partition() or 0), int(msg.offset() or 0)
             try:
                 if topic == s.events_topic:
+                    n_consumed += 1
                     expected = self._expected.get(part)
                     if part not in self._expected or (expected is not None
                                                       and offset < expected):
@@ -280,12 +282,12 @@ class ConsumerApp:
         elapsed = time.perf_counter() - started
         self.stats.record_batch(len(records), n_events, n_dlq, elapsed, np.asarray(freshness))
         m = self.metrics
-        m.events_consumed.inc(sum(1 for r in records if r.topic() == s.events_topic))
+        m.events_consumed.inc(n_consumed)
         m.events_applied.inc(n_events)
         m.batch_seconds.observe(elapsed)
         # A sample of the batch's events: observing thousands per batch would cost more
         # than the batch's own bookkeeping.
-        for ms in freshness[::max(1, len(freshness) // FRESHNESS_SAMPLES)]:
+        for ms in freshness[::-(-len(freshness) // FRESHNESS_SAMPLES) or 1]:
             m.freshness_seconds.observe(max(0.0, ms) / 1000)
 
     def _apply_partition(self, part: int, pairs: list[tuple[Message, Event]], nxt: int,
@@ -537,6 +539,7 @@ class ConsumerApp:
         if found is None:
             return set()
         self._lag = found.lag
+        self.metrics.offset_resets.inc(found.resets)
         self._warn_if_starved(time.monotonic())
         for p, n in found.lag.items():
             self.metrics.lag.labels(partition=str(p)).set(n)
@@ -567,16 +570,10 @@ class ConsumerApp:
                         extra={"lag": waiting,
                                "seconds": round(now - self._starved_since, 1)})
 
-    def _export(self) -> None:
-        """Bring the counters kept elsewhere (retries, resets, live quality) to the metrics."""
-        m = self.metrics
-        m.redis_errors.inc(self.outage.retried - self._exported["retried"])
-        m.redis_outages.inc(self.outage.outages - self._exported["outages"])
-        m.offset_resets.inc(self.topic_log.resets - self._exported["resets"])
-        self._exported = {"retried": self.outage.retried, "outages": self.outage.outages,
-                          "resets": self.topic_log.resets}
+    def _set_model_age(self) -> None:
         if self._model_created_ms is not None:
-            m.model_age_seconds.set(max(0.0, time.time() - self._model_created_ms / 1000))
+            self.metrics.model_age_seconds.set(
+                max(0.0, time.time() - self._model_created_ms / 1000))
 
     def _alive(self) -> None:
         """Waiting for Redis is being alive: keep ``/healthz`` green meanwhile."""

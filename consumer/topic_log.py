@@ -51,6 +51,8 @@ class LogCheck:
     rebased: dict[int, int] = field(default_factory=dict)
     lag: dict[int, int] = field(default_factory=dict)
     lost: dict[int, int] = field(default_factory=dict)
+    #: Log replacements and truncations this check found (and reported).
+    resets: int = 0
 
 
 def _real_id(raw: object) -> str | None:
@@ -118,6 +120,7 @@ class TopicLog:
         parts = sorted(marks)
         stored = self.store.offsets(self.topic, parts)
         out = LogCheck()
+        resets_before = self.resets
         topic_id = _real_id(topic.topic_id)
         if topic_id is not None:  # a broker without topic ids: nothing to compare
             seen_id = self.store.topic_id(self.topic)
@@ -145,6 +148,7 @@ class TopicLog:
                           extra={"topic": self.topic, "partition": p, "stored_offset": at,
                                  "log_start": low, "log_end": high, "lost": low - at})
             out.lag[p] = max(0, high - max(low, at if at is not None else low))
+        out.resets = self.resets - resets_before
         return out
 
     def _rebase(self, seen_id: str, topic_id: str, marks: dict[int, tuple[int, int]],

@@ -56,13 +56,14 @@ class Aggregator:
         self.schedule = RetrainSchedule.from_settings(settings)
         self._stopping = False
         self._health: HealthServer | None = None
+        self.metrics = Metrics("aggregator")
         self.outage = Outage("redis", settings.redis_retry_s, log,
-                             should_stop=lambda: self._stopping, on_wait=self._alive)
+                             should_stop=lambda: self._stopping, on_wait=self._alive,
+                             on_retry=self.metrics.redis_errors.inc,
+                             on_outage=self.metrics.redis_outages.inc)
         self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
                               self.outage)
         self.window = EventWindow(settings.window_events)
-        self.metrics = Metrics("aggregator")
-        self._exported = (0, 0)
         self._published_ms: int | None = None
         self._events_since = 0
         self._next_cycle = self._interval_deadline()
@@ -95,7 +96,7 @@ class Aggregator:
                 reason = self.due()
                 if reason is not None and self.cycle(reason=reason) is not None:
                     cycles += 1
-                self._export()
+                self._set_model_age()
                 if health is not None:
                     health.tick()
         except Stopped:
@@ -107,13 +108,10 @@ class Aggregator:
             self.producer.flush(10)
         return 0
 
-    def _export(self) -> None:
-        m = self.metrics
-        m.redis_errors.inc(self.outage.retried - self._exported[0])
-        m.redis_outages.inc(self.outage.outages - self._exported[1])
-        self._exported = (self.outage.retried, self.outage.outages)
+    def _set_model_age(self) -> None:
         if self._published_ms is not None:
-            m.model_age_seconds.set(max(0.0, time.time() - self._published_ms / 1000))
+            self.metrics.model_age_seconds.set(
+                max(0.0, time.time() - self._published_ms / 1000))
 
     def _alive(self) -> None:
         """Waiting for Redis is being alive: keep ``/healthz`` green meanwhile."""

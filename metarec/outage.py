@@ -89,6 +89,8 @@ class Outage:
     on_wait
         Called between attempts: the process is alive and waiting on purpose (its liveness
         probe must not have it restarted, which would not bring Redis back).
+    on_retry, on_outage
+        Called for each failed call that will be retried, and once per outage (metrics).
     sleep, clock
         Injected for tests.
     """
@@ -97,6 +99,8 @@ class Outage:
                  setting: str = "METAREC_REDIS_URL",
                  should_stop: Callable[[], bool] = lambda: False,
                  on_wait: Callable[[], None] = lambda: None,
+                 on_retry: Callable[[], None] = lambda: None,
+                 on_outage: Callable[[], None] = lambda: None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
@@ -105,6 +109,8 @@ class Outage:
         self.log = log
         self.should_stop = should_stop
         self.on_wait = on_wait
+        self.on_retry = on_retry
+        self.on_outage = on_outage
         self._sleep = sleep
         self._clock = clock
         self._since: float | None = None
@@ -139,6 +145,7 @@ class Outage:
         if self._since is None:
             self._since = now
             self.outages += 1
+            self.on_outage()
             self.log.error(f"{self.what} unavailable; retrying", extra={
                 "dependency": self.what, "error": _describe(exc),
                 "give_up_after_s": self.give_up_s})
@@ -149,6 +156,7 @@ class Outage:
                                    f"(limit {self.give_up_s:g} s): {_describe(exc)}") from None
         self._attempt += 1
         self.retried += 1
+        self.on_retry()
         delay = min(MAX_DELAY_S, BASE_DELAY_S * 2 ** min(self._attempt, 16))
         deadline = now + delay * (0.5 + self._rng.random() / 2)
         while self._clock() < deadline:
