@@ -18,6 +18,8 @@ every number. Measurements, not assertions: nothing here fails on a slow machine
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -38,7 +40,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from metarec.aggregation import PartialSums
 from metarec.config import Settings
 from metarec.devservices import create_topics, start_broker
-from metarec.events import decode_event
+from metarec.events import ItemRecord, decode_event
 from metarec.model import MetaModel
 from metarec.neighbors import N_NEIGHBORS
 from metarec.store import RedisStore
@@ -63,6 +65,7 @@ class BenchConfig:
     quick: bool = False
     rate: float = 5000.0
     seed: int = 0
+    big_items: int = 100_000
 
     @property
     def throughput_events(self) -> int:
@@ -75,6 +78,15 @@ class BenchConfig:
     @property
     def user_counts(self) -> tuple[int, ...]:
         return (2_000,) if self.quick else (10_000, 1_000_000)
+
+    @property
+    def big_catalog_events(self) -> int:
+        return 20_000 if self.quick else 60_000
+
+    @property
+    def big_quality_users(self) -> int:
+        """Users of the 100k-item synthetic stream the list quality is compared on."""
+        return 1_000 if self.quick else 3_000
 
     @property
     def training_windows(self) -> tuple[int, ...]:
@@ -289,26 +301,68 @@ def scoring_bound(cfg: BenchConfig, rng: np.random.Generator, repeat: int) -> fl
 
 
 def end_to_end(env: Env, cfg: BenchConfig, records: list[tuple[bytes, bytes]],
-               model: bytes) -> dict[str, float]:
-    """A consumer process drains a filled topic: sustained events/s and its peak RSS."""
-    settings = env.settings("e2e", cfg)
+               model: bytes, name: str = "e2e", catalog: int = 0) -> dict[str, float]:
+    """A consumer process drains a filled topic: sustained events/s and its peak RSS.
+
+    ``catalog`` items ``i0 ..`` are registered first, as an items topic would have done
+    (otherwise the catalogue is the items the events name).
+    """
+    settings = env.settings(name, cfg)
     store = env.store(settings)
+    for lo in range(0, catalog, 10_000):
+        store.describe_items([ItemRecord(f"i{j}") for j in range(lo, min(lo + 10_000,
+                                                                          catalog))])
     store.publish_model(model)
     produce(env.bootstrap, settings["METAREC_EVENTS_TOPIC"], records)
-    proc = env.consumer(settings, "e2e.log")
+    proc = env.consumer(settings, f"{name}.log")
     topic = settings["METAREC_EVENTS_TOPIC"]
     try:
         while applied(store, topic) == 0:
-            _alive(proc, env.logs / "e2e.log")
+            _alive(proc, env.logs / f"{name}.log")
             time.sleep(0.02)
         t0, n0 = time.perf_counter(), applied(store, topic)
         while (n := applied(store, topic)) < len(records):
-            _alive(proc, env.logs / "e2e.log")
+            _alive(proc, env.logs / f"{name}.log")
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
         return {"events_per_s": (n - n0) / elapsed, "peak_rss_mib": peak_rss_mib(proc.pid)}
     finally:
         stop(proc)
+
+
+def big_catalog(env: Env, cfg: BenchConfig, rng: np.random.Generator) -> dict[str, float]:
+    """The consumer end to end on a catalogue of ``cfg.big_items`` (candidate scoring)."""
+    big = dataclasses.replace(cfg, items=cfg.big_items)
+    model = bench_model(big, rng).to_bytes()
+    records = synthetic_events(big, cfg.big_catalog_events, 50_000, int(time.time() * 1000),
+                               rng)
+    return end_to_end(env, big, records, model, name="big", catalog=big.items)
+
+
+def big_catalog_quality(cfg: BenchConfig) -> dict[str, Any]:
+    """HR@10 of metarec's lists on a 100k-item synthetic stream, scored on candidates (the
+    default) and exactly (``exact_max_items`` above the catalogue): the same prequential
+    run as ``metarec eval``, seed 0."""
+    from metarec.datasets import SYNTHETIC_SPECS
+    from metarec.evaluation import evaluate
+    from metarec.online import metarec_factory
+    from metarec.synthetic import generate
+
+    config = dataclasses.replace(SYNTHETIC_SPECS["synthetic-100k-items"],
+                                 n_users=cfg.big_quality_users, n_items=cfg.big_items)
+    dataset = generate(config, seed=0)
+    defaults = Settings.defaults()
+    exact = dataclasses.replace(defaults, exact_max_items=cfg.big_items + 1)
+    methods = {"candidates": functools.partial(metarec_factory, settings=defaults),
+               "exact": functools.partial(metarec_factory, settings=exact)}
+    started = time.perf_counter()
+    report = evaluate(dataset, methods, [0], progress=False, workers=min(2, os.cpu_count() or 1))
+    res = report.results
+    hr = {name: res[name].buckets["all"].hr for name in methods}
+    return {"users": config.n_users, "events": report.n_events, "hr10_candidates":
+            hr["candidates"], "hr10_exact": hr["exact"],
+            "seconds": {name: res[name].wall_time_s[0] for name in methods},
+            "wall_s": time.perf_counter() - started}
 
 
 def freshness(env: Env, cfg: BenchConfig, consumers: int, model: bytes,
@@ -457,7 +511,8 @@ def run_bench(cfg: BenchConfig, redis_url: str,
     rng = np.random.default_rng(cfg.seed)
     out: dict[str, Any] = {"config": {"items": cfg.items, "dim": cfg.dim, "top_k": cfg.top_k,
                                       "batch_size": cfg.batch_size, "mix": cfg.mix,
-                                      "quick": cfg.quick, "partitions": PARTITIONS}}
+                                      "quick": cfg.quick, "partitions": PARTITIONS,
+                                      "big_items": cfg.big_items}}
     model = bench_model(cfg, rng).to_bytes()
     with bench_env(redis_url) as env:
         records = synthetic_events(cfg, cfg.throughput_events, 50_000,
@@ -476,6 +531,9 @@ def run_bench(cfg: BenchConfig, redis_url: str,
         out["events_per_s"] = e2e["events_per_s"]
         out["e2e_peak_rss_mib"] = e2e["peak_rss_mib"]
         out["ratio_to_smallest_bound"] = e2e["events_per_s"] / out["smallest_bound_per_s"]
+        progress(f"consumer end to end, {cfg.big_items:,} items")
+        out["big_catalog"] = big_catalog(env, cfg, rng)
+        out["big_catalog_events_per_s"] = out["big_catalog"]["events_per_s"]
         for n in (1, 2):
             progress(f"freshness with {n} consumer(s) at {cfg.rate:,.0f}/s")
             out[f"freshness_{n}_consumers"] = freshness(env, cfg, n, model, rng)
@@ -491,6 +549,10 @@ def run_bench(cfg: BenchConfig, redis_url: str,
             out[f"rss_mib_{label}_users"] = m["peak_rss_mib"]
         progress("publish-to-reload")
         out["reload_s"] = reload_time(env, cfg, model)
+    progress(f"list quality, {cfg.big_items:,} items: candidates and exact")
+    out["big_catalog_quality"] = q = big_catalog_quality(cfg)
+    out["big_catalog_hr_ratio"] = (q["hr10_candidates"] / q["hr10_exact"]
+                                   if q["hr10_exact"] else None)
     out["training"] = []
     for n_events in cfg.training_windows:
         progress(f"meta-training over {n_events:,} events")
@@ -508,6 +570,15 @@ def to_markdown(r: dict[str, Any]) -> str:
         ("bound: numpy score + top-K", f"{b['numpy_score_topk']:,.0f} ev/s", ""),
         ("consumer end to end (1 process)", f"{r['events_per_s']:,.0f} ev/s",
          f"{r['ratio_to_smallest_bound']:.2f} of the smallest bound ({r['bound_name']})"),
+    ]
+    q = r["big_catalog_quality"]
+    rows += [
+        (f"consumer end to end, {c.get('big_items', 100_000):,} items (candidates)",
+         f"{r['big_catalog_events_per_s']:,.0f} ev/s", ""),
+        (f"HR@10, {c.get('big_items', 100_000):,}-item synthetic stream "
+         f"({q['users']:,} users, {q['events']:,} events)",
+         f"candidates {q['hr10_candidates']:.4f}, exact {q['hr10_exact']:.4f}",
+         f"ratio {r['big_catalog_hr_ratio']:.3f}" if r["big_catalog_hr_ratio"] else ""),
     ]
     for n in (1, 2):
         f = r[f"freshness_{n}_consumers"]

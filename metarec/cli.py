@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "times. Prints a Markdown table.")
     bench.add_argument("--quick", action="store_true", help="a first look, in about 3 minutes")
     bench.add_argument("--items", type=int, default=1682, help="catalog size")
+    bench.add_argument("--big-items", type=int, default=100_000,
+                       help="catalog size of the big-catalogue runs (candidate scoring)")
     bench.add_argument("--dim", type=int, default=32, help="embedding dimension d")
     bench.add_argument("--k", type=int, default=20, help="list length K")
     bench.add_argument("--batch-size", type=int, default=5000, help="consumer batch size")
@@ -201,9 +203,9 @@ def _bench(args: argparse.Namespace) -> int:
     if not mix or set(mix) - {"click", "like", "dislike"} or min(mix.values()) < 0:
         raise ConfigError(f"invalid --mix {args.mix!r}: types click, like, dislike, shares >= 0")
     cfg = BenchConfig(items=args.items, dim=args.dim, top_k=args.k, batch_size=args.batch_size,
-                      mix=mix, quick=args.quick, rate=args.rate)
+                      mix=mix, quick=args.quick, rate=args.rate, big_items=args.big_items)
     url = args.redis_url or Settings.from_env().redis_url
-    phases = 6 + len(cfg.user_counts) + len(cfg.training_windows)
+    phases = 8 + len(cfg.user_counts) + len(cfg.training_windows)
     with tqdm(total=phases, unit="phase", file=sys.stderr) as bar:
         def progress(what: str) -> None:
             if bar.n or bar.desc:

@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_WINDOW_EVENTS",
     "ENV_PREFIX",
+    "EXACT_MAX_ITEMS",
     "KAFKA_ENV_PREFIX",
     "SETTINGS",
     "SettingSpec",
@@ -86,6 +87,9 @@ _DAY_S = 24 * 3600
 
 # Defaults that the core objects (the learner, the retraining schedule) share with the
 # settings table, so that a library user and a deployed service start from the same ones.
+#: Catalogues up to this size are scored exactly (every item, every list): below it a
+#: dense row costs less than gathering candidates does (:mod:`metarec.candidates`).
+EXACT_MAX_ITEMS = 20_000
 DEFAULT_TOP_K = 20
 DEFAULT_HISTORY_LENGTH = 50
 #: Events the window needs before the first model (and the new regime after a drift
@@ -371,6 +375,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
                 "When the events topic is a new log (broker reset, topic recreated): replay "
                 "it from its start, or skip to its end.", _parse_reset_policy),
     _int_spec("top_k", DEFAULT_TOP_K, 1, 1000, "Length of each user's recommendation list."),
+    _int_spec("exact_max_items", EXACT_MAX_ITEMS, 0, 100_000_000,
+              "Catalogues up to this size score every item for every list; bigger ones "
+              "score each user's candidates (neighbours, trending, an item index)."),
     _int_spec("batch_size", 500, 1, 100_000, "Most records taken per consume call."),
     # Short on purpose: under load a batch fills at once; at low load a long wait is
     # pure produce-to-list latency (measured: p50 113 ms at 100 ms, 43 ms at 20 ms).
@@ -458,6 +465,7 @@ class Settings:
     model_topic: str
     log_reset_policy: str
     top_k: int
+    exact_max_items: int
     batch_size: int
     batch_timeout_ms: int
     partitions: int

@@ -50,8 +50,15 @@ from metarec.adaptation import (
     waves,
 )
 from metarec.aggregation import PartialSums
+from metarec.candidates import (
+    PERSONAL_CANDIDATES,
+    TRENDING_CANDIDATES,
+    ItemIndex,
+    rank_candidates,
+    trending_candidates,
+)
 from metarec.catalog import Catalog
-from metarec.config import DEFAULT_HISTORY_LENGTH, DEFAULT_TOP_K
+from metarec.config import DEFAULT_HISTORY_LENGTH, DEFAULT_TOP_K, EXACT_MAX_ITEMS
 from metarec.drift import LIVE_WINDOW, DriftMonitor, RetrainRequest, respond
 from metarec.model import ItemTables, MetaModel, history_buckets
 from metarec.neighbors import votes
@@ -139,18 +146,23 @@ class Learner:
     handle_drift
         React to users and domains whose live hits show a change (the services do; the
         drift scenario turns it off for its comparison).
+    exact_max_items
+        Catalogues up to this size are scored exactly; bigger ones score each user's
+        candidates only (:mod:`metarec.candidates`).
     """
 
     def __init__(self, *, top_k: int = DEFAULT_TOP_K,
                  history_length: int = DEFAULT_HISTORY_LENGTH, seed: int = 0,
                  live_window: int = LIVE_WINDOW,
-                 channels: Sequence[Channel] = CHANNELS, handle_drift: bool = True) -> None:
+                 channels: Sequence[Channel] = CHANNELS, handle_drift: bool = True,
+                 exact_max_items: int = EXACT_MAX_ITEMS) -> None:
         self.top_k = top_k
         self.history_length = history_length
         self.seed = seed
         self.live_window = live_window
         self.channels = tuple(channels)
         self.handle_drift = handle_drift
+        self.exact_max_items = exact_max_items
         self.catalog = Catalog()
         self.model: MetaModel | None = None
         self.tables: ItemTables | None = None
@@ -158,12 +170,19 @@ class Learner:
         self.drift = DriftMonitor(k=top_k, window=live_window)
         self._item_domain = np.zeros(0, np.int64)
         self._features: tuple[int, int, F32] | None = None
+        # The candidate index and the tables it indexes (rebuilt when they are replaced,
+        # extended when they grow); the shared score part per history bucket and its best
+        # items, cached per trending clock.
+        self._tables_gen = 0  # bumped whenever the tables are replaced, not just extended
+        self._index: tuple[int, ItemIndex] | None = None
+        self._shared: tuple[int, int, F32, I64] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, handle_drift: bool = True) -> Learner:
         """The learner a consumer runs under ``settings``."""
         return cls(top_k=settings.top_k, history_length=settings.history_length,
-                   seed=settings.seed, handle_drift=handle_drift)
+                   seed=settings.seed, handle_drift=handle_drift,
+                   exact_max_items=settings.exact_max_items)
 
     @property
     def version(self) -> int:
@@ -184,7 +203,7 @@ class Learner:
         elif domain is not None or features is not None:
             self._item_domain = self.catalog.domain_indices()
             if self.model is not None:
-                self.tables = self.model.item_tables(self.catalog)
+                self._replace_tables(self.model.item_tables(self.catalog))
         return idx
 
     def add_items(self, rows: Iterable[tuple[int, str, str, tuple[str, ...]]]) -> None:
@@ -202,7 +221,7 @@ class Learner:
         if self.model is None:
             return
         if changed or self.tables is None:
-            self.tables = self.model.item_tables(self.catalog)
+            self._replace_tables(self.model.item_tables(self.catalog))
         elif len(self.catalog) > start:
             self.tables = self.tables.extend(self.model.item_tables(self.catalog, start))
 
@@ -216,8 +235,12 @@ class Learner:
                              f"trending channels; this learner keeps "
                              f"{self.trending.n_channels}")
         self.model = model
-        self.tables = model.item_tables(self.catalog)
+        self._replace_tables(model.item_tables(self.catalog))
         return self.drift.after_reload() if self.handle_drift else None
+
+    def _replace_tables(self, tables: ItemTables) -> None:
+        self.tables = tables
+        self._tables_gen += 1
 
     # -- the step ---------------------------------------------------------------------
 
@@ -324,14 +347,27 @@ class Learner:
 
         ``domains`` asks for the lists of another domain than each user's last one (the
         domain the user is acting in now). Stale users are re-derived first, in place.
-        Consumed items are not excluded here.
+        Consumed items are not excluded here. A big catalogue's lists are chosen among
+        candidates (:mod:`metarec.candidates`), so items that are no candidate score
+        ``-inf``: these are the scores the lists are ranked by.
         """
         ub = self._stack(users, states, profiles)
         self._rederive_stale(users, states, ub)
         for r, user in enumerate(users):
             states[user].delta = ub.delta[r].copy()
             states[user].model_version = self.version
-        return self._scores(users, states, ub, domains)
+        if not self._big():
+            return self._scores(users, states, ub, domains)
+        if domains is not None:
+            assert self.model is not None
+            ub.domain[:] = [self.model.domain_index(g) for g in domains]
+        names = domains if domains is not None else [states[u].domain for u in users]
+        idx, vals = self._rank_candidates(ub, names, [], None)
+        out = np.full((len(users), len(self.catalog)), -np.inf, np.float32)
+        rows = np.broadcast_to(np.arange(len(users))[:, None], idx.shape)
+        ok = idx >= 0
+        out[rows[ok], idx[ok]] = vals[ok]
+        return out
 
     def list_record(self, user: str, state: UserState, ranked: RankedList,
                     now_ms: int) -> bytes:
@@ -403,10 +439,18 @@ class Learner:
         counted: I64 = (valid & (item_domain == np.asarray(domains)[:, None])).sum(1)
         return counted
 
+    def _big(self) -> bool:
+        """Whether lists are chosen among candidates (a model and a big catalogue)."""
+        return self.model is not None and len(self.catalog) > self.exact_max_items
+
     def _rank(self, users: Sequence[str], states: Mapping[str, UserState],
               ub: UserBatch) -> dict[str, RankedList]:
-        scores = self._scores(users, states, ub)
-        idx, vals = top_k(scores, self.top_k, [states[u].seen for u in users])
+        exclude = [states[u].seen for u in users]
+        if self._big():
+            idx, vals = self._rank_candidates(ub, [states[u].domain for u in users], exclude,
+                                              self.top_k)
+        else:
+            idx, vals = top_k(self._scores(users, states, ub), self.top_k, exclude)
         out: dict[str, RankedList] = {}
         for r, user in enumerate(users):
             keep = idx[r] >= 0
@@ -414,6 +458,54 @@ class Learner:
             states[user].recs = ranked.items
             out[user] = ranked
         return out
+
+    def _rank_candidates(self, ub: UserBatch, domains: Sequence[str],
+                         exclude: Sequence[npt.NDArray[np.int64]], k: int | None,
+                         ) -> tuple[I64, F32]:
+        """The best ``k`` (None: all) of each row's candidates, by the exact score."""
+        model, tables = self.model, self.tables
+        assert model is not None and tables is not None
+        theta = user_vectors(model, tables, ub)
+        bucket = history_buckets(self._history_in(
+            [self.catalog.domains.get(g) for g in domains], ub.hist_items))
+        shared, popular = self._shared_part()
+        parts = [self._item_index().search(theta, PERSONAL_CANDIDATES), popular[bucket]]
+        knn = None
+        nb = tables.neighbors
+        if nb is not None and model.knn_weights.any():
+            v = min(model.knn_age_logits.size, ub.hist_items.shape[1])
+            index, value = nb.votes(ub.hist_items[:, -v:], ub.hist_weights[:, -v:],
+                                    np.exp(model.knn_age_logits[:v][::-1]))
+            knn = (index, value, model.knn_weights[bucket].astype(np.float32))
+            parts.append(index.reshape(len(theta), -1))
+        candidates = np.hstack(parts)
+        return rank_candidates(theta, bucket, tables.vectors, shared, candidates,
+                               candidates.shape[1] if k is None else k, exclude, knn)
+
+    def _shared_part(self) -> tuple[F32, I64]:
+        """Per history bucket: bias plus trending prior of every item, and its best items."""
+        n = len(self.catalog)
+        cached = self._shared
+        if cached is None or cached[0] != self.trending.clock or cached[1] != n:
+            assert self.model is not None and self.tables is not None
+            shared = (self.model.trend_weights @ self._trend_features()
+                      + self.tables.bias).astype(np.float32)
+            cached = self._shared = (self.trending.clock, n, shared,
+                                     trending_candidates(shared, TRENDING_CANDIDATES))
+        return cached[2], cached[3]
+
+    def _item_index(self) -> ItemIndex:
+        """The candidate index of the served tables (built at the first big list after a
+        reload; items registered since are appended)."""
+        tables = self.tables
+        assert tables is not None
+        if self._index is None or self._index[0] != self._tables_gen:
+            self._index = (self._tables_gen,
+                           ItemIndex(tables.vectors, tables.bias, seed=self.seed))
+        index = self._index[1]
+        if len(index) < len(tables):
+            index.extend(tables.vectors[len(index):], tables.bias[len(index):])
+        return index
 
     def _stack(self, users: Sequence[str], states: Mapping[str, UserState],
                profiles: Mapping[str, Sequence[str] | None]) -> UserBatch:

@@ -38,9 +38,15 @@ def test_the_report_shows_every_measure_against_the_smallest_bound() -> None:
                                      "max_ms": 25},
            "memory": [{"users": 2000, "events_per_user": 50, "peak_rss_mib": 200.0,
                        "redis_bytes_per_user": 1904.0}],
+           "big_catalog_events_per_s": 2500.0,
+           "big_catalog_quality": {"users": 1500, "events": 18000, "hr10_candidates": 0.099,
+                                   "hr10_exact": 0.1},
+           "big_catalog_hr_ratio": 0.99,
            "reload_s": 0.065,
            "training": [{"events": 100_000, "seconds": 10.1, "steps": 25, "device": "CPU:0"}]}
     text = to_markdown(run)
     assert "0.25 of the smallest bound (redis_commit)" in text
     assert "7,500 ev/s" in text and "1,904 B/user" in text and "65 ms" in text
+    assert "2,500 ev/s" in text and "candidates 0.0990, exact 0.1000" in text
+    assert "ratio 0.990" in text
     assert json.loads(json.dumps(run)) == run  # what --json writes round-trips

@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from metarec.user_state import COUNT_AT, UserState
+from metarec.user_state import COUNT_AT, UserState, decode_many, encode_many
 
 
 def same(a: UserState, b: UserState) -> bool:
@@ -38,6 +38,18 @@ def test_every_state_reads_back_equal_and_keeps_its_count_where_the_guard_looks(
         blob = state.to_bytes()
         assert same(UserState.from_bytes(blob), state), trial
         assert struct.unpack_from("<i", blob, COUNT_AT)[0] == state.n_events
+
+
+def test_batch_encoding_and_decoding_match_the_one_by_one_forms() -> None:
+    rng = np.random.default_rng(3)
+    states = [random_state(rng, trial) for trial in range(600)]
+    same_shape = [st for st in states if st.delta.size == states[0].delta.size
+                  and st.hist_items.size == states[0].hist_items.size]
+    for batch in (states, same_shape, states[:1], []):
+        blobs = encode_many(batch)
+        assert blobs == [st.to_bytes() for st in batch]
+        for got, want in zip(decode_many(blobs), batch, strict=True):
+            assert same(got, want)
 
 
 def test_a_typical_state_is_compact() -> None:
