@@ -5,8 +5,9 @@ about 60 times dearer than MovieLens's 1,682 do, and choosing its top K (one par
 over the whole row) dearer still. Above :data:`metarec.config.EXACT_MAX_ITEMS` items the
 learner scores each user's *candidates* only:
 
-* every item their recent items' neighbours vote for (the co-consumption term of the
-  score, :mod:`metarec.neighbors`; up to ``VOTERS × N_NEIGHBORS`` entries);
+* the :data:`NEIGHBOR_CANDIDATES` nearest neighbours of each of their recent items (the
+  co-consumption term of the score, :mod:`metarec.neighbors`; the lists are sorted, so
+  these are the ones with the largest votes);
 * the :data:`TRENDING_CANDIDATES` best items by the non-personal part of the score (item
   bias and trending prior) for the user's history bucket: one ranking per bucket and
   batch, shared by its users;
@@ -41,7 +42,7 @@ import numpy.typing as npt
 
 from metarec.ranking import top_k
 
-__all__ = ["PERSONAL_CANDIDATES", "PROBED_LISTS", "TRENDING_CANDIDATES",
+__all__ = ["NEIGHBOR_CANDIDATES", "PERSONAL_CANDIDATES", "PROBED_LISTS", "TRENDING_CANDIDATES",
            "ItemIndex", "rank_candidates", "trending_candidates"]
 
 F32 = npt.NDArray[np.float32]
@@ -50,14 +51,19 @@ I64 = npt.NDArray[np.int64]
 #: Best items by the shared part of the score (bias and trending) offered to every user
 #: of a history bucket: what a newcomer's list is made of.
 TRENDING_CANDIDATES = 200
+#: Nearest neighbours per recent item offered as candidates (of the 50 each item has: the
+#: rest still add their votes to whichever candidates they name).
+NEIGHBOR_CANDIDATES = 20
 #: Best items by the user's own vector, from the index.
 PERSONAL_CANDIDATES = 100
-#: Inverted lists scanned per query. With about 4·√n lists this reads ~2% of a 100k
+#: Inverted lists scanned per query. With about 4·√n lists this reads ~1% of a 100k
 #: catalogue.
-PROBED_LISTS = 24
-#: Items used to train the index's coarse centroids: k-means on a sample is as good as
-#: on everything and bounds a reload's cost.
+PROBED_LISTS = 12
+#: Items used to train the index's coarse centroids, and k-means iterations: a sample and
+#: a few iterations place the lists as well as more would, and bound a reload's cost
+#: (about a second for 100k items on one core).
 TRAIN_SAMPLE = 50_000
+KMEANS_ITERATIONS = 10
 
 
 class ItemIndex:
@@ -83,6 +89,7 @@ class ItemIndex:
         self._index = faiss.IndexIVFFlat(quantizer, dim, self.n_lists,
                                          faiss.METRIC_INNER_PRODUCT)
         self._index.cp.seed = seed
+        self._index.cp.niter = KMEANS_ITERATIONS
         sample = data
         if n > TRAIN_SAMPLE:
             sample = data[np.random.default_rng(seed).choice(n, TRAIN_SAMPLE, replace=False)]
@@ -126,8 +133,8 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
     the non-personal part per history bucket (item bias and trending prior) and ``knn``
     is ``(index, value, weight)``: each row's neighbour votes as
     :meth:`metarec.neighbors.ItemNeighbors.votes` gives them, and the row's weight on them.
-    Every item that gets a vote should be among the candidates (its summed vote is added
-    to the first copy of it). Duplicates and ``-1`` entries are ignored, ``exclude``\\ d
+    Votes for items that are no candidate are dropped; a candidate's votes are summed
+    onto its first copy. Duplicates and ``-1`` entries are ignored, ``exclude``\\ d
     items never ranked. Returns ``(items, scores)`` padded with ``-1`` / ``-inf`` as
     :func:`metarec.ranking.top_k` does.
     """
@@ -140,7 +147,7 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
     valid = (cands >= 0).ravel()
     valid[1:] &= keys[1:] != keys[:-1]
     items = np.maximum(cands, 0)
-    scores = np.einsum("bmd,bd->bm", vectors[items], theta, optimize=True)
+    scores = np.einsum("bmd,bd->bm", np.take(vectors, items, axis=0), theta, optimize=True)
     scores += shared[bucket[:, None], items]
     if knn is not None:
         index, value, weight = knn

@@ -51,6 +51,7 @@ from metarec.adaptation import (
 )
 from metarec.aggregation import PartialSums
 from metarec.candidates import (
+    NEIGHBOR_CANDIDATES,
     PERSONAL_CANDIDATES,
     TRENDING_CANDIDATES,
     ItemIndex,
@@ -477,7 +478,7 @@ class Learner:
             index, value = nb.votes(ub.hist_items[:, -v:], ub.hist_weights[:, -v:],
                                     np.exp(model.knn_age_logits[:v][::-1]))
             knn = (index, value, model.knn_weights[bucket].astype(np.float32))
-            parts.append(index.reshape(len(theta), -1))
+            parts.append(index[:, :, :NEIGHBOR_CANDIDATES].reshape(len(theta), -1))
         candidates = np.hstack(parts)
         return rank_candidates(theta, bucket, tables.vectors, shared, candidates,
                                candidates.shape[1] if k is None else k, exclude, knn)
