@@ -66,7 +66,7 @@ def user_summary(store: RedisStore, user: str) -> dict[str, Any]:
 
 def reset_user(store: RedisStore, user: str) -> bool:
     """Delete ``user``'s state and list (not the profile). True if there was anything."""
-    return bool(store.client.delete(store.key("user", user), store.recs_key(user)))
+    return store.delete_user(user)
 
 
 def list_models(store: RedisStore) -> list[dict[str, Any]]:

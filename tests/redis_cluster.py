@@ -97,7 +97,9 @@ def start_cluster(work: Path, masters: int = 3) -> LocalCluster:
             cluster.procs.append(subprocess.Popen(
                 [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(node_dir),
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "",
+                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                 # A test reads what the live masters hold after one was killed.
+                 "--cluster-allow-reads-when-down", "yes", "--save", "",
                  "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT))
             log.close()
         for i in range(masters):
