@@ -403,7 +403,7 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
         # No state is corrupt: every one the live masters hold decodes, and none counts
         # more events than were published for its user.
         per_user = pub.per_user(system.events)
-        reader = RedisCluster(port=cluster.ports[0], socket_timeout=2)
+        reader = RedisCluster(host="127.0.0.1", port=cluster.ports[0], socket_timeout=2)
         live = [n for n in reader.get_primaries() if n.port != cluster.ports[2]]
         checked = 0
         for node in live:
