@@ -366,29 +366,38 @@ class ClusterCommit:
         return [u for u, r in zip(users, replies, strict=True) if int(r) == 0]
 
     def _run_users(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One pipelined EVALSHA per user; a node that lacks the script (restarted, or
-        failed over to a replica) gets it loaded and those calls are made again. Each call
-        is safe to repeat: a user written once reports 2 the second time."""
-        # redis-py's cluster pipeline has no evalsha method (NOSCRIPT is left to the
-        # caller, handled here), but routes a queued EVALSHA by its keys.
-        pipe: Any = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", _USER_SHA, len(keys), *keys, *args)
-        replies: list[Any] = pipe.execute(raise_on_error=False)
-        missing = [i for i, r in enumerate(replies)
-                   if isinstance(r, redis.exceptions.NoScriptError)]
-        if missing:
-            self.client.execute_command("SCRIPT LOAD", _USER_LUA)  # to every primary
-            again: Any = self.client.pipeline(transaction=False)
-            for i in missing:
+        """One pipelined EVALSHA per user, one round trip per master.
+
+        Each call is safe to repeat (a user written once reports 2 the second time), so
+        a call that met a node without the script (restarted, or a replica promoted) or a
+        slot that moved (MOVED, ASK) is made again on its own, after loading the script,
+        through the cluster client, which follows redirections.
+        """
+        replies = self._pipelined(calls)
+        redo = [i for i, r in enumerate(replies)
+                if isinstance(r, redis.exceptions.NoScriptError | redis.exceptions.AskError)]
+        if redo:
+            if any(isinstance(replies[i], redis.exceptions.NoScriptError) for i in redo):
+                self.client.execute_command("SCRIPT LOAD", _USER_LUA)  # to every primary
+            for i in redo:
                 keys, args = calls[i]
-                again.execute_command("EVALSHA", _USER_SHA, len(keys), *keys, *args)
-            for i, r in zip(missing, again.execute(raise_on_error=False), strict=True):
-                replies[i] = r
+                replies[i] = self.client.execute_command("EVALSHA", _USER_SHA, len(keys),
+                                                         *keys, *args)
         for r in replies:
             if isinstance(r, Exception):
                 raise r
         return replies
+
+    def _pipelined(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        # Each call names its node: redis-py's cluster pipeline would otherwise ask the
+        # server for the keys of every EVALSHA (COMMAND GETKEYS), a round trip per user.
+        cluster: Any = self.client
+        node_of, slot_of = cluster.nodes_manager.get_node_from_slot, cluster.keyslot
+        pipe: Any = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", _USER_SHA, len(keys), *keys, *args,
+                                 target_nodes=node_of(slot_of(keys[0])))
+        return list(pipe.execute(raise_on_error=False))
 
     @staticmethod
     def _raise(reply: list[Any], where: str, expected: int | None,

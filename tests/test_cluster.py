@@ -376,6 +376,15 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
             check_list(system, user, events=per_user[user], catalog=catalog,
                        consumed={e.item for e in events if e.user == user}, top_k=20)
         assert system.store.current_model_version() is not None
+        # The operator commands work on the cluster as they do on one Redis.
+        from tests.test_operations import metarec
+        user = second[0].user
+        seen = metarec(system, "recs", user)
+        assert seen["key"] == f"{prefix}recs:{{u:{user}}}" == store.recs_key(user)
+        assert seen["recs"]["user"] == user and seen["state"]["events"] == per_user[user]
+        assert metarec(system, "model", "list")[0]["current"]
+        assert metarec(system, "user", "reset", "nobody-at-all") == {
+            "user": "nobody-at-all", "reset": False}
         assert all(key.startswith(prefix.encode()) for key in
                    store.cluster_client.scan_iter(match=f"{prefix}*"))
 
