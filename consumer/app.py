@@ -354,8 +354,7 @@ class ConsumerApp:
                 log.warning("batch cut: an earlier batch of this partition is half-written; "
                             "finishing it first", extra={"partition": part,
                                                          "pending": exc.pending})
-                self._cut[part] = exc.pending
-                self._reseek(part)
+                self._cut_at(part, exc.pending)
                 return False
             except LogReplaced as exc:
                 # Another member found the log replaced and rebased the offsets: this
@@ -436,12 +435,19 @@ class ConsumerApp:
                                     topic_id=self.topic_log.topic_id)
             self._expected[part] = nxt
         except PendingBatch as exc:
-            self._cut[part] = exc.pending
-            self._reseek(part)
+            self._cut_at(part, exc.pending)
         except LogReplaced:
             self.topic_log.suspect()
         except StaleOffset:
             self._reseek(part)
+
+    def _cut_at(self, part: int, pending: int) -> None:
+        """End this partition's batches at ``pending`` until its offset gets there, and
+        consume again from the stored offset (the log's start if none is stored: the
+        half-written batch began there)."""
+        self._cut[part] = pending
+        self._expected[part] = self.store.offsets(self.settings.events_topic, [part])[part]
+        self._seek_expected(part)
 
     def _follow_cuts(self, beyond: set[int]) -> None:
         """Fetch again what a cut left out (records at or past a pending batch's end), and
@@ -451,13 +457,15 @@ class ConsumerApp:
                 del self._cut[part]
         for part in beyond:
             if part in self._expected:
-                at = self._expected[part]
-                try:
-                    self.consumer.seek(TopicPartition(
-                        self.settings.events_topic, part,
-                        OFFSET_BEGINNING if at is None else at))
-                except Exception as exc:
-                    log.debug("seek failed", extra={"partition": part, "error": str(exc)})
+                self._seek_expected(part)
+
+    def _seek_expected(self, part: int) -> None:
+        at = self._expected[part]
+        try:
+            self.consumer.seek(TopicPartition(self.settings.events_topic, part,
+                                              OFFSET_BEGINNING if at is None else at))
+        except Exception as exc:
+            log.debug("seek failed", extra={"partition": part, "error": str(exc)})
 
     def _commit_kafka(self, next_offset: dict[int, int],
                       meta_offsets: dict[tuple[str, int], int]) -> None:

@@ -26,6 +26,7 @@ from metarec.aggregation import PartialSums
 from metarec.cluster_store import ClusterStore
 from metarec.errors import ConfigError, PendingBatch, StaleOffset, UserConflict
 from metarec.events import Event
+from metarec.learner import Learner
 from metarec.store import RedisStore
 from metarec.trending import Channel
 from metarec.user_state import UserState, count_guard
@@ -182,19 +183,24 @@ class Replayer:
     the applied offsets; adapt each user to its events at or past its mark (here: count
     them); commit; on :class:`PendingBatch` return where the batch must end."""
 
-    def __init__(self, store: ClusterStore, events: list[tuple[str, int]]) -> None:
+    def __init__(self, store: ClusterStore, events: list[tuple[str, int]], *,
+                 topic: str = TOPIC, log_id: str = LOG_ID,
+                 new_state: Callable[[], UserState] = lambda: UserState.new(2, 3)) -> None:
         self.store = store
         self.events = events
+        self.topic = topic
+        self.log_id = log_id
+        self.new_state = new_state
 
     def batch(self, lo: int, hi: int) -> int | None:
         store = self.store
-        expected = store.offsets(TOPIC, [0])[0]
+        expected = store.offsets(self.topic, [0])[0]
         assert (expected or 0) == lo
         pairs = [(off, *self.events[off]) for off in range(lo, hi)]
         users = list(dict.fromkeys(u for _, u, _ in pairs))
         while True:
             raw, _ = store.load_users(users)
-            marks = store.applied_offsets(TOPIC, 0, users, LOG_ID)
+            marks = store.applied_offsets(self.topic, 0, users, self.log_id)
             loaded = {u: None if b is None else UserState.from_bytes(b)
                       for u, b in zip(users, raw, strict=True)}
             guards = {u: count_guard(s) for u, s in loaded.items()}
@@ -204,7 +210,7 @@ class Replayer:
             for off, user, item in pairs:
                 if off < marks[user]:
                     continue
-                state = new.setdefault(user, loaded[user] or UserState.new(2, 3))
+                state = new.setdefault(user, loaded[user] or self.new_state())
                 state.record(item, 1.0, off, "d")
                 trend[item] += 1
                 applied[user] += 1
@@ -214,13 +220,13 @@ class Replayer:
                              [float(n) for n in applied.values()])
             try:
                 store.commit_batch(
-                    TOPIC, 0, expected, hi,
+                    self.topic, 0, expected, hi,
                     states={u: s.to_bytes() for u, s in new.items()},
                     recs={u: json.dumps({"user": u, "events": s.n_events}).encode()
                           for u, s in new.items()},
                     recs_ttl_s=0, partials=partials if applied else None,
                     events=sum(applied.values()), trending=[dict(trend)], channels=CHANNELS,
-                    guards=guards, topic_id=LOG_ID)
+                    guards=guards, topic_id=self.log_id)
             except PendingBatch as exc:
                 return exc.pending
             except UserConflict:
@@ -231,7 +237,7 @@ class Replayer:
         """Consume to the end with these batch sizes (cycled), honouring pending ends."""
         cut: int | None = None
         n = 0
-        while (start := self.store.offsets(TOPIC, [0])[0] or 0) < len(self.events):
+        while (start := self.store.offsets(self.topic, [0])[0] or 0) < len(self.events):
             hi = min(len(self.events), start + sizes[n % len(sizes)])
             if cut is not None:
                 hi = min(hi, cut)
@@ -318,6 +324,52 @@ def test_a_rebase_clears_the_pending_batch_and_old_marks_mean_nothing(
 
 
 # -- the whole system -----------------------------------------------------------------------
+
+
+def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
+        tmp_path: Path, kafka_bootstrap: str, kafka_admin: Any,
+        make_topic: Callable[..., str], store: ClusterStore) -> None:
+    from confluent_kafka import TopicCollection
+
+    from tests.test_consumer_app import Publisher, System, check_exactly_once
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    cluster_url = store.cluster_client.get_default_node()
+    system = System(bootstrap=kafka_bootstrap,
+                    redis_url=f"redis+cluster://{cluster_url.host}:{cluster_url.port}",
+                    prefix=store.prefix, group=f"g-{uuid.uuid4().hex[:8]}",
+                    events=make_topic(1), items=make_topic(1), users=make_topic(1),
+                    dlq=make_topic(1), model=make_topic(1), partitions=1, store=store,
+                    log_dir=log_dir)
+    pub = Publisher(kafka_bootstrap)
+    users = [f"u{i}" for i in range(30)]
+    events = [(users[n % 30], n % 7) for n in range(300)]
+    for user, item in events:
+        pub.send_event(system.events, Event(user, f"i{item}", "click",
+                                            int(time.time() * 1000)))
+    pub.flush()
+    # A consumer died half-way through writing the users of the batch [0, 120): the
+    # shared effects are written, half the users are, the offset is not.
+    described = kafka_admin.describe_topics(TopicCollection([system.events]))
+    log_id = str(described[system.events].result(timeout=10).topic_id)
+    assert store.rebase_offsets(system.events, None, log_id, {})
+    store.item_indices([f"i{k}" for k in range(7)], ["default"] * 7)
+    crash_after_half_the_users(store)
+    with pytest.raises(Crash):
+        Replayer(store, events, topic=system.events, log_id=log_id,
+                 new_state=Learner.from_settings(system.settings()).new_state).batch(0, 120)
+    assert store.offsets(system.events, [0]) == {0: None}
+    try:
+        proc = system.start()
+        system.wait_applied(pub.ends(system.events), timeout=60)
+        check_exactly_once(system, Counter(u for u, _ in events))
+        assert "batch cut" in (log_dir / "proc-0.log").read_text(), system.logs()
+        assert store.trending(7, CHANNELS).clock == len(events)
+        assert proc.poll() is None
+    finally:
+        system.close()
+
 
 
 def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_dead_master_is_reported(  # noqa: E501
