@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -85,8 +86,9 @@ def main() -> None:
     if args.cluster_url is not None:
         measure("cluster", args.cluster_url, args.repeat, args.users)
         return
-    # The test helper that starts a local cluster; the repository root is on the path
-    # when this runs from it (as the Makefile's bench targets do).
+    # The tests' helper starts the local cluster; it lives in the repository, not in the
+    # installed package.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.redis_cluster import start_cluster
 
     with tempfile.TemporaryDirectory(prefix="metarec-cluster-bench-") as tmp:

@@ -21,7 +21,10 @@ One batch, start to finish (the order is the whole point, so it is written here 
    checks the stored offset (a zombie's write changes nothing) and each user's stored
    event count (a user whose events also arrive on another partition, written by another
    consumer meanwhile, makes the unit refuse; it is redone from the stored states); the
-   live metrics are fed only once the unit is written;
+   live metrics are fed only once the unit is written. On a Redis Cluster the unit is
+   written in idempotent steps (:mod:`metarec.cluster_store`): each user adapts only to
+   its events past its stored applied offset, and a batch another writer left half-written
+   is finished first, up to where it ended;
 6. only then commit the offsets to Kafka too, for lag monitoring (Redis stays the source
    of truth: on assignment the consumer seeks to the offsets stored in Redis).
 

@@ -6,6 +6,11 @@ write goes through code that knows the whole key layout. The multi-key operation
 scripts (run with EVALSHA), so each is one round trip and atomic; their inputs are checked
 in Python first, so that a script never fails half-way (Redis does not roll a script back).
 
+On a Redis Cluster a script may only touch keys of one slot, so
+:class:`metarec.cluster_store.ClusterStore` (what :meth:`RedisStore.connect` returns for a
+``redis+cluster://`` URL) keeps the same methods with hash-tagged keys and writes a batch
+in idempotent steps instead of one unit; this module's single-Redis path is unaffected.
+
 Key layout (every key starts with the prefix, default ``metarec:``; see docs/REDIS_KEYS.md):
 
 =================================  ==========  ===============================================

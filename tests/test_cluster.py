@@ -478,3 +478,4 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
     finally:
         system.close()
         cluster.stop()
+
