@@ -372,6 +372,58 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
 
 
 
+def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
+        tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str],
+        store: ClusterStore) -> None:
+    from tests.test_consumer_app import (
+        FAST_GROUP,
+        Background,
+        Publisher,
+        System,
+        check_exactly_once,
+        make_model,
+        publish_paced,
+        stream,
+        wait_until,
+    )
+
+    node = store.cluster_client.get_default_node()
+    system = System(bootstrap=kafka_bootstrap, redis_url=f"redis+cluster://{node.host}:"
+                    f"{node.port}", prefix=store.prefix, group=f"g-{uuid.uuid4().hex[:8]}",
+                    events=make_topic(2), items=make_topic(1), users=make_topic(1),
+                    dlq=make_topic(1), model=make_topic(1), partitions=2, store=store,
+                    log_dir=tmp_path, extra_env=dict(FAST_GROUP))
+    events = stream(seed=13, limit=1500)
+    # A model first, so that every applied event also lands in the partial sums.
+    store.publish_model(make_model(sorted({e.item for e in events}),
+                                   sorted({e.domain for e in events})).to_bytes())
+    pub = Publisher(kafka_bootstrap)
+    replay = Background(lambda: publish_paced(pub, system.events, events, rate=150.0))
+    rng = random.Random(7)
+    replay.start()
+    try:
+        for kill in range(3):
+            proc = system.start()
+            before = system.applied()
+            wait_until(lambda before=before: system.applied() > before, 60.0,
+                       f"consumer {kill + 1} to apply events", system.logs, interval=0.05,
+                       procs=[proc])
+            time.sleep(rng.uniform(0.0, 0.5))  # a random moment of its work
+            system.kill(proc)
+        final = system.start()
+    finally:
+        replay.result(timeout=120)
+    system.wait_applied(pub.ends(system.events), timeout=60)
+    assert final.poll() is None, system.logs()
+    per_user = pub.per_user(system.events)
+    check_exactly_once(system, per_user)
+    weight = sum(float(p.weights.sum()) for p in store.take_partials(system.events))
+    assert weight == pytest.approx(len(events), abs=1e-6), (weight, len(events))
+    assert store.trending(1, CHANNELS).clock == len(events)
+    for p in range(2):
+        assert store.cluster_client.get(store.key("pending", system.events, p)) is None
+
+
 def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_dead_master_is_reported(  # noqa: E501
         tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
     from tests.test_consumer_app import (
