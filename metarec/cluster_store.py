@@ -240,6 +240,10 @@ return {1}
 """
 
 
+def _offset_arg(offset: int | None) -> str:
+    return "" if offset is None else str(int(offset))
+
+
 def _text(raw: bytes | str) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
@@ -288,11 +292,12 @@ class ClusterCommit:
 
     def rebase(self, topic: str, seen_id: str | None, new_id: str,
                offsets: Mapping[int, int | None]) -> bool:
+        """:meth:`metarec.store.RedisStore.rebase_offsets`, which also drops the rebased
+        partitions' pending batches (they belong to the old log)."""
         parts = sorted(offsets)
         keys = ([self._k("topic-id", topic)] + [self._k("offset", topic, p) for p in parts]
                 + [self._k("pending", topic, p) for p in parts])
-        args = [seen_id or "", new_id] + ["" if offsets[p] is None else str(int(offsets[p] or 0))
-                                          for p in parts]
+        args = [seen_id or "", new_id] + [_offset_arg(offsets[p]) for p in parts]
         status, *_ = self._rebase(keys=keys, args=args)
         return bool(status == 1)
 
