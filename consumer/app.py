@@ -21,7 +21,10 @@ One batch, start to finish (the order is the whole point, so it is written here 
    checks the stored offset (a zombie's write changes nothing) and each user's stored
    event count (a user whose events also arrive on another partition, written by another
    consumer meanwhile, makes the unit refuse; it is redone from the stored states); the
-   live metrics are fed only once the unit is written;
+   live metrics are fed only once the unit is written. On a Redis Cluster the unit is
+   written in idempotent steps (:mod:`metarec.cluster_store`): each user adapts only to
+   its events past its stored applied offset, and a batch another writer left half-written
+   is finished first, up to where it ended;
 6. only then commit the offsets to Kafka too, for lag monitoring (Redis stays the source
    of truth: on assignment the consumer seeks to the offsets stored in Redis).
 
@@ -45,7 +48,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from threadpoolctl import threadpool_limits
 
@@ -54,7 +65,14 @@ from consumer.stats import ConsumerStats, format_line
 from consumer.topic_log import TopicLog
 from metarec.config import Settings, incremental_rebalancing
 from metarec.drift import RetrainRequest
-from metarec.errors import InvalidEvent, LogReplaced, ModelError, StaleOffset, UserConflict
+from metarec.errors import (
+    InvalidEvent,
+    LogReplaced,
+    ModelError,
+    PendingBatch,
+    StaleOffset,
+    UserConflict,
+)
 from metarec.events import (
     Event,
     ItemRecord,
@@ -129,6 +147,8 @@ class ConsumerApp:
         self.learner = Learner.from_settings(settings)
         self.stats = ConsumerStats(settings.stats_interval_s, time.monotonic(), seed=settings.seed)
         self._expected: dict[int, int | None] = {}
+        # Redis Cluster only: partition → end of a half-written batch to finish first.
+        self._cut: dict[int, int] = {}
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._refresh_queue: list[str] = []
         self._lag: dict[int, int] = {}  # every partition's, from the last topic check
@@ -218,6 +238,7 @@ class ConsumerApp:
         items: list[ItemRecord] = []
         users: list[UserRecord] = []
         meta_offsets: dict[tuple[str, int], int] = {}
+        beyond: set[int] = set()
         n_dlq = n_consumed = 0
         for msg in records:
             err = msg.error()
@@ -235,6 +256,9 @@ class ConsumerApp:
                     if part not in self._expected or (expected is not None
                                                       and offset < expected):
                         continue  # not ours any more, or already applied (a re-delivery)
+                    if part in self._cut and offset >= self._cut[part]:
+                        beyond.add(part)  # after the half-written batch: fetched again
+                        continue
                     next_offset[part] = max(next_offset.get(part, 0), offset + 1)
                     event = decode_event(msg.value() or b"", default_ts=msg.timestamp()[1],
                                          **checks)
@@ -283,6 +307,8 @@ class ConsumerApp:
             if part not in events and part in self._expected:
                 # Only dead letters in this partition: move its offset past them.
                 self._commit_offset_only(part, nxt)
+        if self._cut:
+            self._follow_cuts(beyond)
         self._commit_kafka(next_offset, meta_offsets)
         elapsed = time.perf_counter() - started
         self.stats.record_batch(len(records), n_events, n_dlq, elapsed, np.asarray(freshness))
@@ -298,35 +324,49 @@ class ConsumerApp:
     def _apply_partition(self, part: int, pairs: list[tuple[Message, Event]], nxt: int,
                          index_of: dict[str, int], now_ms: int) -> bool:
         s = self.settings
-        evs = [e for _, e in pairs]
-        users = list(dict.fromkeys(e.user for e in evs))
-        batch = EventBatch(
-            users=[e.user for e in evs],
-            items=np.fromiter((index_of[e.item] for e in evs), np.int64, len(evs)),
-            weights=np.fromiter((s.event_types[e.type] for e in evs), np.float32, len(evs)),
-            ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
-            domains=[e.domain for e in evs])
+        users = list(dict.fromkeys(e.user for _, e in pairs))
+        whole = batch = self._event_batch(pairs, index_of)
         for attempt in itertools.count(1):
             raw_states, profiles = self.store.load_users(users)
+            # Read after the states: on a Redis Cluster a user may hold some of these
+            # events already (written before a crash), and adapts only to the others.
+            marks = self.store.applied_offsets(s.events_topic, part, users,
+                                               self.topic_log.topic_id)
+            if marks:
+                todo = [(m, e) for m, e in pairs if int(m.offset() or 0) >= marks[e.user]]
+                batch = whole if len(todo) == len(pairs) else self._event_batch(todo, index_of)
             stored = [u for u, b in zip(users, raw_states, strict=True) if b is not None]
             states: dict[str, UserState | None] = dict.fromkeys(users)
             states.update(zip(stored, decode_many([b for b in raw_states if b is not None]),
                               strict=True))
             guards = {u: count_guard(st) for u, st in states.items()}
             outcome = self.learner.learn_many(batch, states,
-                                              dict(zip(users, profiles, strict=True)))
+                                              dict(zip(users, profiles, strict=True))
+                                              ) if batch.users else None
             try:
                 clock = self.store.commit_batch(
                     s.events_topic, part, self._expected.get(part), nxt,
-                    states=dict(zip(outcome.states, encode_many(list(outcome.states.values())),
-                                    strict=True)),
-                    recs={u: self.learner.list_record(u, outcome.states[u], ranked, now_ms)
-                          for u, ranked in outcome.lists.items()},
+                    states={} if outcome is None else
+                    dict(zip(outcome.states, encode_many(list(outcome.states.values())),
+                             strict=True)),
+                    recs={} if outcome is None else
+                    {u: self.learner.list_record(u, outcome.states[u], ranked, now_ms)
+                     for u, ranked in outcome.lists.items()},
                     recs_ttl_s=s.recs_ttl_s,
-                    partials=outcome.partials if self.learner.model is not None else None,
-                    events=len(batch), trending=outcome.trending,
-                    channels=self.learner.channels, guards=guards,
-                    topic_id=self.topic_log.topic_id)
+                    partials=outcome.partials if outcome is not None
+                    and self.learner.model is not None else None,
+                    events=len(batch.users),
+                    trending=[] if outcome is None else outcome.trending,
+                    channels=() if outcome is None else self.learner.channels,
+                    guards=guards, topic_id=self.topic_log.topic_id)
+            except PendingBatch as exc:
+                # A Redis Cluster only: an earlier writer stopped half-way through a batch
+                # that ends elsewhere; its end must be this partition's next batch end.
+                log.warning("batch cut: an earlier batch of this partition is half-written; "
+                            "finishing it first", extra={"partition": part,
+                                                         "pending": exc.pending})
+                self._cut_at(part, exc.pending)
+                return False
             except LogReplaced as exc:
                 # Another member found the log replaced and rebased the offsets: this
                 # batch is from the old log. The next check re-reads and re-seeks.
@@ -368,6 +408,8 @@ class ConsumerApp:
         # the next refresh).
         self.learner.trending.clock = max(self.learner.trending.clock, clock)
         self._expected[part] = nxt
+        if outcome is None:
+            return True
         if outcome.drifted:
             log.info("users drifted", extra={"users": len(outcome.drifted)})
         for req in self.learner.observe(batch, outcome):
@@ -378,6 +420,17 @@ class ConsumerApp:
         while len(self._recent) > RECENT_USERS:
             self._recent.popitem(last=False)
         return True
+
+    def _event_batch(self, pairs: list[tuple[Message, Event]],
+                     index_of: dict[str, int]) -> EventBatch:
+        s = self.settings
+        evs = [e for _, e in pairs]
+        return EventBatch(
+            users=[e.user for e in evs],
+            items=np.fromiter((index_of[e.item] for e in evs), np.int64, len(evs)),
+            weights=np.fromiter((s.event_types[e.type] for e in evs), np.float32, len(evs)),
+            ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
+            domains=[e.domain for e in evs])
 
     def _ask(self, req: RetrainRequest, **context: Any) -> None:
         """Pass a retraining request of the learner on to the aggregator."""
@@ -392,10 +445,38 @@ class ConsumerApp:
                                     nxt, states={}, recs={}, recs_ttl_s=0, partials=None,
                                     topic_id=self.topic_log.topic_id)
             self._expected[part] = nxt
+        except PendingBatch as exc:
+            self._cut_at(part, exc.pending)
         except LogReplaced:
             self.topic_log.suspect()
         except StaleOffset:
             self._reseek(part)
+
+    def _cut_at(self, part: int, pending: int) -> None:
+        """End this partition's batches at ``pending`` until its offset gets there, and
+        consume again from the stored offset (the log's start if none is stored: the
+        half-written batch began there)."""
+        self._cut[part] = pending
+        self._expected[part] = self.store.offsets(self.settings.events_topic, [part])[part]
+        self._seek_expected(part)
+
+    def _follow_cuts(self, beyond: set[int]) -> None:
+        """Fetch again what a cut left out (records at or past a pending batch's end), and
+        forget the cuts that were reached or whose partition is no longer ours."""
+        for part in list(self._cut):
+            if part not in self._expected or (self._expected[part] or 0) >= self._cut[part]:
+                del self._cut[part]
+        for part in beyond:
+            if part in self._expected:
+                self._seek_expected(part)
+
+    def _seek_expected(self, part: int) -> None:
+        at = self._expected[part]
+        try:
+            self.consumer.seek(TopicPartition(self.settings.events_topic, part,
+                                              OFFSET_BEGINNING if at is None else at))
+        except Exception as exc:
+            log.debug("seek failed", extra={"partition": part, "error": str(exc)})
 
     def _commit_kafka(self, next_offset: dict[int, int],
                       meta_offsets: dict[tuple[str, int], int]) -> None:

@@ -251,7 +251,12 @@ def redis_bound(env: Env, cfg: BenchConfig, rng: np.random.Generator,
     """Events/s of the commit script alone: one batch's states, lists, guards, trending
     counts and partial sums, as the consumer sends them (users as distinct as in a batch
     of a long-tailed stream: one per event)."""
-    store = RedisStore(env.client, f"bench-{env.run}-redis:")
+    return commit_rate(RedisStore(env.client, f"bench-{env.run}-redis:"), cfg, rng, repeat)
+
+
+def commit_rate(store: RedisStore, cfg: BenchConfig, rng: np.random.Generator,
+                repeat: int) -> float:
+    """:func:`redis_bound` on any store (a Redis Cluster's too)."""
     n = cfg.batch_size // PARTITIONS
     states: dict[str, bytes] = {}
     for u in range(n):

@@ -46,6 +46,7 @@ from metarec.events import (
 )
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "DEFAULT_HISTORY_LENGTH",
     "DEFAULT_MIN_EVENTS_FOR_MODEL",
     "DEFAULT_RETRAIN_EVENTS",
@@ -82,7 +83,10 @@ _RESERVED_KAFKA = {
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+#: URL schemes that select a Redis Cluster (redis-py's cluster client); the rest of the URL
+#: names one node to discover the cluster from, as ``redis://`` names a single server.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _DAY_S = 24 * 3600
 
 # Defaults that the core objects (the learner, the retraining schedule) share with the
@@ -161,7 +165,8 @@ def _parse_bootstrap(raw: object) -> str:
 
 
 def _parse_redis_url(raw: object) -> str:
-    expected = "a redis://, rediss:// or unix:// URL, such as 'redis://user:pass@host:6379/0'"
+    expected = ("a redis://, rediss://, unix:// URL, such as 'redis://user:pass@host:6379/0', "
+                "or a redis+cluster:// (rediss+cluster:// for TLS) URL of one cluster node")
     if not isinstance(raw, str):
         raise ValueError(expected)
     userinfo = raw.partition("://")[2].rpartition("@")[0]
@@ -184,6 +189,8 @@ def _parse_redis_url(raw: object) -> str:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ValueError(expected + " (the path, if any, is the database number)")
+    if parts.scheme in CLUSTER_SCHEMES and db not in ("", "0"):
+        raise ValueError(expected + " (a Redis Cluster has database 0 only)")
     return raw
 
 
@@ -355,7 +362,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("kafka_bootstrap", "host:port,...", "127.0.0.1:9092",
                 "Kafka bootstrap servers.", _parse_bootstrap),
     SettingSpec("redis_url", "url", "redis://127.0.0.1:6379/0",
-                "Redis URL (redis://, rediss:// for TLS, unix://); user:password@ allowed.",
+                "Redis URL (redis://, rediss:// for TLS, unix://; redis+cluster:// or "
+                "rediss+cluster:// and one node for a Redis Cluster); user:password@ allowed.",
                 _parse_redis_url, secret=True),
     _int_spec("redis_retry_s", 120, 0, _DAY_S,
               "How long a consumer or the aggregator retries an unavailable Redis before it "

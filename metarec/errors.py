@@ -11,7 +11,9 @@ __all__ = [
     "InvalidEvent",
     "MetarecError",
     "ModelError",
+    "PendingBatch",
     "StaleOffset",
+    "UserConflict",
 ]
 
 
@@ -53,8 +55,10 @@ class UserConflict(MetarecError):
     """Another writer changed some of a batch's users since they were loaded.
 
     Raised by the state store when a user's state guard fails (the user's events arrive on
-    two partitions owned by two consumers at once); nothing was written, and the batch is
-    redone from the users' stored states. ``users`` are the users that changed.
+    two partitions owned by two consumers at once); the batch is redone from the users'
+    stored states. On a single Redis nothing was written; on a Redis Cluster the other
+    users were written, each with the offset it has applied, so the redo skips them.
+    ``users`` are the users that changed.
     """
 
     def __init__(self, message: str, users: list[str]) -> None:
@@ -65,3 +69,17 @@ class UserConflict(MetarecError):
 class LogReplaced(StaleOffset):
     """The stored offsets were rebased onto a new log (a broker reset, a recreated topic)
     since the writer last checked: its batch belongs to the old log and was not written."""
+
+
+class PendingBatch(MetarecError):
+    """A partition's earlier batch is half-written and ends at another offset (Redis Cluster).
+
+    On a cluster a batch is written in steps (docs/REDIS_KEYS.md). When the writer of a
+    batch stopped between them, the partition's next batch must end where that one ended,
+    ``pending``, or some events would count twice in the shared trending counts and partial
+    sums. Nothing was written: consume again from the stored offset up to ``pending``.
+    """
+
+    def __init__(self, message: str, pending: int) -> None:
+        super().__init__(message)
+        self.pending = pending

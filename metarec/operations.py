@@ -3,7 +3,8 @@
 Each function does one job against the live Redis and broker and returns plain data (the
 CLI prints it as JSON), so that scripts and runbooks can use them too:
 
-* :func:`user_summary` (``metarec recs USER``) — the list apps read and the state behind it;
+* :func:`user_summary` (``metarec recs USER``) — the list apps read (and its key) and the
+  state behind it;
 * :func:`reset_user` (``metarec user reset USER``) — forget a user's state and list; their
   next event starts them afresh. Safe under running consumers: a consumer that loaded the
   user before the reset finds the state gone at commit time and redoes its batch;
@@ -53,7 +54,8 @@ def user_summary(store: RedisStore, user: str) -> dict[str, Any]:
     """The list ``user``'s apps read, and a summary of the state it came from."""
     raw_states, profiles = store.load_users([user])
     state = None if raw_states[0] is None else UserState.from_bytes(raw_states[0])
-    out: dict[str, Any] = {"user": user, "recs": store.read_recs(user), "profile": profiles[0]}
+    out: dict[str, Any] = {"user": user, "key": store.recs_key(user),
+                           "recs": store.read_recs(user), "profile": profiles[0]}
     if state is not None:
         out["state"] = {"events": state.n_events, "last_ts": state.last_ts,
                         "domain": state.domain, "model_version": state.model_version,
@@ -66,7 +68,7 @@ def user_summary(store: RedisStore, user: str) -> dict[str, Any]:
 
 def reset_user(store: RedisStore, user: str) -> bool:
     """Delete ``user``'s state and list (not the profile). True if there was anything."""
-    return bool(store.client.delete(store.key("user", user), store.recs_key(user)))
+    return store.delete_user(user)
 
 
 def list_models(store: RedisStore) -> list[dict[str, Any]]:

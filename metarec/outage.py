@@ -46,16 +46,19 @@ __all__ = ["TRANSIENT_REDIS_ERRORS", "Outage", "RedisUnavailable", "retrying"]
 T = TypeVar("T")
 
 #: Errors that a later attempt can cure: the connection (refused, reset, timed out), a
-#: server loading its data after a restart, a primary demoted in a failover, a cluster
-#: moving slots. Authentication and permission errors are not among them: they need an
-#: operator, and fail at start.
+#: server loading its data after a restart, a primary demoted in a failover, and on a
+#: Redis Cluster a master down or failing over (``CLUSTERDOWN``, ``MASTERDOWN``), slots
+#: moving (``TRYAGAIN``, redirections past the client's limit) or not yet covered.
+#: Authentication and permission errors are not among them: they need an operator, and
+#: fail at start.
 TRANSIENT_REDIS_ERRORS: Final = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.SlotNotCoveredError,
 )
 #: First pause and largest pause between attempts, in seconds.
 BASE_DELAY_S: Final = 0.05

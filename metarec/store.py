@@ -6,6 +6,11 @@ write goes through code that knows the whole key layout. The multi-key operation
 scripts (run with EVALSHA), so each is one round trip and atomic; their inputs are checked
 in Python first, so that a script never fails half-way (Redis does not roll a script back).
 
+On a Redis Cluster a script may only touch keys of one slot, so
+:class:`metarec.cluster_store.ClusterStore` (what :meth:`RedisStore.connect` returns for a
+``redis+cluster://`` URL) keeps the same methods with hash-tagged keys and writes a batch
+in idempotent steps instead of one unit; this module's single-Redis path is unaffected.
+
 Key layout (every key starts with the prefix, default ``metarec:``; see docs/REDIS_KEYS.md):
 
 =================================  ==========  ===============================================
@@ -58,6 +63,7 @@ import numpy.typing as npt
 import redis
 
 from metarec.aggregation import PartialSums
+from metarec.config import CLUSTER_SCHEMES
 from metarec.errors import (
     ConfigError,
     LogReplaced,
@@ -295,7 +301,7 @@ class RedisStore:
     def __init__(self, client: redis.Redis[bytes], prefix: str = DEFAULT_PREFIX, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  keep_models: int = DEFAULT_KEEP_MODELS) -> None:
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
+        if self._connection_kwargs(client).get("decode_responses"):
             raise ConfigError("the Redis client decodes responses to str; create it without "
                               "decode_responses=True (states and models are bytes)")
         if chunk_bytes < 1 or keep_models < 1:
@@ -311,11 +317,26 @@ class RedisStore:
         self._flip = client.register_script(_FLIP_LUA)
         self._rebase = client.register_script(_REBASE_LUA)
 
+    @staticmethod
+    def _connection_kwargs(client: Any) -> dict[str, Any]:
+        return dict(client.connection_pool.connection_kwargs)
+
     @classmethod
     def connect(cls, url: str, prefix: str = DEFAULT_PREFIX, **kwargs: Any) -> RedisStore:
         """A store on a new client for ``url`` with explicit timeouts: a stalled server
         fails a call after :data:`SOCKET_TIMEOUT_S` instead of hanging it, so that the
-        caller's retry policy (:mod:`metarec.outage`) decides what happens next."""
+        caller's retry policy (:mod:`metarec.outage`) decides what happens next.
+
+        A ``redis+cluster://`` or ``rediss+cluster://`` URL names one node of a Redis
+        Cluster: the store is then a :class:`metarec.cluster_store.ClusterStore`, with the
+        same methods and guarantees (docs/REDIS_KEYS.md, "Redis Cluster").
+        """
+        scheme = url.partition("://")[0]
+        if scheme in CLUSTER_SCHEMES:
+            # Imported here: the cluster store is a subclass of this one.
+            from metarec.cluster_store import ClusterStore
+
+            return ClusterStore.connect_cluster(url, prefix, **kwargs)
         client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
                                       socket_connect_timeout=SOCKET_TIMEOUT_S,
                                       health_check_interval=30)
@@ -365,6 +386,23 @@ class RedisStore:
     def recs_key(self, user: str) -> str:
         """The key apps GET for ``user``'s list."""
         return self._k("recs", user)
+
+    def delete_user(self, user: str) -> bool:
+        """Delete ``user``'s state and list (not the profile); True if there was anything."""
+        return bool(self.client.delete(self._k("user", user), self.recs_key(user)))
+
+    def applied_offsets(self, topic: str, partition: int, users: Sequence[str],
+                        topic_id: str | None) -> dict[str, int]:
+        """Per user, the offset of ``topic[partition]`` up to which the user's events are
+        already in the stored state, where that can differ from the partition's offset.
+
+        Read it *after* the states: a write landing between the two reads then fails its
+        guard. On a single Redis a batch is one atomic unit with its offset, so every user
+        has what the offset says and this is empty; a Redis Cluster writes users one by one
+        (:class:`metarec.cluster_store.ClusterStore`), so a batch consumed again after a
+        crash must skip the events below a user's mark.
+        """
+        return {}
 
     # -- the atomic batch commit -----------------------------------------------------
 
@@ -416,26 +454,9 @@ class RedisStore:
         int
             The trending clock after the commit (other consumers may have moved it too).
         """
-        if expected_offset is not None and next_offset < expected_offset:
-            raise ValueError(f"next_offset {next_offset} is before expected_offset "
-                             f"{expected_offset} of {topic}[{partition}]")
-        if next_offset < 0 or recs_ttl_s < 0 or events < 0:
-            raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}) and "
-                             f"events ({events}) must be >= 0")
-        if len(trending) != len(channels):
-            raise ValueError(f"{len(trending)} trending increments for {len(channels)} "
-                             "channels; pass one mapping per channel")
-        head: list[str] = []
-        trend_args: list[str] = []
-        for channel, incs in zip(channels, trending, strict=True):
-            head += (channel.name, _num(channel.half_life, "half-life"), str(len(incs)))
-            if not channel.half_life > 0:
-                raise ValueError(f"channel {channel.name!r} needs a positive half-life")
-            for item, inc in incs.items():
-                if int(item) < 0:
-                    raise ValueError(f"trending item index must be >= 0, got {item}")
-                trend_args += (str(int(item)), _num(inc, f"trending weight of item {item}"))
-        part_args = [] if partials is None else self._partial_fields(partials)
+        head, trend_args, part_args = self._encode_shared(
+            topic, partition, expected_offset, next_offset, recs_ttl_s, partials, events,
+            trending, channels)
         partials_key = self._k("partials", topic, partition)
         keys = [self._k("offset", topic, partition), self._k("trend", "meta"), partials_key,
                 self._k("partials", "index")]
@@ -479,6 +500,35 @@ class RedisStore:
                 "batch and re-read the offset after the next assignment",
                 int(stored) if stored else None)
         return int(value)
+
+    def _encode_shared(self, topic: str, partition: int, expected_offset: int | None,
+                       next_offset: int, recs_ttl_s: int, partials: PartialSums | None,
+                       events: int, trending: Sequence[Mapping[int, float]],
+                       channels: Sequence[Channel]) -> tuple[list[str], list[str], list[str]]:
+        """Check a commit's inputs and encode its shared effects for a script: the
+        channels' (name, half-life, pairs) triples, their (item, weight) pairs and the
+        partial sums' (field, value) pairs. Raises ValueError before anything is sent."""
+        if expected_offset is not None and next_offset < expected_offset:
+            raise ValueError(f"next_offset {next_offset} is before expected_offset "
+                             f"{expected_offset} of {topic}[{partition}]")
+        if next_offset < 0 or recs_ttl_s < 0 or events < 0:
+            raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}) and "
+                             f"events ({events}) must be >= 0")
+        if len(trending) != len(channels):
+            raise ValueError(f"{len(trending)} trending increments for {len(channels)} "
+                             "channels; pass one mapping per channel")
+        head: list[str] = []
+        trend_args: list[str] = []
+        for channel, incs in zip(channels, trending, strict=True):
+            head += (channel.name, _num(channel.half_life, "half-life"), str(len(incs)))
+            if not channel.half_life > 0:
+                raise ValueError(f"channel {channel.name!r} needs a positive half-life")
+            for item, inc in incs.items():
+                if int(item) < 0:
+                    raise ValueError(f"trending item index must be >= 0, got {item}")
+                trend_args += (str(int(item)), _num(inc, f"trending weight of item {item}"))
+        part_args = [] if partials is None else self._partial_fields(partials)
+        return head, trend_args, part_args
 
     @staticmethod
     def _partial_fields(partials: PartialSums) -> list[str]:

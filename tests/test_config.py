@@ -235,3 +235,16 @@ def test_table_rows_are_machine_readable_and_defaults_parse() -> None:
         assert set(row) == {"name", "env", "flag", "type", "default", "help"}
         # The documented default, fed back through the parser, gives the default.
         assert spec.parse(row["default"]) == spec.default, spec.name
+
+
+def test_a_cluster_url_is_accepted_checked_and_redacted() -> None:
+    url = "rediss+cluster://app:s3cret@node-1.internal:7000?ssl_cert_reqs=required"
+    s = Settings.from_env({"METAREC_REDIS_URL": url})
+    assert s.redis_url == url
+    assert "s3cret" not in str(s.redacted())
+    assert redact_url(url).startswith("rediss+cluster://app:***@node-1.internal:7000")
+    assert Settings.from_env({"METAREC_REDIS_URL": "redis+cluster://h:7000/0"}).redis_url
+    with pytest.raises(ConfigError, match="database 0 only"):
+        Settings.from_env({"METAREC_REDIS_URL": "redis+cluster://h:7000/1"})
+    with pytest.raises(ConfigError, match=r"redis\+cluster://"):
+        Settings.from_env({"METAREC_REDIS_URL": "cluster://h:7000"})

@@ -1,0 +1,132 @@
+"""A real Redis Cluster of three masters on free local ports, for the cluster tests.
+
+Why real: what the cluster store promises rests on how a cluster routes keys to slots,
+refuses scripts that cross slots and fails when a master dies; a fake would assume it.
+The servers keep nothing on disk (``--save ''``, no AOF) and live in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+__all__ = ["LocalCluster", "cluster_tools", "start_cluster"]
+
+#: How long a master may be unreachable before the others mark it failed (and, with no
+#: replica to promote, the cluster refuses commands): short, so the kill test is quick.
+NODE_TIMEOUT_MS = 2000
+START_TIMEOUT_S = 30.0
+
+
+def cluster_tools() -> tuple[str, str] | None:
+    """``redis-server`` and ``redis-cli`` if both are installed, else None."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    return (server, cli) if server and cli else None
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` free ports whose cluster bus ports (port + 10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+@dataclass
+class LocalCluster:
+    """The cluster's masters: their ports and processes."""
+
+    ports: list[int]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def node(self, i: int) -> redis.Redis[bytes]:
+        return redis.Redis(port=self.ports[i], socket_timeout=5)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL master ``i``: its slots are lost until it comes back."""
+        self.procs[i].kill()
+        self.procs[i].wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    def state(self, i: int) -> str:
+        """``cluster_state`` as node ``i`` sees it (``ok`` or ``fail``)."""
+        info = self.node(i).execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith("cluster_state:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+
+def start_cluster(work: Path, masters: int = 3) -> LocalCluster:
+    """Start ``masters`` cluster-enabled servers, join them, wait for ``cluster_state:ok``."""
+    tools = cluster_tools()
+    assert tools is not None, "redis-server and redis-cli are needed"
+    server, cli = tools
+    cluster = LocalCluster(_free_ports(masters))
+    try:
+        for port in cluster.ports:
+            node_dir = work / f"node-{port}"
+            node_dir.mkdir(parents=True)
+            log = (node_dir / "redis.log").open("ab")
+            cluster.procs.append(subprocess.Popen(
+                [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(node_dir),
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                 # A test reads what the live masters hold after one was killed.
+                 "--cluster-allow-reads-when-down", "yes", "--save", "",
+                 "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        for i in range(masters):
+            _wait(lambda i=i: _pings(cluster.node(i)), f"node {cluster.ports[i]} to answer")
+        subprocess.run([cli, "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in cluster.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for i in range(masters):
+            _wait(lambda i=i: cluster.state(i) == "ok", f"node {cluster.ports[i]}'s "
+                  "cluster_state:ok")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _pings(client: redis.Redis[bytes]) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+
+
+def _wait(condition: object, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not callable(condition) or not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {START_TIMEOUT_S:g}s waiting for {what}")
+        time.sleep(0.05)
