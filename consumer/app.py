@@ -95,9 +95,11 @@ __all__ = ["ConsumerApp", "incremental_rebalancing"]
 
 log = logging.getLogger("metarec.consumer")
 
-#: How often the served model version and the shared trending counts are re-read from
-#: Redis (between two reads, this consumer's own batches keep its copy moving).
-MODEL_POLL_S = 1.0
+#: How often the served model version is checked (one GET): a published version is served
+#: within this time plus its load.
+MODEL_POLL_S = 0.25
+#: How often the shared trending counts are re-read (between two reads, this consumer's own
+#: batches keep its copy moving).
 TRENDING_REFRESH_S = 5.0
 #: First pause after a user conflict (another member wrote the batch's users meanwhile);
 #: each attempt fails only if another write landed between its load and its commit.

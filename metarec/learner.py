@@ -171,11 +171,9 @@ class Learner:
         self.drift = DriftMonitor(k=top_k, window=live_window)
         self._item_domain = np.zeros(0, np.int64)
         self._features: tuple[int, int, F32] | None = None
-        # The candidate index and the tables it indexes (rebuilt when they are replaced,
-        # extended when they grow); the shared score part per history bucket and its best
-        # items, cached per trending clock.
-        self._tables_gen = 0  # bumped whenever the tables are replaced, not just extended
-        self._index: tuple[int, ItemIndex] | None = None
+        # The candidate index and the model it indexes (see _item_index); the shared score
+        # part per history bucket and its best items, cached per trending clock.
+        self._index: tuple[MetaModel, ItemIndex] | None = None
         self._shared: tuple[int, int, F32, I64] | None = None
 
     @classmethod
@@ -204,7 +202,7 @@ class Learner:
         elif domain is not None or features is not None:
             self._item_domain = self.catalog.domain_indices()
             if self.model is not None:
-                self._replace_tables(self.model.item_tables(self.catalog))
+                self.tables = self.model.item_tables(self.catalog)
         return idx
 
     def add_items(self, rows: Iterable[tuple[int, str, str, tuple[str, ...]]]) -> None:
@@ -222,7 +220,7 @@ class Learner:
         if self.model is None:
             return
         if changed or self.tables is None:
-            self._replace_tables(self.model.item_tables(self.catalog))
+            self.tables = self.model.item_tables(self.catalog)
         elif len(self.catalog) > start:
             self.tables = self.tables.extend(self.model.item_tables(self.catalog, start))
 
@@ -236,12 +234,8 @@ class Learner:
                              f"trending channels; this learner keeps "
                              f"{self.trending.n_channels}")
         self.model = model
-        self._replace_tables(model.item_tables(self.catalog))
+        self.tables = model.item_tables(self.catalog)
         return self.drift.after_reload() if self.handle_drift else None
-
-    def _replace_tables(self, tables: ItemTables) -> None:
-        self.tables = tables
-        self._tables_gen += 1
 
     # -- the step ---------------------------------------------------------------------
 
@@ -496,13 +490,18 @@ class Learner:
         return cached[2], cached[3]
 
     def _item_index(self) -> ItemIndex:
-        """The candidate index of the served tables (built at the first big list after a
-        reload; items registered since are appended)."""
-        tables = self.tables
-        assert tables is not None
-        if self._index is None or self._index[0] != self._tables_gen:
-            self._index = (self._tables_gen,
-                           ItemIndex(tables.vectors, tables.bias, seed=self.seed))
+        """The candidate index of the served model (built at the first big list after a
+        reload; items registered since are appended).
+
+        An item whose metadata changed keeps its indexed vector until the next model
+        version: the index only proposes candidates, their scores come from the current
+        tables, and rebuilding it on every metadata update would cost a second per 100k
+        items.
+        """
+        tables, model = self.tables, self.model
+        assert tables is not None and model is not None
+        if self._index is None or self._index[0] is not model:
+            self._index = (model, ItemIndex(tables.vectors, tables.bias, seed=self.seed))
         index = self._index[1]
         if len(index) < len(tables):
             index.extend(tables.vectors[len(index):], tables.bias[len(index):])

@@ -46,7 +46,7 @@ def test_the_report_shows_every_measure_against_the_smallest_bound() -> None:
            "training": [{"events": 100_000, "seconds": 10.1, "steps": 25, "device": "CPU:0"}]}
     text = to_markdown(run)
     assert "0.25 of the smallest bound (redis_commit)" in text
-    assert "7,500 ev/s" in text and "1,904 B/user" in text and "65 ms" in text
+    assert "7,500 ev/s" in text and "1,904 B/user" in text and "median 65 ms, max 65 ms" in text
     assert "2,500 ev/s" in text and "candidates 0.0990, exact 0.1000" in text
     assert "ratio 0.990" in text
     assert json.loads(json.dumps(run)) == run  # what --json writes round-trips

@@ -119,3 +119,18 @@ def test_learner_scores_outside_the_candidates_are_minus_infinity() -> None:
     assert 0 < finite.sum() < 400
     top = np.argsort(-np.where(finite, scores[0], -np.inf))[:6]
     assert out.lists["u1"].items.tolist() == [i for i in top.tolist() if i != 3][:5]
+
+
+def test_the_item_index_follows_the_model_and_grows_with_the_catalog() -> None:
+    learner = _learner(400, exact_max_items=0)
+    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]),
+                       ["default"])
+    learner.learn_many(batch, {}, {})
+    index = learner._item_index()
+    learner.register("i7", features=["new-tag"])  # metadata: tables rebuilt, index kept
+    learner.register("fresh")                      # a new item: appended
+    assert learner._item_index() is index and len(index) == 401
+    model = learner.model
+    assert model is not None
+    learner.load(MetaModel.from_bytes(model.to_bytes()))  # a new version: rebuilt
+    assert learner._item_index() is not index
