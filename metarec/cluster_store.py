@@ -50,7 +50,7 @@ from metarec.errors import (
     StaleOffset,
     UserConflict,
 )
-from metarec.store import DEFAULT_PREFIX, SOCKET_TIMEOUT_S, RedisStore
+from metarec.store import DEFAULT_PREFIX, SOCKET_TIMEOUT_S, TRENDING_LUA, RedisStore
 from metarec.trending import Channel
 from metarec.user_state import COUNT_AT
 
@@ -105,7 +105,7 @@ def parse_mark(raw: bytes | str | None, topic_id: str | None) -> int:
 # a pending batch reaching at least `next` already added them, {4, pending} when a pending
 # batch ends before `next`, {0, stored offset} when fenced, {3, stored topic id} when the
 # offsets were rebased onto a new log. Checks come before the first write.
-_BEGIN_LUA: Final = """#!lua
+_BEGIN_LUA: Final = "#!lua" + TRENDING_LUA + """
 local topic_id = ARGV[#ARGV]
 if topic_id ~= '' then
   local current = redis.call('GET', KEYS[#KEYS]) or ''
@@ -124,30 +124,8 @@ if pending > tonumber(stored or '-1') then
 end
 local nc, nq, events = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local a = 5 + 3 * nc
-local clock = redis.call('HINCRBY', KEYS[2], 'clock', events)
-for c = 1, nc do
-  local name = 'ref:' .. ARGV[3 + 3 * c]
-  local h, np = tonumber(ARGV[4 + 3 * c]), tonumber(ARGV[5 + 3 * c])
-  if np > 0 then
-    local ref = tonumber(redis.call('HGET', KEYS[2], name) or clock)
-    if (clock - ref) / h > 60 then
-      local shrink = 2 ^ (-(clock - ref) / h)
-      local flat = redis.call('HGETALL', KEYS[5 + c])
-      for i = 2, #flat, 2 do
-        redis.call('HSET', KEYS[5 + c], flat[i - 1],
-                   string.format('%.17g', tonumber(flat[i]) * shrink))
-      end
-      ref = clock
-    end
-    redis.call('HSET', KEYS[2], name, ref)
-    local factor = 2 ^ ((clock - ref) / h)
-    for i = 1, np do
-      redis.call('HINCRBYFLOAT', KEYS[5 + c], ARGV[a + 2 * i - 1],
-                 string.format('%.17g', tonumber(ARGV[a + 2 * i]) * factor))
-    end
-    a = a + 2 * np
-  end
-end
+local clock
+clock, a = add_trending(2, 5, 3, nc, a, events)
 for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
 if nq > 0 then redis.call('SADD', KEYS[4], KEYS[3]) end
 redis.call('SET', KEYS[5], ARGV[2])
@@ -264,10 +242,15 @@ class ClusterCommit:
 
     Examples
     --------
-    >>> client = RedisCluster.from_url("redis://127.0.0.1:7000")  # doctest: +SKIP
-    >>> commit = ClusterCommit(client, lambda *p: cluster_key("demo:", p))  # doctest: +SKIP
-    >>> commit.marks("events", 0, ["u1"], None)  # doctest: +SKIP
-    {'u1': 0}
+    Nothing is sent before the first call (tests/test_cluster.py runs it on a real
+    cluster); a test stops a commit between two steps like this:
+
+    >>> import redis
+    >>> commit = ClusterCommit(redis.Redis(), lambda *p: cluster_key("demo:", p))
+    >>> def stop(step: str) -> None:
+    ...     if step == "users":
+    ...         raise KeyboardInterrupt("crash before the offset moves")
+    >>> commit.crash_point = stop
     """
 
     def __init__(self, client: redis.Redis[bytes], key: Callable[..., str]) -> None:
@@ -435,8 +418,10 @@ class ClusterStore(RedisStore):
 
     Examples
     --------
-    >>> store = RedisStore.connect("redis+cluster://127.0.0.1:7000")  # doctest: +SKIP
-    >>> store.recs_key("alice")  # doctest: +SKIP
+    ``RedisStore.connect("redis+cluster://node:7000")`` makes one (it asks that node for
+    the cluster's slots at once); its lists are read at :func:`cluster_key`'s keys:
+
+    >>> cluster_key("metarec:", ("recs", "alice"))  # store.recs_key("alice")
     'metarec:recs:{u:alice}'
     """
 

@@ -109,7 +109,43 @@ CatalogRow = tuple[int, str, str, tuple[str, ...]]
 # Nothing is written until the offset and guard checks have passed. A channel whose
 # factor would pass 2^60 is rebased first (its counts multiplied down, its reference
 # moved to the clock), inside the same unit.
-_COMMIT_LUA: Final = """#!lua
+# The trending part of a batch's commit, shared with the cluster's first step
+# (metarec.cluster_store): advance the shared clock by the batch's events; per channel
+# (its name, half-life and number of pairs at ARGV[arg0 + 3c ..], its hash at
+# KEYS[key0 + c]) rebase the counts first if the channel's factor would pass 2^60, then
+# add the pairs that start at ARGV[a], scaled to the clock. Returns the clock and the
+# ARGV position after the last pair.
+TRENDING_LUA: Final = """
+local function add_trending(meta, key0, arg0, nc, a, events)
+  local clock = redis.call('HINCRBY', KEYS[meta], 'clock', events)
+  for c = 1, nc do
+    local name = 'ref:' .. ARGV[arg0 + 3 * c]
+    local h = tonumber(ARGV[arg0 + 1 + 3 * c])
+    local np = tonumber(ARGV[arg0 + 2 + 3 * c])
+    if np > 0 then
+      local ref = tonumber(redis.call('HGET', KEYS[meta], name) or clock)
+      if (clock - ref) / h > 60 then
+        local shrink = 2 ^ (-(clock - ref) / h)
+        local flat = redis.call('HGETALL', KEYS[key0 + c])
+        for i = 2, #flat, 2 do
+          redis.call('HSET', KEYS[key0 + c], flat[i - 1],
+                     string.format('%.17g', tonumber(flat[i]) * shrink))
+        end
+        ref = clock
+      end
+      redis.call('HSET', KEYS[meta], name, ref)
+      local factor = 2 ^ ((clock - ref) / h)
+      for i = 1, np do
+        redis.call('HINCRBYFLOAT', KEYS[key0 + c], ARGV[a + 2 * i - 1],
+                   string.format('%.17g', tonumber(ARGV[a + 2 * i]) * factor))
+      end
+      a = a + 2 * np
+    end
+  end
+  return clock, a
+end
+"""
+_COMMIT_LUA: Final = "#!lua" + TRENDING_LUA + """
 local topic_id = ARGV[#ARGV]
 if topic_id ~= '' then
   local current = redis.call('GET', KEYS[#KEYS]) or ''
@@ -152,30 +188,8 @@ for i = 1, nr do
   end
 end
 a = a + 2 * nr
-local clock = redis.call('HINCRBY', KEYS[2], 'clock', events)
-for c = 1, nc do
-  local name = 'ref:' .. ARGV[8 + 3 * c]
-  local h, np = tonumber(ARGV[9 + 3 * c]), tonumber(ARGV[10 + 3 * c])
-  if np > 0 then
-    local ref = tonumber(redis.call('HGET', KEYS[2], name) or clock)
-    if (clock - ref) / h > 60 then
-      local shrink = 2 ^ (-(clock - ref) / h)
-      local flat = redis.call('HGETALL', KEYS[4 + c])
-      for i = 2, #flat, 2 do
-        redis.call('HSET', KEYS[4 + c], flat[i - 1],
-                   string.format('%.17g', tonumber(flat[i]) * shrink))
-      end
-      ref = clock
-    end
-    redis.call('HSET', KEYS[2], name, ref)
-    local factor = 2 ^ ((clock - ref) / h)
-    for i = 1, np do
-      redis.call('HINCRBYFLOAT', KEYS[4 + c], ARGV[a + 2 * i - 1],
-                 string.format('%.17g', tonumber(ARGV[a + 2 * i]) * factor))
-    end
-    a = a + 2 * np
-  end
-end
+local clock
+clock, a = add_trending(2, 4, 8, nc, a, events)
 for i = 1, nq do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]) end
 if nq > 0 then redis.call('SADD', KEYS[4], KEYS[3]) end
 redis.call('SET', KEYS[1], ARGV[2])

@@ -147,38 +147,7 @@ class UserState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UserState:
-        (magic, d, length, n_seen, n_recs, version, n_events, last_ts,
-         n_dom) = _HEADER.unpack_from(data)
-        if magic not in (_MAGIC, _MAGIC_V2):
-            raise ValueError("not a metarec user state (bad magic)")
-        pos = _HEADER.size
-        flags = 0
-        if magic == _MAGIC:
-            (flags,) = _FLAGS.unpack_from(data, pos)
-            pos += _FLAGS.size
-        domain = data[pos:pos + n_dom].decode("utf-8")
-        pos += n_dom
-
-        def take(dtype: str, count: int) -> npt.NDArray[np.generic]:
-            nonlocal pos
-            arr = np.frombuffer(data, dtype, count, pos)
-            pos += arr.nbytes
-            return arr
-
-        items_dtype = "<i2" if flags & _ITEMS16 else "<i4"
-        delta = take("<f4", d).astype(np.float32)
-        items = take(items_dtype, length).astype(np.int64)
-        weights = take("<f2" if flags & _WEIGHTS16 else "<f4", length).astype(np.float32)
-        if flags & _TS32:
-            ago = take("<i4", length).astype(np.int64)
-            ts = np.where(ago == _TS_EMPTY, 0, last_ts - ago)
-        else:
-            ts = take("<i8", length).astype(np.int64)
-        seen = take(items_dtype, n_seen).astype(np.int64)
-        if flags & _SEEN_EXTRA:
-            seen = np.concatenate((seen, _last_occurrences(items)))
-        recs = take(items_dtype, n_recs).astype(np.int64)
-        return cls(delta, items, weights, ts, seen, recs, version, n_events, last_ts, domain)
+        return decode_many([data])[0]
 
 
 def encode_many(states: Sequence[UserState]) -> list[bytes]:
