@@ -84,7 +84,8 @@ class ItemIndex:
     def __init__(self, vectors: F32, bias: F32, *, seed: int = 0) -> None:
         data = _augment(vectors, bias)
         n, dim = data.shape
-        self.n_lists = max(1, min(int(4 * math.sqrt(n)), n // 40 or 1))
+        # About 4·√n lists, and at least 39 training points per list (faiss's minimum).
+        self.n_lists = max(1, min(int(4 * math.sqrt(n)), min(n, TRAIN_SAMPLE) // 40 or 1))
         quantizer = faiss.IndexFlatIP(dim)
         self._index = faiss.IndexIVFFlat(quantizer, dim, self.n_lists,
                                          faiss.METRIC_INNER_PRODUCT)
@@ -140,7 +141,8 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
     """
     b, n = len(theta), vectors.shape[0]
     span = n + 1  # keys row·span + item + 1 sort by row, then item; -1 entries first
-    cands = np.sort(np.asarray(candidates, np.int64), axis=1)
+    cands = np.asarray(candidates, np.int64)
+    cands = np.sort(np.where(cands < n, cands, -1), axis=1)
     m = cands.shape[1]
     rows = np.arange(b, dtype=np.int64)[:, None]
     keys = (rows * span + cands + 1).ravel()
@@ -151,14 +153,14 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
     scores += shared[bucket[:, None], items]
     if knn is not None:
         index, value, weight = knn
-        ok = index >= 0
+        ok = (index >= 0) & (index < n)
         voter_keys = (np.broadcast_to(rows[:, :, None], index.shape) * span + index + 1)[ok]
         at = np.searchsorted(keys, voter_keys)
         found = at < keys.size
         found[found] = keys[at[found]] == voter_keys[found]
         summed = np.bincount(at[found], value[ok][found], minlength=keys.size)
         scores += weight[:, None] * summed.reshape(b, m).astype(np.float32)
-    seen = [np.asarray(e, np.int64).ravel() for e in exclude]
+    seen = [e[(e >= 0) & (e < n)] for e in (np.asarray(x, np.int64).ravel() for x in exclude)]
     if seen:
         seen_keys = np.concatenate([r * span + s + 1 for r, s in enumerate(seen)])
         at = np.searchsorted(keys, seen_keys)

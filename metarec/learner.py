@@ -170,11 +170,11 @@ class Learner:
         self.trending = Trending(channels)
         self.drift = DriftMonitor(k=top_k, window=live_window)
         self._item_domain = np.zeros(0, np.int64)
-        self._features: tuple[int, int, F32] | None = None
+        self._features: tuple[tuple[object, ...], F32] | None = None
         # The candidate index and the model it indexes (see _item_index); the shared score
         # part per history bucket and its best items, cached per trending clock.
         self._index: tuple[MetaModel, ItemIndex] | None = None
-        self._shared: tuple[int, int, F32, I64] | None = None
+        self._shared: tuple[tuple[object, ...], F32, I64] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, handle_drift: bool = True) -> Learner:
@@ -389,12 +389,13 @@ class Learner:
         return state
 
     def _trend_features(self) -> F32:
-        """``log(1 + p_s)`` of every catalog item, cached until the clock moves."""
-        n = len(self.catalog)
+        """``log(1 + p_s)`` of every catalog item, cached until the clock moves, the
+        catalogue grows or the counts are replaced."""
+        key = (int(self.trending.clock), len(self.catalog), self.trending)
         cached = self._features
-        if cached is None or cached[0] != self.trending.clock or cached[1] != n:
-            cached = self._features = (self.trending.clock, n, self.trending.features(n))
-        return cached[2]
+        if cached is None or not _same(cached[0], key):
+            cached = self._features = (key, self.trending.features(len(self.catalog)))
+        return cached[1]
 
     def _scores(self, users: Sequence[str], states: Mapping[str, UserState], ub: UserBatch,
                 domains: Sequence[str] | None = None) -> F32:
@@ -478,16 +479,21 @@ class Learner:
                                candidates.shape[1] if k is None else k, exclude, knn)
 
     def _shared_part(self) -> tuple[F32, I64]:
-        """Per history bucket: bias plus trending prior of every item, and its best items."""
-        n = len(self.catalog)
+        """Per history bucket: bias plus trending prior of every item, and its best items.
+
+        Cached until the clock moves, the catalogue grows, or the model, its tables or the
+        trending counts are replaced (a reload or a refresh of the shared counts).
+        """
+        model, tables = self.model, self.tables
+        assert model is not None and tables is not None
+        key = (int(self.trending.clock), len(self.catalog), model, tables, self.trending)
         cached = self._shared
-        if cached is None or cached[0] != self.trending.clock or cached[1] != n:
-            assert self.model is not None and self.tables is not None
-            shared = (self.model.trend_weights @ self._trend_features()
-                      + self.tables.bias).astype(np.float32)
-            cached = self._shared = (self.trending.clock, n, shared,
-                                     trending_candidates(shared, TRENDING_CANDIDATES))
-        return cached[2], cached[3]
+        if cached is None or not _same(cached[0], key):
+            shared = (model.trend_weights @ self._trend_features() + tables.bias
+                      ).astype(np.float32)
+            cached = self._shared = (key, shared, trending_candidates(shared,
+                                                                      TRENDING_CANDIDATES))
+        return cached[1], cached[2]
 
     def _item_index(self) -> ItemIndex:
         """The candidate index of the served model (built at the first big list after a
@@ -548,6 +554,12 @@ class Learner:
             sub = ub.subset(stale)
             replay(model, tables, sub, self.seed)
             ub.delta[stale] = sub.delta
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Cache keys: the same objects (identity, not equality: models hold arrays)."""
+    return len(a) == len(b) and all(x is y or (isinstance(x, int) and x == y)
+                                    for x, y in zip(a, b, strict=True))
 
 
 def _right_align(values: npt.NDArray[np.generic], length: int, fill: float,

@@ -278,6 +278,9 @@ def decode_many(blobs: Sequence[bytes]) -> list[UserState]:
         for name, size, count in spans:
             parts.setdefault(name, []).append(data[pos:pos + size * count])
             pos += size * count
+        if pos > len(data):
+            raise ValueError(f"truncated metarec user state: {len(data)} bytes, its header "
+                             f"describes {pos}")
         heads.append((d, length, n_seen, n_recs, version, n_events, last_ts, domain, flags,
                       isz, wsz, tsz))
     dtypes = {"delta": "<f4", "items2": "<i2", "items4": "<i4", "w2": "<f2", "w4": "<f4",

@@ -134,3 +134,33 @@ def test_the_item_index_follows_the_model_and_grows_with_the_catalog() -> None:
     assert model is not None
     learner.load(MetaModel.from_bytes(model.to_bytes()))  # a new version: rebuilt
     assert learner._item_index() is not index
+
+
+def test_a_reload_changes_the_candidate_scores_before_the_next_batch() -> None:
+    learner = _learner(400, exact_max_items=0)
+    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]),
+                       ["default"])
+    out = learner.learn_many(batch, {}, {})
+    before = learner.scores(["u1"], out.states, {})
+    model = learner.model
+    assert model is not None
+    other = MetaModel.from_bytes(model.to_bytes())
+    other.item_bias = other.item_bias[::-1].copy()
+    other.trend_weights = other.trend_weights + 1.0
+    learner.load(other)
+    fresh = _learner(400, exact_max_items=0)
+    fresh.learn_many(batch, {}, {})
+    fresh.load(MetaModel.from_bytes(other.to_bytes()))
+    after = learner.scores(["u1"], out.states, {})
+    assert not np.allclose(np.nan_to_num(after, neginf=0), np.nan_to_num(before, neginf=0))
+    np.testing.assert_allclose(after, fresh.scores(["u1"], out.states, {}), rtol=1e-5)
+
+
+def test_items_outside_the_catalogue_are_ignored_not_carried_to_the_next_row() -> None:
+    theta = np.ones((2, 1), np.float32)
+    vectors = np.arange(4, dtype=np.float32)[:, None]
+    cands = np.array([[0, 1, 9], [0, 1, 2]])
+    idx, _ = rank_candidates(theta, np.zeros(2, np.int64), vectors,
+                             np.zeros((1, 4), np.float32), cands, 3,
+                             [np.array([7]), np.array([], np.int64)])  # 7 = row 1's item 2
+    assert idx.tolist() == [[1, 0, -1], [2, 1, 0]]

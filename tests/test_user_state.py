@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 
 from metarec.user_state import COUNT_AT, UserState, decode_many, encode_many
 
@@ -71,3 +72,11 @@ def test_states_written_in_the_previous_format_still_read() -> None:
     old += state.hist_weights.astype("<f4").tobytes() + state.hist_ts.astype("<i8").tobytes()
     old += state.seen.astype("<i4").tobytes() + state.recs.astype("<i4").tobytes()
     assert same(UserState.from_bytes(old), state)
+
+
+def test_a_truncated_state_is_refused_not_misread() -> None:
+    state = UserState.new(4, 5)
+    state.record(7, 1.0, 1_700_000_000_000, "books")
+    blob = state.to_bytes()
+    with pytest.raises(ValueError, match="truncated"):
+        decode_many([blob[:-4], blob])
