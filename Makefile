@@ -34,5 +34,5 @@ eval: $(STAMP) ## the ml-100k prequential comparison (about 5 minutes)
 suite: $(STAMP) ## the robustness suite: ml-100k, its variants and the synthetic stream (about 20 minutes)
 	$(BIN)/metarec eval --suite ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/suite.json
 
-bench: $(STAMP) ## the consumer against this machine's bounds, quick mode (about 2 minutes; metarec bench for all)
+bench: $(STAMP) ## the consumer against this machine's bounds, quick mode (under 3 minutes; metarec bench for all)
 	$(BIN)/metarec bench --quick --json eval-out/bench-quick.json
