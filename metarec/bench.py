@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
@@ -416,6 +417,28 @@ def freshness(env: Env, cfg: BenchConfig, consumers: int, model: bytes,
                                 for w in windows))}
 
 
+def user_times(users: npt.NDArray[np.int64], now_ms: int,
+               rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """Event times (ms) for a stream of ``users``, rising per user and ending by ``now_ms``:
+    clicks 1 s to 2 min apart within a session, 80% of gaps; sessions 1 h to 14 days
+    apart, the rest. State size depends on these gaps (they are stored as varints), so
+    the memory phase does not give every event the same time."""
+    in_session = rng.random(users.size) < 0.8
+    gaps = np.where(in_session, rng.integers(1_000, 120_000, users.size),
+                    rng.integers(3_600_000, 14 * 86_400_000, users.size))
+    order = np.argsort(users, kind="stable")
+    sorted_users = users[order]
+    # Per user: time before now = the sum of the gaps after each event.
+    after = np.cumsum(gaps[order][::-1])[::-1]
+    last_of_user = np.r_[sorted_users[1:] != sorted_users[:-1], True]
+    tail = np.minimum.accumulate(np.where(last_of_user, np.arange(users.size),
+                                          users.size)[::-1])[::-1]
+    before_now = after - after[tail]
+    out = np.empty(users.size, np.int64)
+    out[order] = now_ms - before_now
+    return out
+
+
 def memory(env: Env, cfg: BenchConfig, n_users: int, model: bytes,
            rng: np.random.Generator) -> dict[str, float]:
     """Peak consumer RSS with ``n_users`` distinct users, and Redis bytes per user
@@ -428,9 +451,14 @@ def memory(env: Env, cfg: BenchConfig, n_users: int, model: bytes,
     users = np.repeat(np.arange(n_users), per_user)
     rng.shuffle(users)
     items = rng.integers(0, cfg.items, users.size)
+    types = list(cfg.mix)
+    kinds = rng.choice(len(types), users.size, p=np.asarray(list(cfg.mix.values())) / sum(
+        cfg.mix.values()))
+    ts = user_times(users, now, rng)
     records = [(f"m{u}".encode(), json.dumps({"user": f"m{u}", "item": f"i{i}",
-                                              "type": "click", "ts": now}).encode())
-               for u, i in zip(users.tolist(), items.tolist(), strict=True)]
+                                              "type": types[k], "ts": t}).encode())
+               for u, i, k, t in zip(users.tolist(), items.tolist(), kinds.tolist(),
+                                     ts.tolist(), strict=True)]
     topic = settings["METAREC_EVENTS_TOPIC"]
     produce(env.bootstrap, topic, records)
     proc = env.consumer(settings, f"users{n_users}.log")

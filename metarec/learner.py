@@ -369,9 +369,11 @@ class Learner:
         """The ``recs:{user}`` JSON that apps read (the list contract).
 
         Written by hand, not by ``json.dumps`` of a dict: it is one per user per batch, and
-        the ids come pre-quoted from the catalog. Same compact JSON either way.
+        the ids come pre-quoted from the catalog. Same compact JSON either way. Scores keep
+        4 significant digits: the list's order is the ranking, and Redis memory per user
+        is mostly this string and the state.
         """
-        scores = ",".join(map(repr, np.round(ranked.scores.astype(np.float64), 5).tolist()))
+        scores = ",".join([repr(float(f"{s:.4g}")) for s in ranked.scores.tolist()])
         version = "null" if self.version is None else str(int(self.version))
         return (f'{{"user":{json.dumps(user, ensure_ascii=False)},'
                 f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'

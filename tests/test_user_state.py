@@ -54,12 +54,48 @@ def test_batch_encoding_and_decoding_match_the_one_by_one_forms() -> None:
 
 
 def test_a_typical_state_is_compact() -> None:
+    # 50 events over a 1,682-item catalogue: clicks seconds to minutes apart within
+    # sessions, sessions hours to days apart, three event types.
     rng = np.random.default_rng(2)
     state = UserState.new(32, 50)
-    for k in range(50):
-        state.record(int(rng.integers(1682)), 1.0, 1_700_000_000_000 + k * 60_000, "default")
+    ts = 1_700_000_000_000
+    for _ in range(50):
+        ts += int(rng.integers(1_000, 120_000) if rng.random() < 0.8
+                  else rng.integers(3_600_000, 14 * 86_400_000))
+        state.record(int(rng.integers(1682)), float(rng.choice([1.0, 2.0, -1.0])), ts,
+                     "default")
     state.recs = rng.integers(0, 1682, 20)
-    assert len(state.to_bytes()) < 640  # 1,246 bytes in the previous format
+    state.delta = rng.standard_normal(32).astype(np.float32)
+    assert len(state.to_bytes()) < 443  # MU3: 630 bytes; MU2: 1,246
+
+
+def test_unusual_states_round_trip() -> None:
+    rng = np.random.default_rng(4)
+    many_weights = UserState.new(3, 300)  # 300 distinct weights: no palette
+    for k in range(300):
+        many_weights.record(k, 0.5 + k / 7, 1_700_000_000_000 + 1000 * k, "")
+    seconds = UserState.new(3, 5)  # whole-second times, some out of order
+    for t in (5, 3, 9, 9, 1):
+        seconds.record(int(rng.integers(10)), 1.0, 1_700_000_000_000 + 1000 * t, "vidéo")
+    huge = UserState.new(2, 4)  # a 2**40 item index and times before 1970
+    huge.record(2**40, -1.0, -5, "default")
+    huge.record(3, 2.0, -7_000, "default")
+    huge.recs = np.array([2**40, 0])
+    empty = UserState.new(4, 6)
+    for state in (many_weights, seconds, huge, empty):
+        assert same(UserState.from_bytes(state.to_bytes()), state)
+    assert same(decode_many(encode_many([seconds, empty, seconds]))[2], seconds)
+
+
+def test_every_cut_of_a_state_is_refused() -> None:
+    state = UserState.new(4, 6)
+    for k in range(9):
+        state.record(k % 4, 1.0 + k % 2, 1_700_000_000_000 + 61_000 * k, "books")
+    state.recs = np.array([3, 1])
+    blob = state.to_bytes()
+    for cut in range(len(blob)):
+        with pytest.raises(ValueError):
+            decode_many([blob[:cut]])
 
 
 def test_states_written_in_the_previous_format_still_read() -> None:
@@ -72,6 +108,21 @@ def test_states_written_in_the_previous_format_still_read() -> None:
     old += state.hist_weights.astype("<f4").tobytes() + state.hist_ts.astype("<i8").tobytes()
     old += state.seen.astype("<i4").tobytes() + state.recs.astype("<i4").tobytes()
     assert same(UserState.from_bytes(old), state)
+
+
+def test_states_written_in_the_mu3_format_still_read() -> None:
+    state = UserState.new(2, 3)
+    state.record(7, 2.0, 1_700_000_000_000, "books")
+    state.record(9, 1.0, 1_700_000_060_000, "books")
+    state.recs = np.array([3, 9])
+    dom = b"books"
+    old = struct.pack("<3sHHIHiiqH", b"MU3", 2, 3, 2, 2, 0, 2, 1_700_000_060_000, len(dom))
+    old += struct.pack("<B", 1 | 2 | 4) + dom + state.delta.astype("<f4").tobytes()
+    old += state.hist_items.astype("<i2").tobytes() + state.hist_weights.astype("<f2").tobytes()
+    old += np.array([np.iinfo(np.int32).min, 60_000, 0], "<i4").tobytes()
+    old += state.seen.astype("<i2").tobytes() + state.recs.astype("<i2").tobytes()
+    assert same(UserState.from_bytes(old), state)
+    assert same(decode_many([old, state.to_bytes()])[1], state)
 
 
 def test_a_truncated_state_is_refused_not_misread() -> None:
