@@ -353,8 +353,7 @@ class ConsumerApp:
                     dict(zip(outcome.states, encode_many(list(outcome.states.values())),
                              strict=True)),
                     recs={} if outcome is None else
-                    {u: self.learner.list_record(u, outcome.states[u], ranked, now_ms)
-                     for u, ranked in outcome.lists.items()},
+                    self.learner.list_records(outcome.lists, outcome.states, now_ms),
                     recs_ttl_s=s.recs_ttl_s,
                     partials=outcome.partials if outcome is not None
                     and self.learner.model is not None else None,
@@ -605,8 +604,8 @@ class ConsumerApp:
                 self.store.commit_batch(
                     self.settings.events_topic, part, expected, expected,
                     states=dict(zip(states, encode_many(list(states.values())), strict=True)),
-                    recs={u: self.learner.list_record(u, states[u], lists[u], now_ms)
-                          for u in states},
+                    recs=self.learner.list_records({u: lists[u] for u in states}, states,
+                                                   now_ms),
                     recs_ttl_s=self.settings.recs_ttl_s, partials=None, guards=guards,
                     skip_conflicts=True,  # a user written meanwhile has a fresh list
                     topic_id=self.topic_log.topic_id)

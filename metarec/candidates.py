@@ -118,6 +118,10 @@ def _augment(vectors: F32, bias: F32) -> F32:
     return out
 
 
+#: Users whose candidates' vectors are gathered and scored together.
+GATHER_ROWS = 64
+
+
 def trending_candidates(shared: F32, k: int) -> I64:
     """The ``k`` best columns of each row of ``shared`` (one row per history bucket)."""
     k = min(k, shared.shape[1])
@@ -149,7 +153,13 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
     valid = (cands >= 0).ravel()
     valid[1:] &= keys[1:] != keys[:-1]
     items = np.maximum(cands, 0)
-    scores = np.einsum("bmd,bd->bm", np.take(vectors, items, axis=0), theta, optimize=True)
+    scores = np.empty((b, m), np.float32)
+    # A few rows at a time: the gathered vectors then stay in cache (the whole batch's
+    # gather is b·m·d floats, ~200 MB for 1,250 users, and was 5x slower to stream).
+    for lo in range(0, b, GATHER_ROWS):
+        hi = lo + GATHER_ROWS
+        scores[lo:hi] = np.einsum("bmd,bd->bm", np.take(vectors, items[lo:hi], axis=0),
+                                  theta[lo:hi], optimize=True)
     scores += shared[bucket[:, None], items]
     if knn is not None:
         index, value, weight = knn
@@ -167,8 +177,7 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
         hit = at < keys.size
         hit[hit] = keys[at[hit]] == seen_keys[hit]
         valid[at[hit]] = False
-    scores = scores.astype(np.float32, copy=False).ravel()
-    scores[~valid] = -np.inf
-    pos, vals = top_k(scores.reshape(b, m), k)
+    scores.ravel()[~valid] = -np.inf
+    pos, vals = top_k(scores, k)
     out = np.where(pos >= 0, np.take_along_axis(cands, np.maximum(pos, 0), axis=1), -1)
     return out.astype(np.int64), vals

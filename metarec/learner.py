@@ -266,14 +266,11 @@ class Learner:
         rows_all = np.fromiter((row_of[u] for u in batch.users), np.int64, len(batch))
         hist_ts = np.stack([_right_align(loaded[u].hist_ts, ub.hist_items.shape[1], 0)
                             for u in users])
-        hit_rank = np.full(len(batch), -1, np.int64)
+        hit_rank = _ranks_in_lists([loaded[u].recs for u in users], rows_all, batch.items)
         drifted: list[str] = []
         model, tables = self.model, self.tables
         for wave in waves(rows_all):
             rows, its, w = rows_all[wave], batch.items[wave], batch.weights[wave]
-            for pos, r, it in zip(wave.tolist(), rows.tolist(), its.tolist(), strict=True):
-                found = np.flatnonzero(loaded[users[r]].recs == it)
-                hit_rank[pos] = found[0] if found.size else -1
             if model is not None and tables is not None:
                 ub.domain[rows] = [model.domain_index(batch.domains[p]) for p in wave.tolist()]
                 for pos, r in zip(wave.tolist(), rows.tolist(), strict=True):
@@ -364,21 +361,39 @@ class Learner:
         out[rows[ok], idx[ok]] = vals[ok]
         return out
 
-    def list_record(self, user: str, state: UserState, ranked: RankedList,
-                    now_ms: int) -> bytes:
-        """The ``recs:{user}`` JSON that apps read (the list contract).
+    def list_records(self, lists: Mapping[str, RankedList], states: Mapping[str, UserState],
+                     now_ms: int) -> dict[str, bytes]:
+        """The ``recs:{user}`` JSON that apps read (the list contract), for each of ``lists``.
 
-        Written by hand, not by ``json.dumps`` of a dict: it is one per user per batch, and
-        the ids come pre-quoted from the catalog. Same compact JSON either way. Scores keep
-        4 significant digits: the list's order is the ranking, and Redis memory per user
-        is mostly this string and the state.
+        Written by hand, not by ``json.dumps`` of dicts: there is one per touched user per
+        batch, and the ids come pre-quoted from the catalog. Same compact JSON either way.
+        Scores keep 4 significant digits, rounded for the whole batch at once: the list's
+        order is the ranking, and Redis memory per user is mostly this string and the
+        state.
+
+        >>> learner = Learner(top_k=2)
+        >>> learner.add_items([(0, "a", "default", ()), (1, "b", "default", ())])
+        >>> state = learner.new_state()
+        >>> ranked = RankedList(np.array([1, 0]), np.array([3.14159, -0.000123456], np.float32))
+        >>> learner.list_records({"u1": ranked}, {"u1": state}, now_ms=5)["u1"]
+        b'{"user":"u1","items":["b","a"],"scores":[3.142,-0.0001235],"model_version":0,"events":0,"updated_ms":5}'
         """
-        scores = ",".join([repr(float(f"{s:.4g}")) for s in ranked.scores.tolist()])
+        users = list(lists)
+        scores = np.concatenate([lists[u].scores for u in users] + [np.zeros(0, np.float32)])
+        rounded: list[float] = significant(scores.astype(np.float64), 4).tolist()
         version = "null" if self.version is None else str(int(self.version))
-        return (f'{{"user":{json.dumps(user, ensure_ascii=False)},'
-                f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
-                f'"scores":[{scores}],"model_version":{version},'
-                f'"events":{int(state.n_events)},"updated_ms":{int(now_ms)}}}').encode()
+        tail = f'],"model_version":{version},"events":'
+        out: dict[str, bytes] = {}
+        at = 0
+        for user in users:
+            ranked = lists[user]
+            k = ranked.scores.size
+            out[user] = (f'{{"user":{json.dumps(user, ensure_ascii=False)},'
+                         f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
+                         f'"scores":[{",".join(map(repr, rounded[at:at + k]))}{tail}'
+                         f'{int(states[user].n_events)},"updated_ms":{int(now_ms)}}}').encode()
+            at += k
+        return out
 
     # -- internals ----------------------------------------------------------------------
 
@@ -571,3 +586,41 @@ def _right_align(values: npt.NDArray[np.generic], length: int, fill: float,
     padded: npt.NDArray[np.generic] = np.concatenate(
         (np.full(length - values.size, fill, values.dtype), values))
     return padded
+
+
+def significant(values: npt.NDArray[np.float64], digits: int) -> npt.NDArray[np.float64]:
+    """``values`` rounded to ``digits`` significant digits, each the float nearest to its
+    decimal (so ``repr`` prints the short form); zeros and non-finite values unchanged.
+
+    >>> significant(np.array([3.14159, 123456.0, -0.000123456, 0.0]), 4).tolist()
+    [3.142, 123500.0, -0.0001235, 0.0]
+    """
+    finite = np.isfinite(values) & (values != 0)
+    safe = np.where(finite, np.abs(values), 1.0)
+    shift = (digits - 1 - np.floor(np.log10(safe))).astype(np.int64)
+    up = 10.0 ** np.maximum(shift, 0)  # exact powers of ten for the usual magnitudes
+    down = 10.0 ** np.maximum(-shift, 0)
+    with np.errstate(over="ignore", invalid="ignore"):  # denormals: left as they are
+        rounded = np.where(shift >= 0, np.round(values * up) / up,
+                           np.round(values / down) * down)
+    out: npt.NDArray[np.float64] = np.where(finite & np.isfinite(rounded), rounded, values)
+    return out
+
+
+def _ranks_in_lists(lists: Sequence[I64], rows: I64, items: I64) -> I64:
+    """Where each event's item sat in its user's last list (``lists[rows[e]]``); -1 where
+    it was not in it.
+
+    >>> _ranks_in_lists([np.array([5, 7]), np.array([], np.int64)], np.array([0, 0, 1]),
+    ...                 np.array([7, 9, 5])).tolist()
+    [1, -1, -1]
+    """
+    width = max((len(x) for x in lists), default=0)
+    if not width or not rows.size:
+        return np.full(rows.size, -1, np.int64)
+    table = np.full((len(lists), width), -1, np.int64)
+    for r, shown in enumerate(lists):
+        table[r, :len(shown)] = shown
+    match = table[rows] == items[:, None]
+    ranks: I64 = np.where(match.any(axis=1), match.argmax(axis=1), -1)
+    return ranks

@@ -4,8 +4,8 @@ Before an event is applied, the consumer knows the list that user had at that mo
 keeps the list's item indices in the user's state, so this costs no extra Redis read). If
 the event's item is in it, that is a hit at that rank: HR@K and NDCG@K measured on the live
 stream, prequentially, exactly as the offline evaluation measures them. :class:`LiveQuality`
-keeps these per domain and overall over rolling windows (river's ``Rolling(Mean())``) and
-runs river's ADWIN on each domain's hit stream, so a preference shift shows up as a drift.
+keeps these per domain and overall over rolling windows (:class:`RollingMean`) and runs
+river's ADWIN on each domain's hit stream, so a preference shift shows up as a drift.
 
 A drop is a change only when it is large. ADWIN flags any statistically significant drop,
 and a live stream has many that call for nothing: a cohort of harder users arrives, a new
@@ -35,12 +35,13 @@ regime it needs.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from river import drift, stats, utils
+from river import drift
 
-__all__ = ["ALL", "LiveQuality"]
+__all__ = ["ALL", "LiveQuality", "RollingMean"]
 
 #: The key under which the overall (all-domain) numbers are kept.
 ALL = "_all"
@@ -56,10 +57,42 @@ USER_CAP = 5
 MIN_USERS = 20
 
 
+class RollingMean:
+    """The mean of the last ``window`` values (0 before the first).
+
+    What river's ``utils.Rolling(stats.Mean(), window_size=window)`` gives, with a running
+    sum over a ring of values: every consumed event updates four of these, and at a few
+    thousand events a second river's general rolling wrapper was a tenth of the consumer's
+    time.
+
+    >>> m = RollingMean(window=2)
+    >>> for x in (1.0, 0.0, 0.0):
+    ...     m.update(x)
+    >>> m.get()
+    0.0
+    """
+
+    __slots__ = ("_sum", "_values")
+
+    def __init__(self, window: int) -> None:
+        self._values: deque[float] = deque(maxlen=window)
+        self._sum = 0.0
+
+    def update(self, x: float) -> None:
+        values = self._values
+        if len(values) == values.maxlen:
+            self._sum -= values[0]
+        values.append(x)
+        self._sum += x
+
+    def get(self) -> float:
+        return self._sum / len(self._values) if self._values else 0.0
+
+
 @dataclass
 class _Track:
-    hr: Any
-    ndcg: Any
+    hr: RollingMean
+    ndcg: RollingMean
     detector: Any
     events: int = 0
     drifts: int = 0
@@ -99,8 +132,7 @@ class LiveQuality:
     def _track(self, domain: str) -> _Track:
         track = self._tracks.get(domain)
         if track is None:
-            track = _Track(utils.Rolling(stats.Mean, window_size=self.window),
-                           utils.Rolling(stats.Mean, window_size=self.window),
+            track = _Track(RollingMean(self.window), RollingMean(self.window),
                            drift.ADWIN(delta=self.delta, clock=self.clock))
             self._tracks[domain] = track
         return track

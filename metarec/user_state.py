@@ -234,9 +234,9 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     pal_f2 = half.astype("<f2").tobytes()
     pal_f4 = palette.astype("<f4").tobytes()
     w_raw = weights.astype("<f4")
-    small = np.concatenate((lead, n_seen)).astype(np.uint64)
-    varint_lead_seen = _varints(small, np.ones(2 * n, np.int64))
-    varint_last = _varints(_zigzag(last).view(np.uint64), np.ones(n, np.int64))
+    small = np.concatenate((lead.astype(np.uint64), n_seen.astype(np.uint64),
+                            _zigzag(last).view(np.uint64)))
+    counters = _varints(small, np.ones(3 * n, np.int64))
     out = []
     row_d = 4 * dim
     pal_at = first.tolist()
@@ -252,9 +252,9 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
             pal = pal_f2[2 * pal_at[r]:2 * pal_at[r + 1]]
         else:
             pal = pal_f4[4 * pal_at[r]:4 * pal_at[r + 1]]
-        out.append(b"".join((head, varint_lead_seen[r], varint_lead_seen[n + r],
-                             varint_last[r], dom, pal, delta_raw[r * row_d:(r + 1) * row_d],
-                             hist_raw[r], list_raw[r], ts_raw[r])))
+        out.append(b"".join((head, counters[r], counters[n + r], counters[2 * n + r], dom, pal,
+                             delta_raw[r * row_d:(r + 1) * row_d], hist_raw[r], list_raw[r],
+                             ts_raw[r])))
     return out
 
 
@@ -348,7 +348,7 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     gaps = np.where(np.repeat((flags & _TS_SECONDS) > 0, n_filled), gaps * 1000, gaps)
     last = np.asarray(col[11], np.int64)
     walked = np.cumsum(gaps)
-    before = np.repeat(np.r_[0, walked][_starts(n_filled)], n_filled)
+    before = np.repeat(np.concatenate(([0], walked))[_starts(n_filled)], n_filled)
     ts_back = np.repeat(last, n_filled) - (walked - before)
     delta = np.frombuffer(b"".join(chunks["delta"]), "<f4").astype(np.float32)
     # Every row's history in one flat buffer each (slots in order), sliced per state.
@@ -363,7 +363,8 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     hist_ts[base[slot_row] + length[slot_row] - 1 - within] = ts_back
     seen_all = listed.astype(np.int64) - 1
     tails = _last_occurrence_mask(hist_items, base)
-    tail_at = np.r_[0, np.cumsum(np.add.reduceat(tails, base) if base.size else [])].tolist()
+    tail_at = _bounds(np.add.reduceat(tails, base).astype(np.int64) if base.size
+                      else np.zeros(0, np.int64))
     tail_items = hist_items[tails]
     out = []
     list_at, d_at = _starts(n_listed).tolist(), _starts(np.asarray(col[1], np.int64)).tolist()
@@ -384,7 +385,17 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
 
 def _starts(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """Where each of consecutive runs of ``counts`` starts."""
-    return np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64) if counts.size else counts
+    out = np.zeros(counts.size, np.int64)
+    np.cumsum(counts[:-1], out=out[1:])
+    return out
+
+
+def _bounds(sizes: npt.NDArray[np.int64]) -> list[int]:
+    """Where consecutive runs of ``sizes`` start, and where the last ends."""
+    out = np.zeros(sizes.size + 1, np.int64)
+    np.cumsum(sizes, out=out[1:])
+    bounds: list[int] = out.tolist()
+    return bounds
 
 
 def _row_max(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
@@ -398,12 +409,9 @@ def _row_max(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
 
 
 def _bit_lengths(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Bits each value needs (at least 1)."""
-    bits = np.zeros(values.size, np.int64)
-    rest = values.copy()
-    while (rest > 0).any():
-        bits += rest > 0
-        rest >>= np.uint64(1)
+    """Bits each value needs (at least 1; one more than needed for a few values past
+    2**53, where float64 rounds up, which only widens the field)."""
+    bits: npt.NDArray[np.int64] = np.frexp(values.astype(np.float64))[1].astype(np.int64)
     return np.maximum(bits, 1)
 
 
@@ -429,7 +437,7 @@ def _pack_bits(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
     where = (first_bit >> 3)[:, None] + np.arange(8)
     packed = np.bincount(where.ravel(), weights=spread.ravel(), minlength=total + 8)
     raw = packed[:total].astype(np.uint8).tobytes()
-    at = np.r_[0, np.cumsum(row_bytes)].tolist()
+    at = _bounds(row_bytes)
     return [raw[at[r]:at[r + 1]] for r in range(n)]
 
 
@@ -459,18 +467,14 @@ def _varints(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64]) -> l
     n = counts.size
     if not values.size:
         return [b""] * n
-    size = np.ones(values.size, np.int64)
-    rest = values >> np.uint64(7)
-    while (more := rest > 0).any():
-        size += more
-        rest >>= np.uint64(7)
+    size = (_bit_lengths(values) + 6) // 7
     width = int(size.max())
     groups = np.arange(width, dtype=np.uint64) * np.uint64(7)
     sevens = ((values[:, None] >> groups) & np.uint64(0x7F)).astype(np.uint8)
     sevens[np.arange(width) < size[:, None] - 1] |= 0x80
     flat = sevens[np.arange(width) < size[:, None]].tobytes()
     row_bytes = np.bincount(np.repeat(np.arange(n), counts), weights=size, minlength=n)
-    at = np.r_[0, np.cumsum(row_bytes.astype(np.int64))].tolist()
+    at = _bounds(row_bytes.astype(np.int64))
     return [flat[at[r]:at[r + 1]] for r in range(n)]
 
 
@@ -491,7 +495,7 @@ def _read_varints(chunks: Sequence[bytes], counts: npt.NDArray[np.int64]
     if not raw.size:
         return np.zeros(0, np.uint64)
     end_at = np.flatnonzero(ends)
-    begin = np.r_[0, end_at[:-1] + 1]
+    begin = np.concatenate(([0], end_at[:-1] + 1))
     k = np.arange(raw.size) - np.repeat(begin, end_at - begin + 1)
     parts = (raw & 0x7F).astype(np.uint64) << (k.astype(np.uint64) * np.uint64(7))
     return np.add.reduceat(parts, begin).astype(np.uint64)
@@ -606,7 +610,7 @@ def _last_occurrence_mask(items: npt.NDArray[np.int64],
     """Where each row's history holds an item for the last time (padding excluded): a
     matrix of histories, or histories laid end to end that begin at ``starts``."""
     if starts is not None:
-        sizes = np.diff(np.r_[starts, items.size])
+        sizes = np.diff(np.append(starts, items.size))
         if sizes.size and (sizes == sizes[0]).all():
             return _last_occurrence_mask(items.reshape(sizes.size, -1)).ravel()
         row = np.repeat(np.arange(sizes.size), sizes)

@@ -19,9 +19,10 @@ def _dense(theta, bucket, vectors, shared, knn):
     return out.astype(np.float32)
 
 
-def test_rank_candidates_with_all_items_is_exact_top_k() -> None:
+@pytest.mark.parametrize("b", [30, 150])  # 150: several gathers of GATHER_ROWS users
+def test_rank_candidates_with_all_items_is_exact_top_k(b: int) -> None:
     rng = np.random.default_rng(0)
-    b, n, d = 30, 300, 8
+    n, d = 300, 8
     theta = rng.standard_normal((b, d)).astype(np.float32)
     vectors = rng.standard_normal((n, d)).astype(np.float32)
     shared = rng.standard_normal((3, n)).astype(np.float32)

@@ -44,7 +44,7 @@ def test_lists_follow_the_contract_and_exclude_consumed_items() -> None:
     learner = _learner(with_model=True)
     out = learner.learn_many(_batch([("a", 1, 1.0, 10), ("b", 2, 2.0, 11), ("a", 3, 2.0, 12)]),
                              {}, {})
-    a = json.loads(learner.list_record("a", out.states["a"], out.lists["a"], now_ms=99))
+    a = json.loads(learner.list_records(out.lists, out.states, now_ms=99)["a"])
     assert set(a) == {"user", "items", "scores", "model_version", "events", "updated_ms"}
     assert a["user"] == "a" and a["model_version"] == 3 and a["events"] == 2
     assert a["updated_ms"] == 99 and len(a["items"]) == 4 == len(a["scores"])
@@ -81,7 +81,7 @@ def test_without_a_model_lists_are_what_is_trending_in_the_domain() -> None:
     learner = _learner(with_model=False)
     learner.trending.learn_many([7, 7, 8, 2])
     out = learner.learn_many(_batch([("a", 7, 1.0, 5)], domain="music"), {}, {})
-    got = json.loads(learner.list_record("a", out.states["a"], out.lists["a"], now_ms=1))
+    got = json.loads(learner.list_records(out.lists, out.states, now_ms=1)["a"])
     assert got["model_version"] == 0
     assert got["items"][0] == "i8" and "i7" not in got["items"]
     assert all(int(i[1:]) >= 6 for i in got["items"])  # music items only

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 
-from metarec.live_quality import ALL, MAX_EPISODE_WINDOWS, LiveQuality
+from metarec.live_quality import ALL, MAX_EPISODE_WINDOWS, LiveQuality, RollingMean
 
 
 def feed(q: LiveQuality, domain: str, hits: list[int] | np.ndarray, start_ts: int = 0,
@@ -84,3 +85,15 @@ def test_a_rise_is_not_a_change() -> None:
     high = (rng.random(2000) < 0.6).astype(int)
     assert feed(q, "g", np.r_[low, high]) == []
     assert q.get()["g"]["drifts"] >= 1 and "g" not in q.drifting_domains()
+
+
+def test_the_rolling_mean_matches_rivers_rolling_mean() -> None:
+    from river import stats, utils
+
+    rng = random.Random(3)
+    ours, rivers = RollingMean(window=50), utils.Rolling(stats.Mean, window_size=50)
+    for _ in range(5000):
+        x = rng.choice([0.0, 1.0, 1 / math.log2(rng.randint(2, 30))])
+        ours.update(x)
+        rivers.update(x)
+        assert abs(ours.get() - rivers.get()) < 1e-9
