@@ -102,7 +102,7 @@ def _publish_model(store: RedisStore) -> None:
     store.publish_model(rec.model.to_bytes())
 
 
-def throughput(bootstrap: str, r: redis.Redis, logs: Path) -> None:
+def throughput(bootstrap: str, r: redis.Redis[bytes], logs: Path) -> None:
     run = uuid.uuid4().hex[:6]
     env = _env(bootstrap, run, METAREC_BATCH_SIZE="5000")
     s = _topics(bootstrap, env)
@@ -129,7 +129,7 @@ def throughput(bootstrap: str, r: redis.Redis, logs: Path) -> None:
         proc.wait(30)
 
 
-def latency(bootstrap: str, r: redis.Redis, logs: Path, rate: float, seconds: float) -> None:
+def latency(bootstrap: str, r: redis.Redis[bytes], logs: Path, rate: float, seconds: float) -> None:
     run = uuid.uuid4().hex[:6]
     env = _env(bootstrap, run, METAREC_STATS_INTERVAL_S="5", METAREC_LOG_LEVEL="INFO",
                **LATENCY_ENV)
@@ -160,7 +160,7 @@ def latency(bootstrap: str, r: redis.Redis, logs: Path, rate: float, seconds: fl
           f"p99 {max(p99):.0f} ms (worst window)")
 
 
-def users(bootstrap: str, r: redis.Redis, logs: Path, n_users: int, n_events: int) -> None:
+def users(bootstrap: str, r: redis.Redis[bytes], logs: Path, n_users: int, n_events: int) -> None:
     run = uuid.uuid4().hex[:6]
     env = _env(bootstrap, run)  # default batch size: memory per batch stays the same
     s = _topics(bootstrap, env)

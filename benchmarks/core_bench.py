@@ -19,6 +19,7 @@ from metarec.bench import BenchConfig, bench_model
 from metarec.learner import EventBatch, Learner
 from metarec.model import MetaModel
 from metarec.neighbors import N_NEIGHBORS
+from metarec.user_state import UserState
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     learner.add_items([(j, f"i{j}", "default", ()) for j in range(n)])
     learner.load(bench_model(BenchConfig(items=n, dim=args.dim), rng))
     users = [f"user-{r}" for r in range(args.users)]
-    states = {}
+    states: dict[str, UserState | None] = {}
     for _ in range(history):  # full histories: the prior and the votes at their widest
         batch = EventBatch(users, rng.integers(0, n, args.users),
                            np.ones(args.users, np.float32), np.zeros(args.users, np.int64),

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the consumer end to end, freshness with 1 and 2 "
                                        "consumers, memory per user, training and reload "
                                        "times. Prints a Markdown table.")
-    bench.add_argument("--quick", action="store_true", help="a first look, in about 3 minutes")
+    bench.add_argument("--quick", action="store_true", help="a first look, in under 3 minutes")
     bench.add_argument("--items", type=int, default=1682, help="catalog size")
     bench.add_argument("--big-items", type=int, default=100_000,
                        help="catalog size of the big-catalogue runs (candidate scoring)")
@@ -205,7 +205,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(items=args.items, dim=args.dim, top_k=args.k, batch_size=args.batch_size,
                       mix=mix, quick=args.quick, rate=args.rate, big_items=args.big_items)
     url = args.redis_url or Settings.from_env().redis_url
-    phases = 8 + len(cfg.user_counts) + len(cfg.training_windows)
+    phases = 9 + len(cfg.user_counts) + len(cfg.training_windows)
     with tqdm(total=phases, unit="phase", file=sys.stderr) as bar:
         def progress(what: str) -> None:
             if bar.n or bar.desc:

@@ -7,7 +7,7 @@ indices bit-packed at the width the state needs, with each history slot's event 
 folded in as a code into the state's small palette of weights; history times as varint
 gaps walking back from the last event (whole seconds when every gap is); the seen set
 without the items the history already names; no bytes for unfilled slots or the default
-domain. A 50-event state over a 1,682-item catalogue is ~400 bytes (MU3, the previous
+domain. A 50-event state over a 1,682-item catalogue is ~430 bytes (MU3, the previous
 format: ~600; MU2: ~1,250). A state always reads back equal to what was written. What it
 holds:
 

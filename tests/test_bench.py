@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from metarec.bench import BenchConfig, power_law, synthetic_events, to_markdown
+from metarec.bench import BenchConfig, power_law, synthetic_events, to_markdown, user_times
 from metarec.events import decode_event
 
 
@@ -23,6 +23,18 @@ def test_the_workload_is_long_tailed_valid_and_follows_the_mix() -> None:
     assert {e.type for e in events} == {"click", "dislike"}
     assert 0.45 < sum(e.type == "click" for e in events) / len(events) < 0.55
     assert {int(e.item[1:]) for e in events} <= set(range(100))
+
+
+def test_memory_phase_times_rise_per_user_and_end_now() -> None:
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 40, 2000)
+    now = 1_800_000_000_000
+    ts = user_times(users, now, rng)
+    for u in range(40):
+        mine = ts[users == u]
+        gaps = np.diff(mine)
+        assert mine[-1] == now and (gaps >= 1_000).all()  # in event order, a second apart+
+        assert (gaps < 120_000).mean() > 0.6 and (gaps >= 3_600_000).any()  # sessions
 
 
 def test_the_report_shows_every_measure_against_the_smallest_bound() -> None:
