@@ -143,8 +143,9 @@ class ConsumerApp:
                              should_stop=lambda: self._stopping, on_wait=self._alive,
                              on_retry=self.metrics.redis_errors.inc,
                              on_outage=self.metrics.redis_outages.inc)
-        self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
-                              self.outage)
+        # A cluster client connects when it is made: that too waits out an outage.
+        self.store = retrying(self.outage.call(
+            lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)), self.outage)
         # The learner also keeps the live quality of the lists apps were shown, and what it
         # says about drift.
         self.learner = Learner.from_settings(settings)

@@ -61,8 +61,9 @@ class Aggregator:
                              should_stop=lambda: self._stopping, on_wait=self._alive,
                              on_retry=self.metrics.redis_errors.inc,
                              on_outage=self.metrics.redis_outages.inc)
-        self.store = retrying(RedisStore.connect(settings.redis_url, settings.key_prefix),
-                              self.outage)
+        # A cluster client connects when it is made: that too waits out an outage.
+        self.store = retrying(self.outage.call(
+            lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)), self.outage)
         self.window = EventWindow(settings.window_events)
         self._published_ms: int | None = None
         self._events_since = 0

@@ -54,8 +54,8 @@ from metarec.store import DEFAULT_PREFIX, SOCKET_TIMEOUT_S, TRENDING_LUA, RedisS
 from metarec.trending import Channel
 from metarec.user_state import COUNT_AT
 
-__all__ = ["GROUPS", "USER_KINDS", "ClusterCommit", "ClusterStore", "cluster_key",
-           "parse_mark"]
+__all__ = ["GROUPS", "USER_KINDS", "ClusterCommit", "ClusterStore", "ClusterUnreachable",
+           "cluster_key", "parse_mark"]
 
 #: Per-user keys: a user's state, list, profile and applied offsets share the user's slot
 #: (the hash tag ``{u:USER}``; the ``u:`` keeps the tag non-empty for ids starting with
@@ -404,6 +404,11 @@ class ClusterCommit:
                 "the offset after the next assignment", int(stored) if stored else None)
 
 
+class ClusterUnreachable(MetarecError, redis.ConnectionError):
+    """No node of the cluster answered when the store was made (a transient error: the
+    services wait for the cluster as for any Redis outage)."""
+
+
 class ClusterStore(RedisStore):
     """:class:`~metarec.store.RedisStore` on a Redis Cluster: the same methods and
     guarantees, with the cluster key layout and the batch commit in steps.
@@ -448,7 +453,9 @@ class ClusterStore(RedisStore):
         URL naming one node; the client finds the others.
 
         The client asks the node for the cluster's slots at once, so an unreachable
-        cluster fails here, as a :class:`~metarec.errors.MetarecError` naming the setting.
+        cluster fails here, as :class:`ClusterUnreachable` naming the setting: a connection
+        error, which the services retry like any outage (:mod:`metarec.outage`) before
+        giving up, and a :class:`~metarec.errors.MetarecError` for one-shot commands.
         """
         scheme, sep, rest = url.partition("://")
         try:
@@ -460,8 +467,9 @@ class ClusterStore(RedisStore):
                     or "NOAUTH" in str(exc):
                 raise ConfigError(f"the Redis Cluster refused the credentials of "
                                   f"METAREC_REDIS_URL: {exc}") from None
-            raise MetarecError(f"the Redis Cluster at METAREC_REDIS_URL did not answer: "
-                               f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            raise ClusterUnreachable(f"the Redis Cluster at METAREC_REDIS_URL did not "
+                                     f"answer: {type(exc).__name__}: {str(exc)[:200]}"
+                                     ) from None
         return cls(client, prefix, **kwargs)
 
     def key(self, *parts: object) -> str:

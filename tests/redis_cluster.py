@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["LocalCluster", "cluster_tools", "start_cluster"]
+__all__ = ["LocalCluster", "cluster_tools", "free_ports", "start_cluster"]
 
 #: How long a master may be unreachable before the others mark it failed (and, with no
 #: replica to promote, the cluster refuses commands): short, so the kill test is quick.
@@ -30,7 +30,7 @@ def cluster_tools() -> tuple[str, str] | None:
     return (server, cli) if server and cli else None
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """``n`` free ports whose cluster bus ports (port + 10000) are free too."""
     ports: list[int] = []
     while len(ports) < n:
@@ -83,12 +83,14 @@ class LocalCluster:
         return ""
 
 
-def start_cluster(work: Path, masters: int = 3) -> LocalCluster:
-    """Start ``masters`` cluster-enabled servers, join them, wait for ``cluster_state:ok``."""
+def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None
+                  ) -> LocalCluster:
+    """Start ``masters`` cluster-enabled servers (on ``ports``, else free ones), join them,
+    wait for ``cluster_state:ok``."""
     tools = cluster_tools()
     assert tools is not None, "redis-server and redis-cli are needed"
     server, cli = tools
-    cluster = LocalCluster(_free_ports(masters))
+    cluster = LocalCluster(ports or free_ports(masters))
     try:
         for port in cluster.ports:
             node_dir = work / f"node-{port}"

@@ -30,7 +30,7 @@ from metarec.learner import Learner
 from metarec.store import RedisStore
 from metarec.trending import Channel
 from metarec.user_state import UserState, count_guard
-from tests.redis_cluster import LocalCluster, cluster_tools, start_cluster
+from tests.redis_cluster import LocalCluster, cluster_tools, free_ports, start_cluster
 
 pytestmark = [
     pytest.mark.integration,
@@ -370,6 +370,50 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
     finally:
         system.close()
 
+
+
+def test_a_consumer_started_before_its_cluster_waits_for_it(
+        tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
+    from tests.test_consumer_app import Publisher, System, check_exactly_once
+
+    ports = free_ports(3)
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    system = System(bootstrap=kafka_bootstrap, redis_url=f"redis+cluster://127.0.0.1:{ports[0]}",
+                    prefix=f"t{uuid.uuid4().hex[:6]}:", group=f"g-{uuid.uuid4().hex[:8]}",
+                    events=make_topic(2), items=make_topic(1), users=make_topic(1),
+                    dlq=make_topic(1), model=make_topic(1), partitions=2,
+                    store=None,  # type: ignore[arg-type]  # set once the cluster is up
+                    log_dir=log_dir)
+    pub = Publisher(kafka_bootstrap)
+    events = [(f"u{n % 20}", n % 9) for n in range(200)]
+    for user, item in events:
+        pub.send_event(system.events, Event(user, f"i{item}", "click", int(time.time() * 1000)))
+    pub.flush()
+    cluster = None
+    try:
+        proc = system.start()
+        log = log_dir / "proc-0.log"
+        deadline = time.monotonic() + 30
+        while "unavailable; retrying" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, system.logs()
+            time.sleep(0.1)
+        time.sleep(2)  # still waiting, not exited
+        assert proc.poll() is None, system.logs()
+        cluster = start_cluster(tmp_path / "late", ports=ports)
+        system.store = RedisStore.connect(cluster.url, system.prefix)
+        system.wait_applied(pub.ends(system.events), timeout=60)
+        check_exactly_once(system, Counter(u for u, _ in events))
+        lines = [json.loads(line) for line in log.read_text().splitlines()
+                 if line.startswith("{")]
+        errors = [x for x in lines if x.get("level") == "ERROR"]
+        assert len(errors) == 1 and "METAREC_REDIS_URL" in json.dumps(errors[0]), errors
+        assert any("answers again" in x.get("msg", "") for x in lines), system.logs()
+        assert proc.poll() is None
+    finally:
+        system.close()
+        if cluster is not None:
+            cluster.stop()
 
 
 def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
