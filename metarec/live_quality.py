@@ -80,7 +80,7 @@ class RollingMean:
 
     def update(self, x: float) -> None:
         values = self._values
-        if len(values) == values.maxlen:
+        if values.maxlen and len(values) == values.maxlen:
             self._sum -= values[0]
         values.append(x)
         self._sum += x
