@@ -404,6 +404,16 @@ class ClusterCommit:
                 "the offset after the next assignment", int(stored) if stored else None)
 
 
+def _unreachable(exc: Exception) -> bool:
+    """Whether a failure to make the cluster client is the cluster not answering (worth
+    waiting for), not a URL or ACL it will never accept."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return True
+    text = str(exc)
+    refusals = ("not enabled", "NOPERM", "permission", "querystring")
+    return "cannot be connected" in text and not any(r in text for r in refusals)
+
+
 class ClusterUnreachable(MetarecError, redis.ConnectionError):
     """No node of the cluster answered when the store was made (a transient error: the
     services wait for the cluster as for any Redis outage)."""
@@ -467,9 +477,12 @@ class ClusterStore(RedisStore):
                     or "NOAUTH" in str(exc):
                 raise ConfigError(f"the Redis Cluster refused the credentials of "
                                   f"METAREC_REDIS_URL: {exc}") from None
+            text = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if not _unreachable(exc):  # waiting would not help: the URL or the ACL is wrong
+                raise ConfigError(f"METAREC_REDIS_URL does not name a Redis Cluster this "
+                                  f"client may use: {text}") from None
             raise ClusterUnreachable(f"the Redis Cluster at METAREC_REDIS_URL did not "
-                                     f"answer: {type(exc).__name__}: {str(exc)[:200]}"
-                                     ) from None
+                                     f"answer: {text}") from None
         return cls(client, prefix, **kwargs)
 
     def key(self, *parts: object) -> str:

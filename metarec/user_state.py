@@ -44,6 +44,9 @@ from metarec.events import DEFAULT_DOMAIN
 __all__ = ["COUNT_AT", "COUNT_BYTES", "MAX_SEEN", "UserState", "count_guard", "decode_many",
            "encode_many"]
 
+#: Item indices a state can hold: below 2**48 (a catalogue of 281 trillion items), so that
+#: an index and its weight code always fit the 56 bits a packed field may have.
+MAX_ITEM = 2**48
 #: Items a user consumed that stay excluded from their list. Past this the oldest ones may
 #: come back; 5,000 covers all but robots and keeps the state under ~25 KiB.
 MAX_SEEN = 5000
@@ -61,7 +64,7 @@ _PALETTE16 = 2  # the weight palette as float16 (every weight is exact in it)
 _RAW_WEIGHTS = 4  # more than 255 distinct weights: each slot's float32 weight instead
 _TS_SECONDS = 8  # every history time gap is whole seconds, stored in seconds
 _TS_SIGNED = 16  # a history time is later than the next one: gaps zig-zagged
-_SEEN_EXTRA = 32  # seen holds only the items the history does not (see _seen_extra)
+_SEEN_EXTRA = 32  # seen holds only the items the history does not (see _ends_with)
 # Earlier formats, still read.
 _MAGIC_V2 = b"MU2"
 _MAGIC = b"MU3"
@@ -164,10 +167,11 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     weights = np.stack([st.hist_weights for st in states]).astype(np.float32).reshape(n, length)
     ts = np.stack([st.hist_ts for st in states]).astype(np.int64).reshape(n, length)
     last = np.fromiter((st.last_ts for st in states), np.int64, n)
-    if (items < -1).any():
-        raise ValueError("a user state holds a negative item index")
-    # Leading slots that were never filled are not stored, only counted.
-    empty = (items == -1) & (weights == 0) & (ts == 0)
+    if (items < -1).any() or (items >= MAX_ITEM).any():
+        raise ValueError(f"a user state holds an item index outside [-1, {MAX_ITEM})")
+    # Leading slots that were never filled are not stored, only counted (a weight of -0.0
+    # is not "never filled": its bits are kept).
+    empty = (items == -1) & (weights.view(np.uint32) == 0) & (ts == 0)
     lead = np.cumprod(empty, axis=1).sum(axis=1)
     filled = np.arange(length) >= lead[:, None]
     n_filled = length - lead
@@ -184,7 +188,8 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     raw_weights = n_codes > 255  # no palette: weights stored whole
     flags[raw_weights] |= _RAW_WEIGHTS
     palette = (palette_keys & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
-    half = palette.astype(np.float16)
+    with np.errstate(over="ignore"):  # weights past float16's range: the float32 palette
+        half = palette.astype(np.float16)
     exact16 = half.astype(np.float32) == palette
     pal_row = np.repeat(np.arange(n), n_codes)
     wide = np.bincount(pal_row[~exact16], minlength=n) > 0
@@ -206,8 +211,8 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     n_recs = np.fromiter((st.recs.size for st in states), np.int64, n)
     listed = np.concatenate([part for r in range(n) for part in (seens[r], states[r].recs)]
                             + [np.zeros(0, np.int64)]).astype(np.int64)
-    if (listed < -1).any():
-        raise ValueError("a user state holds a negative item index")
+    if (listed < -1).any() or (listed >= MAX_ITEM).any():
+        raise ValueError(f"a user state holds an item index outside [-1, {MAX_ITEM})")
     listed_u = (listed + 1).astype(np.uint64)
     list_bits = _bit_lengths(_row_max(listed_u, n_seen + n_recs, n))
 
@@ -295,7 +300,10 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
             domain = data[pos:pos + n_dom].decode("utf-8")
             pos += n_dom
         filled = length - n_lead
-        if filled < 0 or (filled > 0 and (ncodes == 0) != bool(f & _RAW_WEIGHTS)):
+        if filled < 0 or (filled > 0 and (ncodes == 0) != bool(f & _RAW_WEIGHTS)) or \
+                not 1 <= hbits <= 56 or not 1 <= lbits <= 56 or \
+                (n_seen + n_recs) * lbits + filled * hbits > 8 * len(data) or \
+                not -2**63 <= _unzigzag_int(zz) < 2**63:
             raise ValueError("not a metarec user state (inconsistent header)")
         parts: tuple[tuple[str, int], ...]
         if f & _RAW_WEIGHTS:
@@ -363,8 +371,7 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     hist_ts[base[slot_row] + length[slot_row] - 1 - within] = ts_back
     seen_all = listed.astype(np.int64) - 1
     tails = _last_occurrence_mask(hist_items, base)
-    tail_at = _bounds(np.add.reduceat(tails, base).astype(np.int64) if base.size
-                      else np.zeros(0, np.int64))
+    tail_at = _bounds(np.bincount(np.repeat(np.arange(n), length)[tails], minlength=n))
     tail_items = hist_items[tails]
     out = []
     list_at, d_at = _starts(n_listed).tolist(), _starts(np.asarray(col[1], np.int64)).tolist()
@@ -535,6 +542,8 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
         shift += 7
+        if shift > 63:
+            raise ValueError("not a metarec user state (a varint longer than 64 bits)")
 
 
 def _decode_earlier(blobs: Sequence[bytes]) -> list[UserState]:
@@ -613,12 +622,11 @@ def _last_occurrence_mask(items: npt.NDArray[np.int64],
         sizes = np.diff(np.append(starts, items.size))
         if sizes.size and (sizes == sizes[0]).all():
             return _last_occurrence_mask(items.reshape(sizes.size, -1)).ravel()
-        row = np.repeat(np.arange(sizes.size), sizes)
-        key = row * (int(items.max(initial=0)) + 2) + items + 1
-        _, first_from_end = np.unique(key[::-1], return_index=True)
-        mask = np.zeros(items.size, bool)
-        mask[items.size - 1 - first_from_end] = True
-        return mask & (items >= 0)
+        # Histories of different lengths (rare: a model with another history length):
+        # one row at a time.
+        return np.concatenate([_last_occurrence_mask(items[lo:lo + size][None, :]).ravel()
+                               for lo, size in zip(starts.tolist(), sizes.tolist(),
+                                                   strict=True)] + [np.zeros(0, bool)])
     # A stable sort of each row keeps equal items in history order: the last of each run
     # is that item's last occurrence.
     order = np.argsort(items, axis=1, kind="stable")

@@ -105,6 +105,15 @@ def test_an_unreachable_cluster_is_one_clear_error() -> None:
         RedisStore.connect("redis+cluster://127.0.0.1:1", "x:")
 
 
+def test_a_url_a_cluster_client_can_never_use_is_a_config_error_not_an_outage(
+        redis_url: str) -> None:
+    # A standalone Redis named as a cluster, and a database number: waiting cannot help.
+    host_port = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    for url in (f"redis+cluster://{host_port}", f"redis+cluster://{host_port}/1"):
+        with pytest.raises(ConfigError, match="METAREC_REDIS_URL"):
+            RedisStore.connect(url, "x:")
+
+
 # -- the commit's steps -----------------------------------------------------------------------
 
 

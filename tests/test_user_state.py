@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import numpy as np
@@ -85,6 +86,42 @@ def test_unusual_states_round_trip() -> None:
     for state in (many_weights, seconds, huge, empty):
         assert same(UserState.from_bytes(state.to_bytes()), state)
     assert same(decode_many(encode_many([seconds, empty, seconds]))[2], seconds)
+
+
+def test_empty_histories_minus_zero_weights_and_mixed_lengths_round_trip() -> None:
+    no_history = UserState.new(2, 0)
+    two = UserState.new(1, 2)
+    two.record(7, 1.0, 1, "default")
+    two.record(8, 1.0, 2, "default")
+    two.seen = np.array([3, 7, 8])
+    three = UserState.new(1, 3)
+    for item in (9, 9, 4):
+        three.record(item, 1.0, 3, "default")
+    hole = UserState.new(1, 2)
+    hole.record(4, 1.0, 9, "default")
+    hole.hist_weights[0] = -0.0  # an unfilled slot's weight with its sign bit
+    batch = [no_history, two, three, hole]
+    for got, want in zip(decode_many(encode_many(batch)), batch, strict=True):
+        assert same(got, want)
+    assert np.signbit(UserState.from_bytes(hole.to_bytes()).hist_weights[0])
+
+
+def test_item_indices_past_the_limit_are_refused_not_wrapped() -> None:
+    state = UserState.new(1, 2)
+    state.record(2**62, 1.0, 1, "default")
+    with pytest.raises(ValueError, match="item index"):
+        state.to_bytes()
+
+
+def test_a_corrupted_state_raises_value_error_and_nothing_else() -> None:
+    rng = np.random.default_rng(7)
+    blobs = [random_state(rng, trial).to_bytes() for trial in range(40)]
+    for _ in range(3000):
+        blob = bytearray(blobs[int(rng.integers(len(blobs)))])
+        for at in rng.integers(0, len(blob), int(rng.integers(1, 4))):
+            blob[int(at)] = int(rng.integers(256))
+        with contextlib.suppress(ValueError):  # any other exception fails the test
+            decode_many([bytes(blob)])
 
 
 def test_every_cut_of_a_state_is_refused() -> None:
