@@ -405,13 +405,13 @@ class ClusterCommit:
 
 
 def _unreachable(exc: Exception) -> bool:
-    """Whether a failure to make the cluster client is the cluster not answering (worth
-    waiting for), not a URL or ACL it will never accept."""
+    """Whether a failure to make the cluster client may pass (nodes down, a cluster still
+    forming: "All slots are not covered"), rather than a URL or ACL the cluster will never
+    accept (a node without cluster mode, a database number, NOPERM for CLUSTER SLOTS)."""
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return True
-    text = str(exc)
     refusals = ("not enabled", "NOPERM", "permission", "querystring")
-    return "cannot be connected" in text and not any(r in text for r in refusals)
+    return not any(r in str(exc) for r in refusals)
 
 
 class ClusterUnreachable(MetarecError, redis.ConnectionError):

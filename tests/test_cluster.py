@@ -114,6 +114,21 @@ def test_a_url_a_cluster_client_can_never_use_is_a_config_error_not_an_outage(
             RedisStore.connect(url, "x:")
 
 
+def test_a_cluster_still_forming_is_waited_for_and_a_refusal_is_not() -> None:
+    from redis.exceptions import RedisClusterException
+
+    from metarec.cluster_store import _unreachable
+
+    forming = RedisClusterException("All slots are not covered after query all startup_nodes. "
+                                    "5461 of 16384 covered...")
+    down = RedisClusterException("Redis Cluster cannot be connected. Please provide at least "
+                                 "one reachable node: Error 111 connecting to 127.0.0.1:1.")
+    standalone = RedisClusterException("Redis Cluster cannot be connected. Please provide at "
+                                       "least one reachable node: Cluster mode is not enabled "
+                                       "on this node")
+    assert _unreachable(forming) and _unreachable(down) and not _unreachable(standalone)
+
+
 # -- the commit's steps -----------------------------------------------------------------------
 
 
