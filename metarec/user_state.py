@@ -40,6 +40,21 @@ import numpy as np
 import numpy.typing as npt
 
 from metarec.events import DEFAULT_DOMAIN
+from metarec.packing import (
+    bit_lengths,
+    bounds,
+    pack_bits,
+    read_varint,
+    read_varints,
+    row_max,
+    starts,
+    unpack_bits,
+    unzigzag,
+    unzigzag_int,
+    varint,
+    varints,
+    zigzag,
+)
 
 __all__ = ["COUNT_AT", "COUNT_BYTES", "MAX_SEEN", "UserState", "count_guard", "decode_many",
            "encode_many"]
@@ -197,7 +212,7 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     mult = np.where(raw_weights, 1, np.maximum(n_codes, 1))
     code = np.where(raw_weights[rowid[filled]], 0, code)
     packed_hist = ((items[filled] + 1) * mult[rowid[filled]] + code).astype(np.uint64)
-    hist_bits = _bit_lengths(_row_max(packed_hist, n_filled, n))
+    hist_bits = bit_lengths(row_max(packed_hist, n_filled, n))
 
     # Seen (only what the history does not already say) and the last list, one section.
     tails = _last_occurrence_mask(items)
@@ -214,7 +229,7 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     if (listed < -1).any() or (listed >= MAX_ITEM).any():
         raise ValueError(f"a user state holds an item index outside [-1, {MAX_ITEM})")
     listed_u = (listed + 1).astype(np.uint64)
-    list_bits = _bit_lengths(_row_max(listed_u, n_seen + n_recs, n))
+    list_bits = bit_lengths(row_max(listed_u, n_seen + n_recs, n))
 
     # History times: gaps walking back from the last event time, in seconds when every
     # gap is a whole second, zig-zagged only when events came out of order.
@@ -226,22 +241,22 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     flags[signed] |= _TS_SIGNED
     flags[seconds] |= _TS_SECONDS
     gaps = np.where(seconds[:, None], gaps // 1000, gaps)
-    gaps = np.where(signed[:, None], _zigzag(gaps), gaps)[valid].astype(np.uint64)
+    gaps = np.where(signed[:, None], zigzag(gaps), gaps)[valid].astype(np.uint64)
 
     domains = [st.domain.encode("utf-8") for st in states]
     default = np.fromiter((st.domain == DEFAULT_DOMAIN for st in states), bool, n)
     flags[default] |= _DEFAULT_DOMAIN
 
-    hist_raw = _pack_bits(packed_hist, n_filled, hist_bits)
-    list_raw = _pack_bits(listed_u, n_seen + n_recs, list_bits)
-    ts_raw = _varints(gaps, n_filled)
+    hist_raw = pack_bits(packed_hist, n_filled, hist_bits)
+    list_raw = pack_bits(listed_u, n_seen + n_recs, list_bits)
+    ts_raw = varints(gaps, n_filled)
     delta_raw = np.stack([st.delta for st in states]).astype("<f4").reshape(n, dim).tobytes()
     pal_f2 = half.astype("<f2").tobytes()
     pal_f4 = palette.astype("<f4").tobytes()
     w_raw = weights.astype("<f4")
     small = np.concatenate((lead.astype(np.uint64), n_seen.astype(np.uint64),
-                            _zigzag(last).view(np.uint64)))
-    counters = _varints(small, np.ones(3 * n, np.int64))
+                            zigzag(last).view(np.uint64)))
+    counters = varints(small, np.ones(3 * n, np.int64))
     out = []
     row_d = 4 * dim
     pal_at = first.tolist()
@@ -250,7 +265,7 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
         head = _HEADER4.pack(_MAGIC4, f, dim, length, st.model_version, int(n_recs[r]),
                              int(hist_bits[r]), int(list_bits[r]),
                              0 if raw_weights[r] else int(n_codes[r]), st.n_events)
-        dom = b"" if f & _DEFAULT_DOMAIN else _varint(len(domains[r])) + domains[r]
+        dom = b"" if f & _DEFAULT_DOMAIN else varint(len(domains[r])) + domains[r]
         if f & _RAW_WEIGHTS:
             pal = w_raw[r, int(lead[r]):].tobytes()
         elif f & _PALETTE16:
@@ -291,19 +306,19 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
             raise ValueError(f"truncated metarec user state: {len(data)} bytes")
         (_, f, dim, length, version, n_recs, hbits, lbits, ncodes,
          n_events) = _HEADER4.unpack_from(data)
-        n_lead, pos = _read_varint(data, _HEADER4.size)
-        n_seen, pos = _read_varint(data, pos)
-        zz, pos = _read_varint(data, pos)
+        n_lead, pos = read_varint(data, _HEADER4.size)
+        n_seen, pos = read_varint(data, pos)
+        zz, pos = read_varint(data, pos)
         domain = DEFAULT_DOMAIN
         if not f & _DEFAULT_DOMAIN:
-            n_dom, pos = _read_varint(data, pos)
+            n_dom, pos = read_varint(data, pos)
             domain = data[pos:pos + n_dom].decode("utf-8")
             pos += n_dom
         filled = length - n_lead
         if filled < 0 or (filled > 0 and (ncodes == 0) != bool(f & _RAW_WEIGHTS)) or \
                 not 1 <= hbits <= 56 or not 1 <= lbits <= 56 or \
                 (n_seen + n_recs) * lbits + filled * hbits > 8 * len(data) or \
-                not -2**63 <= _unzigzag_int(zz) < 2**63:
+                not -2**63 <= unzigzag_int(zz) < 2**63:
             raise ValueError("not a metarec user state (inconsistent header)")
         parts: tuple[tuple[str, int], ...]
         if f & _RAW_WEIGHTS:
@@ -320,7 +335,7 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
                              f"describes at least {pos}")
         chunks["ts"].append(data[pos:])
         heads.append((f, dim, length, version, n_recs, hbits, lbits, ncodes, n_events, n_lead,
-                      n_seen, _unzigzag_int(zz), domain))
+                      n_seen, unzigzag_int(zz), domain))
     n = len(heads)
     col = list(zip(*heads, strict=True))
     flags = np.asarray(col[0], np.int64)
@@ -330,8 +345,8 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     n_listed = np.asarray(col[10], np.int64) + np.asarray(col[4], np.int64)
     ncodes = np.asarray(col[7], np.int64)
     raw_rows = (flags & _RAW_WEIGHTS) > 0
-    packed = _unpack_bits(chunks["hist"], n_filled, np.asarray(col[5], np.int64))
-    listed = _unpack_bits(chunks["list"], n_listed, np.asarray(col[6], np.int64))
+    packed = unpack_bits(chunks["hist"], n_filled, np.asarray(col[5], np.int64))
+    listed = unpack_bits(chunks["list"], n_listed, np.asarray(col[6], np.int64))
     slot_row = np.repeat(np.arange(n), n_filled)
     mult = np.where(raw_rows, 1, np.maximum(ncodes, 1))[slot_row].astype(np.uint64)
     items = (packed // mult).astype(np.int64) - 1
@@ -342,26 +357,26 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     half_rows = ((flags & _PALETTE16) > 0) & ~raw_rows
     full_rows = ~half_rows & ~raw_rows
     pal_at = np.zeros(n, np.int64)
-    pal_at[half_rows] = _starts(ncodes[half_rows])
-    pal_at[full_rows] = pal2.size + _starts(ncodes[full_rows])
+    pal_at[half_rows] = starts(ncodes[half_rows])
+    pal_at[full_rows] = pal2.size + starts(ncodes[full_rows])
     weights = np.concatenate((pal2, pal4))[np.minimum(
         pal_at[slot_row] + codes, max(pal2.size + pal4.size - 1, 0))] \
         if pal2.size + pal4.size else np.zeros(items.size, np.float32)
     if raw_rows.any():
         raw = np.frombuffer(b"".join(chunks["raw"]), "<f4").astype(np.float32)
         weights[np.repeat(raw_rows, n_filled)] = raw
-    gaps = _read_varints(chunks["ts"], n_filled)
+    gaps = read_varints(chunks["ts"], n_filled)
     signed = np.repeat((flags & _TS_SIGNED) > 0, n_filled)
-    gaps = np.where(signed, _unzigzag(gaps), gaps.view(np.int64))
+    gaps = np.where(signed, unzigzag(gaps), gaps.view(np.int64))
     gaps = np.where(np.repeat((flags & _TS_SECONDS) > 0, n_filled), gaps * 1000, gaps)
     last = np.asarray(col[11], np.int64)
     walked = np.cumsum(gaps)
-    before = np.repeat(np.concatenate(([0], walked))[_starts(n_filled)], n_filled)
+    before = np.repeat(np.concatenate(([0], walked))[starts(n_filled)], n_filled)
     ts_back = np.repeat(last, n_filled) - (walked - before)
     delta = np.frombuffer(b"".join(chunks["delta"]), "<f4").astype(np.float32)
     # Every row's history in one flat buffer each (slots in order), sliced per state.
-    base = _starts(length)
-    within = np.arange(slot_row.size) - np.repeat(_starts(n_filled), n_filled)
+    base = starts(length)
+    within = np.arange(slot_row.size) - np.repeat(starts(n_filled), n_filled)
     hist_items = np.full(int(length.sum()), -1, np.int64)
     hist_weights = np.zeros(hist_items.size, np.float32)
     hist_ts = np.zeros(hist_items.size, np.int64)
@@ -371,10 +386,10 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     hist_ts[base[slot_row] + length[slot_row] - 1 - within] = ts_back
     seen_all = listed.astype(np.int64) - 1
     tails = _last_occurrence_mask(hist_items, base)
-    tail_at = _bounds(np.bincount(np.repeat(np.arange(n), length)[tails], minlength=n))
+    tail_at = bounds(np.bincount(np.repeat(np.arange(n), length)[tails], minlength=n))
     tail_items = hist_items[tails]
     out = []
-    list_at, d_at = _starts(n_listed).tolist(), _starts(np.asarray(col[1], np.int64)).tolist()
+    list_at, d_at = starts(n_listed).tolist(), starts(np.asarray(col[1], np.int64)).tolist()
     for r, (f, dim, size, version, n_recs, _, _, _, n_events, _, n_seen, last_ts,
             domain) in enumerate(heads):
         lo = int(base[r])
@@ -388,162 +403,6 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
                              seen_all[at + n_seen:at + n_seen + n_recs], version, n_events,
                              last_ts, domain))
     return out
-
-
-def _starts(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Where each of consecutive runs of ``counts`` starts."""
-    out = np.zeros(counts.size, np.int64)
-    np.cumsum(counts[:-1], out=out[1:])
-    return out
-
-
-def _bounds(sizes: npt.NDArray[np.int64]) -> list[int]:
-    """Where consecutive runs of ``sizes`` start, and where the last ends."""
-    out = np.zeros(sizes.size + 1, np.int64)
-    np.cumsum(sizes, out=out[1:])
-    bounds: list[int] = out.tolist()
-    return bounds
-
-
-def _row_max(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
-             n: int) -> npt.NDArray[np.uint64]:
-    """The largest of each row's run of ``values`` (0 for an empty row)."""
-    out = np.zeros(n, np.uint64)
-    full = counts > 0
-    if full.any():
-        out[full] = np.maximum.reduceat(values, _starts(counts)[full])
-    return out
-
-
-def _bit_lengths(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Bits each value needs (at least 1; one more than needed for a few values past
-    2**53, where float64 rounds up, which only widens the field)."""
-    bits: npt.NDArray[np.int64] = np.frexp(values.astype(np.float64))[1].astype(np.int64)
-    return np.maximum(bits, 1)
-
-
-def _pack_bits(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
-               bits: npt.NDArray[np.int64]) -> list[bytes]:
-    """Each row's run of ``values``, ``bits[row]`` bits apiece, least significant first,
-    padded to whole bytes (at most 56 bits a value)."""
-    n = counts.size
-    row_bits = counts * bits
-    row_bytes = -(-row_bits // 8)
-    total = int(row_bytes.sum())
-    if not total:
-        return [b""] * n
-    per_value = np.repeat(bits, counts)
-    if per_value.max() > 56:
-        raise ValueError("a user state's item index is too large to store")
-    within = np.arange(values.size) - np.repeat(_starts(counts), counts)
-    first_bit = np.repeat(8 * _starts(row_bytes), counts) + within * per_value
-    # Value k's bits, shifted into place, span the 8 bytes from its first byte on; the
-    # values' bit ranges never overlap, so adding the bytes up is OR-ing them.
-    shifted = values << (first_bit & 7).astype(np.uint64)
-    spread = shifted.astype("<u8").view(np.uint8).reshape(-1, 8)
-    where = (first_bit >> 3)[:, None] + np.arange(8)
-    packed = np.bincount(where.ravel(), weights=spread.ravel(), minlength=total + 8)
-    raw = packed[:total].astype(np.uint8).tobytes()
-    at = _bounds(row_bytes)
-    return [raw[at[r]:at[r + 1]] for r in range(n)]
-
-
-def _unpack_bits(chunks: Sequence[bytes], counts: npt.NDArray[np.int64],
-                 bits: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
-    """The inverse of :func:`_pack_bits`: every row's values, concatenated."""
-    total = int(counts.sum())
-    if not total:
-        return np.zeros(0, np.uint64)
-    stream = np.frombuffer(b"".join(chunks) + bytes(8), np.uint8)
-    sizes = np.fromiter((len(c) for c in chunks), np.int64, len(chunks))
-    per_value = np.repeat(bits, counts)
-    if per_value.max() > 56:
-        raise ValueError("not a metarec user state (item width over 56 bits)")
-    within = np.arange(total) - np.repeat(_starts(counts), counts)
-    first_bit = np.repeat(8 * _starts(sizes), counts) + within * per_value
-    if first_bit[-1] + per_value[-1] > 8 * (stream.size - 8):
-        raise ValueError("truncated metarec user state: its packed items end early")
-    words = stream[(first_bit >> 3)[:, None] + np.arange(8)].view("<u8").ravel()
-    mask = (np.uint64(1) << per_value.astype(np.uint64)) - np.uint64(1)
-    out: npt.NDArray[np.uint64] = (words >> (first_bit & 7).astype(np.uint64)) & mask
-    return out
-
-
-def _varints(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64]) -> list[bytes]:
-    """Each row's run of ``values`` as LEB128 varints (7 bits a byte, high bit: more)."""
-    n = counts.size
-    if not values.size:
-        return [b""] * n
-    size = (_bit_lengths(values) + 6) // 7
-    width = int(size.max())
-    groups = np.arange(width, dtype=np.uint64) * np.uint64(7)
-    sevens = ((values[:, None] >> groups) & np.uint64(0x7F)).astype(np.uint8)
-    sevens[np.arange(width) < size[:, None] - 1] |= 0x80
-    flat = sevens[np.arange(width) < size[:, None]].tobytes()
-    row_bytes = np.bincount(np.repeat(np.arange(n), counts), weights=size, minlength=n)
-    at = _bounds(row_bytes.astype(np.int64))
-    return [flat[at[r]:at[r + 1]] for r in range(n)]
-
-
-def _read_varints(chunks: Sequence[bytes], counts: npt.NDArray[np.int64]
-                  ) -> npt.NDArray[np.uint64]:
-    """The inverse of :func:`_varints`; a row whose bytes do not hold exactly its count of
-    whole varints is refused (a truncated state ends inside its times)."""
-    raw = np.frombuffer(b"".join(chunks), np.uint8)
-    sizes = np.fromiter((len(c) for c in chunks), np.int64, len(chunks))
-    ends = (raw & 0x80) == 0
-    per_row = np.bincount(np.repeat(np.arange(sizes.size), sizes)[ends],
-                          minlength=sizes.size) if raw.size else np.zeros(sizes.size, np.int64)
-    last_byte_ends = np.ones(sizes.size, bool)
-    full = sizes > 0
-    last_byte_ends[full] = ends[np.cumsum(sizes)[full] - 1]
-    if not (np.array_equal(per_row, counts) and last_byte_ends.all()):
-        raise ValueError("truncated metarec user state: its history times end early")
-    if not raw.size:
-        return np.zeros(0, np.uint64)
-    end_at = np.flatnonzero(ends)
-    begin = np.concatenate(([0], end_at[:-1] + 1))
-    k = np.arange(raw.size) - np.repeat(begin, end_at - begin + 1)
-    parts = (raw & 0x7F).astype(np.uint64) << (k.astype(np.uint64) * np.uint64(7))
-    return np.add.reduceat(parts, begin).astype(np.uint64)
-
-
-def _zigzag(values: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Signed to unsigned, small magnitudes small (as bits; read as uint64)."""
-    return (values << 1) ^ (values >> 63)
-
-
-def _unzigzag(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    one = np.uint64(1)
-    return ((values >> one) ^ (np.uint64(0) - (values & one))).view(np.int64)
-
-
-def _unzigzag_int(value: int) -> int:
-    return value >> 1 if not value & 1 else -((value + 1) >> 1)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError(f"truncated metarec user state: {len(data)} bytes")
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("not a metarec user state (a varint longer than 64 bits)")
 
 
 def _decode_earlier(blobs: Sequence[bytes]) -> list[UserState]:
@@ -644,8 +503,8 @@ def _ends_with(seen: npt.NDArray[np.int64], seen_size: npt.NDArray[np.int64],
     """Per row: does its run of ``seen`` end with its run of ``tails``?"""
     fits = seen_size >= tail_size
     rows = np.repeat(np.arange(seen_size.size), tail_size)
-    j = np.arange(tails.size) - np.repeat(_starts(tail_size), tail_size)
-    at = np.repeat(_starts(seen_size) + seen_size - tail_size, tail_size) + j
+    j = np.arange(tails.size) - np.repeat(starts(tail_size), tail_size)
+    at = np.repeat(starts(seen_size) + seen_size - tail_size, tail_size) + j
     ok = fits[rows] & (seen[np.clip(at, 0, max(seen.size - 1, 0))] == tails
                        if seen.size else np.zeros(tails.size, bool))
     out: npt.NDArray[np.bool_] = fits & (np.bincount(rows[~ok], minlength=seen_size.size) == 0)
