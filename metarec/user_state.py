@@ -308,7 +308,7 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
          n_events) = _HEADER4.unpack_from(data)
         n_lead, pos = read_varint(data, _HEADER4.size)
         n_seen, pos = read_varint(data, pos)
-        zz, pos = read_varint(data, pos)
+        zz, pos = read_varint(data, pos)  # at most 64 bits: last_ts fits an int64
         domain = DEFAULT_DOMAIN
         if not f & _DEFAULT_DOMAIN:
             n_dom, pos = read_varint(data, pos)
@@ -317,8 +317,7 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
         filled = length - n_lead
         if filled < 0 or (filled > 0 and (ncodes == 0) != bool(f & _RAW_WEIGHTS)) or \
                 not 1 <= hbits <= 56 or not 1 <= lbits <= 56 or \
-                (n_seen + n_recs) * lbits + filled * hbits > 8 * len(data) or \
-                not -2**63 <= unzigzag_int(zz) < 2**63:
+                (n_seen + n_recs) * lbits + filled * hbits > 8 * len(data):
             raise ValueError("not a metarec user state (inconsistent header)")
         parts: tuple[tuple[str, int], ...]
         if f & _RAW_WEIGHTS:
