@@ -1,28 +1,32 @@
-# Everyday commands. CI runs .ci/run, which also installs the system packages (kcat,
-# redis-tools) and makes sure a Redis answers; then it runs the same `make test`.
+# Everyday commands. CI runs .ci/run, which makes sure a Redis answers and runs lint; then
+# it runs the same `make test`. Every target installs what it needs first: .venv with the
+# package and all its extras, and for `test` the system programs (scripts/system-packages.sh).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint test demo bench eval suite
+.PHONY: help install system-packages lint test demo bench eval suite
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install metarec with its dev tools (editable)
+install: $(STAMP) ## create .venv and install metarec with every extra and the dev tools (editable)
+
+system-packages: ## install redis-server, redis-tools (and kcat) with apt-get where missing
+	scripts/system-packages.sh
 
 lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) ## the test suite (starts its own Tansu broker; uses or starts Redis on 127.0.0.1:6379)
+test: $(STAMP) system-packages ## the test suite (starts its own Tansu broker; uses or starts Redis on 127.0.0.1:6379)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) ## the whole loop on the local broker and Redis, on a bundled synthetic stream

@@ -16,13 +16,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+from metarec import __version__
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
 from metarec.errors import ConfigError, MetarecError
 from metarec.logs import configure_logging, fatal
+from metarec.topics import topic_plan
 
 __all__ = ["build_parser", "main"]
 
 DEV_STATE_DIR = Path(".metarec")
+log = logging.getLogger("metarec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarec", description="Streaming meta-learning recommender: Kafka events in, "
                                     "per-user top-K lists in Redis out.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ev = sub.add_parser("eval", help="prequential comparison against the baselines",
@@ -109,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--redis-url", default=None,
                        help="Redis to measure (default: METAREC_REDIS_URL or the local one)")
 
+    topics = sub.add_parser("topics", help="create the services' topics where missing",
+                            description="Create the events, items, users, dead-letter and "
+                                        "model topics on METAREC_KAFKA_BOOTSTRAP with their "
+                                        "planned partitions and configs (compaction, "
+                                        "retention); existing topics are left as they are. "
+                                        "Prints each topic's partition count as JSON.")
+    add_arguments(topics)
+
     dev = sub.add_parser("dev", help="local services for a laptop: broker and Redis",
                          description="Start, stop or inspect the local Tansu broker and Redis.")
     dev.add_argument("action", choices=["up", "down", "status"])
@@ -149,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _aggregate(settings, once=args.once, now=args.now)
         if args.command in ("recs", "user", "dlq", "model"):
             return _operate(settings, args)
+        if args.command == "topics":
+            return _topics(settings)
         if args.command == "dev":
             return _dev(settings, args.action, args.state_dir)
         if args.command == "demo":
@@ -170,7 +184,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     """SIGTERM and SIGINT ask a service to finish what is in flight and exit 0."""
     def handler(signum: int, frame: FrameType | None) -> None:
         del frame
-        logging.getLogger("metarec").info("stopping after the work in flight",
+        log.info("stopping after the work in flight",
                                           extra={"signal": signum})
         stop()
 
@@ -248,6 +262,21 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _topics(settings: Settings) -> int:
+    """Create the services' topics where missing; report each one's partitions."""
+    from metarec.devservices import create_topics
+
+    plan = topic_plan(settings)
+    counts = create_topics(settings.kafka_bootstrap, {n: t.partitions for n, t in plan.items()},
+                           configs={n: t.config for n, t in plan.items()}, timeout=30.0)
+    differ = {n: c for n, c in counts.items() if c != plan[n].partitions}
+    print(json.dumps({"topics": counts, "planned": {n: t.partitions for n, t in plan.items()}}))
+    if differ:
+        log.warning("topics exist with other partition counts than planned; left as they are",
+                    extra={"topics": differ})
+    return 0
+
+
 def _dev(settings: Settings, action: str, state_dir: Path) -> int:
     from metarec import devservices
 
@@ -256,10 +285,10 @@ def _dev(settings: Settings, action: str, state_dir: Path) -> int:
         if host not in {"127.0.0.1", "localhost"}:
             raise ConfigError(f"metarec dev up starts a local broker; METAREC_KAFKA_BOOTSTRAP "
                               f"is {settings.kafka_bootstrap!r}, not 127.0.0.1:PORT")
-        topics = {settings.events_topic: settings.partitions, settings.items_topic: 1,
-                  settings.users_topic: 1, settings.dlq_topic: 1, settings.model_topic: 1}
+        plan = topic_plan(settings)
         state = devservices.up(state_dir, broker_port=int(port), redis_url=settings.redis_url,
-                               topics=topics)
+                               topics={name: t.partitions for name, t in plan.items()},
+                               configs={name: t.config for name, t in plan.items()})
         print(f"broker  {state.bootstrap} (pid {state.broker.pid})")
         print(f"redis   {redact_url(state.redis.url)} ({state.redis.server})")
         print("topics  " + ", ".join(f"{t}[{n}]" for t, n in sorted(state.topics.items())))

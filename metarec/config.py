@@ -392,7 +392,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
     # consumers at 5,000 events/s, p99 207 ms at 20 ms and 87 ms at 5 ms).
     _int_spec("batch_timeout_ms", 5, 0, 60_000,
               "Longest wait in milliseconds for a batch to fill."),
-    _int_spec("partitions", 4, 1, 1024, "Partitions of the topics that 'dev up' creates."),
+    _int_spec("partitions", 6, 1, 1024,
+              "Partitions of the events topic that 'metarec topics' and 'dev up' create: "
+              "the most consumer processes that can share the work."),
+    _int_spec("events_retention_hours", 7 * 24, 1, 10 * 365 * 24,
+              "Retention of the events topic that 'metarec topics' creates; must cover the "
+              "time the aggregator's last METAREC_WINDOW_EVENTS events span."),
     _int_spec("history_length", DEFAULT_HISTORY_LENGTH, 1, 10_000,
               "Events kept per user, to re-derive the user after a model change."),
     _int_spec("recs_ttl_s", 0, 0, 365 * _DAY_S,
@@ -478,6 +483,7 @@ class Settings:
     batch_size: int
     batch_timeout_ms: int
     partitions: int
+    events_retention_hours: int
     history_length: int
     recs_ttl_s: int
     metrics_port: int

@@ -50,8 +50,9 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # the stubs declare it here, not in .admin
 
-from metarec.config import redact_url
+from metarec.config import Settings, redact_url
 from metarec.errors import ConfigError, MetarecError
+from metarec.topics import topic_plan
 
 __all__ = [
     "DEFAULT_BROKER_PORT",
@@ -89,15 +90,9 @@ DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 #: Relative on purpose: ``metarec dev up`` keeps its state beside the project it serves.
 DEFAULT_STATE_DIR: Final = Path(".metarec")
 STATE_FILE: Final = "dev.json"
-#: The contract's default topics with partition counts. Tansu cannot add partitions later,
-#: so events get room for up to 6 consumer processes; the DLQ and model topics are tiny.
+#: The default settings' topics with their partition counts (:mod:`metarec.topics`).
 DEFAULT_TOPICS: Final[Mapping[str, int]] = MappingProxyType({
-    "metarec.events": 6,
-    "metarec.items": 3,
-    "metarec.users": 3,
-    "metarec.events.dlq": 1,
-    "metarec.model": 1,
-})
+    name: spec.partitions for name, spec in topic_plan(Settings.from_env({})).items()})
 #: Tansu keeps a group's join phase open ~session.timeout.ms/2, so librdkafka's 45 s
 #: default means ~23 s before any assignment. 6 s is also the least Apache Kafka accepts
 #: (group.min.session.timeout.ms), so the same values work against production brokers.
@@ -447,7 +442,8 @@ def start_broker(
 
 
 def create_topics(
-    bootstrap: str, topics: Mapping[str, int], *, timeout: float = 10.0
+    bootstrap: str, topics: Mapping[str, int], *, timeout: float = 10.0,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, int]:
     """Create topics with the given partition counts; topics that exist are left alone.
 
@@ -457,6 +453,9 @@ def create_topics(
         ``bootstrap.servers`` of the broker.
     topics
         Topic name to number of partitions.
+    configs
+        Topic name to topic-level configs (``cleanup.policy``, ``retention.ms``) for
+        the topics created now.
     timeout
         Seconds to wait for the broker.
 
@@ -480,7 +479,8 @@ def create_topics(
         return {}
     admin = _admin(bootstrap)
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=n) for name, n in topics.items()],
+        [NewTopic(name, num_partitions=n, config=dict((configs or {}).get(name, {})))
+         for name, n in topics.items()],
         operation_timeout=timeout, request_timeout=timeout,
     )
     for name, future in futures.items():
@@ -874,6 +874,7 @@ def up(
     broker_port: int | None = DEFAULT_BROKER_PORT,
     redis_url: str = DEFAULT_REDIS_URL,
     topics: Mapping[str, int] = DEFAULT_TOPICS,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
     timeout: float = 20.0,
 ) -> DevState:
     """Start broker and Redis in the background, create the topics, record it all.
@@ -892,6 +893,8 @@ def up(
         Redis to use; started there (no persistence) when nothing answers.
     topics
         Topic name to partitions.
+    configs
+        Topic name to topic-level configs, as :func:`create_topics` takes them.
     timeout
         Seconds to wait for each service.
 
@@ -905,7 +908,8 @@ def up(
     if current.state is not None:
         if current.broker is not None and current.broker.answers and current.redis is not None \
                 and current.redis.answers and current.state.redis.url == redis_url:
-            counts = create_topics(current.state.bootstrap, topics, timeout=timeout)
+            counts = create_topics(current.state.bootstrap, topics, timeout=timeout,
+                                   configs=configs)
             state = dataclasses.replace(current.state, topics={**current.state.topics, **counts})
             _write_state(state_dir, state)
             return state
@@ -921,7 +925,7 @@ def up(
         broker.stop()
         raise
     try:
-        counts = create_topics(broker.bootstrap, topics, timeout=timeout)
+        counts = create_topics(broker.bootstrap, topics, timeout=timeout, configs=configs)
         state = DevState(broker=broker, redis=redis_handle, topics=counts,
                          started_ms=int(time.time() * 1000))
         _write_state(state_dir, state)

@@ -56,6 +56,7 @@ from metarec.baselines import EASE, FirstPop, ItemKNN, OnlineBPRMF, Popularity, 
 from metarec.dataset import Dataset
 from metarec.errors import DataError
 from metarec.events import DEFAULT_EVENT_WEIGHTS
+from metarec.logs import TF_CPP_MIN_LOG_LEVEL
 from metarec.recommender import Interaction, Recommender
 
 __all__ = [
@@ -572,7 +573,7 @@ def _single_threaded_children() -> Iterator[None]:
     quiet = "TF_CPP_MIN_LOG_LEVEL"  # TensorFlow's C++ start-up chatter, once per worker
     saved = {name: os.environ.get(name) for name in (*names, quiet)}
     os.environ.update({name: "1" for name in names})
-    os.environ.setdefault(quiet, "2")
+    os.environ.setdefault(quiet, TF_CPP_MIN_LOG_LEVEL)
     try:
         yield
     finally:

@@ -48,10 +48,12 @@ __all__ = ["BASE_FIELDS", "JsonFormatter", "RepeatFilter", "Throttle", "configur
 #: The fields every line has, in this order; an ``extra`` field with one of these names
 #: is written as ``<name>_`` so that it can never replace them.
 BASE_FIELDS: Final = ("ts", "level", "logger", "service", "msg", "exc", "stack")
-#: TensorFlow's C++ log level used unless the environment already sets one: 2 keeps its
-#: errors and drops its INFO/WARNING start-up chatter (CPU features, plugin registration),
-#: which is not JSON and would break one-object-per-line output.
-TF_CPP_MIN_LOG_LEVEL: Final = "2"
+#: TensorFlow's C++ log level used unless the environment already sets one. Its C++ lines
+#: are not JSON and would break one-object-per-line output, so all but FATAL are dropped:
+#: the start-up chatter (CPU features, plugin and cuDNN registration) is noise, and an
+#: error that matters reaches Python as an exception, which is logged as JSON. Set
+#: ``TF_CPP_MIN_LOG_LEVEL=0`` by hand to see them while debugging TensorFlow itself.
+TF_CPP_MIN_LOG_LEVEL: Final = "3"
 #: Name of the handler :func:`configure_logging` installs, so a second call finds it.
 HANDLER_NAME: Final = "metarec.json"
 #: How deep nested ``extra`` values are converted; deeper (or cyclic) parts become strings.
@@ -162,7 +164,8 @@ def configure_logging(
     root logger (a test harness, for instance) are left alone.
 
     It also routes :mod:`warnings` through the ``py.warnings`` logger, and sets
-    ``TF_CPP_MIN_LOG_LEVEL=2`` unless the environment sets it already; TensorFlow reads
+    ``TF_CPP_MIN_LOG_LEVEL`` (:data:`TF_CPP_MIN_LOG_LEVEL`) unless the environment sets
+    it already; TensorFlow reads
     that when it is first imported, so call this before importing TensorFlow.
 
     Parameters

@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import tensorflow as tf
 
 from metarec.model import HISTORY_BUCKETS, MetaModel
 from metarec.neighbors import VOTERS
+from metarec.tensorflow_import import import_tensorflow
 from metarec.window import TrainingData
+
+import_tensorflow()  # before `import tensorflow`: its start-up lines become log records
+import tensorflow as tf  # noqa: E402
 
 if TYPE_CHECKING:
     from metarec.training import MetaTrainer, TrainingBatches

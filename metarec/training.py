@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -284,10 +283,10 @@ class MetaTrainer:
     def fit(self, data: TrainingData, init: MetaModel | None = None,
             version: int = 1) -> MetaModel:
         """Train on ``data`` (warm-starting from ``init`` if given); returns a new model."""
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
         from metarec.meta_graph import MetaGraph
+        from metarec.tensorflow_import import import_tensorflow
+
+        tf = import_tensorflow()
 
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()

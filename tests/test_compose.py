@@ -34,7 +34,9 @@ from metarec.config import (
     Settings,
     settings_from_args,
 )
+from metarec.devservices import DEFAULT_TOPICS
 from metarec.errors import ConfigError
+from metarec.topics import TopicSpec, topic_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -42,8 +44,13 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
 
-#: The services that run metarec code from the project's image, and the infrastructure.
-METAREC_SERVICES = ("consumer", "aggregator", "demo-producer")
+#: The services that run metarec code from the project's images, and the infrastructure.
+METAREC_SERVICES = ("kafka-init", "consumer", "aggregator", "aggregator-gpu", "demo-producer")
+AGGREGATORS = ("aggregator", "aggregator-gpu")
+#: Services that run a loop with a heartbeat, probed by a healthcheck.
+LOOPS = ("consumer", *AGGREGATORS)
+#: The optional services and their profile; every other service starts by default.
+PROFILES = {"aggregator-gpu": ["gpu"], "demo-producer": ["demo"]}
 KAFKA, KAFKA_INIT, REDIS = "kafka", "kafka-init", "redis"
 #: Compose's restart policies; an unquoted ``restart: no`` is YAML 1.1's ``False``.
 RESTART_POLICIES = frozenset({"no", "always", "on-failure", "unless-stopped"})
@@ -195,12 +202,13 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
-def declared_tensorflow_cpu(pyproject: Mapping[str, Any]) -> str:
-    """The project's ``tensorflow-cpu==X`` requirement, without its environment marker."""
-    deps = [d.split(";")[0].strip() for d in pyproject["project"]["dependencies"]]
-    pinned = [d for d in deps if re.fullmatch(r"tensorflow-cpu==[0-9][0-9A-Za-z.]*", d)]
-    assert len(pinned) == 1, f"expected one pinned tensorflow-cpu dependency in {deps}"
-    return str(pinned[0])
+def tensorflow_floor(pyproject: Mapping[str, Any]) -> str:
+    """The version in the ``train`` extra's ``tensorflow-cpu>=X`` requirement."""
+    deps = [d.split(";")[0].strip()
+            for d in pyproject["project"]["optional-dependencies"]["train"]]
+    floors = [m[1] for d in deps if (m := re.fullmatch(r"tensorflow-cpu>=([0-9][0-9.]*)", d))]
+    assert len(floors) == 1, f"expected one tensorflow-cpu>=X requirement in {deps}"
+    return floors[0]
 
 
 # --- (a) every METAREC_* variable is one the configuration reads ---------------------------
@@ -342,31 +350,77 @@ def test_consumer_runs_two_replicas_within_the_events_partitions(
     assert replicas == 2
     # A replica beyond the events topic's partitions would sit idle in the group.
     events = settings_of(services["consumer"]).events_topic
-    assert created_topics(services)[events] >= replicas
+    assert created_topics(services)[events].partitions >= replicas
 
 
-def test_aggregator_reserves_a_gpu_and_uses_the_cuda_build(
+def test_the_gpu_aggregator_reserves_a_gpu_and_uses_the_cuda_build(
     services: dict[str, dict[str, Any]], pyproject: dict[str, Any],
 ) -> None:
-    svc = services["aggregator"]
-    deploy = _mapping(svc.get("deploy"), "aggregator.deploy")
+    svc = services["aggregator-gpu"]
+    deploy = _mapping(svc.get("deploy"), "aggregator-gpu.deploy")
     reservations = _mapping(
         _mapping(deploy.get("resources"), "deploy.resources").get("reservations"),
         "deploy.resources.reservations")
     devices = reservations.get("devices")
-    assert isinstance(devices, list) and devices, "the aggregator reserves no device"
+    assert isinstance(devices, list) and devices, "the GPU aggregator reserves no device"
     assert any(
         d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
         and (d.get("count") == "all" or int(d.get("count", 0)) >= 1)
         for d in devices
     ), devices
-    version = declared_tensorflow_cpu(pyproject).split("==")[1]
-    assert build_args(svc).get("TF_PACKAGE") == f"tensorflow[and-cuda]=={version}"
-    # Its own tag: the GPU build must not overwrite the CPU image the other services run.
+    args = build_args(svc)
+    assert args.get("TF_PACKAGE") == f"tensorflow[and-cuda]>={tensorflow_floor(pyproject)}"
+    assert args.get("EXTRAS") == "train"
+    # Its own tag: the GPU build must not overwrite the images the other services run.
+    assert svc.get("image") not in {services[n].get("image") for n in METAREC_SERVICES
+                                    if n != "aggregator-gpu"}
+
+
+def test_the_default_aggregator_needs_no_gpu_runtime(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    svc = services["aggregator"]
+    assert "deploy" not in svc or "resources" not in (svc["deploy"] or {}), svc.get("deploy")
+    assert "profiles" not in svc
+    assert build_args(svc) == {"EXTRAS": "train"}
     assert svc.get("image") != services["consumer"].get("image")
+    # Both aggregators run the same program with the same settings.
+    assert svc.get("command") == services["aggregator-gpu"].get("command")
+    assert metarec_env(svc) == metarec_env(services["aggregator-gpu"])
 
 
-def test_redis_persists_with_aof(services: dict[str, dict[str, Any]]) -> None:
+def test_the_consumer_image_carries_no_tensorflow(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("consumer", "demo-producer", KAFKA_INIT):
+        args = build_args(services[name])
+        assert "train" not in args.get("EXTRAS", "") and not args.get("TF_PACKAGE"), name
+        assert services[name].get("image") == services["consumer"].get("image"), name
+
+
+def test_profiles_leave_a_default_stack_that_needs_no_gpu(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert {n: s["profiles"] for n, s in services.items() if "profiles" in s} == PROFILES
+    # The way to swap aggregators is documented where people read it.
+    header = COMPOSE_FILE.read_text(encoding="utf-8").split("\nname:", 1)[0]
+    assert "--profile gpu up -d --build --scale aggregator=0" in header
+    assert "--profile demo" in header
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_services_with_a_loop_have_a_healthcheck_on_their_health_port(
+    services: dict[str, dict[str, Any]], name: str,
+) -> None:
+    svc = services[name]
+    check = _mapping(svc.get("healthcheck"), f"{name}.healthcheck")
+    probe = " ".join(argv_of(check.get("test")))
+    port = settings_of(svc).metrics_port
+    assert port > 0, f"{name}: METAREC_METRICS_PORT is off, so nothing answers the probe"
+    assert f"http://127.0.0.1:{port}/healthz" in probe, probe
+    # The probe runs in the image, which has Python but not curl or wget.
+    assert argv_of(check.get("test"))[:2] == ["CMD", "python"], check.get("test")
+
+
+def test_redis_persists_with_aof_under_a_memory_cap(services: dict[str, dict[str, Any]]) -> None:
     svc = services[REDIS]
     assert str(svc.get("image", "")).startswith("redis:7")
     argv = argv_of(svc.get("command"))
@@ -374,6 +428,9 @@ def test_redis_persists_with_aof(services: dict[str, dict[str, Any]]) -> None:
     options = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert options.get("--appendonly") == "yes", argv
     assert options.get("--appendfsync") == "everysec", argv
+    assert re.fullmatch(r"\d+[kmg]b", options.get("--maxmemory", "")), argv
+    # Evicting an offset or a state key would break the exactly-once guard.
+    assert options.get("--maxmemory-policy") == "noeviction", argv
     assert any(str(v).endswith(":/data") for v in svc.get("volumes", [])), "no volume on /data"
     assert "redis-cli" in argv_of(_mapping(svc.get("healthcheck"), "healthcheck").get("test"))
 
@@ -433,34 +490,42 @@ def test_metarec_services_reach_kafka_and_redis_by_service_name(
         assert redis_host in (REDIS, f"{REDIS}:6379"), f"{name}: Redis at {redis_host}"
 
 
-def created_topics(services: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
-    """Topic to partitions, from kafka-init's ``kafka-topics.sh --create`` lines."""
-    script = " ".join(argv_of(services[KAFKA_INIT].get("command")))
-    found = re.findall(r"--topic\s+(\S+)\s+--partitions\s+(\d+)", script)
-    return {topic: int(n) for topic, n in found}
+def created_topics(services: Mapping[str, Mapping[str, Any]]) -> dict[str, TopicSpec]:
+    """What kafka-init creates: ``metarec topics`` with its own settings."""
+    assert argv_of(services[KAFKA_INIT].get("command")) == ["metarec", "topics"]
+    return topic_plan(settings_of(services[KAFKA_INIT]))
 
 
 def test_kafka_init_creates_every_topic_the_services_use(
     services: dict[str, dict[str, Any]],
 ) -> None:
     init = services[KAFKA_INIT]
-    assert init.get("image") == services[KAFKA].get("image")
     assert init.get("restart") == "no"
-    script = " ".join(argv_of(init.get("command")))
-    assert "--create" in script and "--if-not-exists" in script
+    assert depends_on(init).get(KAFKA) == HEALTHY
     topics = created_topics(services)
     for name in METAREC_SERVICES:
         settings = settings_of(services[name])
         for field in TOPIC_FIELDS:
             topic = getattr(settings, field)
             assert topic in topics, f"{name}'s {field} {topic!r} is not created by {KAFKA_INIT}"
+    # The same plan as `metarec dev up`: one definition of the partition counts.
+    assert {n: t.partitions for n, t in topics.items()} == dict(DEFAULT_TOPICS)
+
+
+def test_the_events_retention_is_the_one_the_aggregator_is_configured_with(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    events = settings_of(services[KAFKA_INIT]).events_topic
+    hours = int(created_topics(services)[events].config["retention.ms"]) // 3_600_000
+    for name in AGGREGATORS:
+        assert settings_of(services[name]).events_retention_hours == hours, name
 
 
 def test_restart_policies_are_compose_strings(services: dict[str, dict[str, Any]]) -> None:
     for name, svc in services.items():
         if "restart" in svc:
             assert svc["restart"] in RESTART_POLICIES, f"{name}: restart {svc['restart']!r}"
-    for name in ("consumer", "aggregator"):
+    for name in LOOPS:
         assert services[name].get("restart") == "unless-stopped"
     assert services["demo-producer"].get("restart") == "no"
 
@@ -486,8 +551,9 @@ def test_every_dependency_exists_and_can_satisfy_its_condition(
 
 def test_metarec_services_start_after_topics_exist(services: dict[str, dict[str, Any]]) -> None:
     for name in METAREC_SERVICES:
-        assert depends_on(services[name]).get(KAFKA_INIT) == COMPLETED, name
-    for name in ("consumer", "aggregator"):
+        if name != KAFKA_INIT:
+            assert depends_on(services[name]).get(KAFKA_INIT) == COMPLETED, name
+    for name in LOOPS:
         assert depends_on(services[name]).get(REDIS) == HEALTHY, name
 
 
@@ -503,10 +569,11 @@ def test_dockerfile_builds_a_non_root_image_without_entrypoint(
     users = [arg for kw, arg in instructions if kw == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     args = dict(arg.partition("=")[::2] for kw, arg in instructions if kw == "ARG")
-    # The CPU image must install exactly what pyproject.toml pins.
-    assert args.get("TF_PACKAGE") == declared_tensorflow_cpu(pyproject)
+    # By default the image is the consumer's: no extra, no TensorFlow.
+    assert args.get("EXTRAS") == '""' and args.get("TF_PACKAGE") == '""', args
+    assert set(pyproject["project"]["optional-dependencies"]) >= {"train", "eval", "local"}
     runs = " ".join(arg for kw, arg in instructions if kw == "RUN")
-    assert "$TF_PACKAGE" in runs and "pip install --no-cache-dir" in runs
+    assert "$TF_PACKAGE" in runs and "$EXTRAS" in runs and "pip install --no-cache-dir" in runs
 
 
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:

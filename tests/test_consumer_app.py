@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -367,6 +368,21 @@ def make_model(items: Sequence[str], domains: Sequence[str], *, dim: int = 8,
 # --- 1. a foreign client -------------------------------------------------------------------
 
 
+def foreign_produce(bootstrap: str, topic: str,
+                    records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Publish ``(key, JSON object)`` records with kafka-python: a client that shares no
+    code with the consumer's librdkafka, keyed and partitioned like Java's."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    try:
+        for key, value in records:
+            producer.send(topic, key=key.encode(), value=json.dumps(value).encode())
+        producer.flush(timeout=60)
+    finally:
+        producer.close()
+
+
 def kcat_produce(env: Mapping[str, str], bootstrap: str, topic: str,
                  records: Sequence[tuple[str, dict[str, Any]]]) -> None:
     """Publish ``(key, JSON object)`` records with kcat, keyed and partitioned like Java."""
@@ -378,13 +394,25 @@ def kcat_produce(env: Mapping[str, str], bootstrap: str, topic: str,
     assert out.returncode == 0, f"kcat failed ({out.returncode}): {out.stderr.decode()[-2000:]}"
 
 
+@pytest.mark.parametrize("client", [
+    "kafka-python",
+    pytest.param("kcat", marks=pytest.mark.skipif(
+        shutil.which("kcat") is None, reason="kcat not installed (an extra check; CI has it)")),
+])
 def test_lists_from_a_foreign_client_follow_the_contract(
-        make_system: Callable[..., System], tmp_path: Path) -> None:
+        make_system: Callable[..., System], tmp_path: Path, client: str) -> None:
     system = make_system(3, METAREC_TOP_K="5")
     env = kcat_env(tmp_path / "kcat-shim")
+
+    def publish(topic: str, records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        if client == "kcat":
+            kcat_produce(env, system.bootstrap, topic, records)
+        else:
+            foreign_produce(system.bootstrap, topic, records)
+
     now = int(time.time() * 1000)
     catalog_only = [f"book-{j}" for j in range(8)]  # described, never clicked
-    kcat_produce(env, system.bootstrap, system.items, [
+    publish(system.items, [
         (item, {"item": item, "domain": "books", "features": ["genre:x", f"n:{j % 3}"],
                 "ts": now}) for j, item in enumerate(catalog_only)])
     rng = random.Random(7)
@@ -402,12 +430,12 @@ def test_lists_from_a_foreign_client_follow_the_contract(
             event["domain"] = domain
         records.append((user, event))
         consumed.setdefault(user, set()).add(item)
-    kcat_produce(env, system.bootstrap, system.events, records)
+    publish(system.events, records)
     per_user = Counter(key for key, _ in records)
 
     proc = system.start()
     wait_until(lambda: system.applied() == len(records), CATCH_UP_S,
-               f"all {len(records)} kcat events applied",
+               f"all {len(records)} {client} events applied",
                lambda: f"{system.offsets()}{system.logs()}", procs=[proc])
     catalog = set(catalog_only) | {e["item"] for _, e in records}
     for user, n in per_user.items():

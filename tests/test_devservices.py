@@ -1,8 +1,8 @@
 """Integration tests of the local services: the Tansu broker, Redis, and dev up/down.
 
 They check the broker behaviour the consumer depends on (groups, headers, partition
-counts) and that foreign clients such as kcat can publish, so the event contract holds
-for apps that do not use the ``producer`` package.
+counts) and that foreign clients (kafka-python always, kcat where installed) can publish,
+so the event contract holds for apps that do not use the ``producer`` package.
 """
 
 from __future__ import annotations
@@ -176,11 +176,63 @@ def test_two_members_of_a_group_split_the_partitions(
             member.close()
 
 
+def test_a_foreign_client_produces_and_consumes(
+    kafka_bootstrap: str, make_topic: Callable[..., str],
+) -> None:
+    """kafka-python (pure Python, no librdkafka) speaks to the broker both ways."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    topic = make_topic(partitions=2)
+    event = {"user": "u-py", "item": "i-1", "type": "like", "ts": 1_700_000_000_123}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer.send(topic, key=b"u-py", value=json.dumps(event).encode(),
+                  headers=[("source", b"kafka-python")]).get(timeout=30)
+    producer.close()
+    msg = _the_one_record(kafka_bootstrap, topic, event, b"u-py", b"kafka-python")
+    # Both clients hash keys with Java's murmur2: the same key lands on the same partition.
+    probe = make_topic(partitions=2)
+    assert msg.partition() == _java_partition(kafka_bootstrap, probe, b"u-py")
+    reader = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
+                           auto_offset_reset="earliest", consumer_timeout_ms=10_000)
+    try:
+        read = [(m.key, json.loads(m.value)) for m in reader]
+    finally:
+        reader.close()
+    assert read == [(b"u-py", event)]
+
+
+def _the_one_record(bootstrap: str, topic: str, event: dict[str, object], key: bytes,
+                    source: bytes) -> Message:
+    """The single record of a 2-partition ``topic``, checked against what was sent."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused"})
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(2)])
+        (msg,) = _consume(consumer, 1)
+    finally:
+        consumer.close()
+    assert json.loads(_value(msg)) == event
+    assert msg.key() == key
+    assert msg.headers() == [("source", source)]
+    return msg
+
+
+def _java_partition(bootstrap: str, topic: str, key: bytes) -> int:
+    """The partition librdkafka's Java-compatible partitioner picks for ``key``."""
+    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    delivered: list[int] = []
+    producer.produce(topic, key=key, value=b"probe",
+                     on_delivery=lambda err, msg: delivered.append(msg.partition()))
+    producer.flush(30)
+    return delivered[0]
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None,
+                    reason="kcat not installed (an extra check; CI installs it)")
 def test_kcat_produces_to_the_broker(
     kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path,
 ) -> None:
     kcat = shutil.which("kcat")
-    assert kcat is not None, "kcat is required (CI installs it: apt-get install kcat)"
+    assert kcat is not None
     topic = make_topic(partitions=2)
     env = kcat_env(tmp_path / "shim")
     event = {"user": "u-kcat", "item": "i-1", "type": "like", "ts": 1_700_000_000_123}
@@ -189,15 +241,7 @@ def test_kcat_produces_to_the_broker(
          "-H", "source=kcat", "-X", "partitioner=murmur2_random"],
         input=json.dumps(event).encode(), env=env, check=True, timeout=30,
     )
-    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "unused"})
-    try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in range(2)])
-        (msg,) = _consume(consumer, 1)
-    finally:
-        consumer.close()
-    assert json.loads(_value(msg)) == event
-    assert msg.key() == b"u-kcat"
-    assert msg.headers() == [("source", b"kcat")]
+    _the_one_record(kafka_bootstrap, topic, event, b"u-kcat", b"kcat")
     # And kcat reads it back, so it also works as a foreign consumer.
     out = subprocess.run(
         [kcat, "-b", kafka_bootstrap, "-C", "-t", topic, "-e", "-q", "-f", "%k %s\\n"],
@@ -259,3 +303,37 @@ def test_dev_up_status_down_leave_the_machine_redis_alone(
     assert not status(tmp_path).healthy and status(tmp_path).state is None
     assert redis_answers(redis_url)
     assert set(DEFAULT_TOPICS) >= set(topics)
+
+
+def test_metarec_topics_creates_the_plan_with_its_configs(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What docker-compose.yml's kafka-init runs: partitions, compaction and retention from
+    metarec/topics.py, and a second run leaves the topics alone."""
+    from confluent_kafka.admin import ConfigResource
+
+    from metarec.cli import main
+    from metarec.config import Settings
+    from metarec.topics import topic_plan
+
+    run = f"t{time.monotonic_ns()}"
+    env = {"METAREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "METAREC_PARTITIONS": "4",
+           "METAREC_EVENTS_RETENTION_HOURS": "48",
+           **{f"METAREC_{kind}_TOPIC": f"{run}.{kind.lower()}"
+              for kind in ("EVENTS", "ITEMS", "USERS", "DLQ", "MODEL")}}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    plan = topic_plan(Settings.from_env(env))
+    for _ in range(2):
+        assert main(["topics"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["topics"] == report["planned"] == {
+            name: spec.partitions for name, spec in plan.items()}
+    assert report["topics"][f"{run}.events"] == 4
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for name in (f"{run}.events", f"{run}.items"):
+        resource = ConfigResource("topic", name)
+        described = admin.describe_configs([resource])[resource].result(timeout=10)
+        for key, value in plan[name].config.items():
+            assert described[key].value == value, (name, key)
+    assert plan[f"{run}.events"].config == {"retention.ms": str(48 * 3_600_000)}

@@ -439,23 +439,47 @@ def test_a_hostile_producer_only_fills_the_dead_letter_topic(
 
 
 def make_certificates(work: Path) -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with openssl for this test."""
-    openssl = shutil.which("openssl")
-    assert openssl, "openssl is needed to make the test's certificates"
-    paths = {name: work / f"{name}" for name in ("ca.key", "ca.crt", "srv.key", "srv.csr",
-                                                  "srv.crt", "ext.cnf")}
-    paths["ext.cnf"].write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    """A CA and a server certificate for 127.0.0.1, made for this test (PEM files)."""
+    import datetime
+    import ipaddress
 
-    def run(*argv: str) -> None:
-        subprocess.run([openssl, *argv], check=True, capture_output=True, timeout=60)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        "/CN=metarec-test-ca", "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.crt"]))
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", str(paths["srv.key"]), "-out", str(paths["srv.csr"]))
-    run("x509", "-req", "-in", str(paths["srv.csr"]), "-CA", str(paths["ca.crt"]),
-        "-CAkey", str(paths["ca.key"]), "-CAcreateserial", "-days", "2",
-        "-extfile", str(paths["ext.cnf"]), "-out", str(paths["srv.crt"]))
+    now = datetime.datetime.now(datetime.UTC)
+
+    def key() -> rsa.RSAPrivateKey:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key, srv_key = key(), key()
+    ca = (x509.CertificateBuilder().subject_name(name("metarec-test-ca"))
+          .issuer_name(name("metarec-test-ca")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    srv = (x509.CertificateBuilder().subject_name(name("127.0.0.1"))
+           .issuer_name(ca.subject).public_key(srv_key.public_key())
+           .serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(minutes=5))
+           .not_valid_after(now + datetime.timedelta(days=2))
+           .add_extension(x509.SubjectAlternativeName([
+               x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+               critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    paths = {name: work / name for name in ("ca.key", "ca.crt", "srv.key", "srv.crt")}
+    for path, private in ((paths["ca.key"], ca_key), (paths["srv.key"], srv_key)):
+        path.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.TraditionalOpenSSL,
+                                               serialization.NoEncryption()))
+    paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["srv.crt"].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
     return paths
 
 

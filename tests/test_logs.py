@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from metarec.errors import ConfigError
-from metarec.logs import HANDLER_NAME, JsonFormatter, configure_logging
+from metarec.logs import HANDLER_NAME, TF_CPP_MIN_LOG_LEVEL, JsonFormatter, configure_logging
 
 ISO_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -137,7 +137,7 @@ def test_tensorflow_cpp_logs_silenced_unless_set(monkeypatch: pytest.MonkeyPatch
     configure_logging(stream=io.StringIO())
     import os
 
-    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == TF_CPP_MIN_LOG_LEVEL == "3"
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     configure_logging(stream=io.StringIO())
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"

@@ -10,30 +10,13 @@ from metarec.catalog import Catalog
 from metarec.training import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
 from metarec.trending import Channel, Trending
 from metarec.window import TrainingData
+from tests.training_data import tiny_training_data
 
 tf = pytest.importorskip("tensorflow")
 
 
-def _data(n_events: int = 600, n_users: int = 30, n_items: int = 40, seed: int = 0,
-          ) -> TrainingData:
-    """A stream where users have a taste (item index mod 4), so there is something to learn."""
-    rng = np.random.default_rng(seed)
-    users = rng.integers(0, n_users, n_events)
-    taste = rng.integers(0, 4, n_users)
-    items = (rng.integers(0, n_items // 4, n_events) * 4 + taste[users]) % n_items
-    items[:n_items] = np.arange(n_items)
-    return TrainingData(
-        users=users.astype(np.int64), items=items.astype(np.int64),
-        ts=np.arange(n_events, dtype=np.int64) * 60_000,
-        weights=rng.choice([1.0, 2.0], n_events).astype(np.float32),
-        domains=np.zeros(n_events, np.int64),
-        item_ids=[f"i{j}" for j in range(n_items)],
-        item_features=[(f"mod:{j % 4}",) for j in range(n_items)],
-        item_domains=np.zeros(n_items, np.int64),
-        user_ids=[f"u{j}" for j in range(n_users)],
-        user_features=[(f"taste:{taste[j]}",) for j in range(n_users)],
-        domain_names=["default"],
-    )
+_data = tiny_training_data
+
 
 
 def test_trend_snapshots_are_the_learners_trending_counts_one_event_at_a_time() -> None:
@@ -198,3 +181,33 @@ def test_training_stops_when_held_out_users_stop_improving() -> None:
     few = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64, min_steps=7,
                       max_steps=7).fit(_data(n_events=300, n_users=20))
     assert not few.info["validated"] and few.info["steps"] == 7
+
+
+def test_a_fit_in_a_fresh_process_writes_only_json_lines() -> None:
+    """TensorFlow's C++ start-up lines would break one-JSON-object-per-line logs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "from metarec.logs import configure_logging\n"
+        "configure_logging('INFO', service='t')\n"
+        "from tests.training_data import tiny_training_data\n"
+        "from metarec.training import MetaTrainer\n"
+        "MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,"
+        " max_steps=3).fit(tiny_training_data())\n"
+        "import logging; logging.getLogger('t').info('fitted')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=Path(__file__).resolve().parents[1], timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert json.loads(lines[-1])["msg"] == "fitted"
+    for line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line on stderr: {line!r}")
