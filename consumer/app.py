@@ -546,6 +546,7 @@ class ConsumerApp:
             self._next_model_poll = now + MODEL_POLL_S
         if now >= self._next_trend_refresh:
             self._refresh_trending()
+            self._write_fallbacks()
             self._next_trend_refresh = now + TRENDING_REFRESH_S
 
     def _poll_model(self) -> None:
@@ -575,6 +576,15 @@ class ConsumerApp:
     def _refresh_trending(self) -> None:
         self.learner.trending = self.store.trending(len(self.learner.catalog),
                                                     self.learner.channels)
+
+    def _write_fallbacks(self) -> None:
+        """Every domain's fallback list (``fallback:{domain}``): what a newcomer to it is
+        served now, for apps to show users who have no list yet (metarec.client)."""
+        if not len(self.learner.catalog):
+            return
+        lists = self.learner.newcomer_lists()
+        self.store.write_fallbacks(self.learner.fallback_records(lists,
+                                                                 int(time.time() * 1000)))
 
     def _refresh_stale_lists(self) -> None:
         """Re-rank recently active users after a model change, a few hundred at a time."""

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="metarec", description="Streaming meta-learning recommender: Kafka events in, "
-                                    "per-user top-K lists in Redis out.")
+                                    "per-user top-K lists in Redis out. Design: "
+                                    "docs/ARCHITECTURE.md; settings: every flag below is "
+                                    "also a METAREC_* variable (README, Configuration).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_ID_BYTES",
     "MAX_RECORD_BYTES",
     "MIN_EVENT_TS_MS",
+    "SCHEMA_VERSION",
     "Event",
     "ItemRecord",
     "Limits",
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 DEFAULT_DOMAIN = "default"
+#: The record format's version (``schema_version``; absent means 1). A record of another
+#: version is refused by name, so that a producer upgraded before the consumers fails
+#: loudly, into the dead-letter topic, instead of being half understood. The JSON Schemas
+#: of the three formats are docs/schema/{event,item,user}.json.
+SCHEMA_VERSION = 1
 #: Weight of each event type in the inner loop; a negative weight marks a dislike, which
 #: pushes the item away instead of towards the user.
 DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = {"click": 1.0, "like": 2.0, "dislike": -1.0}
@@ -153,6 +159,13 @@ def _load_object(raw: bytes | str, limits: Limits) -> dict[str, Any]:
     return obj
 
 
+def _check_version(obj: Mapping[str, Any]) -> None:
+    version = obj.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise InvalidEvent(f"field 'schema_version' is {version!r}; this consumer reads "
+                           f"version {SCHEMA_VERSION} (upgrade consumers before producers)")
+
+
 def _id(obj: Mapping[str, Any], field: str, limits: Limits) -> str:
     if field not in obj:
         raise InvalidEvent(f"field {field!r} is missing")
@@ -226,6 +239,7 @@ def validate_event(
     ``now_ms`` enables the check against timestamps more than ``limits.max_future_ms``
     ahead; a timestamp before ``limits.min_ts`` is refused.
     """
+    _check_version(obj)
     user = _id(obj, "user", limits)
     item = _id(obj, "item", limits)
     etype = obj.get("type")
@@ -265,6 +279,7 @@ def decode_item(raw: bytes | str, *, default_ts: int | None = None,
                 limits: Limits = LIMITS) -> ItemRecord:
     """Parse one ``metarec.items`` record value."""
     obj = _load_object(raw, limits)
+    _check_version(obj)
     domain = _id(obj, "domain", limits) if "domain" in obj else DEFAULT_DOMAIN
     return ItemRecord(_id(obj, "item", limits), domain, _features(obj, limits),
                       _ts(obj, default_ts or 0, None))
@@ -274,6 +289,7 @@ def decode_user(raw: bytes | str, *, default_ts: int | None = None,
                 limits: Limits = LIMITS) -> UserRecord:
     """Parse one ``metarec.users`` record value."""
     obj = _load_object(raw, limits)
+    _check_version(obj)
     return UserRecord(_id(obj, "user", limits), _features(obj, limits),
                       _ts(obj, default_ts or 0, None))
 

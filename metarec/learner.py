@@ -395,6 +395,44 @@ class Learner:
             at += k
         return out
 
+    def newcomer_lists(self, domains: Sequence[str] | None = None) -> dict[str, RankedList]:
+        """The list a user with no events and no profile gets in each of ``domains`` (all
+        the catalogue's domains by default): the fallback apps show before a user's first
+        event is applied, ranked by the same score as every other list.
+
+        >>> learner = Learner(top_k=2)
+        >>> learner.add_items([(0, "a", "books", ()), (1, "b", "music", ())])
+        >>> {d: r.items.tolist() for d, r in learner.newcomer_lists(["books"]).items()}
+        {'books': [0]}
+        """
+        names = list(self.catalog.domains.names if domains is None else domains)
+        states: dict[str, UserState] = {}
+        for name in names:
+            states[name] = self.new_state()
+            states[name].domain = name
+        return self.refresh(names, states, {}) if names else {}
+
+    def fallback_records(self, lists: Mapping[str, RankedList], now_ms: int,
+                         ) -> dict[str, bytes]:
+        """The JSON of each domain's fallback list (``newcomer_lists``): the user list's
+        format with ``domain`` in place of ``user`` and no ``events``.
+
+        >>> learner = Learner(top_k=1)
+        >>> learner.add_items([(0, "a", "books", ())])
+        >>> learner.fallback_records(learner.newcomer_lists(["books"]), now_ms=5)["books"]
+        b'{"domain":"books","items":["a"],"scores":[0.0],"model_version":0,"updated_ms":5}'
+        """
+        version = "null" if self.version is None else str(int(self.version))
+        out: dict[str, bytes] = {}
+        for domain, ranked in lists.items():
+            scores = significant(ranked.scores.astype(np.float64), 4).tolist()
+            out[domain] = (f'{{"domain":{json.dumps(domain, ensure_ascii=False)},'
+                           f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
+                           f'"scores":[{",".join(map(repr, scores))}],'
+                           f'"model_version":{version},"updated_ms":{int(now_ms)}}}'
+                           ).encode()
+        return out
+
     # -- internals ----------------------------------------------------------------------
 
     def new_state(self) -> UserState:

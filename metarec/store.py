@@ -76,7 +76,8 @@ from metarec.events import ItemRecord, UserRecord
 from metarec.trending import Channel, Trending
 from metarec.user_state import COUNT_AT
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore",
+           "plain_key"]
 
 DEFAULT_PREFIX: Final = "metarec:"
 #: Chunk size of stored models: Redis strings may hold 512 MB, but one 8 MiB value keeps a
@@ -280,6 +281,15 @@ def _text(raw: bytes | str) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
+def plain_key(prefix: str, parts: Sequence[object]) -> str:
+    """The key of ``parts`` under ``prefix`` on a single Redis (docs/REDIS_KEYS.md).
+
+    >>> plain_key("metarec:", ("recs", "alice"))
+    'metarec:recs:alice'
+    """
+    return prefix + ":".join(str(p) for p in parts)
+
+
 class RedisStore:
     """Every key metarec keeps in Redis, with atomic batch commits fenced by offsets.
 
@@ -393,13 +403,30 @@ class RedisStore:
 
     def key(self, *parts: object) -> str:
         """The full key for ``parts`` under this store's prefix (``key("a", 1)`` → ``…a:1``)."""
-        return self.prefix + ":".join(str(p) for p in parts)
+        return plain_key(self.prefix, parts)
 
     _k = key
 
     def recs_key(self, user: str) -> str:
         """The key apps GET for ``user``'s list."""
         return self._k("recs", user)
+
+    def fallback_key(self, domain: str) -> str:
+        """The key of ``domain``'s fallback list: what apps show a user without a list."""
+        return self._k("fallback", domain)
+
+    def write_fallbacks(self, records: Mapping[str, bytes]) -> None:
+        """Replace the fallback lists of the given domains (one pipelined round trip).
+
+        Plain SETs, outside the batch commit: each consumer writes the same ranking of a
+        newcomer's list as it sees it, every few seconds, and the last write wins.
+        """
+        if not records:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for domain, value in records.items():
+            pipe.set(self.fallback_key(domain), value)
+        pipe.execute()
 
     def delete_user(self, user: str) -> bool:
         """Delete ``user``'s state and list (not the profile); True if there was anything."""

@@ -594,3 +594,25 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
         system.close()
         cluster.stop()
 
+
+
+def test_the_read_client_finds_lists_and_fallbacks_across_the_cluster(
+        store: ClusterStore, cluster: LocalCluster) -> None:
+    from metarec.client import Recommendations
+
+    users = [f"reader-{i}" for i in range(30)]  # spread over all three masters' slots
+    for i, user in enumerate(users[:20]):
+        store.cluster_client.set(store.recs_key(user), json.dumps(
+            {"user": user, "items": [f"i{i}"], "scores": [1.0], "model_version": 1,
+             "events": 1, "updated_ms": 5}).encode())
+    store.write_fallbacks({"default": json.dumps(
+        {"domain": "default", "items": ["top"], "scores": [0.5], "model_version": 1,
+         "updated_ms": 6}).encode()})
+    recs = Recommendations.from_url(cluster.url, prefix=store.prefix)
+    assert recs.cluster
+    got = {u: r for u, r in recs.get_many(users).items() if r is not None}
+    assert list(got) == users
+    assert [got[u].items for u in users[:20]] == [[f"i{i}"] for i in range(20)]
+    assert {got[u].source for u in users[20:]} == {"fallback"}
+    one = recs.get(users[3])
+    assert one is not None and one.user == users[3] and one.source == "user"

@@ -34,6 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from consumer import dlq
 from consumer.app import ConsumerApp
+from metarec.client import Recommendations
 from metarec.config import Settings
 from metarec.datasets import load_dataset
 from metarec.devservices import kcat_env
@@ -445,6 +446,19 @@ def test_lists_from_a_foreign_client_follow_the_contract(
     # The registry holds the described items and those first seen in events, nothing else.
     keys = [k.decode() for k in system.store.client.hkeys(system.store.key("items", "index"))]
     assert set(keys) == catalog
+    # A user without a list is shown their domain's fallback, which the consumers write:
+    # what a newcomer to that domain is served (here, without a model: its trending items).
+    reader = Recommendations(system.store.client, prefix=system.store.prefix)
+    for domain in ("books", "music"):
+        def written(d: str = domain) -> bool:
+            return reader.get("never-seen", d) is not None
+
+        wait_until(written, 30.0, f"the {domain} fallback list", procs=[proc])
+        shown = reader.get("never-seen", domain)
+        assert shown is not None and shown.source == "fallback" and shown.domain == domain
+        assert 0 < len(shown.items) <= 5 and len(set(shown.items)) == len(shown.items)
+        assert all(item.startswith(domain[:4]) for item in shown.items), shown.items
+        assert shown.scores == sorted(shown.scores, reverse=True)
 
 
 # --- 2. crash safety --------------------------------------------------------------------------

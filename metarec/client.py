@@ -1,0 +1,156 @@
+"""Reading lists, as apps do: a user's own list, else their domain's fallback, in one trip.
+
+The read rule (docs/ARCHITECTURE.md, "Reading lists"): ``GET recs:{user}``; when the user
+has none yet (no event applied, or their list expired), the fallback list of the domain
+the app is showing, ``fallback:{domain}``, which the consumers refresh every few seconds
+with what a newcomer to that domain would be served. :class:`Recommendations` asks for
+both in one pipelined round trip (``MGET`` of the users' keys for many users) and returns
+typed results, so an app never needs to know the key layout, single Redis or Cluster.
+
+This module needs only ``redis``; it imports nothing of the consumer.
+
+>>> import json
+>>> raw = json.dumps({"user": "u1", "items": ["a", "b"], "scores": [2.5, 1.0],
+...                   "model_version": 3, "events": 7, "updated_ms": 1700000000000})
+>>> recs = parse_list(raw.encode(), source="user")
+>>> recs.items, recs.source, recs.events
+(['a', 'b'], 'user', 7)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from metarec.cluster_store import cluster_key
+from metarec.config import CLUSTER_SCHEMES, Settings
+from metarec.events import DEFAULT_DOMAIN
+from metarec.store import DEFAULT_PREFIX, plain_key
+
+__all__ = ["RecList", "Recommendations", "parse_list"]
+
+Source = Literal["user", "fallback"]
+
+
+@dataclass(frozen=True)
+class RecList:
+    """A list as apps read it: item ids best first, their scores, and where it came from.
+
+    ``source`` is ``"user"`` for the user's own list and ``"fallback"`` for their domain's
+    non-personal list; ``user`` is None and ``events`` 0 for a fallback.
+    """
+
+    items: list[str]
+    scores: list[float]
+    model_version: int | None
+    updated_ms: int
+    source: Source
+    user: str | None = None
+    domain: str | None = None
+    events: int = 0
+
+
+def parse_list(raw: bytes, source: Source) -> RecList:
+    """A stored list's JSON (a user's or a fallback) as a :class:`RecList`."""
+    doc: dict[str, Any] = json.loads(raw)
+    return RecList(items=[str(i) for i in doc["items"]],
+                   scores=[float(s) for s in doc["scores"]],
+                   model_version=doc.get("model_version"),
+                   updated_ms=int(doc.get("updated_ms", 0)), source=source,
+                   user=doc.get("user"), domain=doc.get("domain"),
+                   events=int(doc.get("events", 0)))
+
+
+class Recommendations:
+    """Lists for apps: each user's own, else the domain's fallback, in one round trip.
+
+    Parameters
+    ----------
+    client
+        A ``redis.Redis`` (or ``redis.RedisCluster``) client of the deployment's Redis.
+    prefix
+        ``METAREC_KEY_PREFIX`` of the deployment.
+    cluster
+        Whether ``client`` talks to a Redis Cluster, whose keys carry hash tags.
+
+    Examples
+    --------
+    In an app (it needs the deployment's Redis, so it is not run as a doctest)::
+
+        recs = Recommendations.from_url("redis://redis:6379/0")
+        shown = recs.get("u42", domain="books")      # RecList, or None before any event
+        page = recs.get_many(["u1", "u2"], domain="books")
+    """
+
+    def __init__(self, client: Any, *, prefix: str = DEFAULT_PREFIX,
+                 cluster: bool = False) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.cluster = cluster
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
+                 timeout_s: float = 2.0) -> Recommendations:
+        """A reader on a new client for ``url`` (``redis+cluster://`` for a Cluster), with
+        timeouts, so that a stalled Redis fails a read instead of hanging the app."""
+        scheme, sep, rest = url.partition("://")
+        if scheme in CLUSTER_SCHEMES:
+            client: Any = redis.RedisCluster.from_url(
+                scheme.partition("+")[0] + sep + rest, socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s)
+            return cls(client, prefix=prefix, cluster=True)
+        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                        socket_connect_timeout=timeout_s), prefix=prefix)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Recommendations:
+        """A reader for the deployment that ``METAREC_*`` describes."""
+        return cls.from_url(settings.redis_url, prefix=settings.key_prefix)
+
+    def recs_key(self, user: str) -> str:
+        return self._key("recs", user)
+
+    def fallback_key(self, domain: str) -> str:
+        return self._key("fallback", domain)
+
+    def get(self, user: str, domain: str = DEFAULT_DOMAIN) -> RecList | None:
+        """``user``'s list, else ``domain``'s fallback; None when neither exists yet."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.recs_key(user))
+        pipe.get(self.fallback_key(domain))
+        own, fallback = pipe.execute()
+        return self._pick(own, fallback)
+
+    def get_many(self, users: Sequence[str], domain: str = DEFAULT_DOMAIN,
+                 ) -> dict[str, RecList | None]:
+        """:meth:`get` for many users of one domain: one ``MGET`` (a pipeline of ``GET``\\ s
+        on a Cluster, whose ``MGET`` may not span slots) and the fallback, together."""
+        users = list(dict.fromkeys(users))
+        if not users:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        if self.cluster:
+            for user in users:
+                pipe.get(self.recs_key(user))
+        else:
+            pipe.mget([self.recs_key(u) for u in users])
+        pipe.get(self.fallback_key(domain))
+        replies = pipe.execute()
+        own = replies[:-1] if self.cluster else replies[0]
+        fallback = replies[-1]
+        parsed_fallback = parse_list(fallback, "fallback") if fallback else None
+        return {u: parse_list(raw, "user") if raw else parsed_fallback
+                for u, raw in zip(users, own, strict=True)}
+
+    def _pick(self, own: bytes | None, fallback: bytes | None) -> RecList | None:
+        if own:
+            return parse_list(own, "user")
+        return parse_list(fallback, "fallback") if fallback else None
+
+    def _key(self, *parts: object) -> str:
+        return cluster_key(self.prefix, parts) if self.cluster else plain_key(self.prefix,
+                                                                              parts)

@@ -1,0 +1,78 @@
+"""The read client against a real Redis: a user's own list, else the domain's fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import redis
+
+from metarec.client import Recommendations, parse_list
+from metarec.learner import Learner, RankedList
+from metarec.store import RedisStore
+from metarec.user_state import UserState
+
+
+def _written(store: RedisStore) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """A user's list and two domains' fallbacks, as the consumer writes them."""
+    learner = Learner(top_k=2)
+    learner.add_items([(0, "b1", "books", ()), (1, "b2", "books", ()),
+                       (2, "m1", "music", ())])
+    state = UserState.new(4, 5)
+    state.record(item=0, weight=1.0, ts=1, domain="books")
+    own = learner.list_records({"alice": RankedList(np.array([1]), np.array([0.5],
+                                                                            np.float32))},
+                               {"alice": state}, now_ms=10)
+    fallbacks = learner.fallback_records(learner.newcomer_lists(), now_ms=11)
+    store.client.set(store.recs_key("alice"), own["alice"])
+    store.write_fallbacks(fallbacks)
+    return own, fallbacks
+
+
+def test_a_user_with_a_list_gets_it_and_others_their_domains_fallback(
+        redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix)
+    own, fallbacks = _written(store)
+    assert parse_list(own["alice"], "user").items == ["b2"]
+    assert set(fallbacks) == {"default", "books", "music"}
+    recs = Recommendations(redis_client, prefix=key_prefix)
+    mine = recs.get("alice", domain="music")
+    assert mine is not None and mine.source == "user" and mine.user == "alice"
+    assert (mine.items, mine.scores, mine.events) == (["b2"], [0.5], 1)
+    new = recs.get("bob", domain="books")
+    assert new is not None and new.source == "fallback" and new.user is None
+    assert new.domain == "books" and new.items == json.loads(fallbacks["books"])["items"]
+    assert set(new.items) <= {"b1", "b2"}  # a newcomer to books sees books
+    assert recs.get("bob", domain="no-such-domain") is None
+    many = recs.get_many(["alice", "bob", "alice"], domain="music")
+    assert list(many) == ["alice", "bob"]
+    assert many["alice"] == mine
+    assert many["bob"] == parse_list(fallbacks["music"], "fallback")
+    assert recs.get_many([]) == {}
+
+
+def test_reads_take_one_round_trip(redis_client: redis.Redis[bytes], key_prefix: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix)
+    _written(store)
+    recs = Recommendations(redis_client, prefix=key_prefix)
+    sent: list[int] = []
+    real = redis.client.Pipeline.execute
+
+    def counting(self: redis.client.Pipeline, *args: object, **kwargs: object) -> object:
+        sent.append(len(self.command_stack))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
+    recs.get("alice")
+    recs.get_many([f"u{i}" for i in range(100)], domain="books")
+    assert sent == [2, 2]  # GET + GET; MGET of 100 keys + GET: one pipeline each
+
+
+def test_from_url_reads_the_same(redis_url: str, redis_client: redis.Redis[bytes],
+                                 key_prefix: str) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix)
+    _written(store)
+    got = Recommendations.from_url(redis_url, prefix=key_prefix).get("alice")
+    assert got is not None and got.items == ["b2"]
