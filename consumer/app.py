@@ -73,21 +73,14 @@ from metarec.errors import (
     StaleOffset,
     UserConflict,
 )
-from metarec.events import (
-    Event,
-    ItemRecord,
-    UserRecord,
-    check_key,
-    decode_event,
-    decode_item,
-    decode_user,
-)
+from metarec.events import Event, ItemRecord, UserRecord
 from metarec.learner import RECENT_USERS, REFRESH_BATCH, EventBatch, Learner
 from metarec.live_quality import ALL
 from metarec.logs import Throttle, kafka_logger
 from metarec.metrics import HealthServer, Metrics
 from metarec.model import MetaModel
 from metarec.outage import Outage, Stopped, retrying
+from metarec.records import RecordDecoder
 from metarec.store import RedisStore
 from metarec.user_state import UserState, count_guard, decode_many, encode_many
 
@@ -111,9 +104,9 @@ STARVED_WARN_S = 30.0
 #: At most one warning per this many seconds for each kind of repeated problem.
 WARN_EVERY_S = 60.0
 
-#: Group settings that suit the local Tansu broker (docs/LOCAL_SERVICES.md) and are valid on
-#: Apache Kafka; anything passed through METAREC_KAFKA_* overrides them.
-GROUP_DEFAULTS = {
+#: The consumers' fetch settings, on top of the group defaults (metarec.config); anything
+#: passed through METAREC_KAFKA_* overrides them.
+FETCH_DEFAULTS = {
     # Bounds a fetch that finds no data; Tansu holds it for the full wait, which showed up
     # as produce-to-list latency (p99 326 ms at librdkafka's 500 ms default, 122 ms at 20;
     # with a 5 ms batch timeout, 2 consumers at 5,000 events/s: p99 194 ms at 20, 87 at 5).
@@ -121,9 +114,6 @@ GROUP_DEFAULTS = {
     # Bounds librdkafka's prefetch buffer (default 64 MiB) so memory does not follow the
     # size of a backlog.
     "queued.max.messages.kbytes": "16384",
-    "session.timeout.ms": "6000",
-    "heartbeat.interval.ms": "500",
-    "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "range",
 }
 
@@ -149,6 +139,7 @@ class ConsumerApp:
         # The learner also keeps the live quality of the lists apps were shown, and what it
         # says about drift.
         self.learner = Learner.from_settings(settings)
+        self.decoder = RecordDecoder.from_settings(settings)
         self.stats = ConsumerStats(settings.stats_interval_s, time.monotonic(), seed=settings.seed)
         self._expected: dict[int, int | None] = {}
         # Redis Cluster only: partition → end of a half-written batch to finish first.
@@ -162,9 +153,10 @@ class ConsumerApp:
         self._starved_log = Throttle(WARN_EVERY_S)
         self._starved_since: float | None = None
         self._model_created_ms: int | None = None
-        config = {**GROUP_DEFAULTS, **settings.kafka_config()}
-        config.update({"group.id": settings.group_id, "enable.auto.commit": "false",
-                       "client.id": f"metarec-consumer-{self.member}"})
+        # The pass-through, inside group_config, overrides FETCH_DEFAULTS too.
+        config = {**FETCH_DEFAULTS, **settings.group_config(
+            settings.group_id, enable_auto_commit="false",
+            client_id=f"metarec-consumer-{self.member}")}
         self._incremental = incremental_rebalancing(config)
         self.consumer = Consumer(config, error_cb=self._on_kafka_error,
                                  logger=kafka_logger("consumer"))
@@ -236,7 +228,6 @@ class ConsumerApp:
             return
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        checks = s.event_checks(now_ms)
         events: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
         next_offset: dict[int, int] = {}
         items: list[ItemRecord] = []
@@ -252,7 +243,8 @@ class ConsumerApp:
                     self.topic_log.suspect()
                     self.metrics.kafka_errors.inc()
                 continue
-            topic, part, offset = msg.topic(), int(msg.partition() or 0), int(msg.offset() or 0)
+            topic, part, offset = (msg.topic() or "", int(msg.partition() or 0),
+                                   int(msg.offset() or 0))
             try:
                 if topic == s.events_topic:
                     n_consumed += 1
@@ -264,18 +256,16 @@ class ConsumerApp:
                         beyond.add(part)  # after the half-written batch: fetched again
                         continue
                     next_offset[part] = max(next_offset.get(part, 0), offset + 1)
-                    event = decode_event(msg.value() or b"", default_ts=msg.timestamp()[1],
-                                         **checks)
-                    check_key(msg.key(), event.user)
-                    events[part].append((msg, event))
-                elif topic == s.items_topic:
+                else:
                     meta_offsets[(topic, part)] = offset + 1
-                    items.append(decode_item(msg.value() or b"", default_ts=now_ms,
-                                             limits=checks["limits"]))
-                elif topic == s.users_topic:
-                    meta_offsets[(topic, part)] = offset + 1
-                    users.append(decode_user(msg.value() or b"", default_ts=now_ms,
-                                             limits=checks["limits"]))
+                record = self.decoder.decode(topic, msg.key(), msg.value(),
+                                             timestamp_ms=msg.timestamp()[1], now_ms=now_ms)
+                if isinstance(record, Event):
+                    events[part].append((msg, record))
+                elif isinstance(record, ItemRecord):
+                    items.append(record)
+                elif isinstance(record, UserRecord):
+                    users.append(record)
             except Exception as exc:
                 # Decoding is pure, so whatever it raises is this record's fault; anything
                 # but InvalidEvent (RecursionError on deeply nested JSON) is a decoder gap,
@@ -355,7 +345,7 @@ class ConsumerApp:
                              strict=True)),
                     recs={} if outcome is None else
                     self.learner.list_records(outcome.lists, outcome.states, now_ms),
-                    recs_ttl_s=s.recs_ttl_s,
+                    recs_ttl_s=s.recs_ttl_s, state_ttl_s=s.state_ttl_s,
                     partials=outcome.partials if outcome is not None
                     and self.learner.model is not None else None,
                     events=len(batch.users),
@@ -617,7 +607,8 @@ class ConsumerApp:
                     states=dict(zip(states, encode_many(list(states.values())), strict=True)),
                     recs=self.learner.list_records({u: lists[u] for u in states}, states,
                                                    now_ms),
-                    recs_ttl_s=self.settings.recs_ttl_s, partials=None, guards=guards,
+                    recs_ttl_s=self.settings.recs_ttl_s, state_ttl_s=self.settings.state_ttl_s,
+                    partials=None, guards=guards,
                     skip_conflicts=True,  # a user written meanwhile has a fresh list
                     topic_id=self.topic_log.topic_id)
             except LogReplaced:

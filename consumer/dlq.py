@@ -3,10 +3,10 @@
 Why unchanged: whoever investigates (or replays) a dead letter needs the exact bytes the
 app sent, even when they are not UTF-8 or not JSON, which is often why they failed. The
 key, value and headers are copied as they are; headers prefixed ``metarec.`` are appended
-to say why and where from (:data:`ERROR_CLASS` ...). The DLQ record's own timestamp is the
-time it was dead-lettered, not the original's (which is in :data:`ORIGINAL_TIMESTAMP`):
-time-based retention and brokers' timestamp checks would otherwise drop or reject dead
-letters of old records, exactly the ones a replay produces.
+to say why and where from (:mod:`metarec.dead_letters` names them). The DLQ record's own
+timestamp is the time it was dead-lettered, not the original's (which is in
+:data:`ORIGINAL_TIMESTAMP`): time-based retention and brokers' timestamp checks would
+otherwise drop or reject dead letters of old records, exactly the ones a replay produces.
 
 **Size limits.** A consumed record is not always producible again:
 
@@ -58,38 +58,21 @@ from confluent_kafka import (
     Producer,
 )
 
+from metarec.dead_letters import (
+    CONSUMER_GROUP,
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    HEADERS_DROPPED,
+    KEY_TRUNCATED,
+    ORIGINAL_OFFSET,
+    ORIGINAL_PARTITION,
+    ORIGINAL_TIMESTAMP,
+    ORIGINAL_TOPIC,
+    VALUE_TRUNCATED,
+)
 from metarec.errors import MetarecError
 
-__all__ = [
-    "CONSUMER_GROUP",
-    "DEFAULT_TRUNCATE_TO",
-    "ERROR_CLASS",
-    "ERROR_MESSAGE",
-    "HEADERS_DROPPED",
-    "KEY_TRUNCATED",
-    "ORIGINAL_OFFSET",
-    "ORIGINAL_PARTITION",
-    "ORIGINAL_TIMESTAMP",
-    "ORIGINAL_TOPIC",
-    "VALUE_TRUNCATED",
-    "DeadLetterQueue",
-    "dead_letter_reason",
-]
-
-ERROR_CLASS: Final = "metarec.error.class"
-ERROR_MESSAGE: Final = "metarec.error.message"
-ORIGINAL_TOPIC: Final = "metarec.original.topic"
-ORIGINAL_PARTITION: Final = "metarec.original.partition"
-ORIGINAL_OFFSET: Final = "metarec.original.offset"
-#: The original record's timestamp in epoch ms, as decimal text; -1 when it had none.
-ORIGINAL_TIMESTAMP: Final = "metarec.original.timestamp"
-CONSUMER_GROUP: Final = "metarec.consumer.group"
-#: Present only on a cut-down record: the original value's length in bytes.
-VALUE_TRUNCATED: Final = "metarec.value.truncated"
-#: Present only when the key itself was cut: the original key's length in bytes.
-KEY_TRUNCATED: Final = "metarec.key.truncated"
-#: Present only when the original headers were dropped: how many there were.
-HEADERS_DROPPED: Final = "metarec.headers.dropped"
+__all__ = ["DEFAULT_TRUNCATE_TO", "DeadLetterQueue", "dead_letter_reason"]
 
 #: Longest error message kept, in UTF-8 bytes: enough for any sane message, and a bound on
 #: what an exception that embeds the whole payload can add to the record.

@@ -19,6 +19,7 @@ events, on a consumer's drift request, or at once on an operator's (``--now``). 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,11 +30,12 @@ from confluent_kafka.cimpl import NewTopic  # the stubs declare it here, not in 
 
 from metarec.config import Settings, incremental_rebalancing
 from metarec.errors import ModelError
-from metarec.events import check_key, decode_event, decode_item, decode_user
+from metarec.events import Event, ItemRecord, UserRecord
 from metarec.logs import kafka_logger
 from metarec.metrics import HealthServer, Metrics
 from metarec.model import MetaModel
 from metarec.outage import Outage, Stopped, retrying
+from metarec.records import RecordDecoder
 from metarec.retraining import Retrainer, RetrainSchedule
 from metarec.store import RedisStore
 from metarec.training import MetaTrainer
@@ -52,7 +54,9 @@ class Aggregator:
 
     def __init__(self, settings: Settings, trainer: MetaTrainer | None = None) -> None:
         self.settings = settings
-        self.retrainer = Retrainer(trainer or Retrainer.trainer_for(settings))
+        # Training ticks the liveness probe at every step: a long cycle is not a hang.
+        self.retrainer = Retrainer(dataclasses.replace(
+            trainer or Retrainer.trainer_for(settings), on_step=self._alive))
         self.schedule = RetrainSchedule.from_settings(settings)
         self._stopping = False
         self._health: HealthServer | None = None
@@ -65,14 +69,12 @@ class Aggregator:
         self.store = retrying(self.outage.call(
             lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)), self.outage)
         self.window = EventWindow(settings.window_events)
+        self.decoder = RecordDecoder.from_settings(settings)
         self._published_ms: int | None = None
         self._events_since = 0
         self._next_cycle = self._interval_deadline()
-        config = {
-            "auto.offset.reset": "earliest", "session.timeout.ms": "6000",
-            "heartbeat.interval.ms": "500", **settings.kafka_config(),
-            "group.id": settings.aggregator_group_id, "enable.auto.commit": "true",
-        }
+        config = settings.group_config(settings.aggregator_group_id,
+                                       enable_auto_commit="true")
         self._incremental = incremental_rebalancing(config)
         self.consumer = Consumer(config, logger=kafka_logger("aggregator"))
         self.producer = Producer(settings.kafka_config(), logger=kafka_logger("producer"))
@@ -115,7 +117,7 @@ class Aggregator:
                 max(0.0, time.time() - self._published_ms / 1000))
 
     def _alive(self) -> None:
-        """Waiting for Redis is being alive: keep ``/healthz`` green meanwhile."""
+        """Waiting for Redis, or training, is being alive: keep ``/healthz`` green."""
         if self._health is not None:
             self._health.tick()
 
@@ -150,27 +152,23 @@ class Aggregator:
 
     def ingest(self, records: list) -> None:  # type: ignore[type-arg]
         """Add consumed records to the window (invalid ones are the consumers' DLQ's job)."""
-        s = self.settings
         now_ms = int(time.time() * 1000)
-        checks = s.event_checks(now_ms)
         for msg in records:
             if msg.error() is not None:
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka error", extra={"error": str(msg.error())})
                 continue
             try:
-                if msg.topic() == s.events_topic:
-                    e = decode_event(msg.value() or b"", default_ts=msg.timestamp()[1],
-                                     **checks)
-                    check_key(msg.key(), e.user)  # the consumers dead-letter it
-                    self.window.append(e.user, e.item, e.ts, s.event_types[e.type], e.domain)
+                record = self.decoder.decode(msg.topic(), msg.key(), msg.value(),
+                                             timestamp_ms=msg.timestamp()[1], now_ms=now_ms)
+                if isinstance(record, Event):
+                    self.window.append(record.user, record.item, record.ts,
+                                       self.settings.event_types[record.type], record.domain)
                     self._events_since += 1
-                elif msg.topic() == s.items_topic:
-                    item = decode_item(msg.value() or b"", limits=checks["limits"])
-                    self.window.describe_item(item.item, item.domain, item.features)
-                elif msg.topic() == s.users_topic:
-                    user = decode_user(msg.value() or b"", limits=checks["limits"])
-                    self.window.describe_user(user.user, user.features)
+                elif isinstance(record, ItemRecord):
+                    self.window.describe_item(record.item, record.domain, record.features)
+                elif isinstance(record, UserRecord):
+                    self.window.describe_user(record.user, record.features)
             except Exception as exc:  # the consumers dead-letter it, with the reason
                 # Decoding is pure: whatever it raises is this record's fault, and raising
                 # here would stop the aggregator at this record on every restart.

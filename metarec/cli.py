@@ -13,8 +13,10 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from metarec import __version__
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
@@ -25,6 +27,8 @@ from metarec.topics import topic_plan
 __all__ = ["build_parser", "main"]
 
 DEV_STATE_DIR = Path(".metarec")
+#: Entry-point group of the services a command runs (``metarec consume``).
+SERVICES_GROUP = "metarec.services"
 log = logging.getLogger("metarec")
 
 
@@ -154,9 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         configure_logging(settings.log_level, service=f"metarec-{args.command}")
         if args.command == "consume":
-            from consumer.app import ConsumerApp
-
-            app = ConsumerApp(settings)
+            app = _service("consume")(settings)
             _stop_on_signals(app.stop)
             return app.run()
         if args.command == "aggregate":
@@ -180,6 +182,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+class Service(Protocol):
+    """A long-running process loop: ``run()`` until ``stop()``, then its exit status."""
+
+    def run(self) -> int: ...
+
+    def stop(self) -> None: ...
+
+
+def _service(command: str) -> Callable[[Settings], Service]:
+    """The service that runs ``command``, found by its entry point.
+
+    Why an entry point, not an import: the library must not depend on the services built
+    on it (the consumer imports the library, never the reverse); the consumer package
+    registers itself under :data:`SERVICES_GROUP` in pyproject.toml.
+    """
+    found = entry_points(group=SERVICES_GROUP, name=command)
+    if not found:
+        raise ConfigError(f"no service for `metarec {command}` is installed (entry point "
+                          f"{command!r} in group {SERVICES_GROUP!r}); install metarec "
+                          "with pip (the consumer package ships with it)")
+    factory: Callable[[Settings], Service] = next(iter(found)).load()
+    return factory
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:

@@ -50,7 +50,13 @@ from metarec.errors import (
     StaleOffset,
     UserConflict,
 )
-from metarec.store import DEFAULT_PREFIX, SOCKET_TIMEOUT_S, TRENDING_LUA, RedisStore
+from metarec.store import (
+    DEFAULT_PREFIX,
+    PUT_LUA,
+    SOCKET_TIMEOUT_S,
+    TRENDING_LUA,
+    RedisStore,
+)
 from metarec.trending import Channel
 from metarec.user_state import COUNT_AT
 
@@ -165,11 +171,12 @@ return {1, tonumber(redis.call('HGET', KEYS[3], 'clock') or '0')}
 
 # KEYS: the user's state, list and applied offsets. ARGV: field ('' = the batch applies no
 # events), mark (next offset), topic id, guard ('*' = unchecked, '' = no state may be
-# stored, else the 4 count bytes), the count's byte offset, list TTL, '1' if a state is
-# given, the state, '1' if a list is given, the list.
+# stored, else the 4 count bytes), the count's byte offset, 'LIST_TTL/STATE_TTL' (seconds,
+# 0 = none; the state's also applies to the applied offsets), '1' if a state is given, the
+# state, '1' if a list is given, the list.
 # Replies 1 when written, 2 when the user's applied offset already reaches the mark (its
 # events are in its state: nothing written), 0 when the guard failed (nothing written).
-_USER_LUA: Final = """#!lua
+_USER_LUA: Final = "#!lua" + PUT_LUA + """
 local field = ARGV[1]
 if field ~= '' and ARGV[7] == '1' then
   local have = redis.call('HGET', KEYS[3], field)
@@ -183,17 +190,12 @@ if guard ~= '*' then
   local at = tonumber(ARGV[5])
   if redis.call('GETRANGE', KEYS[1], at, at + 3) ~= guard then return 0 end
 end
-if ARGV[7] == '1' then redis.call('SET', KEYS[1], ARGV[8]) end
-if ARGV[9] == '1' then
-  local ttl = tonumber(ARGV[6])
-  if ttl > 0 then
-    redis.call('SET', KEYS[2], ARGV[10], 'EX', ttl)
-  else
-    redis.call('SET', KEYS[2], ARGV[10])
-  end
-end
+local ttl, sttl = ttls(ARGV[6])
+if ARGV[7] == '1' then put(KEYS[1], ARGV[8], sttl) end
+if ARGV[9] == '1' then put(KEYS[2], ARGV[10], ttl) end
 if field ~= '' and ARGV[7] == '1' then
   redis.call('HSET', KEYS[3], field, ARGV[2] .. ' ' .. ARGV[3])
+  if sttl > 0 then redis.call('EXPIRE', KEYS[3], sttl) end
 end
 return 1
 """
@@ -287,7 +289,7 @@ class ClusterCommit:
     def commit(self, topic: str, partition: int, expected: int | None, nxt: int, *,
                states: Mapping[str, bytes], recs: Mapping[str, bytes], recs_ttl_s: int,
                guards: Mapping[str, bytes], skip_conflicts: bool, topic_id: str | None,
-               shared: list[str], channel_keys: list[str]) -> int:
+               shared: list[str], channel_keys: list[str], state_ttl_s: int = 0) -> int:
         """Steps 1-3 of the module docstring; ``shared`` is the begin script's ARGV from
         ``#channels`` to the partial pairs (the single-Redis commit's encoding).
 
@@ -319,8 +321,8 @@ class ClusterCommit:
             clock = int(reply[1])
         self.crash_point("begun")
         field = "" if refresh else f"{topic}:{partition}"
-        conflicts = self._write_users(field, str(int(nxt)), tid, states, recs, recs_ttl_s,
-                                      guards)
+        conflicts = self._write_users(field, str(int(nxt)), tid, states, recs,
+                                      f"{int(recs_ttl_s)}/{int(state_ttl_s)}", guards)
         if conflicts and not skip_conflicts:
             raise UserConflict(
                 f"{where}: {len(conflicts)} users changed since they were loaded (first: "
@@ -334,7 +336,7 @@ class ClusterCommit:
         return clock
 
     def _write_users(self, field: str, mark: str, topic_id: str, states: Mapping[str, bytes],
-                     recs: Mapping[str, bytes], ttl: int,
+                     recs: Mapping[str, bytes], ttls: str,
                      guards: Mapping[str, bytes]) -> list[str]:
         """Step 2; returns the users whose guard failed (nothing of theirs written)."""
         users = list(states) + [u for u in recs if u not in states]
@@ -346,7 +348,7 @@ class ClusterCommit:
             keys = [self._k("user", u), self._k("recs", u), self._k("done", u)]
             args: list[Any] = [field, mark, topic_id,
                                guards.get(u, b"*") if state is not None else "*",
-                               str(COUNT_AT), str(int(ttl)),
+                               str(COUNT_AT), ttls,
                                "0" if state is None else "1", state or b"",
                                "0" if rec is None else "1", rec or b""]
             calls.append((keys, args))
@@ -527,6 +529,7 @@ class ClusterStore(RedisStore):
         guards: Mapping[str, bytes] | None = None,
         skip_conflicts: bool = False,
         topic_id: str | None = None,
+        state_ttl_s: int = 0,
     ) -> int:
         """:meth:`RedisStore.commit_batch` in the three steps of the module docstring.
 
@@ -537,11 +540,12 @@ class ClusterStore(RedisStore):
         """
         head, trend_args, part_args = self._encode_shared(
             topic, partition, expected_offset, next_offset, recs_ttl_s, partials, events,
-            trending, channels)
+            trending, channels, state_ttl_s)
         shared = [str(len(channels)), str(len(part_args) // 2), str(int(events)), *head,
                   *trend_args, *part_args]
         return self.steps.commit(
             topic, partition, expected_offset, next_offset, states=states, recs=recs,
             recs_ttl_s=recs_ttl_s, guards=guards or {}, skip_conflicts=skip_conflicts,
             topic_id=topic_id, shared=shared,
-            channel_keys=[self._k("trend", c.name) for c in channels])
+            channel_keys=[self._k("trend", c.name) for c in channels],
+            state_ttl_s=state_ttl_s)

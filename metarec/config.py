@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_WINDOW_EVENTS",
     "ENV_PREFIX",
     "EXACT_MAX_ITEMS",
+    "GROUP_DEFAULTS",
     "KAFKA_ENV_PREFIX",
     "SETTINGS",
     "SettingSpec",
@@ -88,6 +89,17 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 #: names one node to discover the cluster from, as ``redis://`` names a single server.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _DAY_S = 24 * 3600
+#: Group settings of every metarec consumer group (the consumers', the aggregator's), the
+#: one place they are written: ``METAREC_KAFKA_*`` overrides them. librdkafka's 45 s
+#: session timeout would make a lost member's partitions wait 45 s for a new owner; 6 s is
+#: the least Apache Kafka accepts (``group.min.session.timeout.ms``), and on the local
+#: Tansu broker, which keeps a join phase open ~session.timeout.ms / 2, it keeps joins
+#: to a few seconds. A new group starts at the log's beginning: no event is skipped.
+GROUP_DEFAULTS: types.MappingProxyType[str, str] = types.MappingProxyType({
+    "session.timeout.ms": "6000",
+    "heartbeat.interval.ms": "500",
+    "auto.offset.reset": "earliest",
+})
 
 # Defaults that the core objects (the learner, the retraining schedule) share with the
 # settings table, so that a library user and a deployed service start from the same ones.
@@ -107,6 +119,23 @@ DEFAULT_WINDOW_EVENTS = 200_000
 
 # --- parsers: each turns a raw value (str from env/flags, or a typed override) into the
 # --- setting's type, or raises ValueError whose text says what is expected.
+
+
+def _ttl_parser(least: int, hi: int) -> Callable[[object], int]:
+    """0 (off) or a TTL of at least ``least`` seconds."""
+    within = _int_parser(0, hi)
+    expected = f"0 (never) or an integer from {least} to {hi}"
+
+    def parse(raw: object) -> int:
+        try:
+            value = within(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if 0 < value < least:
+            raise ValueError(expected)
+        return value
+
+    return parse
 
 
 def _int_parser(lo: int, hi: int) -> Callable[[object], int]:
@@ -402,6 +431,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
               "Events kept per user, to re-derive the user after a model change."),
     _int_spec("recs_ttl_s", 0, 0, 365 * _DAY_S,
               "TTL in seconds of recs:{user} keys; 0 means no expiry."),
+    SettingSpec("state_ttl_s", "int", 0,
+                "Forget users inactive this long: the TTL in seconds of a user's state "
+                "(renewed by each of their events; a user seen again starts afresh). 0 "
+                "means never; else at least a day, so that no state expires while a "
+                "replay of its events may still come.", _ttl_parser(_DAY_S, 10 * 365 * _DAY_S)),
     _int_spec("metrics_port", 0, 0, 65535,
               "Port of the /metrics, /healthz and /readyz endpoints of a consumer or the "
               "aggregator; 0 turns them off."),
@@ -486,6 +520,7 @@ class Settings:
     events_retention_hours: int
     history_length: int
     recs_ttl_s: int
+    state_ttl_s: int
     metrics_port: int
     stats_interval_s: int
     retrain_events: int
@@ -561,6 +596,22 @@ class Settings:
         underscores for dots (``group_id="g"`` is ``group.id``).
         """
         config = {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_options}
+        for name, value in extra.items():
+            config[name.replace("_", ".")] = _kafka_value(value)
+        return config
+
+    def group_config(self, group_id: str, **extra: str | int | float | bool) -> dict[str, str]:
+        """A librdkafka config for a member of ``group_id``: :data:`GROUP_DEFAULTS`, then
+        the pass-through (``METAREC_KAFKA_*`` overrides the defaults), then ``group.id``
+        and ``extra``, which the calling code requires.
+
+        >>> Settings.from_env({}).group_config("g")["session.timeout.ms"]
+        '6000'
+        >>> Settings.from_env({"METAREC_KAFKA_SESSION_TIMEOUT_MS": "10000"}).group_config(
+        ...     "g")["session.timeout.ms"]
+        '10000'
+        """
+        config = {**GROUP_DEFAULTS, **self.kafka_config(), "group.id": group_id}
         for name, value in extra.items():
             config[name.replace("_", ".")] = _kafka_value(value)
         return config

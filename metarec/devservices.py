@@ -50,7 +50,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # the stubs declare it here, not in .admin
 
-from metarec.config import Settings, redact_url
+from metarec.config import GROUP_DEFAULTS, Settings, redact_url
 from metarec.errors import ConfigError, MetarecError
 from metarec.topics import topic_plan
 
@@ -93,13 +93,10 @@ STATE_FILE: Final = "dev.json"
 #: The default settings' topics with their partition counts (:mod:`metarec.topics`).
 DEFAULT_TOPICS: Final[Mapping[str, int]] = MappingProxyType({
     name: spec.partitions for name, spec in topic_plan(Settings.from_env({})).items()})
-#: Tansu keeps a group's join phase open ~session.timeout.ms/2, so librdkafka's 45 s
-#: default means ~23 s before any assignment. 6 s is also the least Apache Kafka accepts
-#: (group.min.session.timeout.ms), so the same values work against production brokers.
-LOCAL_GROUP_CONFIG: Final[Mapping[str, str]] = MappingProxyType({
-    "session.timeout.ms": "6000",
-    "heartbeat.interval.ms": "500",
-})
+#: Group settings for clients of the local broker: metarec's own group defaults. Tansu
+#: keeps a group's join phase open ~session.timeout.ms/2, so librdkafka's 45 s default
+#: would mean ~23 s before any assignment.
+LOCAL_GROUP_CONFIG: Final[Mapping[str, str]] = GROUP_DEFAULTS
 _TANSU_CLUSTER_ID: Final = "metarec-local"
 #: librdkafka fixed its skipping of tagged fields (which Tansu's ApiVersions v3 reply has)
 #: in 2.2.0 (confluentinc/librdkafka#4278).

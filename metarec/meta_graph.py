@@ -253,6 +253,8 @@ class MetaGraph:
                 {k: v for k, v in self.params.items() if k not in self.names}, self.consts, b)
             self.params.update(new)
             losses.append(float(loss))
+            if self.cfg.on_step is not None:
+                self.cfg.on_step()
         worker.join()
         tail = losses[-max(1, len(losses) // 10):]
         return float(np.mean(tail))

@@ -34,7 +34,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer import dlq
+from metarec import dead_letters as dlq
 from metarec.config import Settings
 from metarec.errors import MetarecError
 from metarec.logs import kafka_logger

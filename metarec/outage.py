@@ -46,9 +46,11 @@ __all__ = ["TRANSIENT_REDIS_ERRORS", "Outage", "RedisUnavailable", "retrying"]
 T = TypeVar("T")
 
 #: Errors that a later attempt can cure: the connection (refused, reset, timed out), a
-#: server loading its data after a restart, a primary demoted in a failover, and on a
-#: Redis Cluster a master down or failing over (``CLUSTERDOWN``, ``MASTERDOWN``), slots
-#: moving (``TRYAGAIN``, redirections past the client's limit) or not yet covered.
+#: server loading its data after a restart, a primary demoted in a failover, a server at
+#: its ``maxmemory`` under ``noeviction`` (``OOM``: keys expiring or an operator frees
+#: memory), and on a Redis Cluster a master down or failing over (``CLUSTERDOWN``,
+#: ``MASTERDOWN``), slots moving (``TRYAGAIN``, redirections past the client's limit) or
+#: not yet covered.
 #: Authentication and permission errors are not among them: they need an operator, and
 #: fail at start.
 TRANSIENT_REDIS_ERRORS: Final = (
@@ -56,6 +58,7 @@ TRANSIENT_REDIS_ERRORS: Final = (
     redis.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # type: ignore[attr-defined]  # newer than types-redis
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterError,
     redis.exceptions.SlotNotCoveredError,

@@ -96,14 +96,15 @@ CatalogRow = tuple[int, str, str, tuple[str, ...]]
 
 # KEYS: offset, trend:meta, partials, partials:index, then one trend:{channel} hash per
 #       trending channel, the state keys, the recs keys, and last topic-id:{topic}.
-# ARGV: expected ('' = none stored), next, recs ttl, #channels, #states, #recs, #partials,
-#       events (the clock's advance), the byte offset of a state's event count, '1' to
-#       skip users whose guard fails ('0': refuse the whole unit), then per channel: its
-#       name, half-life and number of (item, weight) pairs; then state values, their
-#       guards ('*' = unchecked, '' = no state may be stored, else the 4 count bytes the
-#       stored state must have), recs values, the state number each list belongs to (0:
-#       none), every channel's pairs in channel order, partial (field, inc) pairs, and last
-#       the topic id the offsets must refer to ('' = unchecked).
+# ARGV: expected ('' = none stored), next, 'RECS_TTL/STATE_TTL' (seconds, 0 = none),
+#       #channels, #states, #recs, #partials, events (the clock's advance), the byte
+#       offset of a state's event count, '1' to skip users whose guard fails ('0': refuse
+#       the whole unit), then per channel: its name, half-life and number of (item,
+#       weight) pairs; then state values, their guards ('*' = unchecked, '' = no state may
+#       be stored, else the 4 count bytes the stored state must have), recs values, the
+#       state number each list belongs to (0: none), every channel's pairs in channel
+#       order, partial (field, inc) pairs, and last the topic id the offsets must refer to
+#       ('' = unchecked).
 # Replies {1, clock, skipped state numbers...} when applied, {0, stored offset} when
 # fenced, {2, conflicting state numbers...} when a guard failed and skipping is off,
 # {3, stored topic id} when the offsets were rebased onto a new log meanwhile.
@@ -146,7 +147,22 @@ local function add_trending(meta, key0, arg0, nc, a, events)
   return clock, a
 end
 """
-_COMMIT_LUA: Final = "#!lua" + TRENDING_LUA + """
+# SET, with an expiry in seconds when ``ttl`` > 0; and the 'A/B' pair of TTLs a commit
+# passes in one argument (lists', states').
+PUT_LUA: Final = """
+local function put(key, value, ttl)
+  if ttl > 0 then
+    redis.call('SET', key, value, 'EX', ttl)
+  else
+    redis.call('SET', key, value)
+  end
+end
+local function ttls(arg)
+  local a, b = string.match(arg, '^(%d+)/(%d+)$')
+  return tonumber(a), tonumber(b)
+end
+"""
+_COMMIT_LUA: Final = "#!lua" + TRENDING_LUA + PUT_LUA + """
 local topic_id = ARGV[#ARGV]
 if topic_id ~= '' then
   local current = redis.call('GET', KEYS[#KEYS]) or ''
@@ -173,19 +189,15 @@ if #conflicts > 0 and not skip then
   for i = 1, #conflicts do out[i + 1] = conflicts[i] end
   return out
 end
+local ttl, sttl = ttls(ARGV[3])
 for i = 1, ns do
-  if not skipped[i] then redis.call('SET', KEYS[4 + nc + i], ARGV[a + i]) end
+  if not skipped[i] then put(KEYS[4 + nc + i], ARGV[a + i], sttl) end
 end
 a = a + 2 * ns
-local ttl = tonumber(ARGV[3])
 for i = 1, nr do
   local owner = tonumber(ARGV[a + nr + i])
   if owner == 0 or not skipped[owner] then
-    if ttl > 0 then
-      redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i], 'EX', ttl)
-    else
-      redis.call('SET', KEYS[4 + nc + ns + i], ARGV[a + i])
-    end
+    put(KEYS[4 + nc + ns + i], ARGV[a + i], ttl)
   end
 end
 a = a + 2 * nr
@@ -464,6 +476,7 @@ class RedisStore:
         guards: Mapping[str, bytes] | None = None,
         skip_conflicts: bool = False,
         topic_id: str | None = None,
+        state_ttl_s: int = 0,
     ) -> int:
         """Write a batch's effects and move the partition's offset, all or nothing.
 
@@ -490,6 +503,9 @@ class RedisStore:
         offsets were rebased onto a new log meanwhile (:meth:`rebase_offsets`), nothing is
         written and :class:`~metarec.errors.LogReplaced` is raised.
 
+        ``recs_ttl_s`` and ``state_ttl_s`` (0: none) expire the lists and states written,
+        so that users who stop coming back free their memory.
+
         Returns
         -------
         int
@@ -497,7 +513,7 @@ class RedisStore:
         """
         head, trend_args, part_args = self._encode_shared(
             topic, partition, expected_offset, next_offset, recs_ttl_s, partials, events,
-            trending, channels)
+            trending, channels, state_ttl_s)
         partials_key = self._k("partials", topic, partition)
         keys = [self._k("offset", topic, partition), self._k("trend", "meta"), partials_key,
                 self._k("partials", "index")]
@@ -508,7 +524,8 @@ class RedisStore:
         number = {u: i for i, u in enumerate(states, 1)}
         args: list[str | bytes] = [
             "" if expected_offset is None else str(int(expected_offset)), str(int(next_offset)),
-            str(int(recs_ttl_s)), str(len(channels)), str(len(states)), str(len(recs)),
+            f"{int(recs_ttl_s)}/{int(state_ttl_s)}", str(len(channels)), str(len(states)),
+            str(len(recs)),
             str(len(part_args) // 2), str(int(events)), str(COUNT_AT),
             "1" if skip_conflicts else "0", *head,
         ]
@@ -545,16 +562,17 @@ class RedisStore:
     def _encode_shared(self, topic: str, partition: int, expected_offset: int | None,
                        next_offset: int, recs_ttl_s: int, partials: PartialSums | None,
                        events: int, trending: Sequence[Mapping[int, float]],
-                       channels: Sequence[Channel]) -> tuple[list[str], list[str], list[str]]:
+                       channels: Sequence[Channel], state_ttl_s: int = 0,
+                       ) -> tuple[list[str], list[str], list[str]]:
         """Check a commit's inputs and encode its shared effects for a script: the
         channels' (name, half-life, pairs) triples, their (item, weight) pairs and the
         partial sums' (field, value) pairs. Raises ValueError before anything is sent."""
         if expected_offset is not None and next_offset < expected_offset:
             raise ValueError(f"next_offset {next_offset} is before expected_offset "
                              f"{expected_offset} of {topic}[{partition}]")
-        if next_offset < 0 or recs_ttl_s < 0 or events < 0:
-            raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}) and "
-                             f"events ({events}) must be >= 0")
+        if next_offset < 0 or recs_ttl_s < 0 or state_ttl_s < 0 or events < 0:
+            raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}), "
+                             f"state_ttl_s ({state_ttl_s}) and events ({events}) must be >= 0")
         if len(trending) != len(channels):
             raise ValueError(f"{len(trending)} trending increments for {len(channels)} "
                              "channels; pass one mapping per channel")

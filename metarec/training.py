@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -279,6 +279,9 @@ class MetaTrainer:
     meta: bool = True
     seed: int = 0
     deterministic: bool = True
+    #: Called after every training step: a service's liveness (``/healthz``) stays green
+    #: through a long training, and goes red if a step hangs.
+    on_step: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def fit(self, data: TrainingData, init: MetaModel | None = None,
             version: int = 1) -> MetaModel:

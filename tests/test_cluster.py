@@ -165,6 +165,23 @@ def test_a_commit_writes_everything_and_a_zombie_changes_nothing(
     assert store.read_recs("u1") == {"v": 2}
 
 
+def test_a_state_ttl_expires_a_users_state_and_applied_offsets_together(
+        store: ClusterStore) -> None:
+    client = store.cluster_client
+    state = UserState.new(2, 3).to_bytes()
+    store.commit_batch(TOPIC, 0, None, 4, states={"u": state}, recs={"u": b"{}"},
+                       recs_ttl_s=0, state_ttl_s=86_400, partials=None, events=4,
+                       topic_id=LOG_ID)
+    assert 86_000 < client.ttl(store.key("user", "u")) <= 86_400
+    # The applied offsets go with the state: a user seen again starts afresh, and a
+    # replay within the TTL still finds them.
+    assert 86_000 < client.ttl(store.key("done", "u")) <= 86_400
+    assert client.ttl(store.recs_key("u")) == -1
+    store.commit_batch(TOPIC, 0, 4, 6, states={"u": state}, recs={}, recs_ttl_s=0,
+                       partials=None, events=2, topic_id=LOG_ID)
+    assert client.ttl(store.key("user", "u")) == -1
+
+
 def test_a_failed_guard_writes_the_others_and_the_redo_skips_them(
         store: ClusterStore) -> None:
     loaded = {u: UserState.new(2, 3) for u in ("a", "b")}

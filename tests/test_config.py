@@ -248,3 +248,14 @@ def test_a_cluster_url_is_accepted_checked_and_redacted() -> None:
         Settings.from_env({"METAREC_REDIS_URL": "redis+cluster://h:7000/1"})
     with pytest.raises(ConfigError, match=r"redis\+cluster://"):
         Settings.from_env({"METAREC_REDIS_URL": "cluster://h:7000"})
+
+
+@pytest.mark.parametrize(("raw", "ok"), [("0", True), ("86400", True), ("31536000", True),
+                                         ("3600", False), ("1", False), ("-1", False),
+                                         ("day", False)])
+def test_a_state_ttl_is_off_or_at_least_a_day(raw: str, ok: bool) -> None:
+    if ok:
+        assert Settings.from_env({"METAREC_STATE_TTL_S": raw}).state_ttl_s == int(raw)
+    else:
+        with pytest.raises(ConfigError, match=r"METAREC_STATE_TTL_S.*0 \(never\) or an integer"):
+            Settings.from_env({"METAREC_STATE_TTL_S": raw})

@@ -32,8 +32,9 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from consumer import dlq
 from consumer.app import ConsumerApp
+from consumer.dlq import DEFAULT_TRUNCATE_TO
+from metarec import dead_letters as dlq
 from metarec.client import Recommendations
 from metarec.config import Settings
 from metarec.datasets import load_dataset
@@ -744,7 +745,7 @@ def test_bad_records_go_to_the_dlq_unchanged_and_good_ones_are_applied(
         assert headers[dlq.CONSUMER_GROUP] == system.group.encode()
         if value is not None and len(value) > 1_000_000:
             # Over the DLQ producer's limit: kept cut down, with the original length.
-            assert msg.value() == value[:dlq.DEFAULT_TRUNCATE_TO]
+            assert msg.value() == value[:DEFAULT_TRUNCATE_TO]
             assert headers[dlq.VALUE_TRUNCATED] == str(len(value)).encode()
         else:
             assert msg.value() == value, f"record {key} changed on its way to the DLQ"

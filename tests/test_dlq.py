@@ -9,9 +9,9 @@ from typing import Any, cast
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.dlq import (
+from consumer.dlq import DEFAULT_TRUNCATE_TO, DeadLetterQueue
+from metarec.dead_letters import (
     CONSUMER_GROUP,
-    DEFAULT_TRUNCATE_TO,
     ERROR_CLASS,
     ERROR_MESSAGE,
     HEADERS_DROPPED,
@@ -21,7 +21,6 @@ from consumer.dlq import (
     ORIGINAL_TIMESTAMP,
     ORIGINAL_TOPIC,
     VALUE_TRUNCATED,
-    DeadLetterQueue,
 )
 from metarec.errors import InvalidEvent, MetarecError
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from consumer import dlq
+from metarec import dead_letters as dlq
 from metarec.devservices import create_topics, start_broker, valkey_binary
 from metarec.events import Event
 from metarec.store import RedisStore
@@ -326,6 +326,49 @@ def run_consumer(system: System, timeout: float = 60.0, **env: str) -> tuple[int
 
 def secret_parts(secret: str, width: int = 4) -> list[str]:
     return [secret[i:i + width] for i in range(len(secret) - width + 1)]
+
+
+def test_a_full_redis_holds_a_commit_back_until_memory_is_freed(tmp_path: Path) -> None:
+    """At maxmemory under noeviction Redis refuses writes (OOM); the commit is retried as
+    through an outage, writes nothing meanwhile, and lands once memory is freed."""
+    import logging
+    import threading
+
+    from metarec.outage import Outage
+
+    work = tmp_path / "redis"
+    work.mkdir()
+    server = OwnRedis(work, free_port(), ("--maxmemory", "4mb",
+                                          "--maxmemory-policy", "noeviction"))
+    server.start()
+    try:
+        client = server.client()
+        filler = 0
+        for size in (65_536, 64):  # big values first, then small ones up to the brim
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                while True:
+                    client.set(f"filler:{filler}", b"x" * size)
+                    filler += 1
+        store = RedisStore(client, prefix="oom:")
+        retries: list[int] = []
+        outage = Outage("redis", 60.0, logging.getLogger("test"),
+                        on_retry=lambda: retries.append(len(retries)))
+
+        def free_memory() -> None:
+            time.sleep(1.0)
+            client.delete(*(f"filler:{i}" for i in range(filler)))
+
+        freeing = threading.Thread(target=free_memory)
+        freeing.start()
+        clock = outage.call(lambda: store.commit_batch(
+            "events", 0, None, 3, states={"u": b"state"}, recs={"u": b"[]"}, recs_ttl_s=0,
+            partials=None, events=3))
+        freeing.join()
+        assert retries, "the first attempt was expected to meet a full Redis"
+        assert clock == 3 and store.offsets("events", [0]) == {0: 3}
+        assert store.load_users(["u"])[0] == [b"state"]
+    finally:
+        server.kill()
 
 
 def test_refused_logins_and_acls_stop_the_consumer_in_one_line_without_secrets(

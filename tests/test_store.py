@@ -162,10 +162,29 @@ def test_recs_are_byte_exact_and_get_their_ttl(
                        recs_ttl_s=30, partials=None)
     assert redis_client.get(store.recs_key("ü")) == value
     assert 0 < redis_client.ttl(store.recs_key("ü")) <= 30
-    assert redis_client.ttl(f"{store.prefix}user:ü") == -1  # states never expire
+    assert redis_client.ttl(f"{store.prefix}user:ü") == -1  # states: no TTL unless asked
     store.commit_batch(TOPIC, 0, 1, 2, states={}, recs={"ü": value}, recs_ttl_s=0,
                        partials=None)
     assert redis_client.ttl(store.recs_key("ü")) == -1
+
+
+def test_a_state_ttl_expires_inactive_users_and_each_write_renews_it(
+        store: RedisStore, redis_client: redis.Redis[bytes]) -> None:
+    state_key = f"{store.prefix}user:u"
+    store.commit_batch(TOPIC, 0, None, 1, states={"u": b"s1"}, recs={"u": b"l1"},
+                       recs_ttl_s=0, state_ttl_s=86_400, partials=None)
+    assert 86_000 < redis_client.ttl(state_key) <= 86_400
+    assert redis_client.ttl(store.recs_key("u")) == -1  # lists follow recs_ttl_s alone
+    redis_client.expire(state_key, 5)  # as if the user had been away for a day
+    store.commit_batch(TOPIC, 0, 1, 2, states={"u": b"s2"}, recs={}, recs_ttl_s=0,
+                       state_ttl_s=86_400, partials=None)
+    assert 86_000 < redis_client.ttl(state_key) <= 86_400  # their next event renews it
+    store.commit_batch(TOPIC, 0, 2, 3, states={"u": b"s3"}, recs={}, recs_ttl_s=0,
+                       partials=None)
+    assert redis_client.ttl(state_key) == -1  # 0: never expires
+    with pytest.raises(ValueError, match="state_ttl_s"):
+        store.commit_batch(TOPIC, 0, 3, 4, states={}, recs={}, recs_ttl_s=0,
+                           state_ttl_s=-1, partials=None)
 
 
 def test_bad_numbers_are_refused_before_anything_is_written(

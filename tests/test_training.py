@@ -211,3 +211,11 @@ def test_a_fit_in_a_fresh_process_writes_only_json_lines() -> None:
             json.loads(line)
         except json.JSONDecodeError:
             pytest.fail(f"not a JSON line on stderr: {line!r}")
+
+
+def test_every_training_step_reports_progress() -> None:
+    """What keeps the aggregator's liveness probe green through a long cycle."""
+    ticks: list[int] = []
+    model = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=7,
+                        on_step=lambda: ticks.append(1)).fit(_data())
+    assert len(ticks) >= model.info["steps"] > 0  # steps: those that reached the best
