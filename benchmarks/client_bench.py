@@ -19,10 +19,10 @@ import numpy as np
 import redis
 
 from metarec.client import Recommendations
-from metarec.devservices import DEFAULT_REDIS_URL
-from metarec.learner import Learner, RankedList
-from metarec.store import RedisStore
-from metarec.user_state import UserState
+from metarec.core.learner import Learner, RankedList
+from metarec.core.user_state import UserState
+from metarec.local.devservices import DEFAULT_REDIS_URL
+from metarec.services.store import RedisStore
 
 TOP_K = 20
 ITEMS = 1682

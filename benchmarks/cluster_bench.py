@@ -3,7 +3,7 @@
 Usage: ``python benchmarks/cluster_bench.py [--redis-url URL] [--cluster-url URL]
 [--repeat 20] [--users 5000]``. Without ``--cluster-url`` it starts a local cluster of three
 masters (``redis-server`` and ``redis-cli`` must be installed) and stops it at the end.
-Both measure :func:`metarec.bench.commit_rate`, the batch ``metarec bench`` times (1,250
+Both measure :func:`metarec.local.bench.commit_rate`, the batch ``metarec bench`` times (1,250
 users with 50-event states, their lists, trending counts and partial sums), and the
 cluster's memory per user (state, list, applied offsets). Keys go under a fresh prefix,
 deleted at the end. Prints numbers; asserts nothing.
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from redis.cluster import RedisCluster
 
-from metarec.bench import BenchConfig, commit_rate
-from metarec.cluster_store import ClusterStore
-from metarec.devservices import DEFAULT_REDIS_URL
-from metarec.store import RedisStore
-from metarec.user_state import UserState
+from metarec.core.user_state import UserState
+from metarec.local.bench import BenchConfig, commit_rate
+from metarec.local.devservices import DEFAULT_REDIS_URL
+from metarec.services.cluster_store import ClusterStore
+from metarec.services.store import RedisStore
 
 
 def used_memory(store: RedisStore) -> int:

@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 import redis
 
-from metarec.bench import produce
 from metarec.config import Settings
-from metarec.datasets import load_dataset
-from metarec.devservices import create_topics, start_broker
-from metarec.evaluation import encode
-from metarec.online import OnlineMetarec
-from metarec.recommender import Interaction
-from metarec.store import RedisStore
+from metarec.data.registry import load_dataset
+from metarec.evaluation.online import OnlineMetarec
+from metarec.evaluation.protocol import encode
+from metarec.evaluation.recommender import Interaction
+from metarec.local.bench import produce
+from metarec.local.devservices import create_topics, start_broker
+from metarec.services.store import RedisStore
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k"
 REDIS_URL = "redis://127.0.0.1:6379/15"

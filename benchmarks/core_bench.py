@@ -1,6 +1,6 @@
 """Time the consumer's hot-path core: one batch through the learner, and a model load.
 
-One batch of ``--users`` users, one event each, through :meth:`metarec.learner.Learner.
+One batch of ``--users`` users, one event each, through :meth:`metarec.core.learner.Learner.
 learn_many` exactly as a consumer applies it: trending counts, negatives, prior, inner
 step, scores (item vectors, biases, trending and neighbour votes), exact top-K with the
 consumed items excluded. The model has ``--items`` items with random vectors and random
@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 
-from metarec.bench import BenchConfig, bench_model
-from metarec.learner import EventBatch, Learner
-from metarec.model import MetaModel
-from metarec.neighbors import N_NEIGHBORS
-from metarec.user_state import UserState
+from metarec.core.learner import EventBatch, Learner
+from metarec.core.model import MetaModel
+from metarec.core.neighbors import N_NEIGHBORS
+from metarec.core.user_state import UserState
+from metarec.local.bench import BenchConfig, bench_model
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Time the consumer's in-process work per event over a stream, without Kafka or Redis.
 
 What a consumer does with each batch besides fetching it and committing it: decode the
-touched users' stored states, :meth:`metarec.learner.Learner.learn_many`, encode the states,
-write the lists' JSON (:meth:`~metarec.learner.Learner.list_records`) and feed the live
-hits to the drift monitor (:meth:`~metarec.learner.Learner.observe`). States are kept as
+touched users' stored states, :meth:`metarec.core.learner.Learner.learn_many`, encode the states,
+write the lists' JSON (:meth:`~metarec.core.learner.Learner.list_records`) and feed the live
+hits to the drift monitor (:meth:`~metarec.core.learner.Learner.observe`). States are kept as
 bytes between batches, so histories grow as in a real stream. The workload is the bench's
 (``metarec bench``): power-law users and items, a model with random vectors and neighbours.
 The first ``--warm`` events fill the histories; the next ``--events`` are timed.
@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 
-from metarec.bench import ITEM_EXPONENT, USER_EXPONENT, BenchConfig, bench_model, power_law
-from metarec.learner import EventBatch, Learner
-from metarec.user_state import decode_many, encode_many
+from metarec.core.learner import EventBatch, Learner
+from metarec.core.user_state import decode_many, encode_many
+from metarec.local.bench import ITEM_EXPONENT, USER_EXPONENT, BenchConfig, bench_model, power_law
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from metarec.aggregation import PartialSums
-from metarec.devservices import DEFAULT_REDIS_URL
-from metarec.store import RedisStore
-from metarec.trending import CHANNELS
+from metarec.core.reptile import PartialSums
+from metarec.core.trending import CHANNELS
+from metarec.local.devservices import DEFAULT_REDIS_URL
+from metarec.services.store import RedisStore
 
 TOPIC = "bench.events"
 STATE_BYTES = 1024

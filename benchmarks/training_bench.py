@@ -10,9 +10,9 @@ import argparse
 import time
 from pathlib import Path
 
-from metarec.movielens import load_movielens
-from metarec.training import MetaTrainer
-from metarec.window import EventWindow
+from metarec.core.window import EventWindow
+from metarec.data.movielens import load_movielens
+from metarec.training.trainer import MetaTrainer
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k"
 

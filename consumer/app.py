@@ -13,24 +13,25 @@ One batch, start to finish (the order is the whole point, so it is written here 
    ever lost behind a committed offset;
 4. register the batch's items (one round trip) and load the touched users' states and
    profiles (one round trip);
-5. per partition: adapt the users and rank their lists (:meth:`metarec.learner.Learner.learn_many`,
-   the very code ``metarec eval`` measures; before each event is applied it records
-   whether the item was in the list the user was being shown — live HR@K/NDCG@K — and
-   reacts to users whose hits show a drift), then write states, lists, trending counts,
-   partial sums *and the partition's next offset* as one atomic Redis unit that first
-   checks the stored offset (a zombie's write changes nothing) and each user's stored
-   event count (a user whose events also arrive on another partition, written by another
-   consumer meanwhile, makes the unit refuse; it is redone from the stored states); the
-   live metrics are fed only once the unit is written. On a Redis Cluster the unit is
-   written in idempotent steps (:mod:`metarec.cluster_store`): each user adapts only to
-   its events past its stored applied offset, and a batch another writer left half-written
-   is finished first, up to where it ended;
+5. per partition: adapt the users and rank their lists
+   (:meth:`metarec.core.learner.Learner.learn_many`, the very code ``metarec eval``
+   measures; before each event is applied it records whether the item was in the list the
+   user was being shown — live HR@K/NDCG@K — and reacts to users whose hits show a drift),
+   then write states, lists, trending counts, partial sums *and the partition's next offset*
+   as one atomic Redis unit that first checks the stored offset (a zombie's write changes
+   nothing) and each user's stored event count (a user whose events also arrive on another
+   partition, written by another consumer meanwhile, makes the unit refuse; it is redone
+   from the stored states); the live metrics are fed only once the unit is written. On a
+   Redis Cluster the unit is written in idempotent steps
+   (:mod:`metarec.services.cluster_store`): each user adapts only to its events past its
+   stored applied offset, and a batch another writer left half-written is finished first, up
+   to where it ended;
 6. only then commit the offsets to Kafka too, for lag monitoring (Redis stays the source
    of truth: on assignment the consumer seeks to the offsets stored in Redis).
 
 A crash anywhere before step 5 leaves Redis untouched, and the records are consumed again;
 a crash after it re-delivers records whose offsets Redis already holds, and they are
-skipped. Every Redis call is retried through an outage (:mod:`metarec.outage`), with
+skipped. Every Redis call is retried through an outage (:mod:`metarec.services.outage`), with
 fetching stopped meanwhile; a write whose reply was lost is recognised by its offset when
 it is retried. SIGTERM lets the batch in flight finish its step 5 and exits 0.
 """
@@ -64,7 +65,13 @@ from consumer.dlq import DeadLetterQueue, dead_letter_reason
 from consumer.stats import ConsumerStats, format_line
 from consumer.topic_log import TopicLog
 from metarec.config import Settings, incremental_rebalancing
-from metarec.drift import RetrainRequest
+from metarec.core.drift import RetrainRequest
+from metarec.core.events import Event, ItemRecord, UserRecord
+from metarec.core.learner import RECENT_USERS, REFRESH_BATCH, EventBatch, Learner
+from metarec.core.live_quality import ALL
+from metarec.core.model import MetaModel
+from metarec.core.records import RecordDecoder
+from metarec.core.user_state import UserState, count_guard, decode_many, encode_many
 from metarec.errors import (
     InvalidEvent,
     LogReplaced,
@@ -73,16 +80,10 @@ from metarec.errors import (
     StaleOffset,
     UserConflict,
 )
-from metarec.events import Event, ItemRecord, UserRecord
-from metarec.learner import RECENT_USERS, REFRESH_BATCH, EventBatch, Learner
-from metarec.live_quality import ALL
 from metarec.logs import Throttle, kafka_logger
-from metarec.metrics import HealthServer, Metrics
-from metarec.model import MetaModel
-from metarec.outage import Outage, Stopped, retrying
-from metarec.records import RecordDecoder
-from metarec.store import RedisStore
-from metarec.user_state import UserState, count_guard, decode_many, encode_many
+from metarec.services.metrics import HealthServer, Metrics
+from metarec.services.outage import Outage, Stopped, retrying
+from metarec.services.store import RedisStore
 
 __all__ = ["ConsumerApp", "incremental_rebalancing"]
 
@@ -125,7 +126,7 @@ class ConsumerApp:
         self.settings = settings
         self.member = member or f"{socket.gethostname()}-{os.getpid()}"
         self._stopping = False
-        # Every store call is retried through a Redis outage (metarec.outage); fetching
+        # Every store call is retried through a Redis outage (metarec.services.outage); fetching
         # stops meanwhile, because the loop is inside the call.
         self._health: HealthServer | None = None
         self.metrics = Metrics("consumer")

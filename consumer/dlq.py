@@ -3,7 +3,7 @@
 Why unchanged: whoever investigates (or replays) a dead letter needs the exact bytes the
 app sent, even when they are not UTF-8 or not JSON, which is often why they failed. The
 key, value and headers are copied as they are; headers prefixed ``metarec.`` are appended
-to say why and where from (:mod:`metarec.dead_letters` names them). The DLQ record's own
+to say why and where from (:mod:`metarec.services.dead_letters` names them). The DLQ record's own
 timestamp is the time it was dead-lettered, not the original's (which is in
 :data:`ORIGINAL_TIMESTAMP`): time-based retention and brokers' timestamp checks would
 otherwise drop or reject dead letters of old records, exactly the ones a replay produces.
@@ -58,7 +58,8 @@ from confluent_kafka import (
     Producer,
 )
 
-from metarec.dead_letters import (
+from metarec.errors import MetarecError
+from metarec.services.dead_letters import (
     CONSUMER_GROUP,
     ERROR_CLASS,
     ERROR_MESSAGE,
@@ -70,7 +71,6 @@ from metarec.dead_letters import (
     ORIGINAL_TOPIC,
     VALUE_TRUNCATED,
 )
-from metarec.errors import MetarecError
 
 __all__ = ["DEFAULT_TRUNCATE_TO", "DeadLetterQueue", "dead_letter_reason"]
 
@@ -181,15 +181,15 @@ class DeadLetterQueue:
     >>> from confluent_kafka import Message, Producer
     >>> producer = Producer({"bootstrap.servers": "127.0.0.1:9", "message.timeout.ms": 100,
     ...                      "log_level": 0})
-    >>> dlq = DeadLetterQueue(producer, "metarec.events.dlq", group_id="metarec-consumer")
-    >>> record = Message(topic="metarec.events", partition=0, offset=7, value=b"\\xff{")
+    >>> dlq = DeadLetterQueue(producer, "metarec.core.events.dlq", group_id="metarec-consumer")
+    >>> record = Message(topic="metarec.core.events", partition=0, offset=7, value=b"\\xff{")
     >>> dlq.send(record, ValueError("not UTF-8"))
     >>> dlq.sent
     1
     >>> dlq.flush(timeout=5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    metarec.errors.MetarecError: 1 dead letter(s) to 'metarec.events.dlq' failed; first: ...
+    metarec.errors.MetarecError: 1 dead letter(s) to 'metarec.core.events.dlq' failed; first: ...
     """
 
     def __init__(

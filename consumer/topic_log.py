@@ -29,7 +29,7 @@ from typing import Final, Literal
 from confluent_kafka import Consumer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from metarec.store import RedisStore
+from metarec.services.store import RedisStore
 
 __all__ = ["CHECK_EVERY_S", "LogCheck", "TopicLog"]
 

@@ -22,7 +22,7 @@ from metarec import __version__
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
 from metarec.errors import ConfigError, MetarecError
 from metarec.logs import configure_logging, fatal
-from metarec.topics import topic_plan
+from metarec.services.topics import topic_plan
 
 __all__ = ["build_parser", "main"]
 
@@ -33,7 +33,7 @@ log = logging.getLogger("metarec")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from metarec.evaluate_cli import add_eval_arguments
+    from metarec.evaluation.command import add_eval_arguments
 
     parser = argparse.ArgumentParser(
         prog="metarec", description="Streaming meta-learning recommender: Kafka events in, "
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
-            from metarec.evaluate_cli import run_eval
+            from metarec.evaluation.command import run_eval
 
             return run_eval(args)
         if args.command == "bench":
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev":
             return _dev(settings, args.action, args.state_dir)
         if args.command == "demo":
-            from metarec.demo import run_demo
+            from metarec.local.demo import run_demo
 
             return run_demo(settings, data=args.data, rate=args.rate, state_dir=args.state_dir)
     except ConfigError as exc:
@@ -221,7 +221,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 
 def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
-    from metarec.aggregator import Aggregator
+    from metarec.services.aggregator import Aggregator
 
     agg = Aggregator(settings)
     if now:
@@ -235,7 +235,7 @@ def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from metarec.bench import BenchConfig, run_bench, to_markdown
+    from metarec.local.bench import BenchConfig, run_bench, to_markdown
 
     try:
         mix = {t: float(w) for t, w in (pair.split(":") for pair in args.mix.split(","))}
@@ -264,9 +264,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _operate(settings: Settings, args: argparse.Namespace) -> int:
-    """The operator commands (:mod:`metarec.operations`); each prints one JSON document."""
-    from metarec import operations
-    from metarec.store import RedisStore
+    """The operator commands (:mod:`metarec.services.operations`); each prints one JSON document."""
+    from metarec.services import operations
+    from metarec.services.store import RedisStore
 
     store = RedisStore.connect(settings.redis_url, settings.key_prefix)
     result: object
@@ -292,7 +292,7 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
 
 def _topics(settings: Settings) -> int:
     """Create the services' topics where missing; report each one's partitions."""
-    from metarec.devservices import create_topics
+    from metarec.local.devservices import create_topics
 
     plan = topic_plan(settings)
     counts = create_topics(settings.kafka_bootstrap, {n: t.partitions for n, t in plan.items()},
@@ -306,7 +306,7 @@ def _topics(settings: Settings) -> int:
 
 
 def _dev(settings: Settings, action: str, state_dir: Path) -> int:
-    from metarec import devservices
+    from metarec.local import devservices
 
     if action == "up":
         host, _, port = settings.kafka_bootstrap.rpartition(":")

@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import redis
 
-from metarec.cluster_store import cluster_key
 from metarec.config import CLUSTER_SCHEMES, Settings
-from metarec.events import DEFAULT_DOMAIN
-from metarec.store import DEFAULT_PREFIX, plain_key
+from metarec.core.events import DEFAULT_DOMAIN
+from metarec.services.cluster_store import cluster_key
+from metarec.services.store import DEFAULT_PREFIX, plain_key
 
 __all__ = ["RecList", "Recommendations", "parse_list"]
 

@@ -17,7 +17,7 @@ Secrets never reach logs: ``repr`` and :meth:`Settings.redacted` mask them.
 
 >>> s = Settings.from_env({"METAREC_TOP_K": "50"}, overrides={"group_id": "g1"})
 >>> s.top_k, s.group_id, s.events_topic
-(50, 'g1', 'metarec.events')
+(50, 'g1', 'metarec.core.events')
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from metarec.errors import ConfigError
-from metarec.events import (
+from metarec.core.events import (
     DEFAULT_EVENT_WEIGHTS,
     MAX_FEATURES,
     MAX_FUTURE_SKEW_MS,
@@ -44,6 +43,7 @@ from metarec.events import (
     MIN_EVENT_TS_MS,
     Limits,
 )
+from metarec.errors import ConfigError
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -104,7 +104,7 @@ GROUP_DEFAULTS: types.MappingProxyType[str, str] = types.MappingProxyType({
 # Defaults that the core objects (the learner, the retraining schedule) share with the
 # settings table, so that a library user and a deployed service start from the same ones.
 #: Catalogues up to this size are scored exactly (every item, every list): below it a
-#: dense row costs less than gathering candidates does (:mod:`metarec.candidates`).
+#: dense row costs less than gathering candidates does (:mod:`metarec.core.candidates`).
 EXACT_MAX_ITEMS = 20_000
 DEFAULT_TOP_K = 20
 DEFAULT_HISTORY_LENGTH = 50
@@ -402,12 +402,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
     _id_spec("group_id", "metarec-consumer", "Kafka consumer group of the consumer service."),
     _id_spec("aggregator_group_id", "metarec-aggregator",
              "Kafka consumer group of the aggregator's replay window."),
-    _topic_spec("events_topic", "metarec.events", "Topic of user events (key: user id)."),
+    _topic_spec("events_topic", "metarec.core.events", "Topic of user events (key: user id)."),
     _topic_spec("items_topic", "metarec.items", "Topic of item metadata (key: item id)."),
     _topic_spec("users_topic", "metarec.users", "Topic of user profiles (key: user id)."),
-    _topic_spec("dlq_topic", "metarec.events.dlq",
+    _topic_spec("dlq_topic", "metarec.core.events.dlq",
                 "Dead-letter topic for records that could not be processed."),
-    _topic_spec("model_topic", "metarec.model", "Topic announcing new model versions."),
+    _topic_spec("model_topic", "metarec.core.model", "Topic announcing new model versions."),
     SettingSpec("log_reset_policy", "policy", "replay",
                 "When the events topic is a new log (broker reset, topic recreated): replay "
                 "it from its start, or skip to its end.", _parse_reset_policy),
@@ -617,13 +617,13 @@ class Settings:
         return config
 
     def limits(self) -> Limits:
-        """What records may be (:class:`metarec.events.Limits`), from these settings."""
+        """What records may be (:class:`metarec.core.events.Limits`), from these settings."""
         return Limits(max_record_bytes=self.max_record_bytes, max_id_bytes=self.max_id_bytes,
                       max_features=self.max_features, min_ts=self.event_ts_min_ms,
                       max_future_ms=self.event_max_future_s * 1000)
 
     def event_checks(self, now_ms: int | None) -> dict[str, Any]:
-        """The keyword arguments of :func:`metarec.events.decode_event` that these settings
+        """The keyword arguments of :func:`metarec.core.events.decode_event` that these settings
         fix: the accepted types and the limits, with the time window at ``now_ms``."""
         return {"event_types": self.event_types, "now_ms": now_ms, "limits": self.limits()}
 

@@ -90,7 +90,7 @@ def _send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from metarec.datasets import load_dataset  # heavy: numpy and the generators
+    from metarec.data.registry import load_dataset  # heavy: numpy and the generators
 
     dataset = load_dataset(args.data, seed=settings.seed)
     producer = EventProducer(settings)

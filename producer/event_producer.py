@@ -20,8 +20,7 @@ from typing import Any, Final
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from metarec.config import Settings
-from metarec.errors import ConfigError, MetarecError
-from metarec.events import (
+from metarec.core.events import (
     Event,
     ItemRecord,
     UserRecord,
@@ -32,6 +31,7 @@ from metarec.events import (
     encode_user,
     validate_event,
 )
+from metarec.errors import ConfigError, MetarecError
 from metarec.logs import kafka_logger
 
 __all__ = ["DEFAULT_PRODUCER_CONFIG", "DeliveryError", "EventProducer"]
@@ -199,7 +199,7 @@ class EventProducer:
         return event
 
     def send_event(self, event: Event) -> Event:
-        """Validate and queue an :class:`~metarec.events.Event` (see :meth:`send`)."""
+        """Validate and queue an :class:`~metarec.core.events.Event` (see :meth:`send`)."""
         checked = validate_event(event.to_json(), **self.settings.event_checks(_now_ms()))
         self._produce(self.settings.events_topic, checked.user, encode_event(checked))
         return checked

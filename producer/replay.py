@@ -27,9 +27,9 @@ from typing import Final
 
 from tqdm import tqdm
 
-from metarec.dataset import Dataset
+from metarec.core.events import Event
+from metarec.data.dataset import Dataset
 from metarec.errors import ConfigError, InvalidEvent
-from metarec.events import Event
 from producer.event_producer import EventProducer
 
 __all__ = ["ReplayReport", "TokenBucket", "replay"]

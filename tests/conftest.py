@@ -4,7 +4,7 @@ Why real services: the consumer's correctness rests on broker and Redis semantic
 rebalances, offsets, MULTI/EXEC) that fakes would assume rather than check. The broker is
 started once per session on a free port (it takes well under a second), memory-only, so
 every run starts clean; Redis is the machine's own at 127.0.0.1:6379 when it answers,
-otherwise a private server that :func:`metarec.devservices.ensure_redis` starts. Tests
+otherwise a private server that :func:`metarec.local.devservices.ensure_redis` starts. Tests
 never share names: topics, group ids and Redis key prefixes are random per test, and keys
 under a test's prefix are deleted after it.
 
@@ -22,7 +22,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from metarec.devservices import (
+from metarec.local.devservices import (
     DEFAULT_REDIS_URL,
     LOCAL_GROUP_CONFIG,
     create_topics,

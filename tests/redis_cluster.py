@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from metarec.devservices import valkey_binary
+from metarec.local.devservices import valkey_binary
 
 __all__ = ["LocalCluster", "cluster_server", "free_ports", "start_cluster"]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from metarec.evaluation import EncodedStream
-from metarec.online import OnlineMetarec
-from metarec.recommender import Interaction
+from metarec.evaluation.online import OnlineMetarec
+from metarec.evaluation.protocol import EncodedStream
+from metarec.evaluation.recommender import Interaction
 
 
 def feed(rec: OnlineMetarec, stream: EncodedStream, lo: int, hi: int) -> None:

@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from metarec.client import Recommendations, parse_list
-from metarec.learner import Learner, RankedList
-from metarec.store import RedisStore
-from metarec.user_state import UserState
+from metarec.core.learner import Learner, RankedList
+from metarec.core.user_state import UserState
+from metarec.services.store import RedisStore
 
 
 def _written(store: RedisStore) -> tuple[dict[str, bytes], dict[str, bytes]]:

@@ -34,9 +34,9 @@ from metarec.config import (
     Settings,
     settings_from_args,
 )
-from metarec.devservices import DEFAULT_TOPICS
 from metarec.errors import ConfigError
-from metarec.topics import TopicSpec, topic_plan
+from metarec.local.devservices import DEFAULT_TOPICS
+from metarec.services.topics import TopicSpec, topic_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

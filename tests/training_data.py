@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metarec.window import TrainingData
+from metarec.core.window import TrainingData
 
 __all__ = ["tiny_training_data"]
 

@@ -1,0 +1,1 @@
+"""Datasets: MovieLens releases, the synthetic streams, and the names ``--data`` takes."""

@@ -1,0 +1,88 @@
+"""The model artifact: feature blending, profiles, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarec.core.catalog import Catalog
+from metarec.core.model import MetaModel
+from metarec.errors import ModelError
+
+
+def _model_with_items() -> MetaModel:
+    m = MetaModel.initial(2, history_length=4)
+    m.item_ids = ["a", "b"]
+    m.item_emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    m.item_ctx = m.item_emb.copy()
+    m.item_bias = np.array([1.0, 2.0], np.float32)
+    m.item_count = np.array([10.0, 0.0], np.float32)
+    m.item_features = ["f1", "f2"]
+    m.feat_emb = np.array([[0.0, 4.0], [2.0, 0.0]], np.float32)
+    m.feat_ctx = m.feat_emb.copy()
+    m.feat_bias = np.array([0.0, 4.0], np.float32)
+    m.blend = 10.0
+    return m
+
+
+def test_blend_of_learned_embedding_and_feature_mapping() -> None:
+    m = _model_with_items()
+    cat = Catalog()
+    cat.add("a", features=("f1",))
+    cat.add("b", features=("f1", "f2"))
+    cat.add("new", features=("f2", "unknown"))
+    t = m.item_tables(cat)
+    # a: n=10, c=10 -> half own, half G(f1)
+    np.testing.assert_allclose(t.vectors[0], [0.5, 2.0])
+    np.testing.assert_allclose(t.bias[0], 0.5)
+    # b: never counted -> all features: mean(G[f1], G[f2])
+    np.testing.assert_allclose(t.vectors[1], [1.0, 2.0])
+    # a brand-new item is scored from its known features alone
+    np.testing.assert_allclose(t.vectors[2], [2.0, 0.0])
+    np.testing.assert_allclose(t.bias[2], 4.0)
+
+
+def test_without_meta_items_unknown_to_the_model_are_zero() -> None:
+    m = _model_with_items()
+    m.meta = False
+    cat = Catalog()
+    cat.add("b")
+    cat.add("new", features=("f2",))
+    t = m.item_tables(cat)
+    np.testing.assert_allclose(t.vectors, [[0.0, 1.0], [0.0, 0.0]])
+
+
+def test_profile_vectors_average_known_features() -> None:
+    m = MetaModel.initial(2)
+    m.user_features = ["g:F", "age:18-24"]
+    m.user_feat = np.array([[1.0, 0.0], [0.0, 3.0]], np.float32)
+    got = m.profile_vectors([("g:F", "age:18-24"), ("zzz",), ()])
+    np.testing.assert_allclose(got, [[0.5, 1.5], [0.0, 0.0], [0.0, 0.0]])
+
+
+def test_save_load_round_trip_keeps_every_array() -> None:
+    m = _model_with_items().with_version(7)
+    m.info["device"] = "CPU:0"
+    back = MetaModel.from_bytes(m.to_bytes())
+    assert back.version == 7 and back.item_ids == ["a", "b"] and back.info == m.info
+    for name in ("item_emb", "feat_emb", "theta0", "hist_map", "age_logits", "step"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
+
+
+def test_corrupt_artifact_is_a_model_error() -> None:
+    with pytest.raises(ModelError):
+        MetaModel.from_bytes(b"not a model")
+
+
+def test_100k_item_artifact_round_trips() -> None:
+    rng = np.random.default_rng(0)
+    m = MetaModel.initial(32)
+    n = 100_000
+    m.item_ids = [f"item-{i}" for i in range(n)]
+    m.item_emb = rng.standard_normal((n, 32)).astype(np.float32)
+    m.item_ctx = rng.standard_normal((n, 32)).astype(np.float32)
+    m.item_bias = np.zeros(n, np.float32)
+    m.item_count = np.ones(n, np.float32)
+    back = MetaModel.from_bytes(m.to_bytes())
+    assert back.item_index("item-99999") == 99_999
+    np.testing.assert_array_equal(back.item_emb, m.item_emb)

@@ -1,0 +1,71 @@
+"""When a retraining is due, and what one does with the window and the partial sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarec.core.model import MetaModel
+from metarec.core.reptile import PartialSums
+from metarec.core.window import EventWindow
+from metarec.training.retraining import Retrainer, RetrainSchedule
+from metarec.training.trainer import MetaTrainer
+
+
+def test_the_schedule_first_model_then_every_n_events() -> None:
+    s = RetrainSchedule(min_events=100, every_events=1000)
+    assert s.due(has_model=False, window_events=99, new_events=99) is None
+    assert s.due(has_model=False, window_events=100, new_events=100) == "first model"
+    assert s.due(has_model=True, window_events=5000, new_events=999) is None
+    assert s.due(has_model=True, window_events=5000, new_events=1000) == "schedule"
+
+
+def test_a_drift_request_waits_for_the_new_regime_and_holds_the_schedule_back() -> None:
+    s = RetrainSchedule(min_events=100, every_events=1000)
+    wait = dict(has_model=True, window_events=5000, request="drift in 'g'")
+    assert s.due(new_events=99, events_since_floor=500, **wait) is None  # type: ignore[arg-type]
+    # Plenty of new events, but too few since the change: no schedule either.
+    assert s.due(new_events=5000, events_since_floor=99, **wait) is None  # type: ignore[arg-type]
+    assert s.due(new_events=100, events_since_floor=100, **wait) == "drift in 'g'"  # type: ignore[arg-type]
+    assert s.due(new_events=0, events_since_floor=None, immediate=True,
+                 **wait) == "drift in 'g'"  # type: ignore[arg-type]
+
+
+def _window(n: int, start_ts: int = 0) -> EventWindow:
+    rng = np.random.default_rng(0)
+    w = EventWindow(10_000)
+    for k in range(n):
+        w.append(f"u{rng.integers(20)}", f"i{rng.integers(15)}", start_ts + k, 1.0, "default")
+    return w
+
+
+def _retrainer() -> Retrainer:
+    return Retrainer(MetaTrainer(dim=4, history_length=5, batch_size=32, min_steps=3,
+                                 max_steps=3))
+
+
+def test_a_floor_trains_on_the_events_since_it_from_scratch() -> None:
+    pytest.importorskip("tensorflow")
+    w = _window(300)
+    r = _retrainer()
+    first = r.train(w, None, floor=None, version=1)
+    assert first is not None and first.info["events"] == 300
+    assert not first.info["fresh_start"] and first.info["floor_ts"] is None
+    fresh = r.train(w, first, floor=200, version=2)
+    assert fresh is not None and fresh.info["events"] == 100 and fresh.info["fresh_start"]
+    again = r.train(w, fresh, floor=200, version=3)  # the same floor: warm start again
+    assert again is not None and not again.info["fresh_start"]
+    assert r.train(w, again, floor=299, version=4) is None  # one event: nothing to learn
+
+
+def test_the_fold_moves_theta0_to_the_weighted_mean_by_domain_name() -> None:
+    current = MetaModel.initial(2, domains=("books", "music"))
+    model = MetaModel.initial(2, domains=("music", "books"))
+    p = PartialSums.zeros(2, 2)
+    p.add([0, 0, 1], [[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]], [1.0, 1.0, 2.0])
+    folded, weight = Retrainer().fold(model, current, [p])
+    assert weight == 4.0
+    assert folded.theta0.tolist() == [[0.0, 4.0], [2.0, 1.0]]  # music, then books
+    model.info["fresh_start"] = True
+    assert Retrainer().fold(model, current, [p]) == (model, 0.0)
+    assert Retrainer().fold(model, None, [p])[1] == 0.0

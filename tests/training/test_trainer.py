@@ -1,0 +1,221 @@
+"""Meta-training: the numpy side of batching, the graph's agreement with serving, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarec.core.adaptation import UserBatch, adapt, prior
+from metarec.core.catalog import Catalog
+from metarec.core.trending import Channel, Trending
+from metarec.core.window import TrainingData
+from metarec.training.trainer import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
+from tests.training_data import tiny_training_data
+
+tf = pytest.importorskip("tensorflow")
+
+
+_data = tiny_training_data
+
+
+
+def test_trend_snapshots_are_the_learners_trending_counts_one_event_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 5, 50)
+    weights = np.where(rng.random(50) < 0.2, -1.0, 1.0).astype(np.float32)
+    first = rng.random(50) < 0.3
+    channels = (Channel("3", 3.0), Channel("30", 30.0), Channel("new", 30.0, True))
+    snaps = trend_snapshots(items, weights, first, 5, channels, every=10)
+    trend = Trending(channels)
+    for k in range(5):
+        np.testing.assert_allclose(snaps[k], trend.counts(5), rtol=1e-5, atol=1e-6)
+        for q in range(10 * k, 10 * k + 10):
+            trend.learn_many([items[q]], [weights[q]], [first[q]])
+
+
+def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> None:
+    data = _data()
+    b = TrainingBatches(data, history_length=5, inner_events=2, query_length=3, negatives=2,
+                        rng=np.random.default_rng(0))
+    batch = b.sample(64)
+    for row in range(64):
+        user = batch["users"][row]
+        own = data.items[data.users == user]
+        hist = batch["hist_items"][row]
+        hist = hist[hist >= 0]
+        n_before = len(batch["consumed"][batch["consumed"][:, 0] == row])
+        # The support is the newest part of what the user consumed before the query.
+        np.testing.assert_array_equal(hist, own[:n_before][-5:])
+        query = batch["query"][row]
+        np.testing.assert_array_equal(query[query >= 0], own[n_before:n_before + 3])
+
+
+def _graph(meta: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
+    from metarec.training.meta_graph import MetaGraph
+
+    data = _data()
+    cfg = MetaTrainer(dim=8, history_length=6, inner_events=3, batch_size=32, negatives=2,
+                      meta=meta, seed=seed, cold_item_rate=0.0)
+    rng = np.random.default_rng(seed)
+    batches = TrainingBatches(data, cfg.history_length, cfg.inner_events, cfg.query_length,
+                              cfg.negatives, rng)
+    return MetaGraph(cfg, data, batches, None, rng), batches, data
+
+
+def test_exported_model_serves_exactly_what_the_graph_trained() -> None:
+    graph, batches, data = _graph()
+    graph.train(batches, 20)
+    model = graph.export(version=3)
+    catalog = Catalog()
+    for item, feats in zip(data.item_ids, data.item_features, strict=True):
+        catalog.add(item, features=feats)
+    tables = model.item_tables(catalog)
+    raw = batches.sample(16)
+    own = (graph.count / (graph.count + graph.cfg.blend)).astype(np.float32)
+    raw["own_weight"] = own
+    b = {k: tf.constant(v) for k, v in raw.items()}
+    vec_tf, bias_tf, ctx_tf = (t.numpy() for t in graph.item_tables(b["own_weight"]))
+    np.testing.assert_allclose(tables.vectors, vec_tf, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tables.bias, bias_tf, rtol=1e-4, atol=1e-5)
+    users = UserBatch(np.zeros((16, 8), np.float32), raw["hist_items"], raw["hist_weights"],
+                      raw["domains"], model.profile_vectors(
+                          [data.user_features[u] for u in raw["users"]]))
+    theta0 = prior(model, tables, users)
+    theta0_tf = graph._prior(b, tf.constant(ctx_tf)).numpy()
+    np.testing.assert_allclose(theta0, theta0_tf, rtol=1e-4, atol=1e-5)
+    # The inner loop: the graph's unrolled steps are the consumer's adapt(), event by event.
+    delta = np.zeros_like(theta0)
+    for j in range(3):
+        col = -3 + j
+        pos = raw["hist_items"][:, col]
+        ok = pos >= 0
+        stepped = adapt(model, tables, theta0, delta, np.maximum(pos, 0),
+                        raw["hist_weights"][:, col], raw["negatives"][:, j, :])
+        delta = np.where(ok[:, None], stepped, delta)
+    delta_tf = graph._inner_loop(b, tf.constant(theta0_tf), tf.constant(vec_tf),
+                                 tf.constant(bias_tf)).numpy()
+    np.testing.assert_allclose(delta, delta_tf, rtol=1e-3, atol=1e-5)
+
+
+def test_training_lowers_the_query_loss() -> None:
+    graph, batches, _ = _graph()
+    first = graph.train(batches, 3)
+    later = graph.train(batches, 150)
+    assert later < first
+
+
+def test_seeded_fits_repeat_exactly_and_log_the_device() -> None:
+    data = _data()
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,
+                          max_steps=15, seed=3)
+    a = trainer.fit(data)
+    b = trainer.fit(data)
+    np.testing.assert_array_equal(a.item_emb, b.item_emb)
+    np.testing.assert_array_equal(a.step, b.step)
+    assert a.info["device"] in {"CPU:0", "GPU:0"}
+    c = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=15,
+                    seed=4).fit(data)
+    assert not np.array_equal(a.item_emb, c.item_emb)
+
+
+def test_warm_start_keeps_items_by_id_and_ablation_has_no_mappings() -> None:
+    data = _data()
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,
+                          max_steps=5)
+    first = trainer.fit(data)
+    second = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=1,
+                         learning_rate=1e-9).fit(data, init=first, version=2)
+    np.testing.assert_allclose(second.item_emb, first.item_emb, atol=1e-5)
+    assert second.version == 2
+    plain = MetaTrainer(dim=8, history_length=6, batch_size=32, max_steps=5,
+                        meta=False).fit(data)
+    assert not plain.meta and plain.feat_emb.size == 0 and not plain.theta0.any()
+    assert np.allclose(plain.step, plain.step[0])
+
+
+def _domain_data(domains: list[int]) -> TrainingData:
+    n = len(domains)
+    return TrainingData(
+        users=np.zeros(n, np.int64), items=np.arange(n, dtype=np.int64),
+        ts=np.arange(n, dtype=np.int64), weights=np.ones(n, np.float32),
+        domains=np.asarray(domains, np.int64), item_ids=[f"i{j}" for j in range(n)],
+        item_features=[() for _ in range(n)], item_domains=np.asarray(domains, np.int64),
+        user_ids=["u"], user_features=[()], domain_names=["a", "b"])
+
+
+def test_domain_switches_are_drawn_more_often() -> None:
+    b = TrainingBatches(_domain_data([0] * 9 + [1]), 4, 1, 1, 1, np.random.default_rng(0))
+    assert b.switch_p is not None
+    assert b.switch_p[9] == SWITCH_WEIGHT * b.switch_p[0]
+
+
+def test_one_domain_keeps_uniform_sampling() -> None:
+    assert TrainingBatches(_domain_data([0] * 10), 4, 1, 1, 1, np.random.default_rng(0)).switch_p \
+        is None
+
+
+def test_held_out_users_never_train_and_are_the_same_in_every_version() -> None:
+    data = _data(n_events=3000, n_users=300)
+    a = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(1), holdout=0.2)
+    assert a.has_validation
+    np.testing.assert_array_equal(a.valid_idx, b.valid_idx)
+    held = set(data.users[a.valid_idx].tolist())
+    assert 30 < len(held) < 90
+    trained = set(a.sample(4096)["users"].tolist())
+    assert not trained & held
+    val = a.validation(500)
+    # The newest events of the held-out users.
+    assert set(val["users"].tolist()) <= held and len(val["users"]) == 500
+    assert a.valid_idx[-500:].tolist() == sorted(a.valid_idx[-500:].tolist())
+
+
+def test_training_stops_when_held_out_users_stop_improving() -> None:
+    data = _data(n_events=4000, n_users=400)
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
+                          check_every=5, patience=2, max_steps=300, learning_rate=0.1)
+    model = trainer.fit(data)
+    assert model.info["validated"]
+    assert 0 < model.info["steps"] < 300  # it stopped on its own, at a best checkpoint
+    assert model.info["steps"] % 5 == 0
+    few = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64, min_steps=7,
+                      max_steps=7).fit(_data(n_events=300, n_users=20))
+    assert not few.info["validated"] and few.info["steps"] == 7
+
+
+def test_a_fit_in_a_fresh_process_writes_only_json_lines() -> None:
+    """TensorFlow's C++ start-up lines would break one-JSON-object-per-line logs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "from metarec.logs import configure_logging\n"
+        "configure_logging('INFO', service='t')\n"
+        "from tests.training_data import tiny_training_data\n"
+        "from metarec.training.trainer import MetaTrainer\n"
+        "MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,"
+        " max_steps=3).fit(tiny_training_data())\n"
+        "import logging; logging.getLogger('t').info('fitted')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=Path(__file__).resolve().parents[2], timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert json.loads(lines[-1])["msg"] == "fitted"
+    for line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line on stderr: {line!r}")
+
+
+def test_every_training_step_reports_progress() -> None:
+    """What keeps the aggregator's liveness probe green through a long cycle."""
+    ticks: list[int] = []
+    model = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=7,
+                        on_step=lambda: ticks.append(1)).fit(_data())
+    assert len(ticks) >= model.info["steps"] > 0  # steps: those that reached the best
