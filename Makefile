@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-packages lint test demo bench eval suite
+.PHONY: help install system-packages lint test test-fast demo bench eval suite
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ lint: $(STAMP) ## ruff and mypy --strict
 
 test: $(STAMP) system-packages ## the test suite (starts its own Tansu broker; uses or starts Redis on 127.0.0.1:6379)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the tests not marked slow (no processes, brokers or training): under a minute
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP) ## the whole loop on the local broker and Redis, on a bundled synthetic stream
 	$(BIN)/metarec demo

@@ -45,6 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "integration: talks to the real local Tansu broker and Redis"
     )
+    config.addinivalue_line(
+        "markers", "slow: runs processes, brokers or training; left out of make test-fast"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

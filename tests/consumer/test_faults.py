@@ -29,7 +29,7 @@ from metarec.core.events import Event
 from metarec.local.devservices import create_topics, start_broker, valkey_binary
 from metarec.services import dead_letters as dlq
 from metarec.services.store import RedisStore
-from tests.consumer.test_app import (
+from tests.consumer.system import (
     REPO,
     Background,
     Publisher,
@@ -42,6 +42,9 @@ from tests.consumer.test_app import (
     read_topic,
     wait_until,
 )
+
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 __all__ = ["make_system"]  # the fixture, re-exported for this module's tests
 

@@ -15,7 +15,7 @@ from consumer.topic_log import TopicLog
 from metarec.errors import LogReplaced
 from metarec.local.devservices import create_topics
 from metarec.services.store import RedisStore
-from tests.consumer.test_app import Publisher
+from tests.consumer.system import Publisher
 
 
 def test_lag_counts_partitions_nobody_owns_and_a_recreated_topic_is_rebased_once(

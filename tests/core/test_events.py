@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,6 +54,7 @@ def test_arbitrary_bytes_are_accepted_or_rejected_with_a_reason(raw: bytes) -> N
     accepted_or_rejected(raw)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(records)
 def test_arbitrary_json_objects_are_accepted_or_rejected_with_a_reason(

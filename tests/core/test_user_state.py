@@ -33,6 +33,7 @@ def random_state(rng: np.random.Generator, trial: int) -> UserState:
     return state
 
 
+@pytest.mark.slow
 def test_every_state_reads_back_equal_and_keeps_its_count_where_the_guard_looks() -> None:
     rng = np.random.default_rng(1)
     for trial in range(1500):

@@ -11,6 +11,7 @@ from metarec.data.synthetic import SyntheticConfig, generate
 from metarec.errors import DataError
 
 
+@pytest.mark.slow
 def test_synthetic_names() -> None:
     small = load_dataset("synthetic-small", seed=4)
     assert small.events == generate(SyntheticConfig.small(), seed=4).events

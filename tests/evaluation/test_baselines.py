@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from metarec.core.events import Event, UserRecord
+from metarec.data.dataset import Dataset
 from metarec.errors import ConfigError
 from metarec.evaluation.baselines import (
     DAY_MS,
@@ -18,10 +20,34 @@ from metarec.evaluation.baselines import (
     Popularity,
     RecentPopularity,
 )
-from metarec.evaluation.protocol import BASELINES, encode
+from metarec.evaluation.command import METHODS
+from metarec.evaluation.online import metarec_factory, metarec_no_meta_factory
+from metarec.evaluation.protocol import BASELINES, EncodedStream, encode
 from metarec.evaluation.recommender import Interaction, Recommender
 
 Make = Callable[[int], Recommender]
+
+
+def _stream(n: int = 300, seed: int = 0) -> list[Interaction]:
+    """Events of 20 users over 30 items, dense-indexed as ``metarec eval`` encodes them."""
+    return _interactions(_encoded(n, seed))
+
+
+def _encoded(n: int = 300, seed: int = 0) -> EncodedStream:
+    rng = np.random.default_rng(seed)
+    events = [Event(f"u{int(rng.integers(0, 20))}", f"i{int(rng.integers(0, 30))}",
+                    str(rng.choice(["click", "like"])), t * 60_000)
+              for t in range(n)]
+    # Profiles of 100 users, so that users who never acted (up to index 99) exist.
+    users = [UserRecord(f"u{k}", (f"g:{k % 3}",)) for k in range(100)]
+    return encode(Dataset("contract", events, users=users))
+
+
+def _interactions(s: EncodedStream) -> list[Interaction]:
+    return [Interaction(user=int(s.users[t]), item=int(s.items[t]), ts=int(s.ts[t]),
+                        domain=int(s.domains[t]), weight=float(s.weights[t]))
+            for t in range(s.n_events)]
+
 
 ALL: dict[str, Make] = {
     "pop": lambda seed: Popularity(seed=seed),
@@ -31,16 +57,14 @@ ALL: dict[str, Make] = {
     "firstpop": lambda seed: FirstPop(seed=seed),
     # Refits a few times on the 300-event stream, so the contract covers the fitted model.
     "ease": lambda seed: EASE(refit_every=70, seed=seed),
+    # metarec as the services run it, and its ablation: what `metarec eval` compares.
+    "metarec": lambda seed: metarec_factory(_encoded(), seed),
+    "metarec_no_meta": lambda seed: metarec_no_meta_factory(_encoded(), seed),
 }
 
 
-def _stream(n: int = 300, seed: int = 0) -> list[Interaction]:
-    rng = np.random.default_rng(seed)
-    return [
-        Interaction(user=int(rng.integers(0, 20)), item=int(rng.integers(0, 30)),
-                    ts=t * 60_000, domain=0, weight=float(rng.choice([1.0, 2.0])))
-        for t in range(n)
-    ]
+def test_the_contract_covers_every_method_metarec_eval_compares() -> None:
+    assert set(ALL) == set(METHODS)
 
 
 def _replay(rec: Recommender, events: list[Interaction]) -> None:

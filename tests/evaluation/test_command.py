@@ -12,6 +12,7 @@ from metarec.cli import main
 pytest.importorskip("tensorflow")
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_full_metarec_beats_popularity(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str],
                                                         ) -> None:

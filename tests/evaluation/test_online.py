@@ -15,6 +15,9 @@ from metarec.evaluation.protocol import encode
 from metarec.training.trainer import MetaTrainer
 from tests.streams import feed
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("tensorflow")
 
 

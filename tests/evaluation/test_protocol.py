@@ -295,6 +295,7 @@ def test_any_recommender_fits_the_factory() -> None:
 # -- the harness against our earlier measurement on ml-100k -----------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="ml-100k is not available")
 def test_popularity_baselines_reproduce_the_reference_on_ml100k() -> None:
     from metarec.data.movielens import load_movielens

@@ -24,6 +24,9 @@ from metarec.evaluation.scenarios import (
 from metarec.training.trainer import MetaTrainer
 from tests.streams import feed
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("tensorflow")
 
 

@@ -34,7 +34,7 @@ from metarec.local.devservices import (
     valkey_binary,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Generous for a loaded 2-core CI machine; a group normally settles in 3-5 s on Tansu.
 SETTLE_S = 40.0

@@ -14,6 +14,9 @@ from metarec.errors import ConfigError, InvalidEvent
 from producer import DeliveryError, EventProducer
 from tests.kafka_read import drain
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def topics(make_topic: Callable[..., str]) -> Settings:

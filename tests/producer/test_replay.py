@@ -17,6 +17,9 @@ from producer.__main__ import main
 from producer.replay import ReplayReport, TokenBucket, replay
 from tests.kafka_read import drain
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def values(messages: list[Message]) -> list[dict[str, object]]:
     return [json.loads(m.value() or b"") for m in messages]

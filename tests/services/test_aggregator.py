@@ -34,6 +34,9 @@ from metarec.services.store import RedisStore
 from metarec.training.trainer import MetaTrainer
 from tests.kafka_read import read_records
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 DOMAINS = ("books", "music")
 DIM = 8

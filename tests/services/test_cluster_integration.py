@@ -32,7 +32,7 @@ from metarec.services.cluster_store import ClusterStore
 from metarec.services.store import RedisStore
 from tests.redis_cluster import LocalCluster, free_ports, start_cluster
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOPIC = "ev"
 LOG_ID = "log-1"
@@ -367,7 +367,7 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
         make_topic: Callable[..., str], store: ClusterStore) -> None:
     from confluent_kafka import TopicCollection
 
-    from tests.consumer.test_app import Publisher, System, check_exactly_once
+    from tests.consumer.system import Publisher, System, check_exactly_once
 
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
@@ -410,7 +410,7 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
 
 def test_a_consumer_started_before_its_cluster_waits_for_it(
         tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
-    from tests.consumer.test_app import Publisher, System, check_exactly_once
+    from tests.consumer.system import Publisher, System, check_exactly_once
 
     ports = free_ports(3)
     log_dir = tmp_path / "logs"
@@ -455,7 +455,7 @@ def test_a_consumer_started_before_its_cluster_waits_for_it(
 def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
         tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str],
         store: ClusterStore) -> None:
-    from tests.consumer.test_app import (
+    from tests.consumer.system import (
         FAST_GROUP,
         Background,
         Publisher,
@@ -506,7 +506,7 @@ def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
 
 def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_dead_master_is_reported(  # noqa: E501
         tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
-    from tests.consumer.test_app import (
+    from tests.consumer.system import (
         Publisher,
         System,
         check_exactly_once,

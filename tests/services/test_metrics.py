@@ -9,9 +9,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+import pytest
+
 from metarec.core.events import Event
 from metarec.services.metrics import HealthServer, Metrics
-from tests.consumer.test_app import Publisher, System, make_system, wait_until
+from tests.consumer.system import Publisher, System, make_system, wait_until
 
 __all__ = ["make_system"]
 
@@ -57,6 +59,7 @@ def metric(text: str, name: str) -> float:
     return sum(values)
 
 
+@pytest.mark.slow
 def test_a_consumer_exports_what_it_applied_and_its_groups_lag(
         make_system: Callable[..., System], kafka_bootstrap: str) -> None:
     system = make_system(2)

@@ -9,8 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from metarec.core.events import Event
-from tests.consumer.test_app import (
+from tests.consumer.system import (
     REPO,
     Publisher,
     System,
@@ -19,6 +21,9 @@ from tests.consumer.test_app import (
     make_system,
     wait_until,
 )
+
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 __all__ = ["make_system"]
 

@@ -11,6 +11,9 @@ from metarec.core.window import EventWindow
 from metarec.training.retraining import Retrainer, RetrainSchedule
 from metarec.training.trainer import MetaTrainer
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def test_the_schedule_first_model_then_every_n_events() -> None:
     s = RetrainSchedule(min_events=100, every_events=1000)

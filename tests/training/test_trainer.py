@@ -12,6 +12,9 @@ from metarec.core.window import TrainingData
 from metarec.training.trainer import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
 from tests.training_data import tiny_training_data
 
+# Processes, brokers or training: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 tf = pytest.importorskip("tensorflow")
 
 
