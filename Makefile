@@ -22,8 +22,9 @@ install: $(STAMP) ## create .venv and install metarec with every extra and the d
 system-packages: ## install redis-server, redis-tools (and kcat) with apt-get where missing
 	scripts/system-packages.sh
 
-lint: $(STAMP) ## ruff and mypy --strict
+lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: $(STAMP) system-packages ## the test suite (starts its own Tansu broker; uses or starts Redis on 127.0.0.1:6379)

@@ -32,16 +32,21 @@ def fill(store: RedisStore, users: int, rng: np.random.Generator) -> None:
     learner = Learner(top_k=TOP_K)
     learner.add_items([(j, f"i{j}", "default", ()) for j in range(ITEMS)])
     states = {f"u{u}": UserState.new(32, 50) for u in range(users)}
-    lists = {u: RankedList(rng.choice(ITEMS, TOP_K, replace=False),
-                           np.sort(rng.standard_normal(TOP_K).astype(np.float32))[::-1])
-             for u in states}
+    lists = {
+        u: RankedList(
+            rng.choice(ITEMS, TOP_K, replace=False),
+            np.sort(rng.standard_normal(TOP_K).astype(np.float32))[::-1],
+        )
+        for u in states
+    }
     records = learner.list_records(lists, states, now_ms=int(time.time() * 1000))
     pipe = store.client.pipeline(transaction=False)
     for user, value in records.items():
         pipe.set(store.recs_key(user), value)
     pipe.execute()
-    store.write_fallbacks(learner.fallback_records(learner.newcomer_lists(),
-                                                   int(time.time() * 1000)))
+    store.write_fallbacks(
+        learner.fallback_records(learner.newcomer_lists(), int(time.time() * 1000))
+    )
 
 
 def timed(call: Callable[[], object], n: int) -> tuple[float, float, float]:
@@ -73,14 +78,16 @@ def main() -> None:
         fill(store, args.users, rng)
         recs = Recommendations(client, prefix=prefix)
         known = iter(rng.integers(0, args.users, 10**7).tolist())
-        pages = [[f"u{int(u)}" for u in rng.integers(0, 2 * args.users, args.page)]
-                 for _ in range(64)]
+        pages = [
+            [f"u{int(u)}" for u in rng.integers(0, 2 * args.users, args.page)] for _ in range(64)
+        ]
         rows = [
             ("get, user with a list", timed(lambda: recs.get(f"u{next(known)}"), args.reads)),
-            ("get, user without one (fallback)",
-             timed(lambda: recs.get("nobody"), args.reads)),
-            (f"get_many, {args.page} users (half with lists)",
-             timed(lambda: recs.get_many(pages[rng.integers(64)]), args.reads // 10)),
+            ("get, user without one (fallback)", timed(lambda: recs.get("nobody"), args.reads)),
+            (
+                f"get_many, {args.page} users (half with lists)",
+                timed(lambda: recs.get_many(pages[rng.integers(64)]), args.reads // 10),
+            ),
         ]
         print(f"{args.users:,} lists of {TOP_K} items; one client, {args.redis_url}")
         print("| read | p50 µs | p99 µs | max µs |")

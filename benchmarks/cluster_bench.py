@@ -54,11 +54,28 @@ def memory_per_user(store: RedisStore, users: int, rng: np.random.Generator) -> 
             for k in range(50):
                 st.record(int(rng.integers(1682)), 1.0, 1_700_000_000_000 + k, "default")
             states[u] = st.to_bytes()
-        recs = {u: b'{"user":"' + u.encode() + b'","items":[' + b'"i1",' * 19
-                + b'"i2"],"scores":[' + b"0.123456," * 19 + b'0.1],"model_version":1,'
-                b'"events":50,"updated_ms":1700000000000}' for u in names}
-        store.commit_batch("mem", 0, offset, lo + len(names), states=states, recs=recs,
-                           recs_ttl_s=3600, partials=None, guards={u: b"" for u in names})
+        recs = {
+            u: b'{"user":"'
+            + u.encode()
+            + b'","items":['
+            + b'"i1",' * 19
+            + b'"i2"],"scores":['
+            + b"0.123456," * 19
+            + b'0.1],"model_version":1,'
+            b'"events":50,"updated_ms":1700000000000}'
+            for u in names
+        }
+        store.commit_batch(
+            "mem",
+            0,
+            offset,
+            lo + len(names),
+            states=states,
+            recs=recs,
+            recs_ttl_s=3600,
+            partials=None,
+            guards={u: b"" for u in names},
+        )
         offset = lo + len(names)
     return (used_memory(store) - before) / users
 
@@ -76,8 +93,9 @@ def measure(label: str, url: str, repeat: int, users: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--redis-url", default=os.environ.get("METAREC_REDIS_URL",
-                                                              DEFAULT_REDIS_URL))
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("METAREC_REDIS_URL", DEFAULT_REDIS_URL)
+    )
     parser.add_argument("--cluster-url", default=None)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--users", type=int, default=5000)

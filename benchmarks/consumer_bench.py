@@ -46,28 +46,41 @@ LATENCY_ENV = json.loads(os.environ.get("BENCH_LATENCY_ENV", "{}"))
 
 def _env(bootstrap: str, run: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
-    env.update({"METAREC_KAFKA_BOOTSTRAP": bootstrap, "METAREC_REDIS_URL": REDIS_URL,
-                "METAREC_KEY_PREFIX": f"bench-{run}:", "METAREC_GROUP_ID": f"bench-{run}",
-                "METAREC_EVENTS_TOPIC": f"bench-{run}.events",
-                "METAREC_ITEMS_TOPIC": f"bench-{run}.items",
-                "METAREC_USERS_TOPIC": f"bench-{run}.users",
-                "METAREC_DLQ_TOPIC": f"bench-{run}.dlq", "METAREC_TOP_K": "20",
-                "METAREC_LOG_LEVEL": "WARNING", **extra})
+    env.update(
+        {
+            "METAREC_KAFKA_BOOTSTRAP": bootstrap,
+            "METAREC_REDIS_URL": REDIS_URL,
+            "METAREC_KEY_PREFIX": f"bench-{run}:",
+            "METAREC_GROUP_ID": f"bench-{run}",
+            "METAREC_EVENTS_TOPIC": f"bench-{run}.events",
+            "METAREC_ITEMS_TOPIC": f"bench-{run}.items",
+            "METAREC_USERS_TOPIC": f"bench-{run}.users",
+            "METAREC_DLQ_TOPIC": f"bench-{run}.dlq",
+            "METAREC_TOP_K": "20",
+            "METAREC_LOG_LEVEL": "WARNING",
+            **extra,
+        }
+    )
     return env
 
 
 def _topics(bootstrap: str, env: dict[str, str]) -> Settings:
     s = Settings.from_env(env)
-    create_topics(bootstrap, {s.events_topic: PARTITIONS, s.items_topic: 1, s.users_topic: 1,
-                              s.dlq_topic: 1})
+    create_topics(
+        bootstrap, {s.events_topic: PARTITIONS, s.items_topic: 1, s.users_topic: 1, s.dlq_topic: 1}
+    )
     return s
 
 
 def _event_records(events: list[Any], now_ms: int | None = None) -> list[tuple[bytes, bytes]]:
     out = []
     for e in events:
-        value = {"user": e.user, "item": e.item, "type": e.type,
-                 "ts": now_ms if now_ms is not None else e.ts}
+        value = {
+            "user": e.user,
+            "item": e.item,
+            "type": e.type,
+            "ts": now_ms if now_ms is not None else e.ts,
+        }
         out.append((e.user.encode(), json.dumps(value).encode()))
     return out
 
@@ -84,20 +97,27 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _start_consumer(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "consumer"], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumer"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
 
 
 def _publish_model(store: RedisStore) -> None:
     """A model trained on the first half of ml-100k, as the aggregator would publish it."""
     ds = load_dataset(str(ML100K))
     stream = encode(ds)
-    settings = Settings.defaults().replace(min_events_for_model=50_000,
-                                           retrain_events=10**9)
+    settings = Settings.defaults().replace(min_events_for_model=50_000, retrain_events=10**9)
     rec = OnlineMetarec(stream, settings=settings)
     for t in range(50_000):
-        rec.learn_one(Interaction(int(stream.users[t]), int(stream.items[t]),
-                                  int(stream.ts[t]), 0, float(stream.weights[t])))
+        rec.learn_one(
+            Interaction(
+                int(stream.users[t]),
+                int(stream.items[t]),
+                int(stream.ts[t]),
+                0,
+                float(stream.weights[t]),
+            )
+        )
     assert rec.model is not None
     store.publish_model(rec.model.to_bytes())
 
@@ -120,10 +140,12 @@ def throughput(bootstrap: str, r: redis.Redis[bytes], logs: Path) -> None:
             if proc.poll() is not None:
                 raise SystemExit(f"consumer died; see {logs / 'throughput.log'}")
         elapsed = time.perf_counter() - t0
-        print(f"throughput: {n - n0:,} events in {elapsed:.1f} s = "
-              f"{(n - n0) / elapsed:,.0f} events/s sustained (1 consumer, batch 5000, "
-              f"ml-100k, {PARTITIONS} partitions, K=20, model with {1682} items); "
-              f"peak RSS {_peak_rss_mb(proc.pid):.0f} MiB")
+        print(
+            f"throughput: {n - n0:,} events in {elapsed:.1f} s = "
+            f"{(n - n0) / elapsed:,.0f} events/s sustained (1 consumer, batch 5000, "
+            f"ml-100k, {PARTITIONS} partitions, K=20, model with {1682} items); "
+            f"peak RSS {_peak_rss_mb(proc.pid):.0f} MiB"
+        )
     finally:
         proc.terminate()
         proc.wait(30)
@@ -131,8 +153,9 @@ def throughput(bootstrap: str, r: redis.Redis[bytes], logs: Path) -> None:
 
 def latency(bootstrap: str, r: redis.Redis[bytes], logs: Path, rate: float, seconds: float) -> None:
     run = uuid.uuid4().hex[:6]
-    env = _env(bootstrap, run, METAREC_STATS_INTERVAL_S="5", METAREC_LOG_LEVEL="INFO",
-               **LATENCY_ENV)
+    env = _env(
+        bootstrap, run, METAREC_STATS_INTERVAL_S="5", METAREC_LOG_LEVEL="INFO", **LATENCY_ENV
+    )
     s = _topics(bootstrap, env)
     store = RedisStore(r, s.key_prefix)
     _publish_model(store)
@@ -149,15 +172,21 @@ def latency(bootstrap: str, r: redis.Redis[bytes], logs: Path, rate: float, seco
     finally:
         proc.terminate()
         proc.wait(30)
-    windows = [json.loads(line).get("stats") for line in
-               (logs / "latency.log").read_text().splitlines() if '"stats"' in line]
-    windows = [w for w in windows if w and w.get("events", 0) > 0 and
-               w.get("freshness_ms_p50") is not None]
+    windows = [
+        json.loads(line).get("stats")
+        for line in (logs / "latency.log").read_text().splitlines()
+        if '"stats"' in line
+    ]
+    windows = [
+        w for w in windows if w and w.get("events", 0) > 0 and w.get("freshness_ms_p50") is not None
+    ]
     p50 = [w["freshness_ms_p50"] for w in windows]
     p99 = [w["freshness_ms_p99"] for w in windows]
-    print(f"latency at {len(events) / took:,.0f} events/s offered for {took:.0f} s: "
-          f"produce-to-list p50 {np.median(p50):.0f} ms (median of {len(p50)} 5-s windows), "
-          f"p99 {max(p99):.0f} ms (worst window)")
+    print(
+        f"latency at {len(events) / took:,.0f} events/s offered for {took:.0f} s: "
+        f"produce-to-list p50 {np.median(p50):.0f} ms (median of {len(p50)} 5-s windows), "
+        f"p99 {max(p99):.0f} ms (worst window)"
+    )
 
 
 def users(bootstrap: str, r: redis.Redis[bytes], logs: Path, n_users: int, n_events: int) -> None:
@@ -171,9 +200,13 @@ def users(bootstrap: str, r: redis.Redis[bytes], logs: Path, n_users: int, n_eve
     user_ids = rng.permutation(n_users)[np.arange(n_events) % n_users]
     item_ids = rng.integers(0, len(items), n_events)
     now = int(time.time() * 1000)
-    records = [(f"s{u}".encode(), json.dumps({"user": f"s{u}", "item": items[i], "type": "click",
-                                              "ts": now}).encode())
-               for u, i in zip(user_ids.tolist(), item_ids.tolist(), strict=True)]
+    records = [
+        (
+            f"s{u}".encode(),
+            json.dumps({"user": f"s{u}", "item": items[i], "type": "click", "ts": now}).encode(),
+        )
+        for u, i in zip(user_ids.tolist(), item_ids.tolist(), strict=True)
+    ]
     mem0 = int(r.info("memory")["used_memory"])
     produce(bootstrap, s.events_topic, records)
     proc = _start_consumer(env, logs / f"users-{n_users}.log")
@@ -188,8 +221,10 @@ def users(bootstrap: str, r: redis.Redis[bytes], logs: Path, n_users: int, n_eve
         proc.terminate()
         proc.wait(30)
     mem1 = int(r.info("memory")["used_memory"])
-    print(f"{n_users:,} distinct users ({n_events:,} events): consumer peak RSS {rss:.0f} MiB; "
-          f"Redis {(mem1 - mem0) / n_users:,.0f} bytes per user (state + list)")
+    print(
+        f"{n_users:,} distinct users ({n_events:,} events): consumer peak RSS {rss:.0f} MiB; "
+        f"Redis {(mem1 - mem0) / n_users:,.0f} bytes per user (state + list)"
+    )
     r.flushdb()
 
 

@@ -38,29 +38,41 @@ def main() -> None:
     users = [f"user-{r}" for r in range(args.users)]
     states: dict[str, UserState | None] = {}
     for _ in range(history):  # full histories: the prior and the votes at their widest
-        batch = EventBatch(users, rng.integers(0, n, args.users),
-                           np.ones(args.users, np.float32), np.zeros(args.users, np.int64),
-                           ["default"] * args.users)
+        batch = EventBatch(
+            users,
+            rng.integers(0, n, args.users),
+            np.ones(args.users, np.float32),
+            np.zeros(args.users, np.int64),
+            ["default"] * args.users,
+        )
         states.update(learner.learn_many(batch, states, {}).states)
     timings = []
     for _ in range(args.repeat):
-        batch = EventBatch(users, rng.integers(0, n, args.users),
-                           np.ones(args.users, np.float32), np.zeros(args.users, np.int64),
-                           ["default"] * args.users)
+        batch = EventBatch(
+            users,
+            rng.integers(0, n, args.users),
+            np.ones(args.users, np.float32),
+            np.zeros(args.users, np.int64),
+            ["default"] * args.users,
+        )
         started = time.perf_counter()
         states.update(learner.learn_many(batch, states, {}).states)
         timings.append(time.perf_counter() - started)
     ms = 1000 * np.asarray(timings)
-    print(f"learn_many: {args.users} users x {n} items (d={args.dim}, history {history}, "
-          f"K={args.k}, {N_NEIGHBORS} neighbours): median {np.median(ms):.1f} ms, "
-          f"p90 {np.percentile(ms, 90):.1f} ms over {args.repeat} runs")
+    print(
+        f"learn_many: {args.users} users x {n} items (d={args.dim}, history {history}, "
+        f"K={args.k}, {N_NEIGHBORS} neighbours): median {np.median(ms):.1f} ms, "
+        f"p90 {np.percentile(ms, 90):.1f} ms over {args.repeat} runs"
+    )
 
     big = bench_model(BenchConfig(items=100_000, dim=args.dim), rng)
     blob = big.to_bytes()
     started = time.perf_counter()
     MetaModel.from_bytes(blob)
-    print(f"load a {len(blob) / 2**20:.1f} MiB artifact with 100000 items: "
-          f"{1000 * (time.perf_counter() - started):.0f} ms")
+    print(
+        f"load a {len(blob) / 2**20:.1f} MiB artifact with 100000 items: "
+        f"{1000 * (time.perf_counter() - started):.0f} ms"
+    )
 
 
 if __name__ == "__main__":

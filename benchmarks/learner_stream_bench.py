@@ -32,8 +32,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=1682)
     parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=1250, help="events per learner call "
-                        "(a consumer's batch of 5,000 over 4 partitions)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1250,
+        help="events per learner call (a consumer's batch of 5,000 over 4 partitions)",
+    )
     parser.add_argument("--warm", type=int, default=100_000)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--profile", action="store_true")
@@ -51,9 +55,13 @@ def main() -> None:
 
     def one_batch(lo: int, hi: int) -> None:
         names = [f"u{u}" for u in users[lo:hi].tolist()]
-        batch = EventBatch(names, items[lo:hi], np.ones(hi - lo, np.float32),
-                           np.arange(lo, hi, dtype=np.int64) * 1000 + 1_700_000_000_000,
-                           ["default"] * (hi - lo))
+        batch = EventBatch(
+            names,
+            items[lo:hi],
+            np.ones(hi - lo, np.float32),
+            np.arange(lo, hi, dtype=np.int64) * 1000 + 1_700_000_000_000,
+            ["default"] * (hi - lo),
+        )
         touched = list(dict.fromkeys(names))
         present = [u for u in touched if u in stored]
         states = dict.fromkeys(touched)
@@ -74,9 +82,11 @@ def main() -> None:
     if profile is not None:
         profile.disable()
     took = time.perf_counter() - started
-    print(f"{args.events:,} events, {args.items:,} items, batches of {args.batch:,}: "
-          f"{1e6 * took / args.events:.0f} µs per event ({args.events / took:,.0f} events/s)"
-          + (" under cProfile" if profile is not None else ""))
+    print(
+        f"{args.events:,} events, {args.items:,} items, batches of {args.batch:,}: "
+        f"{1e6 * took / args.events:.0f} µs per event ({args.events / took:,.0f} events/s)"
+        + (" under cProfile" if profile is not None else "")
+    )
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 

@@ -30,14 +30,21 @@ STATE_BYTES = 1024
 DIM = 32
 
 
-
 def recs_json(user: str, rng: np.random.Generator) -> bytes:
     """A list of 20 items with scores: about 600 bytes, like the consumer's."""
     items = [f"item-{int(i)}" for i in rng.integers(0, 100_000, 20)]
     scores = [round(float(s), 6) for s in rng.standard_normal(20)]
-    return json.dumps({"user": user, "items": items, "scores": scores, "model_version": 7,
-                       "events": 12, "updated_ms": 1_700_000_000_000},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "user": user,
+            "items": items,
+            "scores": scores,
+            "model_version": 7,
+            "events": 12,
+            "updated_ms": 1_700_000_000_000,
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 @dataclass
@@ -52,8 +59,9 @@ class Batch:
 
 def batch(users: list[str], rng: np.random.Generator) -> Batch:
     partials = PartialSums.zeros(2, DIM)
-    partials.add(rng.integers(0, 2, len(users)), rng.standard_normal((len(users), DIM)),
-                 np.ones(len(users)))
+    partials.add(
+        rng.integers(0, 2, len(users)), rng.standard_normal((len(users), DIM)), np.ones(len(users))
+    )
     return Batch(
         states={u: rng.bytes(STATE_BYTES) for u in users},
         recs={u: recs_json(u, rng) for u in users},
@@ -62,12 +70,21 @@ def batch(users: list[str], rng: np.random.Generator) -> Batch:
     )
 
 
-def commit(store: RedisStore, partition: int, offset: int | None, nxt: int,
-           data: Batch) -> float:
+def commit(store: RedisStore, partition: int, offset: int | None, nxt: int, data: Batch) -> float:
     start = time.perf_counter()
-    store.commit_batch(TOPIC, partition, offset, nxt, states=data.states, recs=data.recs,
-                       recs_ttl_s=86_400, partials=data.partials, events=len(data.states),
-                       trending=[data.trending] * len(CHANNELS), channels=CHANNELS)
+    store.commit_batch(
+        TOPIC,
+        partition,
+        offset,
+        nxt,
+        states=data.states,
+        recs=data.recs,
+        recs_ttl_s=86_400,
+        partials=data.partials,
+        events=len(data.states),
+        trending=[data.trending] * len(CHANNELS),
+        channels=CHANNELS,
+    )
     return (time.perf_counter() - start) * 1000
 
 
@@ -103,15 +120,18 @@ def time_commits(store: RedisStore, size: int, repeat: int, rng: np.random.Gener
             offset = nxt
         calls1, usec1 = evalsha_usec(client)
         server = (usec1 - usec0) / max(1, calls1 - calls0) / 1000
-        print(f"commit_batch {size:5d} {label}: median {statistics.median(times):6.2f} ms, "
-              f"p90 {statistics.quantiles(times, n=10)[-1]:6.2f} ms, "
-              f"of which Redis ≈ {server:5.2f} ms ({repeat} runs)")
+        print(
+            f"commit_batch {size:5d} {label}: median {statistics.median(times):6.2f} ms, "
+            f"p90 {statistics.quantiles(times, n=10)[-1]:6.2f} ms, "
+            f"of which Redis ≈ {server:5.2f} ms ({repeat} runs)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--redis-url", default=os.environ.get("METAREC_REDIS_URL",
-                                                              DEFAULT_REDIS_URL))
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("METAREC_REDIS_URL", DEFAULT_REDIS_URL)
+    )
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--users", type=int, default=10_000)
     args = parser.parse_args()
@@ -136,9 +156,11 @@ def main() -> None:
             commit(store, 0, offset, lo + len(users), data)
             offset = lo + len(users)
         after = int(client.info("memory")["used_memory"])
-        print(f"memory: {(after - before) / args.users:.0f} B per user over {args.users} users "
-              f"(payload {STATE_BYTES + payload / args.users:.0f} B: {STATE_BYTES} B state + "
-              f"{payload / args.users:.0f} B recs)")
+        print(
+            f"memory: {(after - before) / args.users:.0f} B per user over {args.users} users "
+            f"(payload {STATE_BYTES + payload / args.users:.0f} B: {STATE_BYTES} B state + "
+            f"{payload / args.users:.0f} B recs)"
+        )
     finally:
         cleanup(client, prefix)
         client.close()

@@ -34,9 +34,11 @@ def main() -> None:
     started = time.perf_counter()
     model = MetaTrainer(epochs=args.epochs).fit(data)
     elapsed = time.perf_counter() - started
-    print(f"meta-training on {len(data):,} events ({len(data.user_ids)} users, "
-          f"{len(data.item_ids)} items), {model.info['steps']} steps: {elapsed:.1f} s on "
-          f"{model.info['device']} (final query loss {model.info['loss']:.3f})")
+    print(
+        f"meta-training on {len(data):,} events ({len(data.user_ids)} users, "
+        f"{len(data.item_ids)} items), {model.info['steps']} steps: {elapsed:.1f} s on "
+        f"{model.info['device']} (final query loss {model.info['loss']:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -130,13 +130,20 @@ class ConsumerApp:
         # stops meanwhile, because the loop is inside the call.
         self._health: HealthServer | None = None
         self.metrics = Metrics("consumer")
-        self.outage = Outage("redis", settings.redis_retry_s, log,
-                             should_stop=lambda: self._stopping, on_wait=self._alive,
-                             on_retry=self.metrics.redis_errors.inc,
-                             on_outage=self.metrics.redis_outages.inc)
+        self.outage = Outage(
+            "redis",
+            settings.redis_retry_s,
+            log,
+            should_stop=lambda: self._stopping,
+            on_wait=self._alive,
+            on_retry=self.metrics.redis_errors.inc,
+            on_outage=self.metrics.redis_outages.inc,
+        )
         # A cluster client connects when it is made: that too waits out an outage.
-        self.store = retrying(self.outage.call(
-            lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)), self.outage)
+        self.store = retrying(
+            self.outage.call(lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)),
+            self.outage,
+        )
         # The learner also keeps the live quality of the lists apps were shown, and what it
         # says about drift.
         self.learner = Learner.from_settings(settings)
@@ -155,19 +162,31 @@ class ConsumerApp:
         self._starved_since: float | None = None
         self._model_created_ms: int | None = None
         # The pass-through, inside group_config, overrides FETCH_DEFAULTS too.
-        config = {**FETCH_DEFAULTS, **settings.group_config(
-            settings.group_id, enable_auto_commit="false",
-            client_id=f"metarec-consumer-{self.member}")}
+        config = {
+            **FETCH_DEFAULTS,
+            **settings.group_config(
+                settings.group_id,
+                enable_auto_commit="false",
+                client_id=f"metarec-consumer-{self.member}",
+            ),
+        }
         self._incremental = incremental_rebalancing(config)
-        self.consumer = Consumer(config, error_cb=self._on_kafka_error,
-                                 logger=kafka_logger("consumer"))
+        self.consumer = Consumer(
+            config, error_cb=self._on_kafka_error, logger=kafka_logger("consumer")
+        )
         admin_config: dict[str, str | int | float | bool] = {**settings.kafka_config()}
         admin = AdminClient(admin_config, logger=kafka_logger("admin"))
-        self.topic_log = TopicLog(self.consumer, admin, self.store, settings.events_topic,
-                                  "skip" if settings.log_reset_policy == "skip" else "replay")
-        producer = Producer(settings.kafka_config(**{"enable.idempotence": "true",
-                                                     "linger.ms": "5"}),
-                            logger=kafka_logger("producer"))
+        self.topic_log = TopicLog(
+            self.consumer,
+            admin,
+            self.store,
+            settings.events_topic,
+            "skip" if settings.log_reset_policy == "skip" else "replay",
+        )
+        producer = Producer(
+            settings.kafka_config(**{"enable.idempotence": "true", "linger.ms": "5"}),
+            logger=kafka_logger("producer"),
+        )
         self.dlq = DeadLetterQueue(producer, settings.dlq_topic, settings.group_id)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -183,16 +202,22 @@ class ConsumerApp:
         # with the other consumers made batches about 3x slower (measured on this machine).
         threadpool_limits(limits=1)
         self.store.check_access()  # a refused login or ACL stops us here, in one line
-        health = self._health = (HealthServer(self.metrics, s.metrics_port, self.missing)
-                                 if s.metrics_port else None)
+        health = self._health = (
+            HealthServer(self.metrics, s.metrics_port, self.missing) if s.metrics_port else None
+        )
         self._sync_catalog()
         self._poll_model()
         self._refresh_trending()
-        self.consumer.subscribe([s.events_topic, s.items_topic, s.users_topic],
-                                on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
-        log.info("consumer started", extra={"member": self.member, "group": s.group_id,
-                                            "settings": s.redacted()})
+        self.consumer.subscribe(
+            [s.events_topic, s.items_topic, s.users_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        log.info(
+            "consumer started",
+            extra={"member": self.member, "group": s.group_id, "settings": s.redacted()},
+        )
         try:
             while not self._stopping:
                 records = self.consumer.consume(s.batch_size, s.batch_timeout_ms / 1000)
@@ -204,15 +229,19 @@ class ConsumerApp:
                 if health is not None:
                     health.tick()
         except Stopped:
-            log.info("stopped while Redis was unavailable; the batch in flight is consumed "
-                     "again by the partitions' next owner")
+            log.info(
+                "stopped while Redis was unavailable; the batch in flight is consumed "
+                "again by the partitions' next owner"
+            )
         finally:
             if health is not None:
                 health.close()
             self.dlq.flush(10.0)
             self.consumer.close()
-            log.info("consumer stopped", extra={"member": self.member,
-                                                "stats": self.stats.report(time.monotonic())})
+            log.info(
+                "consumer stopped",
+                extra={"member": self.member, "stats": self.stats.report(time.monotonic())},
+            )
         return 0
 
     # -- one batch --------------------------------------------------------------------
@@ -223,8 +252,9 @@ class ConsumerApp:
         self._maybe_reload(time.monotonic())
         rebased = self._check_log()
         if rebased:  # their records come again from the new offsets
-            records = [m for m in records if not (m.topic() == s.events_topic
-                                                  and m.partition() in rebased)]
+            records = [
+                m for m in records if not (m.topic() == s.events_topic and m.partition() in rebased)
+            ]
         if not records:
             return
         started = time.perf_counter()
@@ -244,14 +274,16 @@ class ConsumerApp:
                     self.topic_log.suspect()
                     self.metrics.kafka_errors.inc()
                 continue
-            topic, part, offset = (msg.topic() or "", int(msg.partition() or 0),
-                                   int(msg.offset() or 0))
+            topic, part, offset = (
+                msg.topic() or "",
+                int(msg.partition() or 0),
+                int(msg.offset() or 0),
+            )
             try:
                 if topic == s.events_topic:
                     n_consumed += 1
                     expected = self._expected.get(part)
-                    if part not in self._expected or (expected is not None
-                                                      and offset < expected):
+                    if part not in self._expected or (expected is not None and offset < expected):
                         continue  # not ours any more, or already applied (a re-delivery)
                     if part in self._cut and offset >= self._cut[part]:
                         beyond.add(part)  # after the half-written batch: fetched again
@@ -259,8 +291,9 @@ class ConsumerApp:
                     next_offset[part] = max(next_offset.get(part, 0), offset + 1)
                 else:
                     meta_offsets[(topic, part)] = offset + 1
-                record = self.decoder.decode(topic, msg.key(), msg.value(),
-                                             timestamp_ms=msg.timestamp()[1], now_ms=now_ms)
+                record = self.decoder.decode(
+                    topic, msg.key(), msg.value(), timestamp_ms=msg.timestamp()[1], now_ms=now_ms
+                )
                 if isinstance(record, Event):
                     events[part].append((msg, record))
                 elif isinstance(record, ItemRecord):
@@ -272,9 +305,15 @@ class ConsumerApp:
                 # but InvalidEvent (RecursionError on deeply nested JSON) is a decoder gap,
                 # and crashing on it would stop the partition at this record for good.
                 if not isinstance(exc, InvalidEvent):
-                    log.warning("record failed to decode unexpectedly; dead-lettered",
-                                extra={"error": repr(exc)[:200], "topic": topic,
-                                       "partition": part, "offset": offset})
+                    log.warning(
+                        "record failed to decode unexpectedly; dead-lettered",
+                        extra={
+                            "error": repr(exc)[:200],
+                            "topic": topic,
+                            "partition": part,
+                            "offset": offset,
+                        },
+                    )
                 self.dlq.send(msg, exc)
                 self.metrics.dead_letters.labels(reason=dead_letter_reason(exc)).inc()
                 n_dlq += 1
@@ -288,8 +327,9 @@ class ConsumerApp:
         freshness: list[float] = []
         batch_events = [e for part in events.values() for _, e in part]
         if batch_events:
-            indices = self.store.item_indices([e.item for e in batch_events],
-                                              [e.domain for e in batch_events])
+            indices = self.store.item_indices(
+                [e.item for e in batch_events], [e.domain for e in batch_events]
+            )
             self._sync_catalog(int(indices.max()) + 1)
             index_of = dict(zip((e.item for e in batch_events), indices.tolist(), strict=True))
             for part, pairs in events.items():
@@ -313,11 +353,17 @@ class ConsumerApp:
         m.batch_seconds.observe(elapsed)
         # A sample of the batch's events: observing thousands per batch would cost more
         # than the batch's own bookkeeping.
-        for ms in freshness[::-(-len(freshness) // FRESHNESS_SAMPLES) or 1]:
+        for ms in freshness[:: -(-len(freshness) // FRESHNESS_SAMPLES) or 1]:
             m.freshness_seconds.observe(max(0.0, ms) / 1000)
 
-    def _apply_partition(self, part: int, pairs: list[tuple[Message, Event]], nxt: int,
-                         index_of: dict[str, int], now_ms: int) -> bool:
+    def _apply_partition(
+        self,
+        part: int,
+        pairs: list[tuple[Message, Event]],
+        nxt: int,
+        index_of: dict[str, int],
+        now_ms: int,
+    ) -> bool:
         s = self.settings
         users = list(dict.fromkeys(e.user for _, e in pairs))
         whole = batch = self._event_batch(pairs, index_of)
@@ -325,59 +371,76 @@ class ConsumerApp:
             raw_states, profiles = self.store.load_users(users)
             # Read after the states: on a Redis Cluster a user may hold some of these
             # events already (written before a crash), and adapts only to the others.
-            marks = self.store.applied_offsets(s.events_topic, part, users,
-                                               self.topic_log.topic_id)
+            marks = self.store.applied_offsets(s.events_topic, part, users, self.topic_log.topic_id)
             if marks:
                 todo = [(m, e) for m, e in pairs if int(m.offset() or 0) >= marks[e.user]]
                 batch = whole if len(todo) == len(pairs) else self._event_batch(todo, index_of)
             stored = [u for u, b in zip(users, raw_states, strict=True) if b is not None]
             states: dict[str, UserState | None] = dict.fromkeys(users)
-            states.update(zip(stored, decode_many([b for b in raw_states if b is not None]),
-                              strict=True))
+            states.update(
+                zip(stored, decode_many([b for b in raw_states if b is not None]), strict=True)
+            )
             guards = {u: count_guard(st) for u, st in states.items()}
-            outcome = self.learner.learn_many(batch, states,
-                                              dict(zip(users, profiles, strict=True))
-                                              ) if batch.users else None
+            outcome = (
+                self.learner.learn_many(batch, states, dict(zip(users, profiles, strict=True)))
+                if batch.users
+                else None
+            )
             try:
                 clock = self.store.commit_batch(
-                    s.events_topic, part, self._expected.get(part), nxt,
-                    states={} if outcome is None else
-                    dict(zip(outcome.states, encode_many(list(outcome.states.values())),
-                             strict=True)),
-                    recs={} if outcome is None else
-                    self.learner.list_records(outcome.lists, outcome.states, now_ms),
-                    recs_ttl_s=s.recs_ttl_s, state_ttl_s=s.state_ttl_s,
-                    partials=outcome.partials if outcome is not None
-                    and self.learner.model is not None else None,
+                    s.events_topic,
+                    part,
+                    self._expected.get(part),
+                    nxt,
+                    states={}
+                    if outcome is None
+                    else dict(
+                        zip(outcome.states, encode_many(list(outcome.states.values())), strict=True)
+                    ),
+                    recs={}
+                    if outcome is None
+                    else self.learner.list_records(outcome.lists, outcome.states, now_ms),
+                    recs_ttl_s=s.recs_ttl_s,
+                    state_ttl_s=s.state_ttl_s,
+                    partials=outcome.partials
+                    if outcome is not None and self.learner.model is not None
+                    else None,
                     events=len(batch.users),
                     trending=[] if outcome is None else outcome.trending,
                     channels=() if outcome is None else self.learner.channels,
-                    guards=guards, topic_id=self.topic_log.topic_id)
+                    guards=guards,
+                    topic_id=self.topic_log.topic_id,
+                )
             except PendingBatch as exc:
                 # A Redis Cluster only: an earlier writer stopped half-way through a batch
                 # that ends elsewhere; its end must be this partition's next batch end.
-                log.warning("batch cut: an earlier batch of this partition is half-written; "
-                            "finishing it first", extra={"partition": part,
-                                                         "pending": exc.pending})
+                log.warning(
+                    "batch cut: an earlier batch of this partition is half-written; "
+                    "finishing it first",
+                    extra={"partition": part, "pending": exc.pending},
+                )
                 self._cut_at(part, exc.pending)
                 return False
             except LogReplaced as exc:
                 # Another member found the log replaced and rebased the offsets: this
                 # batch is from the old log. The next check re-reads and re-seeks.
-                log.warning("batch dropped: the events log was replaced",
-                            extra={"partition": part, "error": str(exc)})
+                log.warning(
+                    "batch dropped: the events log was replaced",
+                    extra={"partition": part, "error": str(exc)},
+                )
                 self.topic_log.suspect()
                 return False
             except StaleOffset as exc:
                 if exc.stored == nxt:
                     # Its effects are stored: a commit whose reply a dropped connection
                     # lost (and was retried), or another member that wrote these records.
-                    log.info("batch already written", extra={"partition": part,
-                                                             "offset": nxt})
+                    log.info("batch already written", extra={"partition": part, "offset": nxt})
                     self._expected[part] = nxt
                     return True
-                log.warning("batch fenced off: partition moved to another consumer",
-                            extra={"partition": part, "error": str(exc)})
+                log.warning(
+                    "batch fenced off: partition moved to another consumer",
+                    extra={"partition": part, "error": str(exc)},
+                )
                 self._reseek(part)
                 return False
             except UserConflict as exc:
@@ -388,11 +451,17 @@ class ConsumerApp:
                 self.metrics.user_conflicts.inc(len(exc.users))
                 self._refresh_trending()
                 if self._conflict_log.allow(time.monotonic()):
-                    log.warning("users' events arrive on more than one partition; batch "
-                                "redone from their stored states (producers must key "
-                                "events by user with one partitioner)",
-                                extra={"partition": part, "users": exc.users[:5],
-                                       "conflicts": len(exc.users), "attempt": attempt})
+                    log.warning(
+                        "users' events arrive on more than one partition; batch "
+                        "redone from their stored states (producers must key "
+                        "events by user with one partitioner)",
+                        extra={
+                            "partition": part,
+                            "users": exc.users[:5],
+                            "conflicts": len(exc.users),
+                            "attempt": attempt,
+                        },
+                    )
                 # Two members redoing the same users at once would collide again: back
                 # off a random, growing moment.
                 time.sleep(random.uniform(0, min(CONFLICT_BACKOFF_S * attempt, 0.5)))
@@ -415,8 +484,9 @@ class ConsumerApp:
             self._recent.popitem(last=False)
         return True
 
-    def _event_batch(self, pairs: list[tuple[Message, Event]],
-                     index_of: dict[str, int]) -> EventBatch:
+    def _event_batch(
+        self, pairs: list[tuple[Message, Event]], index_of: dict[str, int]
+    ) -> EventBatch:
         s = self.settings
         evs = [e for _, e in pairs]
         return EventBatch(
@@ -424,20 +494,32 @@ class ConsumerApp:
             items=np.fromiter((index_of[e.item] for e in evs), np.int64, len(evs)),
             weights=np.fromiter((s.event_types[e.type] for e in evs), np.float32, len(evs)),
             ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
-            domains=[e.domain for e in evs])
+            domains=[e.domain for e in evs],
+        )
 
     def _ask(self, req: RetrainRequest, **context: Any) -> None:
         """Pass a retraining request of the learner on to the aggregator."""
         level = logging.WARNING if req.floor is not None else logging.INFO
-        log.log(level, "asking the aggregator for a cycle now",
-                    extra={"reason": req.reason, "since_ts": req.floor, **context})
+        log.log(
+            level,
+            "asking the aggregator for a cycle now",
+            extra={"reason": req.reason, "since_ts": req.floor, **context},
+        )
         self.store.request_aggregation(req.reason, since_ts=req.floor)
 
     def _commit_offset_only(self, part: int, nxt: int) -> None:
         try:
-            self.store.commit_batch(self.settings.events_topic, part, self._expected.get(part),
-                                    nxt, states={}, recs={}, recs_ttl_s=0, partials=None,
-                                    topic_id=self.topic_log.topic_id)
+            self.store.commit_batch(
+                self.settings.events_topic,
+                part,
+                self._expected.get(part),
+                nxt,
+                states={},
+                recs={},
+                recs_ttl_s=0,
+                partials=None,
+                topic_id=self.topic_log.topic_id,
+            )
             self._expected[part] = nxt
         except PendingBatch as exc:
             self._cut_at(part, exc.pending)
@@ -467,15 +549,22 @@ class ConsumerApp:
     def _seek_expected(self, part: int) -> None:
         at = self._expected[part]
         try:
-            self.consumer.seek(TopicPartition(self.settings.events_topic, part,
-                                              OFFSET_BEGINNING if at is None else at))
+            self.consumer.seek(
+                TopicPartition(
+                    self.settings.events_topic, part, OFFSET_BEGINNING if at is None else at
+                )
+            )
         except Exception as exc:
             log.debug("seek failed", extra={"partition": part, "error": str(exc)})
 
-    def _commit_kafka(self, next_offset: dict[int, int],
-                      meta_offsets: dict[tuple[str, int], int]) -> None:
-        offsets = [TopicPartition(self.settings.events_topic, p, int(self._expected[p] or 0))
-                   for p in next_offset if self._expected.get(p) is not None]
+    def _commit_kafka(
+        self, next_offset: dict[int, int], meta_offsets: dict[tuple[str, int], int]
+    ) -> None:
+        offsets = [
+            TopicPartition(self.settings.events_topic, p, int(self._expected[p] or 0))
+            for p in next_offset
+            if self._expected.get(p) is not None
+        ]
         offsets += [TopicPartition(t, p, o) for (t, p), o in meta_offsets.items()]
         if offsets:
             try:
@@ -559,14 +648,21 @@ class ConsumerApp:
         self.metrics.model_version.set(version)
         self._model_created_ms = self.store.model_created_ms(version)
         self._refresh_queue = list(self._recent)
-        log.info("model loaded", extra={"version": version, "items": len(model.item_ids),
-                                        "stale_lists": len(self._refresh_queue)})
+        log.info(
+            "model loaded",
+            extra={
+                "version": version,
+                "items": len(model.item_ids),
+                "stale_lists": len(self._refresh_queue),
+            },
+        )
         if request is not None:
             self._ask(request)
 
     def _refresh_trending(self) -> None:
-        self.learner.trending = self.store.trending(len(self.learner.catalog),
-                                                    self.learner.channels)
+        self.learner.trending = self.store.trending(
+            len(self.learner.catalog), self.learner.channels
+        )
 
     def _write_fallbacks(self) -> None:
         """Every domain's fallback list (``fallback:{domain}``): what a newcomer to it is
@@ -574,15 +670,16 @@ class ConsumerApp:
         if not len(self.learner.catalog):
             return
         lists = self.learner.newcomer_lists()
-        self.store.write_fallbacks(self.learner.fallback_records(lists,
-                                                                 int(time.time() * 1000)))
+        self.store.write_fallbacks(self.learner.fallback_records(lists, int(time.time() * 1000)))
 
     def _refresh_stale_lists(self) -> None:
         """Re-rank recently active users after a model change, a few hundred at a time."""
         if not self._refresh_queue or self.learner.model is None:
             return
-        chunk, self._refresh_queue = (self._refresh_queue[:REFRESH_BATCH],
-                                      self._refresh_queue[REFRESH_BATCH:])
+        chunk, self._refresh_queue = (
+            self._refresh_queue[:REFRESH_BATCH],
+            self._refresh_queue[REFRESH_BATCH:],
+        )
         by_part: dict[int, list[str]] = defaultdict(list)
         for u in chunk:
             part = self._recent.get(u)
@@ -592,26 +689,31 @@ class ConsumerApp:
         for part, users in by_part.items():
             raw, profiles = self.store.load_users(users)
             present = [u for u, b in zip(users, raw, strict=True) if b is not None]
-            states = dict(zip(present, decode_many([b for b in raw if b is not None]),
-                              strict=True))
+            states = dict(zip(present, decode_many([b for b in raw if b is not None]), strict=True))
             if not states:
                 continue
             guards = {u: count_guard(st) for u, st in states.items()}
-            lists = self.learner.refresh(list(states), states,
-                                         dict(zip(users, profiles, strict=True)))
+            lists = self.learner.refresh(
+                list(states), states, dict(zip(users, profiles, strict=True))
+            )
             try:
                 expected = self._expected.get(part)
                 if expected is None:
                     continue
                 self.store.commit_batch(
-                    self.settings.events_topic, part, expected, expected,
+                    self.settings.events_topic,
+                    part,
+                    expected,
+                    expected,
                     states=dict(zip(states, encode_many(list(states.values())), strict=True)),
-                    recs=self.learner.list_records({u: lists[u] for u in states}, states,
-                                                   now_ms),
-                    recs_ttl_s=self.settings.recs_ttl_s, state_ttl_s=self.settings.state_ttl_s,
-                    partials=None, guards=guards,
+                    recs=self.learner.list_records({u: lists[u] for u in states}, states, now_ms),
+                    recs_ttl_s=self.settings.recs_ttl_s,
+                    state_ttl_s=self.settings.state_ttl_s,
+                    partials=None,
+                    guards=guards,
                     skip_conflicts=True,  # a user written meanwhile has a fresh list
-                    topic_id=self.topic_log.topic_id)
+                    topic_id=self.topic_log.topic_id,
+                )
             except LogReplaced:
                 self.topic_log.suspect()
             except StaleOffset:
@@ -643,8 +745,7 @@ class ConsumerApp:
         for p in moved:
             self._expected[p] = found.rebased[p]
             try:
-                self.consumer.seek(TopicPartition(self.settings.events_topic, p,
-                                                  found.rebased[p]))
+                self.consumer.seek(TopicPartition(self.settings.events_topic, p, found.rebased[p]))
             except Exception as exc:  # not fetching yet: the assignment's offset applies
                 log.debug("seek failed", extra={"partition": p, "error": str(exc)})
         return moved
@@ -659,16 +760,18 @@ class ConsumerApp:
         if self._starved_since is None:
             self._starved_since = now
         if now - self._starved_since >= STARVED_WARN_S and self._starved_log.allow(now):
-            log.warning("this member owns no partition while events wait; if no member "
-                        "owns them, the group is stuck: restart the consumers with a new "
-                        "METAREC_GROUP_ID (offsets are kept in Redis, so nothing is lost)",
-                        extra={"lag": waiting,
-                               "seconds": round(now - self._starved_since, 1)})
+            log.warning(
+                "this member owns no partition while events wait; if no member "
+                "owns them, the group is stuck: restart the consumers with a new "
+                "METAREC_GROUP_ID (offsets are kept in Redis, so nothing is lost)",
+                extra={"lag": waiting, "seconds": round(now - self._starved_since, 1)},
+            )
 
     def _set_model_age(self) -> None:
         if self._model_created_ms is not None:
             self.metrics.model_age_seconds.set(
-                max(0.0, time.time() - self._model_created_ms / 1000))
+                max(0.0, time.time() - self._model_created_ms / 1000)
+            )
 
     def _alive(self) -> None:
         """Waiting for Redis is being alive: keep ``/healthz`` green meanwhile."""
@@ -680,8 +783,10 @@ class ConsumerApp:
         out = []
         if self.outage.down:
             out.append("redis unavailable")
-        if self._starved_since is not None and \
-                time.monotonic() - self._starved_since >= STARVED_WARN_S:
+        if (
+            self._starved_since is not None
+            and time.monotonic() - self._starved_since >= STARVED_WARN_S
+        ):
             out.append("no partition owned while events wait")
         if self.learner.model is None and self.learner.trending.clock == 0:
             out.append("no model and no popularity to serve yet")
@@ -700,8 +805,13 @@ class ConsumerApp:
         overall = report["live"].get(ALL)
         line = format_line(report)
         if overall is not None:
-            line += (f" | live hr@{self.settings.top_k} {overall['hr']:.3f} "
-                     f"ndcg {overall['ndcg']:.3f}")
+            line += (
+                f" | live hr@{self.settings.top_k} {overall['hr']:.3f} ndcg {overall['ndcg']:.3f}"
+            )
         log.info(line, extra={"stats": report})
-        self.store.heartbeat(self.settings.group_id, self.member, report,
-                             ttl_s=max(3 * self.settings.stats_interval_s, 30))
+        self.store.heartbeat(
+            self.settings.group_id,
+            self.member,
+            report,
+            ttl_s=max(3 * self.settings.stats_interval_s, 30),
+        )

@@ -134,9 +134,15 @@ def dead_letter_reason(error: BaseException) -> str:
     return type(error).__name__[:40]
 
 
-_REASONS = (("not JSON", "not-json"), ("not UTF-8", "not-utf8"), ("JSON object", "not-object"),
-            ("nested too deeply", "too-deep"), ("bytes, over", "too-large"),
-            ("-byte limit", "too-large"), ("record key", "key-mismatch"))
+_REASONS = (
+    ("not JSON", "not-json"),
+    ("not UTF-8", "not-utf8"),
+    ("JSON object", "not-object"),
+    ("nested too deeply", "too-deep"),
+    ("bytes, over", "too-large"),
+    ("-byte limit", "too-large"),
+    ("record key", "key-mismatch"),
+)
 
 
 def _text(value: object) -> bytes:
@@ -152,8 +158,9 @@ def _cut_utf8(text: str, limit: int) -> bytes:
 
 
 def _headers_size(headers: Headers) -> int:
-    return sum(len(_text(k)) + len(v if isinstance(v, bytes) else _text(v or ""))
-               for k, v in headers)
+    return sum(
+        len(_text(k)) + len(v if isinstance(v, bytes) else _text(v or "")) for k, v in headers
+    )
 
 
 class DeadLetterQueue:
@@ -305,7 +312,10 @@ class DeadLetterQueue:
         # a dict too.
         original: Headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
         return _Record(
-            key=msg.key(), value=msg.value(), original_headers=original, our_headers=ours,
+            key=msg.key(),
+            value=msg.value(),
+            original_headers=original,
+            our_headers=ours,
             origin=f"{topic}[{partition}]@{offset}",
         )
 
@@ -323,8 +333,9 @@ class DeadLetterQueue:
         if _headers_size(original) > limit:
             extra.append((HEADERS_DROPPED, _text(len(original))))
             original = []
-        return _Record(key, value, original, record.our_headers + extra, record.origin,
-                       truncated=True)
+        return _Record(
+            key, value, original, record.our_headers + extra, record.origin, truncated=True
+        )
 
     def _queue(self, record: _Record) -> None:
         """Queue ``record``, or its cut-down form once if it is too large."""
@@ -344,8 +355,11 @@ class DeadLetterQueue:
         while True:
             try:
                 self.producer.produce(
-                    self.topic, value=record.value, key=record.key,
-                    headers=record.headers, on_delivery=self._on_delivery(record),
+                    self.topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=record.headers,
+                    on_delivery=self._on_delivery(record),
                 )
                 self._pending += 1
                 return
@@ -363,8 +377,7 @@ class DeadLetterQueue:
                 err = exc.args[0] if exc.args else None
                 if isinstance(err, KafkaError) and err.code() in _TOO_LARGE:
                     raise _TooLarge from None
-                raise MetarecError(err.str() if isinstance(err, KafkaError) else str(exc)) \
-                    from None
+                raise MetarecError(err.str() if isinstance(err, KafkaError) else str(exc)) from None
 
     def _on_delivery(self, record: _Record) -> Callable[[KafkaError | None, Message], None]:
         # A closure, because delivery reports carry no headers: a broker-side size

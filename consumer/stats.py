@@ -56,7 +56,7 @@ class _Reservoir:
         direct = min(n, self.capacity - kept)  # slots still free: kept as they are
         if direct:
             self._reserve(kept + direct)
-            self._buf[kept:kept + direct] = values[:direct]
+            self._buf[kept : kept + direct] = values[:direct]
         rest = values[direct:]
         if rest.size:
             index = self.seen + direct + np.arange(rest.size, dtype=np.int64)
@@ -68,7 +68,7 @@ class _Reservoir:
         self.seen += n
 
     def values(self) -> F64:
-        return self._buf[:min(self.seen, self.capacity)]
+        return self._buf[: min(self.seen, self.capacity)]
 
     def percentiles(self) -> tuple[float | None, ...]:
         kept = self.values()
@@ -82,7 +82,7 @@ class _Reservoir:
     def _reserve(self, size: int) -> None:
         if size > self._buf.size:
             grown = np.empty(min(self.capacity, max(size, 2 * self._buf.size)), np.float64)
-            grown[:self._buf.size] = self._buf
+            grown[: self._buf.size] = self._buf
             self._buf = grown
 
 

@@ -76,8 +76,14 @@ class TopicLog:
         The events topic and what to do when its log was replaced.
     """
 
-    def __init__(self, consumer: Consumer, admin: AdminClient, store: RedisStore,
-                 topic: str, policy: Policy = "replay") -> None:
+    def __init__(
+        self,
+        consumer: Consumer,
+        admin: AdminClient,
+        store: RedisStore,
+        topic: str,
+        policy: Policy = "replay",
+    ) -> None:
         self.consumer = consumer
         self.admin = admin
         self.store = store
@@ -107,12 +113,16 @@ class TopicLog:
         now = time.monotonic() if now is None else now
         self._next_check = now + CHECK_EVERY_S
         try:
-            desc = self.admin.describe_topics(TopicCollection([self.topic]),
-                                              request_timeout=BROKER_TIMEOUT_S)[self.topic]
+            desc = self.admin.describe_topics(
+                TopicCollection([self.topic]), request_timeout=BROKER_TIMEOUT_S
+            )[self.topic]
             topic = desc.result(timeout=BROKER_TIMEOUT_S)
-            marks = {p.id: self.consumer.get_watermark_offsets(
-                TopicPartition(self.topic, p.id), timeout=BROKER_TIMEOUT_S, cached=False)
-                for p in topic.partitions}
+            marks = {
+                p.id: self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p.id), timeout=BROKER_TIMEOUT_S, cached=False
+                )
+                for p in topic.partitions
+            }
         except Exception as exc:  # broker down or topic gone: Kafka errors say so already
             log.debug("topic check failed", extra={"topic": self.topic, "error": str(exc)})
             return None
@@ -129,8 +139,10 @@ class TopicLog:
                 self.store.rebase_offsets(self.topic, None, topic_id, {})
             elif seen_id != topic_id:
                 self._rebase(seen_id, topic_id, marks, stored)
-            if (self.topic_id is not None and self.topic_id != topic_id) or \
-                    seen_id not in (None, topic_id):
+            if (self.topic_id is not None and self.topic_id != topic_id) or seen_id not in (
+                None,
+                topic_id,
+            ):
                 # The log changed since this member last looked (rebased by it or by
                 # another member): every offset it holds is to be read again.
                 stored = self.store.offsets(self.topic, parts)
@@ -143,27 +155,50 @@ class TopicLog:
                 self._lost_reported[p] = low
                 self.resets += 1
                 out.lost[p] = low - at
-                log.error("events were deleted from the log before they were applied "
-                          "(retention or truncation); going on from the log's start",
-                          extra={"topic": self.topic, "partition": p, "stored_offset": at,
-                                 "log_start": low, "log_end": high, "lost": low - at})
+                log.error(
+                    "events were deleted from the log before they were applied "
+                    "(retention or truncation); going on from the log's start",
+                    extra={
+                        "topic": self.topic,
+                        "partition": p,
+                        "stored_offset": at,
+                        "log_start": low,
+                        "log_end": high,
+                        "lost": low - at,
+                    },
+                )
             out.lag[p] = max(0, high - max(low, at if at is not None else low))
         out.resets = self.resets - resets_before
         return out
 
-    def _rebase(self, seen_id: str, topic_id: str, marks: dict[int, tuple[int, int]],
-                stored: dict[int, int | None]) -> None:
-        target = {p: (low if self.policy == "replay" else high)
-                  for p, (low, high) in marks.items()}
+    def _rebase(
+        self,
+        seen_id: str,
+        topic_id: str,
+        marks: dict[int, tuple[int, int]],
+        stored: dict[int, int | None],
+    ) -> None:
+        target = {p: (low if self.policy == "replay" else high) for p, (low, high) in marks.items()}
         won = self.store.rebase_offsets(self.topic, seen_id, topic_id, dict(target))
         self.resets += 1
-        log.error("the events topic is a new log (broker reset or topic recreated): stored "
-                  "offsets rebased" if won else
-                  "the events topic is a new log; another member rebased the offsets",
-                  extra={"topic": self.topic, "old_topic_id": seen_id, "topic_id": topic_id,
-                         "policy": self.policy,
-                         "partitions": {str(p): {"stored_offset": stored.get(p),
-                                                 "log_start": marks[p][0],
-                                                 "log_end": marks[p][1],
-                                                 "resume_at": target[p]}
-                                        for p in sorted(marks)}})
+        log.error(
+            "the events topic is a new log (broker reset or topic recreated): stored "
+            "offsets rebased"
+            if won
+            else "the events topic is a new log; another member rebased the offsets",
+            extra={
+                "topic": self.topic,
+                "old_topic_id": seen_id,
+                "topic_id": topic_id,
+                "policy": self.policy,
+                "partitions": {
+                    str(p): {
+                        "stored_offset": stored.get(p),
+                        "log_start": marks[p][0],
+                        "log_end": marks[p][1],
+                        "resume_at": target[p],
+                    }
+                    for p in sorted(marks)
+                },
+            },
+        )

@@ -36,109 +36,166 @@ def build_parser() -> argparse.ArgumentParser:
     from metarec.evaluation.command import add_eval_arguments
 
     parser = argparse.ArgumentParser(
-        prog="metarec", description="Streaming meta-learning recommender: Kafka events in, "
-                                    "per-user top-K lists in Redis out. Design: "
-                                    "docs/ARCHITECTURE.md; settings: every flag below is "
-                                    "also a METAREC_* variable (README, Configuration).")
+        prog="metarec",
+        description="Streaming meta-learning recommender: Kafka events in, "
+        "per-user top-K lists in Redis out. Design: "
+        "docs/ARCHITECTURE.md; settings: every flag below is "
+        "also a METAREC_* variable (README, Configuration).",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ev = sub.add_parser("eval", help="prequential comparison against the baselines",
-                        description="Prequential (test-then-train) evaluation, full ranking, "
-                                    "of metarec against the baselines, on the code the "
-                                    "services run.")
+    ev = sub.add_parser(
+        "eval",
+        help="prequential comparison against the baselines",
+        description="Prequential (test-then-train) evaluation, full ranking, "
+        "of metarec against the baselines, on the code the "
+        "services run.",
+    )
     add_eval_arguments(ev)
 
-    consume = sub.add_parser("consume", help="run one consumer of the consumer group",
-                             description="Consume events, adapt users, write lists to Redis "
-                                         "(same as python -m consumer).")
+    consume = sub.add_parser(
+        "consume",
+        help="run one consumer of the consumer group",
+        description="Consume events, adapt users, write lists to Redis "
+        "(same as python -m consumer).",
+    )
     add_arguments(consume)
 
-    agg = sub.add_parser("aggregate", help="run the aggregator (meta-training, versions)",
-                         description="Keep a window of recent events, fold the consumers' "
-                                     "partial sums into the meta-model, meta-train, publish.")
+    agg = sub.add_parser(
+        "aggregate",
+        help="run the aggregator (meta-training, versions)",
+        description="Keep a window of recent events, fold the consumers' "
+        "partial sums into the meta-model, meta-train, publish.",
+    )
     mode = agg.add_mutually_exclusive_group()
-    mode.add_argument("--once", action="store_true",
-                      help="publish one version as soon as the window allows, then exit")
-    mode.add_argument("--now", action="store_true",
-                      help="ask the running aggregator for a cycle now, then exit")
+    mode.add_argument(
+        "--once",
+        action="store_true",
+        help="publish one version as soon as the window allows, then exit",
+    )
+    mode.add_argument(
+        "--now", action="store_true", help="ask the running aggregator for a cycle now, then exit"
+    )
     add_arguments(agg)
 
-    recs = sub.add_parser("recs", help="show a user's list and the state behind it",
-                          description="Print, as JSON, the list apps read for USER, their "
-                                      "profile and a summary of their state.")
+    recs = sub.add_parser(
+        "recs",
+        help="show a user's list and the state behind it",
+        description="Print, as JSON, the list apps read for USER, their "
+        "profile and a summary of their state.",
+    )
     recs.add_argument("user")
     add_arguments(recs)
 
-    user = sub.add_parser("user", help="act on one user's state",
-                          description="reset: delete USER's state and list (their next "
-                                      "event starts them afresh; the profile stays).")
+    user = sub.add_parser(
+        "user",
+        help="act on one user's state",
+        description="reset: delete USER's state and list (their next "
+        "event starts them afresh; the profile stays).",
+    )
     user.add_argument("action", choices=["reset"])
     user.add_argument("user")
     add_arguments(user)
 
-    letters = sub.add_parser("dlq", help="inspect or replay the dead-letter topic",
-                             description="inspect: print dead letters with their error and "
-                                         "origin. replay: publish them again to their "
-                                         "original topic, key and value unchanged, from where "
-                                         "the last replay ended.")
+    letters = sub.add_parser(
+        "dlq",
+        help="inspect or replay the dead-letter topic",
+        description="inspect: print dead letters with their error and "
+        "origin. replay: publish them again to their "
+        "original topic, key and value unchanged, from where "
+        "the last replay ended.",
+    )
     letters.add_argument("action", choices=["inspect", "replay"])
     letters.add_argument("--limit", type=int, default=100, help="inspect: most letters shown")
-    letters.add_argument("--matching", default=None,
-                         help="replay: only letters whose error message contains this")
-    letters.add_argument("--dry-run", action="store_true",
-                         help="replay: count what would be replayed, publish nothing")
+    letters.add_argument(
+        "--matching", default=None, help="replay: only letters whose error message contains this"
+    )
+    letters.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="replay: count what would be replayed, publish nothing",
+    )
     add_arguments(letters)
 
-    models = sub.add_parser("model", help="list model versions or roll back to one",
-                            description="list: stored versions, newest first. rollback V: "
-                                        "publish a copy of version V as the newest version; "
-                                        "consumers reload it within a second.")
+    models = sub.add_parser(
+        "model",
+        help="list model versions or roll back to one",
+        description="list: stored versions, newest first. rollback V: "
+        "publish a copy of version V as the newest version; "
+        "consumers reload it within a second.",
+    )
     models.add_argument("action", choices=["list", "rollback"])
     models.add_argument("version", nargs="?", type=int)
     add_arguments(models)
 
-    bench = sub.add_parser("bench", help="the consumer against this machine's bounds",
-                           description="Measure, in one run on a local broker and the Redis "
-                                       "of METAREC_REDIS_URL: Kafka, Redis and numpy bounds, "
-                                       "the consumer end to end, freshness with 1 and 2 "
-                                       "consumers, memory per user, training and reload "
-                                       "times. Prints a Markdown table.")
+    bench = sub.add_parser(
+        "bench",
+        help="the consumer against this machine's bounds",
+        description="Measure, in one run on a local broker and the Redis "
+        "of METAREC_REDIS_URL: Kafka, Redis and numpy bounds, "
+        "the consumer end to end, freshness with 1 and 2 "
+        "consumers, memory per user, training and reload "
+        "times. Prints a Markdown table.",
+    )
     bench.add_argument("--quick", action="store_true", help="a first look, in under 3 minutes")
     bench.add_argument("--items", type=int, default=1682, help="catalog size")
-    bench.add_argument("--big-items", type=int, default=100_000,
-                       help="catalog size of the big-catalogue runs (candidate scoring)")
+    bench.add_argument(
+        "--big-items",
+        type=int,
+        default=100_000,
+        help="catalog size of the big-catalogue runs (candidate scoring)",
+    )
     bench.add_argument("--dim", type=int, default=32, help="embedding dimension d")
     bench.add_argument("--k", type=int, default=20, help="list length K")
     bench.add_argument("--batch-size", type=int, default=5000, help="consumer batch size")
-    bench.add_argument("--mix", default="click:0.7,like:0.25,dislike:0.05",
-                       help="event types and their shares")
-    bench.add_argument("--rate", type=float, default=5000.0,
-                       help="events/s offered in the freshness runs")
+    bench.add_argument(
+        "--mix", default="click:0.7,like:0.25,dislike:0.05", help="event types and their shares"
+    )
+    bench.add_argument(
+        "--rate", type=float, default=5000.0, help="events/s offered in the freshness runs"
+    )
     bench.add_argument("--json", type=Path, default=None, help="also write every number here")
-    bench.add_argument("--redis-url", default=None,
-                       help="Redis to measure (default: METAREC_REDIS_URL or the local one)")
+    bench.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis to measure (default: METAREC_REDIS_URL or the local one)",
+    )
 
-    topics = sub.add_parser("topics", help="create the services' topics where missing",
-                            description="Create the events, items, users, dead-letter and "
-                                        "model topics on METAREC_KAFKA_BOOTSTRAP with their "
-                                        "planned partitions and configs (compaction, "
-                                        "retention); existing topics are left as they are. "
-                                        "Prints each topic's partition count as JSON.")
+    topics = sub.add_parser(
+        "topics",
+        help="create the services' topics where missing",
+        description="Create the events, items, users, dead-letter and "
+        "model topics on METAREC_KAFKA_BOOTSTRAP with their "
+        "planned partitions and configs (compaction, "
+        "retention); existing topics are left as they are. "
+        "Prints each topic's partition count as JSON.",
+    )
     add_arguments(topics)
 
-    dev = sub.add_parser("dev", help="local services for a laptop: broker and Redis",
-                         description="Start, stop or inspect the local Tansu broker and Redis.")
+    dev = sub.add_parser(
+        "dev",
+        help="local services for a laptop: broker and Redis",
+        description="Start, stop or inspect the local Tansu broker and Redis.",
+    )
     dev.add_argument("action", choices=["up", "down", "status"])
-    dev.add_argument("--state-dir", type=Path, default=DEV_STATE_DIR,
-                     help="where the state file and logs live (default: .metarec)")
+    dev.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEV_STATE_DIR,
+        help="where the state file and logs live (default: .metarec)",
+    )
     add_arguments(dev)
 
-    demo = sub.add_parser("demo", help="run the whole loop on a bundled synthetic stream",
-                          description="Services up, replay a synthetic stream, two consumers "
-                                      "and the aggregator, print lists and stats, shut down.")
-    demo.add_argument("--data", default="synthetic-small",
-                      help="dataset to replay (default: synthetic-small)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole loop on a bundled synthetic stream",
+        description="Services up, replay a synthetic stream, two consumers "
+        "and the aggregator, print lists and stats, shut down.",
+    )
+    demo.add_argument(
+        "--data", default="synthetic-small", help="dataset to replay (default: synthetic-small)"
+    )
     demo.add_argument("--rate", type=float, default=1500.0, help="events per second")
     demo.add_argument("--state-dir", type=Path, default=DEV_STATE_DIR)
     add_arguments(demo)
@@ -177,8 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fatal("configuration error", service=f"metarec-{args.command}", error=str(exc))
         return 2
     except MetarecError as exc:
-        fatal(f"{args.command} failed", service=f"metarec-{args.command}",
-              error=str(exc), kind=type(exc).__name__)
+        fatal(
+            f"{args.command} failed",
+            service=f"metarec-{args.command}",
+            error=str(exc),
+            kind=type(exc).__name__,
+        )
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
@@ -201,19 +262,21 @@ def _service(command: str) -> Callable[[Settings], Service]:
     """
     found = entry_points(group=SERVICES_GROUP, name=command)
     if not found:
-        raise ConfigError(f"no service for `metarec {command}` is installed (entry point "
-                          f"{command!r} in group {SERVICES_GROUP!r}); install metarec "
-                          "with pip (the consumer package ships with it)")
+        raise ConfigError(
+            f"no service for `metarec {command}` is installed (entry point "
+            f"{command!r} in group {SERVICES_GROUP!r}); install metarec "
+            "with pip (the consumer package ships with it)"
+        )
     factory: Callable[[Settings], Service] = next(iter(found)).load()
     return factory
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
     """SIGTERM and SIGINT ask a service to finish what is in flight and exit 0."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         del frame
-        log.info("stopping after the work in flight",
-                                          extra={"signal": signum})
+        log.info("stopping after the work in flight", extra={"signal": signum})
         stop()
 
     signal.signal(signal.SIGTERM, handler)
@@ -240,15 +303,26 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         mix = {t: float(w) for t, w in (pair.split(":") for pair in args.mix.split(","))}
     except ValueError:
-        raise ConfigError(f"invalid --mix {args.mix!r}; expected TYPE:SHARE,... such as "
-                          "click:0.7,like:0.25,dislike:0.05") from None
+        raise ConfigError(
+            f"invalid --mix {args.mix!r}; expected TYPE:SHARE,... such as "
+            "click:0.7,like:0.25,dislike:0.05"
+        ) from None
     if not mix or set(mix) - {"click", "like", "dislike"} or min(mix.values()) < 0:
         raise ConfigError(f"invalid --mix {args.mix!r}: types click, like, dislike, shares >= 0")
-    cfg = BenchConfig(items=args.items, dim=args.dim, top_k=args.k, batch_size=args.batch_size,
-                      mix=mix, quick=args.quick, rate=args.rate, big_items=args.big_items)
+    cfg = BenchConfig(
+        items=args.items,
+        dim=args.dim,
+        top_k=args.k,
+        batch_size=args.batch_size,
+        mix=mix,
+        quick=args.quick,
+        rate=args.rate,
+        big_items=args.big_items,
+    )
     url = args.redis_url or Settings.from_env().redis_url
     phases = 9 + len(cfg.user_counts) + len(cfg.training_windows)
     with tqdm(total=phases, unit="phase", file=sys.stderr) as bar:
+
         def progress(what: str) -> None:
             if bar.n or bar.desc:
                 bar.update(1)
@@ -277,15 +351,18 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
     elif args.command == "dlq" and args.action == "inspect":
         result = operations.inspect_dead_letters(settings, limit=args.limit)
     elif args.command == "dlq":
-        result = operations.replay_dead_letters(settings, store, dry_run=args.dry_run,
-                                                matching=args.matching)
+        result = operations.replay_dead_letters(
+            settings, store, dry_run=args.dry_run, matching=args.matching
+        )
     elif args.action == "list":
         result = operations.list_models(store)
     else:
         if args.version is None:
             raise ConfigError("metarec model rollback needs the VERSION to serve again")
-        result = {"rolled_back_to": args.version,
-                  "published": operations.rollback_model(store, args.version)}
+        result = {
+            "rolled_back_to": args.version,
+            "published": operations.rollback_model(store, args.version),
+        }
     print(json.dumps(result, indent=2))
     return 0
 
@@ -295,13 +372,19 @@ def _topics(settings: Settings) -> int:
     from metarec.local.devservices import create_topics
 
     plan = topic_plan(settings)
-    counts = create_topics(settings.kafka_bootstrap, {n: t.partitions for n, t in plan.items()},
-                           configs={n: t.config for n, t in plan.items()}, timeout=30.0)
+    counts = create_topics(
+        settings.kafka_bootstrap,
+        {n: t.partitions for n, t in plan.items()},
+        configs={n: t.config for n, t in plan.items()},
+        timeout=30.0,
+    )
     differ = {n: c for n, c in counts.items() if c != plan[n].partitions}
     print(json.dumps({"topics": counts, "planned": {n: t.partitions for n, t in plan.items()}}))
     if differ:
-        log.warning("topics exist with other partition counts than planned; left as they are",
-                    extra={"topics": differ})
+        log.warning(
+            "topics exist with other partition counts than planned; left as they are",
+            extra={"topics": differ},
+        )
     return 0
 
 
@@ -311,20 +394,27 @@ def _dev(settings: Settings, action: str, state_dir: Path) -> int:
     if action == "up":
         host, _, port = settings.kafka_bootstrap.rpartition(":")
         if host not in {"127.0.0.1", "localhost"}:
-            raise ConfigError(f"metarec dev up starts a local broker; METAREC_KAFKA_BOOTSTRAP "
-                              f"is {settings.kafka_bootstrap!r}, not 127.0.0.1:PORT")
+            raise ConfigError(
+                f"metarec dev up starts a local broker; METAREC_KAFKA_BOOTSTRAP "
+                f"is {settings.kafka_bootstrap!r}, not 127.0.0.1:PORT"
+            )
         plan = topic_plan(settings)
-        state = devservices.up(state_dir, broker_port=int(port), redis_url=settings.redis_url,
-                               topics={name: t.partitions for name, t in plan.items()},
-                               configs={name: t.config for name, t in plan.items()})
+        state = devservices.up(
+            state_dir,
+            broker_port=int(port),
+            redis_url=settings.redis_url,
+            topics={name: t.partitions for name, t in plan.items()},
+            configs={name: t.config for name, t in plan.items()},
+        )
         print(f"broker  {state.bootstrap} (pid {state.broker.pid})")
         print(f"redis   {redact_url(state.redis.url)} ({state.redis.server})")
         print("topics  " + ", ".join(f"{t}[{n}]" for t, n in sorted(state.topics.items())))
         return 0
     if action == "down":
         result = devservices.down(state_dir)
-        print(json.dumps({"stopped": list(result.stopped),
-                          "left_running": list(result.left_running)}))
+        print(
+            json.dumps({"stopped": list(result.stopped), "left_running": list(result.left_running)})
+        )
         return 0
     st = devservices.status(state_dir)
     for svc in (st.broker, st.redis):

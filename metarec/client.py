@@ -57,12 +57,16 @@ class RecList:
 def parse_list(raw: bytes, source: Source) -> RecList:
     """A stored list's JSON (a user's or a fallback) as a :class:`RecList`."""
     doc: dict[str, Any] = json.loads(raw)
-    return RecList(items=[str(i) for i in doc["items"]],
-                   scores=[float(s) for s in doc["scores"]],
-                   model_version=doc.get("model_version"),
-                   updated_ms=int(doc.get("updated_ms", 0)), source=source,
-                   user=doc.get("user"), domain=doc.get("domain"),
-                   events=int(doc.get("events", 0)))
+    return RecList(
+        items=[str(i) for i in doc["items"]],
+        scores=[float(s) for s in doc["scores"]],
+        model_version=doc.get("model_version"),
+        updated_ms=int(doc.get("updated_ms", 0)),
+        source=source,
+        user=doc.get("user"),
+        domain=doc.get("domain"),
+        events=int(doc.get("events", 0)),
+    )
 
 
 class Recommendations:
@@ -86,25 +90,29 @@ class Recommendations:
         page = recs.get_many(["u1", "u2"], domain="books")
     """
 
-    def __init__(self, client: Any, *, prefix: str = DEFAULT_PREFIX,
-                 cluster: bool = False) -> None:
+    def __init__(self, client: Any, *, prefix: str = DEFAULT_PREFIX, cluster: bool = False) -> None:
         self.client = client
         self.prefix = prefix
         self.cluster = cluster
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
-                 timeout_s: float = 2.0) -> Recommendations:
+    def from_url(
+        cls, url: str, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0
+    ) -> Recommendations:
         """A reader on a new client for ``url`` (``redis+cluster://`` for a Cluster), with
         timeouts, so that a stalled Redis fails a read instead of hanging the app."""
         scheme, sep, rest = url.partition("://")
         if scheme in CLUSTER_SCHEMES:
             client: Any = redis.RedisCluster.from_url(
-                scheme.partition("+")[0] + sep + rest, socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s)
+                scheme.partition("+")[0] + sep + rest,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            )
             return cls(client, prefix=prefix, cluster=True)
-        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                        socket_connect_timeout=timeout_s), prefix=prefix)
+        return cls(
+            redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s),
+            prefix=prefix,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Recommendations:
@@ -125,8 +133,11 @@ class Recommendations:
         own, fallback = pipe.execute()
         return self._pick(own, fallback)
 
-    def get_many(self, users: Sequence[str], domain: str = DEFAULT_DOMAIN,
-                 ) -> dict[str, RecList | None]:
+    def get_many(
+        self,
+        users: Sequence[str],
+        domain: str = DEFAULT_DOMAIN,
+    ) -> dict[str, RecList | None]:
         """:meth:`get` for many users of one domain: one ``MGET`` (a pipeline of ``GET``\\ s
         on a Cluster, whose ``MGET`` may not span slots) and the fallback, together."""
         users = list(dict.fromkeys(users))
@@ -143,8 +154,10 @@ class Recommendations:
         own = replies[:-1] if self.cluster else replies[0]
         fallback = replies[-1]
         parsed_fallback = parse_list(fallback, "fallback") if fallback else None
-        return {u: parse_list(raw, "user") if raw else parsed_fallback
-                for u, raw in zip(users, own, strict=True)}
+        return {
+            u: parse_list(raw, "user") if raw else parsed_fallback
+            for u, raw in zip(users, own, strict=True)
+        }
 
     def _pick(self, own: bytes | None, fallback: bytes | None) -> RecList | None:
         if own:
@@ -152,5 +165,4 @@ class Recommendations:
         return parse_list(fallback, "fallback") if fallback else None
 
     def _key(self, *parts: object) -> str:
-        return cluster_key(self.prefix, parts) if self.cluster else plain_key(self.prefix,
-                                                                              parts)
+        return cluster_key(self.prefix, parts) if self.cluster else plain_key(self.prefix, parts)

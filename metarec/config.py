@@ -95,11 +95,13 @@ _DAY_S = 24 * 3600
 #: the least Apache Kafka accepts (``group.min.session.timeout.ms``), and on the local
 #: Tansu broker, which keeps a join phase open ~session.timeout.ms / 2, it keeps joins
 #: to a few seconds. A new group starts at the log's beginning: no event is skipped.
-GROUP_DEFAULTS: types.MappingProxyType[str, str] = types.MappingProxyType({
-    "session.timeout.ms": "6000",
-    "heartbeat.interval.ms": "500",
-    "auto.offset.reset": "earliest",
-})
+GROUP_DEFAULTS: types.MappingProxyType[str, str] = types.MappingProxyType(
+    {
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "500",
+        "auto.offset.reset": "earliest",
+    }
+)
 
 # Defaults that the core objects (the learner, the retraining schedule) share with the
 # settings table, so that a library user and a deployed service start from the same ones.
@@ -194,14 +196,18 @@ def _parse_bootstrap(raw: object) -> str:
 
 
 def _parse_redis_url(raw: object) -> str:
-    expected = ("a redis://, rediss://, unix:// URL, such as 'redis://user:pass@host:6379/0', "
-                "or a redis+cluster:// (rediss+cluster:// for TLS) URL of one cluster node")
+    expected = (
+        "a redis://, rediss://, unix:// URL, such as 'redis://user:pass@host:6379/0', "
+        "or a redis+cluster:// (rediss+cluster:// for TLS) URL of one cluster node"
+    )
     if not isinstance(raw, str):
         raise ValueError(expected)
     userinfo = raw.partition("://")[2].rpartition("@")[0]
     if raw.count("@") > 1 or "#" in raw or any(c in userinfo for c in "/?"):
-        raise ValueError(expected + "; percent-encode '@', '/', '?' and '#' in the user "
-                         "and password (%40, %2F, %3F, %23)")
+        raise ValueError(
+            expected + "; percent-encode '@', '/', '?' and '#' in the user "
+            "and password (%40, %2F, %3F, %23)"
+        )
     try:
         parts = urlsplit(raw)
         port = parts.port  # raises ValueError on a non-numeric port
@@ -298,8 +304,7 @@ def redact_url(url: str) -> str:
     if qmark and "password" in query.lower():
         query = query.partition("#")[0]
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, MASK if "password" in k.lower() else v) for k, v in pairs],
-                          safe="*")
+        query = urlencode([(k, MASK if "password" in k.lower() else v) for k, v in pairs], safe="*")
         rest = f"{head}?{query}"
     return f"{scheme}://{rest}"
 
@@ -373,7 +378,10 @@ class SettingSpec:
 
 def _id_spec(name: str, default: str, help_: str) -> SettingSpec:
     return SettingSpec(
-        name, "str", default, help_,
+        name,
+        "str",
+        default,
+        help_,
         _name_parser("a non-empty name without spaces or control characters"),
     )
 
@@ -388,87 +396,197 @@ def _int_spec(name: str, default: int, lo: int, hi: int, help_: str) -> SettingS
 
 #: The settings table: the single source of names, defaults, validation and help.
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("kafka_bootstrap", "host:port,...", "127.0.0.1:9092",
-                "Kafka bootstrap servers.", _parse_bootstrap),
-    SettingSpec("redis_url", "url", "redis://127.0.0.1:6379/0",
-                "Redis URL (redis://, rediss:// for TLS, unix://; redis+cluster:// or "
-                "rediss+cluster:// and one node for a Redis Cluster); user:password@ allowed.",
-                _parse_redis_url, secret=True),
-    _int_spec("redis_retry_s", 120, 0, _DAY_S,
-              "How long a consumer or the aggregator retries an unavailable Redis before it "
-              "exits (keep it under librdkafka's max.poll.interval.ms, 300 s)."),
-    SettingSpec("key_prefix", "str", "metarec:", "Prefix of every Redis key metarec writes.",
-                _name_parser("a non-empty prefix without spaces, such as 'metarec:'", 128)),
+    SettingSpec(
+        "kafka_bootstrap",
+        "host:port,...",
+        "127.0.0.1:9092",
+        "Kafka bootstrap servers.",
+        _parse_bootstrap,
+    ),
+    SettingSpec(
+        "redis_url",
+        "url",
+        "redis://127.0.0.1:6379/0",
+        "Redis URL (redis://, rediss:// for TLS, unix://; redis+cluster:// or "
+        "rediss+cluster:// and one node for a Redis Cluster); user:password@ allowed.",
+        _parse_redis_url,
+        secret=True,
+    ),
+    _int_spec(
+        "redis_retry_s",
+        120,
+        0,
+        _DAY_S,
+        "How long a consumer or the aggregator retries an unavailable Redis before it "
+        "exits (keep it under librdkafka's max.poll.interval.ms, 300 s).",
+    ),
+    SettingSpec(
+        "key_prefix",
+        "str",
+        "metarec:",
+        "Prefix of every Redis key metarec writes.",
+        _name_parser("a non-empty prefix without spaces, such as 'metarec:'", 128),
+    ),
     _id_spec("group_id", "metarec-consumer", "Kafka consumer group of the consumer service."),
-    _id_spec("aggregator_group_id", "metarec-aggregator",
-             "Kafka consumer group of the aggregator's replay window."),
+    _id_spec(
+        "aggregator_group_id",
+        "metarec-aggregator",
+        "Kafka consumer group of the aggregator's replay window.",
+    ),
     _topic_spec("events_topic", "metarec.core.events", "Topic of user events (key: user id)."),
     _topic_spec("items_topic", "metarec.items", "Topic of item metadata (key: item id)."),
     _topic_spec("users_topic", "metarec.users", "Topic of user profiles (key: user id)."),
-    _topic_spec("dlq_topic", "metarec.core.events.dlq",
-                "Dead-letter topic for records that could not be processed."),
+    _topic_spec(
+        "dlq_topic",
+        "metarec.core.events.dlq",
+        "Dead-letter topic for records that could not be processed.",
+    ),
     _topic_spec("model_topic", "metarec.core.model", "Topic announcing new model versions."),
-    SettingSpec("log_reset_policy", "policy", "replay",
-                "When the events topic is a new log (broker reset, topic recreated): replay "
-                "it from its start, or skip to its end.", _parse_reset_policy),
+    SettingSpec(
+        "log_reset_policy",
+        "policy",
+        "replay",
+        "When the events topic is a new log (broker reset, topic recreated): replay "
+        "it from its start, or skip to its end.",
+        _parse_reset_policy,
+    ),
     _int_spec("top_k", DEFAULT_TOP_K, 1, 1000, "Length of each user's recommendation list."),
-    _int_spec("exact_max_items", EXACT_MAX_ITEMS, 0, 100_000_000,
-              "Catalogues up to this size score every item for every list; bigger ones "
-              "score each user's candidates (neighbours, trending, an item index)."),
+    _int_spec(
+        "exact_max_items",
+        EXACT_MAX_ITEMS,
+        0,
+        100_000_000,
+        "Catalogues up to this size score every item for every list; bigger ones "
+        "score each user's candidates (neighbours, trending, an item index).",
+    ),
     _int_spec("batch_size", 500, 1, 100_000, "Most records taken per consume call."),
     # Short on purpose: under load a batch fills at once; at low load a long wait is
     # pure produce-to-list latency (measured: p50 113 ms at 100 ms, 43 ms at 20 ms; with 2
     # consumers at 5,000 events/s, p99 207 ms at 20 ms and 87 ms at 5 ms).
-    _int_spec("batch_timeout_ms", 5, 0, 60_000,
-              "Longest wait in milliseconds for a batch to fill."),
-    _int_spec("partitions", 6, 1, 1024,
-              "Partitions of the events topic that 'metarec topics' and 'dev up' create: "
-              "the most consumer processes that can share the work."),
-    _int_spec("events_retention_hours", 7 * 24, 1, 10 * 365 * 24,
-              "Retention of the events topic that 'metarec topics' creates; must cover the "
-              "time the aggregator's last METAREC_WINDOW_EVENTS events span."),
-    _int_spec("history_length", DEFAULT_HISTORY_LENGTH, 1, 10_000,
-              "Events kept per user, to re-derive the user after a model change."),
-    _int_spec("recs_ttl_s", 0, 0, 365 * _DAY_S,
-              "TTL in seconds of recs:{user} keys; 0 means no expiry."),
-    SettingSpec("state_ttl_s", "int", 0,
-                "Forget users inactive this long: the TTL in seconds of a user's state "
-                "(renewed by each of their events; a user seen again starts afresh). 0 "
-                "means never; else at least a day, so that no state expires while a "
-                "replay of its events may still come.", _ttl_parser(_DAY_S, 10 * 365 * _DAY_S)),
-    _int_spec("metrics_port", 0, 0, 65535,
-              "Port of the /metrics, /healthz and /readyz endpoints of a consumer or the "
-              "aggregator; 0 turns them off."),
-    _int_spec("stats_interval_s", 10, 0, _DAY_S,
-              "Seconds between stats log lines; 0 turns them off."),
-    _int_spec("retrain_events", DEFAULT_RETRAIN_EVENTS, 1, 10**9,
-              "New events between two retrainings of the meta-model by the aggregator."),
-    _int_spec("aggregate_interval_s", 0, 0, _DAY_S,
-              "Also retrain after this many seconds if any event came in; 0 turns it off "
-              "(metarec eval has no wall clock, so it cannot measure this trigger)."),
-    _int_spec("min_events_for_model", DEFAULT_MIN_EVENTS_FOR_MODEL, 0, 10**9,
-              "Events the aggregator needs in its window before it trains a model, and "
-              "since a detected change before it retrains on the new regime."),
-    _int_spec("window_events", DEFAULT_WINDOW_EVENTS, 1, 10**8,
-              "Size of the aggregator's bounded replay window, in events."),
-    SettingSpec("event_types", "TYPE:WEIGHT,...", types.MappingProxyType(
-                    dict(DEFAULT_EVENT_WEIGHTS)),
-                "Accepted event types and their weights; a negative weight is a dislike.",
-                _parse_event_types, _format_event_types),
-    _int_spec("event_ts_min_ms", MIN_EVENT_TS_MS, 0, 2**62,
-              "Earliest accepted event time, epoch ms (default 1990-01-01); earlier events "
-              "go to the dead-letter topic."),
-    _int_spec("event_max_future_s", MAX_FUTURE_SKEW_MS // 1000, 0, 365 * _DAY_S,
-              "How far ahead of the consumer's clock an event time may be, in seconds; "
-              "later ones go to the dead-letter topic."),
-    _int_spec("max_record_bytes", MAX_RECORD_BYTES, 256, 16 * 1024 * 1024,
-              "Largest record accepted, in bytes; larger ones go to the dead-letter topic."),
-    _int_spec("max_id_bytes", MAX_ID_BYTES, 8, 4096,
-              "Longest user, item, domain or event id accepted, in UTF-8 bytes."),
-    _int_spec("max_features", MAX_FEATURES, 0, 100_000,
-              "Most features an item or user record may list."),
-    SettingSpec("log_level", "level", "INFO", "One of DEBUG, INFO, WARNING, ERROR.",
-                _parse_log_level),
+    _int_spec(
+        "batch_timeout_ms", 5, 0, 60_000, "Longest wait in milliseconds for a batch to fill."
+    ),
+    _int_spec(
+        "partitions",
+        6,
+        1,
+        1024,
+        "Partitions of the events topic that 'metarec topics' and 'dev up' create: "
+        "the most consumer processes that can share the work.",
+    ),
+    _int_spec(
+        "events_retention_hours",
+        7 * 24,
+        1,
+        10 * 365 * 24,
+        "Retention of the events topic that 'metarec topics' creates; must cover the "
+        "time the aggregator's last METAREC_WINDOW_EVENTS events span.",
+    ),
+    _int_spec(
+        "history_length",
+        DEFAULT_HISTORY_LENGTH,
+        1,
+        10_000,
+        "Events kept per user, to re-derive the user after a model change.",
+    ),
+    _int_spec(
+        "recs_ttl_s", 0, 0, 365 * _DAY_S, "TTL in seconds of recs:{user} keys; 0 means no expiry."
+    ),
+    SettingSpec(
+        "state_ttl_s",
+        "int",
+        0,
+        "Forget users inactive this long: the TTL in seconds of a user's state "
+        "(renewed by each of their events; a user seen again starts afresh). 0 "
+        "means never; else at least a day, so that no state expires while a "
+        "replay of its events may still come.",
+        _ttl_parser(_DAY_S, 10 * 365 * _DAY_S),
+    ),
+    _int_spec(
+        "metrics_port",
+        0,
+        0,
+        65535,
+        "Port of the /metrics, /healthz and /readyz endpoints of a consumer or the "
+        "aggregator; 0 turns them off.",
+    ),
+    _int_spec(
+        "stats_interval_s", 10, 0, _DAY_S, "Seconds between stats log lines; 0 turns them off."
+    ),
+    _int_spec(
+        "retrain_events",
+        DEFAULT_RETRAIN_EVENTS,
+        1,
+        10**9,
+        "New events between two retrainings of the meta-model by the aggregator.",
+    ),
+    _int_spec(
+        "aggregate_interval_s",
+        0,
+        0,
+        _DAY_S,
+        "Also retrain after this many seconds if any event came in; 0 turns it off "
+        "(metarec eval has no wall clock, so it cannot measure this trigger).",
+    ),
+    _int_spec(
+        "min_events_for_model",
+        DEFAULT_MIN_EVENTS_FOR_MODEL,
+        0,
+        10**9,
+        "Events the aggregator needs in its window before it trains a model, and "
+        "since a detected change before it retrains on the new regime.",
+    ),
+    _int_spec(
+        "window_events",
+        DEFAULT_WINDOW_EVENTS,
+        1,
+        10**8,
+        "Size of the aggregator's bounded replay window, in events.",
+    ),
+    SettingSpec(
+        "event_types",
+        "TYPE:WEIGHT,...",
+        types.MappingProxyType(dict(DEFAULT_EVENT_WEIGHTS)),
+        "Accepted event types and their weights; a negative weight is a dislike.",
+        _parse_event_types,
+        _format_event_types,
+    ),
+    _int_spec(
+        "event_ts_min_ms",
+        MIN_EVENT_TS_MS,
+        0,
+        2**62,
+        "Earliest accepted event time, epoch ms (default 1990-01-01); earlier events "
+        "go to the dead-letter topic.",
+    ),
+    _int_spec(
+        "event_max_future_s",
+        MAX_FUTURE_SKEW_MS // 1000,
+        0,
+        365 * _DAY_S,
+        "How far ahead of the consumer's clock an event time may be, in seconds; "
+        "later ones go to the dead-letter topic.",
+    ),
+    _int_spec(
+        "max_record_bytes",
+        MAX_RECORD_BYTES,
+        256,
+        16 * 1024 * 1024,
+        "Largest record accepted, in bytes; larger ones go to the dead-letter topic.",
+    ),
+    _int_spec(
+        "max_id_bytes",
+        MAX_ID_BYTES,
+        8,
+        4096,
+        "Longest user, item, domain or event id accepted, in UTF-8 bytes.",
+    ),
+    _int_spec(
+        "max_features", MAX_FEATURES, 0, 100_000, "Most features an item or user record may list."
+    ),
+    SettingSpec(
+        "log_level", "level", "INFO", "One of DEBUG, INFO, WARNING, ERROR.", _parse_log_level
+    ),
     _int_spec("seed", 0, 0, 2**32 - 1, "Seed of every random generator."),
 )
 _BY_NAME = {spec.name: spec for spec in SETTINGS}
@@ -574,8 +692,9 @@ class Settings:
         extra = overrides.get("kafka_options", {})
         if not isinstance(extra, Mapping):
             raise ConfigError(f"invalid kafka_options: expected a mapping, got {extra!r}")
-        kafka_flag = {_check_kafka_name(str(k), KAFKA_OPTIONS_FLAG): _kafka_value(v)
-                      for k, v in extra.items()}
+        kafka_flag = {
+            _check_kafka_name(str(k), KAFKA_OPTIONS_FLAG): _kafka_value(v) for k, v in extra.items()
+        }
         values["kafka_options"] = types.MappingProxyType({**kafka_env, **kafka_flag})
         return cls(**values)  # type: ignore[arg-type]  # keys/types checked by the table
 
@@ -618,9 +737,13 @@ class Settings:
 
     def limits(self) -> Limits:
         """What records may be (:class:`metarec.core.events.Limits`), from these settings."""
-        return Limits(max_record_bytes=self.max_record_bytes, max_id_bytes=self.max_id_bytes,
-                      max_features=self.max_features, min_ts=self.event_ts_min_ms,
-                      max_future_ms=self.event_max_future_s * 1000)
+        return Limits(
+            max_record_bytes=self.max_record_bytes,
+            max_id_bytes=self.max_id_bytes,
+            max_features=self.max_features,
+            min_ts=self.event_ts_min_ms,
+            max_future_ms=self.event_max_future_s * 1000,
+        )
 
     def event_checks(self, now_ms: int | None) -> dict[str, Any]:
         """The keyword arguments of :func:`metarec.core.events.decode_event` that these settings
@@ -709,7 +832,7 @@ def _kafka_options_from_env(environ: Mapping[str, str]) -> dict[str, str]:
                 f"unknown environment variable {var}{_suggest(var, _BY_ENV)}"
                 " (see the configuration table in README.md)"
             )
-        suffix = var[len(KAFKA_ENV_PREFIX):]
+        suffix = var[len(KAFKA_ENV_PREFIX) :]
         if difflib.SequenceMatcher(None, suffix, "BOOTSTRAP").ratio() >= 0.8:
             raise ConfigError(f"unknown environment variable {var}; did you mean {bootstrap_env}?")
         if environ[var]:
@@ -728,20 +851,28 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     """
     for spec in SETTINGS:
         help_ = f"{spec.help} Env {spec.env}; default {spec.display(spec.default)}."
-        parser.add_argument(spec.flag, dest=spec.name, metavar=spec.kind.upper(), default=None,
-                            help=help_.replace("%", "%%"))
-    parser.add_argument(KAFKA_OPTIONS_FLAG, dest="kafka_options", action="append",
-                        metavar="NAME=VALUE", default=None,
-                        help=f"{_KAFKA_OPTIONS_HELP} Env {KAFKA_OPTIONS_ENV}.")
+        parser.add_argument(
+            spec.flag,
+            dest=spec.name,
+            metavar=spec.kind.upper(),
+            default=None,
+            help=help_.replace("%", "%%"),
+        )
+    parser.add_argument(
+        KAFKA_OPTIONS_FLAG,
+        dest="kafka_options",
+        action="append",
+        metavar="NAME=VALUE",
+        default=None,
+        help=f"{_KAFKA_OPTIONS_HELP} Env {KAFKA_OPTIONS_ENV}.",
+    )
 
 
 def settings_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] = os.environ
 ) -> Settings:
     """:class:`Settings` from parsed flags (see :func:`add_arguments`) over ``environ``."""
-    overrides: dict[str, object] = {
-        spec.name: getattr(args, spec.name, None) for spec in SETTINGS
-    }
+    overrides: dict[str, object] = {spec.name: getattr(args, spec.name, None) for spec in SETTINGS}
     options: dict[str, str] = {}
     for item in getattr(args, "kafka_options", None) or []:
         name, sep, value = str(item).partition("=")
@@ -800,5 +931,7 @@ def incremental_rebalancing(config: Mapping[str, str]) -> bool:
     >>> incremental_rebalancing({"partition.assignment.strategy": "range"})
     False
     """
-    return ("cooperative" in config.get("partition.assignment.strategy", "")
-            or config.get("group.protocol", "classic") == "consumer")
+    return (
+        "cooperative" in config.get("partition.assignment.strategy", "")
+        or config.get("group.protocol", "classic") == "consumer"
+    )

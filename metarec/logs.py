@@ -42,8 +42,15 @@ import numpy as np
 
 from metarec.errors import ConfigError
 
-__all__ = ["BASE_FIELDS", "JsonFormatter", "RepeatFilter", "Throttle", "configure_logging",
-           "fatal", "kafka_logger"]
+__all__ = [
+    "BASE_FIELDS",
+    "JsonFormatter",
+    "RepeatFilter",
+    "Throttle",
+    "configure_logging",
+    "fatal",
+    "kafka_logger",
+]
 
 #: The fields every line has, in this order; an ``extra`` field with one of these names
 #: is written as ``<name>_`` so that it can never replace them.
@@ -250,8 +257,9 @@ class Throttle:
         return True
 
 
-def fatal(message: str, service: str = "metarec", stream: TextIO | None = None,
-          **fields: Any) -> None:
+def fatal(
+    message: str, service: str = "metarec", stream: TextIO | None = None, **fields: Any
+) -> None:
     """Write one CRITICAL JSON line, whether or not logging is configured yet: how a
     process that cannot start (or must stop) says why, in the format of all its lines."""
     record = logging.LogRecord("metarec", logging.CRITICAL, "", 0, message, None, None)

@@ -59,32 +59,61 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--ts", type=int, help="epoch milliseconds (default: now)")
     send.add_argument("--event-id", help="id for de-duplication downstream")
 
-    rep = sub.add_parser("replay", parents=[settings_flags],
-                         help="publish a dataset's items, users, then its events in time order")
-    rep.add_argument("--data", required=True,
-                     help="synthetic, synthetic-small or a MovieLens folder")
+    rep = sub.add_parser(
+        "replay",
+        parents=[settings_flags],
+        help="publish a dataset's items, users, then its events in time order",
+    )
+    rep.add_argument(
+        "--data", required=True, help="synthetic, synthetic-small or a MovieLens folder"
+    )
     pace = rep.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=_positive(float), metavar="EVENTS_PER_S",
-                      help="send at this many events per second")
-    pace.add_argument("--speedup", type=_positive(float), metavar="X",
-                      help="replay the data's own time gaps, X times faster")
-    rep.add_argument("--limit", type=_positive(int), metavar="N",
-                     help="send only the first N events")
+    pace.add_argument(
+        "--rate",
+        type=_positive(float),
+        metavar="EVENTS_PER_S",
+        help="send at this many events per second",
+    )
+    pace.add_argument(
+        "--speedup",
+        type=_positive(float),
+        metavar="X",
+        help="replay the data's own time gaps, X times faster",
+    )
+    rep.add_argument(
+        "--limit", type=_positive(int), metavar="N", help="send only the first N events"
+    )
     clock = rep.add_mutually_exclusive_group()
-    clock.add_argument("--ts-now", dest="rewrite_ts", action="store_true", default=True,
-                       help="stamp events with the time they are sent, keeping their order "
-                            "(default; what a live system's freshness and decay expect)")
-    clock.add_argument("--keep-ts", dest="rewrite_ts", action="store_false",
-                       help="keep the data's original timestamps")
-    rep.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="no progress bar on stderr")
+    clock.add_argument(
+        "--ts-now",
+        dest="rewrite_ts",
+        action="store_true",
+        default=True,
+        help="stamp events with the time they are sent, keeping their order "
+        "(default; what a live system's freshness and decay expect)",
+    )
+    clock.add_argument(
+        "--keep-ts",
+        dest="rewrite_ts",
+        action="store_false",
+        help="keep the data's original timestamps",
+    )
+    rep.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar on stderr"
+    )
     return parser
 
 
 def _send(args: argparse.Namespace, settings: Settings) -> int:
     with EventProducer(settings) as producer:
-        event = producer.send(args.user, args.item, type=args.type, ts=args.ts,
-                              domain=args.domain, event_id=args.event_id)
+        event = producer.send(
+            args.user,
+            args.item,
+            type=args.type,
+            ts=args.ts,
+            domain=args.domain,
+            event_id=args.event_id,
+        )
     print(f"sent {json.dumps(event.to_json())} to {settings.events_topic}")
     return 0
 
@@ -94,8 +123,15 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
     dataset = load_dataset(args.data, seed=settings.seed)
     producer = EventProducer(settings)
-    report = replay(dataset, producer, rate=args.rate, speedup=args.speedup, limit=args.limit,
-                    rewrite_ts=args.rewrite_ts, progress=args.progress)
+    report = replay(
+        dataset,
+        producer,
+        rate=args.rate,
+        speedup=args.speedup,
+        limit=args.limit,
+        rewrite_ts=args.rewrite_ts,
+        progress=args.progress,
+    )
     print(report.summary(settings.events_topic))
     return EXIT_INTERRUPTED if report.interrupted else 0
 
@@ -105,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        logging.basicConfig(level=settings.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         command = _send if args.command == "send" else _replay
         return command(args, settings)
     except (ConfigError, InvalidEvent, DataError) as exc:

@@ -132,8 +132,9 @@ class EventProducer:
         self.config = dict(config or {})
         self.queue_full_timeout_s = queue_full_timeout_s
         conf: dict[str, Any] = {**DEFAULT_PRODUCER_CONFIG, **settings.kafka_config()}
-        conf.update({k: str(v).lower() if isinstance(v, bool) else str(v)
-                     for k, v in self.config.items()})
+        conf.update(
+            {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.config.items()}
+        )
         conf["error_cb"] = self._on_error
         try:
             self._producer = Producer(conf, logger=_kafka_log)
@@ -188,8 +189,12 @@ class EventProducer:
         naming the bad field, before anything is queued. Returns the event as sent.
         """
         now = _now_ms()
-        obj: dict[str, Any] = {"user": user, "item": item, "type": type,
-                               "ts": now if ts is None else ts}
+        obj: dict[str, Any] = {
+            "user": user,
+            "item": item,
+            "type": type,
+            "ts": now if ts is None else ts,
+        }
         if domain is not None:
             obj["domain"] = domain
         if event_id is not None:

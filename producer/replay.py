@@ -129,7 +129,7 @@ class TokenBucket:
 
 def _chunks(events: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
     for start in range(0, len(events), size):
-        yield events[start:start + size]
+        yield events[start : start + size]
 
 
 def _now_ms() -> int:
@@ -204,8 +204,9 @@ def replay(
     interrupted = False
     t0 = events[0].ts if events else 0
     events_started = clock()
-    bar = tqdm(total=len(events), unit="ev", disable=not progress, mininterval=0.5,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(events), unit="ev", disable=not progress, mininterval=0.5, dynamic_ncols=True
+    )
     try:
         for chunk in _chunks(events, size):
             if bucket is not None:
@@ -232,5 +233,6 @@ def replay(
     finally:
         bar.close()
     producer.flush()
-    return ReplayReport(sent, invalid, len(dataset.items), len(dataset.users),
-                        clock() - events_started, interrupted)
+    return ReplayReport(
+        sent, invalid, len(dataset.items), len(dataset.users), clock() - events_started, interrupted
+    )

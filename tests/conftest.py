@@ -31,10 +31,17 @@ from metarec.local.devservices import (
 )
 
 #: Fixtures that talk to a live service; a test using any of them is an integration test.
-SERVICE_FIXTURES = frozenset({
-    "kafka_bootstrap", "kafka_admin", "make_topic", "consumer_config",
-    "redis_url", "redis_client", "key_prefix",
-})
+SERVICE_FIXTURES = frozenset(
+    {
+        "kafka_bootstrap",
+        "kafka_admin",
+        "make_topic",
+        "consumer_config",
+        "redis_url",
+        "redis_client",
+        "key_prefix",
+    }
+)
 TEST_NAME_PREFIX = "metarec-test"
 #: Keys deleted per round trip when cleaning up; bounded so one DEL never blocks Redis long.
 _DELETE_CHUNK = 500

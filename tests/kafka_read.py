@@ -16,10 +16,14 @@ def drain(bootstrap: str, topic: str, group_id: str) -> list[Message]:
     Why a sentinel: the local broker's high watermarks are not exact, so instead of
     counting by offsets this writes an end marker to every partition and reads up to it.
     """
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": group_id,
-        "enable.auto.commit": False, "auto.offset.reset": "earliest",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         marker = Producer({"bootstrap.servers": bootstrap})
@@ -43,12 +47,18 @@ def drain(bootstrap: str, topic: str, group_id: str) -> list[Message]:
         consumer.close()
 
 
-def read_records(bootstrap: str, topic: str, partitions: int, n: int,
-                 start: int = OFFSET_BEGINNING) -> list[Message]:
+def read_records(
+    bootstrap: str, topic: str, partitions: int, n: int, start: int = OFFSET_BEGINNING
+) -> list[Message]:
     """The first ``n`` records of ``topic`` from offset ``start`` of each partition, read
     without a group (``assign``)."""
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader",
-                       "enable.auto.commit": "false"})
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{topic}-reader",
+            "enable.auto.commit": "false",
+        }
+    )
     got: list[Message] = []
     try:
         reader.assign([TopicPartition(topic, p, start) for p in range(partitions)])
@@ -59,4 +69,3 @@ def read_records(bootstrap: str, topic: str, partitions: int, n: int,
     finally:
         reader.close()
     return got
-

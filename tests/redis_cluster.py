@@ -88,8 +88,7 @@ class LocalCluster:
         return ""
 
 
-def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None
-                  ) -> LocalCluster:
+def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None) -> LocalCluster:
     """Start ``masters`` cluster-enabled servers (on ``ports``, else free ones), join them,
     wait for ``cluster_state:ok``."""
     server = cluster_server()
@@ -99,20 +98,42 @@ def start_cluster(work: Path, masters: int = 3, ports: list[int] | None = None
             node_dir = work / f"node-{port}"
             node_dir.mkdir(parents=True)
             log = (node_dir / "redis.log").open("ab")
-            cluster.procs.append(subprocess.Popen(
-                [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(node_dir),
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                 # A test reads what the live masters hold after one was killed.
-                 "--cluster-allow-reads-when-down", "yes", "--save", "",
-                 "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT))
+            cluster.procs.append(
+                subprocess.Popen(
+                    [
+                        server,
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--dir",
+                        str(node_dir),
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(NODE_TIMEOUT_MS),
+                        # A test reads what the live masters hold after one was killed.
+                        "--cluster-allow-reads-when-down",
+                        "yes",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             log.close()
         for i in range(masters):
             _wait(lambda i=i: _pings(cluster.node(i)), f"node {cluster.ports[i]} to answer")
         _join(cluster)
         for i in range(masters):
-            _wait(lambda i=i: cluster.state(i) == "ok", f"node {cluster.ports[i]}'s "
-                  "cluster_state:ok")
+            _wait(
+                lambda i=i: cluster.state(i) == "ok", f"node {cluster.ports[i]}'s cluster_state:ok"
+            )
     except BaseException:
         cluster.stop()
         raise

@@ -17,13 +17,14 @@ from metarec.services.store import RedisStore
 def _written(store: RedisStore) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """A user's list and two domains' fallbacks, as the consumer writes them."""
     learner = Learner(top_k=2)
-    learner.add_items([(0, "b1", "books", ()), (1, "b2", "books", ()),
-                       (2, "m1", "music", ())])
+    learner.add_items([(0, "b1", "books", ()), (1, "b2", "books", ()), (2, "m1", "music", ())])
     state = UserState.new(4, 5)
     state.record(item=0, weight=1.0, ts=1, domain="books")
-    own = learner.list_records({"alice": RankedList(np.array([1]), np.array([0.5],
-                                                                            np.float32))},
-                               {"alice": state}, now_ms=10)
+    own = learner.list_records(
+        {"alice": RankedList(np.array([1]), np.array([0.5], np.float32))},
+        {"alice": state},
+        now_ms=10,
+    )
     fallbacks = learner.fallback_records(learner.newcomer_lists(), now_ms=11)
     store.client.set(store.recs_key("alice"), own["alice"])
     store.write_fallbacks(fallbacks)
@@ -31,7 +32,8 @@ def _written(store: RedisStore) -> tuple[dict[str, bytes], dict[str, bytes]]:
 
 
 def test_a_user_with_a_list_gets_it_and_others_their_domains_fallback(
-        redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     store = RedisStore(redis_client, prefix=key_prefix)
     own, fallbacks = _written(store)
     assert parse_list(own["alice"], "user").items == ["b2"]
@@ -52,8 +54,9 @@ def test_a_user_with_a_list_gets_it_and_others_their_domains_fallback(
     assert recs.get_many([]) == {}
 
 
-def test_reads_take_one_round_trip(redis_client: redis.Redis[bytes], key_prefix: str,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_take_one_round_trip(
+    redis_client: redis.Redis[bytes], key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = RedisStore(redis_client, prefix=key_prefix)
     _written(store)
     recs = Recommendations(redis_client, prefix=key_prefix)
@@ -70,8 +73,9 @@ def test_reads_take_one_round_trip(redis_client: redis.Redis[bytes], key_prefix:
     assert sent == [2, 2]  # GET + GET; MGET of 100 keys + GET: one pipeline each
 
 
-def test_from_url_reads_the_same(redis_url: str, redis_client: redis.Redis[bytes],
-                                 key_prefix: str) -> None:
+def test_from_url_reads_the_same(
+    redis_url: str, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     store = RedisStore(redis_client, prefix=key_prefix)
     _written(store)
     got = Recommendations.from_url(redis_url, prefix=key_prefix).get("alice")

@@ -56,7 +56,10 @@ KAFKA, KAFKA_INIT, REDIS = "kafka", "kafka-init", "redis"
 RESTART_POLICIES = frozenset({"no", "always", "on-failure", "unless-stopped"})
 #: What ``depends_on`` conditions require of their target.
 HEALTHY, COMPLETED, STARTED = (
-    "service_healthy", "service_completed_successfully", "service_started")
+    "service_healthy",
+    "service_completed_successfully",
+    "service_started",
+)
 KNOWN_ENV = frozenset(spec.env for spec in SETTINGS)
 TOPIC_FIELDS = tuple(spec.name for spec in SETTINGS if spec.kind == "topic")
 
@@ -130,7 +133,8 @@ def service_env(service: Mapping[str, Any]) -> dict[str, str]:
     env: dict[str, str] = {}
     for var, value in pairs:
         assert not isinstance(value, bool), (
-            f"{var}: {value!r} is a YAML boolean; quote it so the process gets a string")
+            f"{var}: {value!r} is a YAML boolean; quote it so the process gets a string"
+        )
         env[str(var)] = "" if value is None else interpolate(str(value))
     return env
 
@@ -165,7 +169,9 @@ def settings_of(service: Mapping[str, Any]) -> Settings:
 
 
 def parse_or_fail(
-    parser: argparse.ArgumentParser, args: list[str], what: str,
+    parser: argparse.ArgumentParser,
+    args: list[str],
+    what: str,
 ) -> argparse.Namespace:
     """``parser.parse_args(args)``, with argparse's exit turned into a test failure."""
     err = io.StringIO()
@@ -204,8 +210,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def tensorflow_floor(pyproject: Mapping[str, Any]) -> str:
     """The version in the ``train`` extra's ``tensorflow-cpu>=X`` requirement."""
-    deps = [d.split(";")[0].strip()
-            for d in pyproject["project"]["optional-dependencies"]["train"]]
+    deps = [d.split(";")[0].strip() for d in pyproject["project"]["optional-dependencies"]["train"]]
     floors = [m[1] for d in deps if (m := re.fullmatch(r"tensorflow-cpu>=([0-9][0-9.]*)", d))]
     assert len(floors) == 1, f"expected one tensorflow-cpu>=X requirement in {deps}"
     return floors[0]
@@ -229,14 +234,16 @@ def test_compose_interpolation_reference() -> None:
 
 @pytest.mark.parametrize("name", METAREC_SERVICES)
 def test_metarec_variables_are_settings_the_program_reads(
-    services: dict[str, dict[str, Any]], name: str,
+    services: dict[str, dict[str, Any]],
+    name: str,
 ) -> None:
     env = metarec_env(services[name])
     assert env, f"{name} sets no METAREC_* variable"
     for var in env:
         assert var in KNOWN_ENV or var.startswith(KAFKA_ENV_PREFIX), (
             f"{name}: {var} is neither a setting in metarec.config.SETTINGS nor a "
-            f"{KAFKA_ENV_PREFIX}<NAME> pass-through")
+            f"{KAFKA_ENV_PREFIX}<NAME> pass-through"
+        )
     try:
         Settings.from_env(env)
     except ConfigError as exc:
@@ -263,19 +270,22 @@ def _check_python_module(module: str, args: list[str], env: dict[str, str], what
     if spec.submodule_search_locations is not None:  # a package runs its __main__
         main_name = f"{module}.__main__"
         assert importlib.util.find_spec(main_name) is not None, (
-            f"{what}: package {module!r} has no __main__ module, so `python -m {module}` fails")
+            f"{what}: package {module!r} has no __main__ module, so `python -m {module}` fails"
+        )
     main_spec = importlib.util.find_spec(main_name)
     assert main_spec is not None and main_spec.origin, f"{what}: {main_name} has no source"
     # Importing it below must not start the service itself.
     assert _has_main_guard(Path(main_spec.origin)), (
         f"{what}: {main_name} runs at import; put its call to main() under "
-        "`if __name__ == \"__main__\":` (python -m still runs it)")
+        '`if __name__ == "__main__":` (python -m still runs it)'
+    )
     main_module = importlib.import_module(main_name)
     build_parser = getattr(main_module, "build_parser", None)
     if build_parser is None:
         assert not args, (
             f"{what}: {main_name} exposes no build_parser(), so its arguments {args} "
-            "cannot be checked")
+            "cannot be checked"
+        )
         Settings.from_env(env)
         return
     _check_parsed(build_parser(), args, env, what)
@@ -296,7 +306,11 @@ def _has_main_guard(path: Path) -> bool:
 
 
 def _check_console_script(
-    script: str, args: list[str], env: dict[str, str], pyproject: Mapping[str, Any], what: str,
+    script: str,
+    args: list[str],
+    env: dict[str, str],
+    pyproject: Mapping[str, Any],
+    what: str,
 ) -> None:
     scripts = console_scripts(pyproject)
     assert script in scripts, f"{what}: pyproject.toml declares no console script {script!r}"
@@ -309,7 +323,10 @@ def _check_console_script(
 
 
 def _check_parsed(
-    parser: argparse.ArgumentParser, args: list[str], env: dict[str, str], what: str,
+    parser: argparse.ArgumentParser,
+    args: list[str],
+    env: dict[str, str],
+    what: str,
 ) -> None:
     namespace = parse_or_fail(parser, args, what)
     try:
@@ -324,7 +341,9 @@ def _check_parsed(
 
 @pytest.mark.parametrize("name", METAREC_SERVICES)
 def test_metarec_commands_exist_and_accept_their_arguments(
-    services: dict[str, dict[str, Any]], pyproject: dict[str, Any], name: str,
+    services: dict[str, dict[str, Any]],
+    pyproject: dict[str, Any],
+    name: str,
 ) -> None:
     svc = services[name]
     # The Dockerfile has no ENTRYPOINT (checked below), so the command is the whole argv.
@@ -354,17 +373,20 @@ def test_consumer_runs_two_replicas_within_the_events_partitions(
 
 
 def test_the_gpu_aggregator_reserves_a_gpu_and_uses_the_cuda_build(
-    services: dict[str, dict[str, Any]], pyproject: dict[str, Any],
+    services: dict[str, dict[str, Any]],
+    pyproject: dict[str, Any],
 ) -> None:
     svc = services["aggregator-gpu"]
     deploy = _mapping(svc.get("deploy"), "aggregator-gpu.deploy")
     reservations = _mapping(
         _mapping(deploy.get("resources"), "deploy.resources").get("reservations"),
-        "deploy.resources.reservations")
+        "deploy.resources.reservations",
+    )
     devices = reservations.get("devices")
     assert isinstance(devices, list) and devices, "the GPU aggregator reserves no device"
     assert any(
-        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
+        d.get("driver") == "nvidia"
+        and "gpu" in d.get("capabilities", [])
         and (d.get("count") == "all" or int(d.get("count", 0)) >= 1)
         for d in devices
     ), devices
@@ -372,8 +394,9 @@ def test_the_gpu_aggregator_reserves_a_gpu_and_uses_the_cuda_build(
     assert args.get("TF_PACKAGE") == f"tensorflow[and-cuda]>={tensorflow_floor(pyproject)}"
     assert args.get("EXTRAS") == "train"
     # Its own tag: the GPU build must not overwrite the images the other services run.
-    assert svc.get("image") not in {services[n].get("image") for n in METAREC_SERVICES
-                                    if n != "aggregator-gpu"}
+    assert svc.get("image") not in {
+        services[n].get("image") for n in METAREC_SERVICES if n != "aggregator-gpu"
+    }
 
 
 def test_the_default_aggregator_needs_no_gpu_runtime(
@@ -408,7 +431,8 @@ def test_profiles_leave_a_default_stack_that_needs_no_gpu(
 
 @pytest.mark.parametrize("name", LOOPS)
 def test_services_with_a_loop_have_a_healthcheck_on_their_health_port(
-    services: dict[str, dict[str, Any]], name: str,
+    services: dict[str, dict[str, Any]],
+    name: str,
 ) -> None:
     svc = services[name]
     check = _mapping(svc.get("healthcheck"), f"{name}.healthcheck")
@@ -452,17 +476,21 @@ def test_kafka_is_a_single_kraft_node_of_the_apache_image(
     assert controller in listeners
     voters = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
     assert voters == [f"{env['KAFKA_NODE_ID']}@{KAFKA}:{listeners[controller][1]}"], voters
-    for setting in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
-                    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
+    for setting in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+    ):
         assert env[setting] == "1", f"{setting} must be 1 on a one-node cluster"
     assert env["KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS"] == "0"
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     log_dir = env["KAFKA_LOG_DIRS"]
     assert any(str(v).endswith(f":{log_dir}") for v in svc.get("volumes", [])), (
-        f"no volume on the log dir {log_dir}")
+        f"no volume on the log dir {log_dir}"
+    )
     assert "kafka-topics.sh" in " ".join(
-        argv_of(_mapping(svc.get("healthcheck"), "healthcheck").get("test")))
+        argv_of(_mapping(svc.get("healthcheck"), "healthcheck").get("test"))
+    )
 
 
 def _listeners(text: str) -> dict[str, tuple[str, str]]:
@@ -478,14 +506,16 @@ def _listeners(text: str) -> dict[str, tuple[str, str]]:
 def test_metarec_services_reach_kafka_and_redis_by_service_name(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    advertised = set(_listeners(service_env(services[KAFKA])["KAFKA_ADVERTISED_LISTENERS"])
-                     .values())
+    advertised = set(
+        _listeners(service_env(services[KAFKA])["KAFKA_ADVERTISED_LISTENERS"]).values()
+    )
     for name in METAREC_SERVICES:
         settings = settings_of(services[name])
         for server in settings.kafka_bootstrap.split(","):
             host, _, port = server.rpartition(":")
             assert (host, port) in advertised, (
-                f"{name}: bootstrap {server} is not an advertised listener of {KAFKA}")
+                f"{name}: bootstrap {server} is not an advertised listener of {KAFKA}"
+            )
         redis_host = settings.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
         assert redis_host in (REDIS, f"{REDIS}:6379"), f"{name}: Redis at {redis_host}"
 
@@ -543,10 +573,12 @@ def test_every_dependency_exists_and_can_satisfy_its_condition(
             assert condition in (HEALTHY, COMPLETED, STARTED), f"{name}: {condition!r}"
             if condition == HEALTHY:
                 assert "healthcheck" in services[target], (
-                    f"{name} waits for {target} to be healthy, but it has no healthcheck")
+                    f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                )
             if condition == COMPLETED:
                 assert services[target].get("restart", "no") == "no", (
-                    f"{name} waits for {target} to complete, but it restarts")
+                    f"{name} waits for {target} to complete, but it restarts"
+                )
 
 
 def test_metarec_services_start_after_topics_exist(services: dict[str, dict[str, Any]]) -> None:
@@ -578,9 +610,18 @@ def test_dockerfile_builds_a_non_root_image_without_entrypoint(
 
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     patterns = {
-        line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     }
     assert {".venv", ".git"} <= patterns
-    assert not patterns & {"metarec", "consumer", "producer", "pyproject.toml", "README.md",
-                           "*", "*.md", "*.toml"}
+    assert not patterns & {
+        "metarec",
+        "consumer",
+        "producer",
+        "pyproject.toml",
+        "README.md",
+        "*",
+        "*.md",
+        "*.toml",
+    }

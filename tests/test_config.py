@@ -24,7 +24,10 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.key_prefix == "metarec:"
     assert (s.events_topic, s.items_topic, s.users_topic) == (
-        "metarec.core.events", "metarec.items", "metarec.users")
+        "metarec.core.events",
+        "metarec.items",
+        "metarec.users",
+    )
     assert s.dlq_topic == "metarec.core.events.dlq"
     assert s.top_k == 20
     assert dict(s.event_types) == {"click": 1.0, "like": 2.0, "dislike": -1.0}
@@ -85,12 +88,14 @@ def test_flag_source_is_named_when_the_flag_was_bad() -> None:
 
 
 def test_valid_values_are_normalized() -> None:
-    s = Settings.from_env({
-        "METAREC_LOG_LEVEL": "debug",
-        "METAREC_EVENT_TYPES": " click:1 , buy:5 ",
-        "METAREC_REDIS_URL": "rediss://app:pw@cache.internal:6380/2",
-        "METAREC_KAFKA_BOOTSTRAP": "k1:9092, k2:9093",
-    })
+    s = Settings.from_env(
+        {
+            "METAREC_LOG_LEVEL": "debug",
+            "METAREC_EVENT_TYPES": " click:1 , buy:5 ",
+            "METAREC_REDIS_URL": "rediss://app:pw@cache.internal:6380/2",
+            "METAREC_KAFKA_BOOTSTRAP": "k1:9092, k2:9093",
+        }
+    )
     assert s.log_level == "DEBUG"
     assert dict(s.event_types) == {"click": 1.0, "buy": 5.0}
     assert s.redis_url == "rediss://app:pw@cache.internal:6380/2"
@@ -106,7 +111,9 @@ def test_kafka_pass_through_maps_names_and_merges() -> None:
     }
     s = Settings.from_env(env, {"kafka_options": {"acks": "all"}})
     assert s.kafka_options == {
-        "security.protocol": "SASL_SSL", "sasl.password": "pw", "linger.ms": "20",
+        "security.protocol": "SASL_SSL",
+        "sasl.password": "pw",
+        "linger.ms": "20",
         "acks": "all",
     }
     config = s.kafka_config(group_id="g", enable_auto_commit=False, linger_ms=1)
@@ -202,10 +209,18 @@ def test_argparse_flags_cover_every_setting_and_feed_settings() -> None:
     help_text = parser.format_help()
     for spec in SETTINGS:
         assert spec.flag in help_text
-    args = parser.parse_args([
-        "--top-k", "3", "--kafka-bootstrap", "b:1",
-        "--kafka-option", "acks=all", "--kafka-option", "linger.ms=0",
-    ])
+    args = parser.parse_args(
+        [
+            "--top-k",
+            "3",
+            "--kafka-bootstrap",
+            "b:1",
+            "--kafka-option",
+            "acks=all",
+            "--kafka-option",
+            "linger.ms=0",
+        ]
+    )
     s = settings_from_args(args, environ={"METAREC_TOP_K": "9", "METAREC_GROUP_ID": "env-g"})
     assert (s.top_k, s.kafka_bootstrap, s.group_id) == (3, "b:1", "env-g")
     assert s.kafka_options == {"acks": "all", "linger.ms": "0"}
@@ -250,9 +265,18 @@ def test_a_cluster_url_is_accepted_checked_and_redacted() -> None:
         Settings.from_env({"METAREC_REDIS_URL": "cluster://h:7000"})
 
 
-@pytest.mark.parametrize(("raw", "ok"), [("0", True), ("86400", True), ("31536000", True),
-                                         ("3600", False), ("1", False), ("-1", False),
-                                         ("day", False)])
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [
+        ("0", True),
+        ("86400", True),
+        ("31536000", True),
+        ("3600", False),
+        ("1", False),
+        ("-1", False),
+        ("day", False),
+    ],
+)
 def test_a_state_ttl_is_off_or_at_least_a_day(raw: str, ok: bool) -> None:
     if ok:
         assert Settings.from_env({"METAREC_STATE_TTL_S": raw}).state_ttl_s == int(raw)

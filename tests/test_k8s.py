@@ -36,8 +36,11 @@ NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 #: The API group/version of each kind the example uses.
 API_VERSIONS = {
-    "Namespace": "v1", "ConfigMap": "v1", "Secret": "v1",
-    "Deployment": "apps/v1", "Job": "batch/v1",
+    "Namespace": "v1",
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Deployment": "apps/v1",
+    "Job": "batch/v1",
 }
 #: Each workload, by its component label: its kind and the ``metarec`` subcommand it runs.
 WORKLOADS = {
@@ -54,9 +57,18 @@ TRAIN_TAGS = ("train", "gpu")
 CONSUMER_IMAGE = "metarec:cpu"
 #: Settings every workload must agree on: they name the shared topics, keys and ports.
 SHARED_SETTINGS = (
-    "kafka_bootstrap", "redis_url", "key_prefix", "events_topic", "items_topic",
-    "users_topic", "dlq_topic", "model_topic", "partitions", "events_retention_hours",
-    "event_types", "metrics_port",
+    "kafka_bootstrap",
+    "redis_url",
+    "key_prefix",
+    "events_topic",
+    "items_topic",
+    "users_topic",
+    "dlq_topic",
+    "model_topic",
+    "partitions",
+    "events_retention_hours",
+    "event_types",
+    "metrics_port",
 )
 KNOWN_ENV = frozenset(spec.env for spec in SETTINGS)
 SECRET_ENV = frozenset(spec.env for spec in SETTINGS if spec.secret)
@@ -108,8 +120,9 @@ def _objects(documents: list[tuple[str, Doc]], kind: str) -> dict[str, Doc]:
 
 @pytest.fixture(scope="module")
 def configmaps(documents: list[tuple[str, Doc]]) -> dict[str, dict[str, Any]]:
-    return {name: dict(doc.get("data") or {})
-            for name, doc in _objects(documents, "ConfigMap").items()}
+    return {
+        name: dict(doc.get("data") or {}) for name, doc in _objects(documents, "ConfigMap").items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +132,8 @@ def secrets(documents: list[tuple[str, Doc]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, doc in _objects(documents, "Secret").items():
         values: dict[str, Any] = {
-            k: base64.b64decode(str(v)).decode() for k, v in (doc.get("data") or {}).items()}
+            k: base64.b64decode(str(v)).decode() for k, v in (doc.get("data") or {}).items()
+        }
         values.update(doc.get("stringData") or {})
         out[name] = values
     return out
@@ -134,16 +148,18 @@ def workloads(documents: list[tuple[str, Doc]]) -> dict[str, Doc]:
             labels = (doc.get("metadata") or {}).get("labels") or {}
             found.setdefault(str(labels.get(COMPONENT_LABEL)), []).append(doc)
     assert set(found) == set(WORKLOADS), (
-        f"expected one workload per {COMPONENT_LABEL} in {sorted(WORKLOADS)}, "
-        f"found {sorted(found)}")
+        f"expected one workload per {COMPONENT_LABEL} in {sorted(WORKLOADS)}, found {sorted(found)}"
+    )
     for component, docs in found.items():
         assert len(docs) == 1, f"{component}: {len(docs)} workloads: {[describe(d) for d in docs]}"
     return {component: docs[0] for component, docs in found.items()}
 
 
 def pod_spec(workload: Mapping[str, Any]) -> dict[str, Any]:
-    template = _mapping(_mapping(workload.get("spec"), f"{describe(workload)}.spec")
-                        .get("template"), f"{describe(workload)}.spec.template")
+    template = _mapping(
+        _mapping(workload.get("spec"), f"{describe(workload)}.spec").get("template"),
+        f"{describe(workload)}.spec.template",
+    )
     return _mapping(template.get("spec"), f"{describe(workload)}.spec.template.spec")
 
 
@@ -154,9 +170,11 @@ def pod_labels(workload: Mapping[str, Any]) -> dict[str, Any]:
 
 def containers(workload: Mapping[str, Any]) -> list[dict[str, Any]]:
     spec = pod_spec(workload)
-    return [_mapping(c, f"{describe(workload)} container")
-            for c in _list(spec.get("containers"), f"{describe(workload)} containers")
-            + list(spec.get("initContainers") or [])]
+    return [
+        _mapping(c, f"{describe(workload)} container")
+        for c in _list(spec.get("containers"), f"{describe(workload)} containers")
+        + list(spec.get("initContainers") or [])
+    ]
 
 
 def argv_of(container: Mapping[str, Any]) -> list[str]:
@@ -169,7 +187,8 @@ def main_container(workload: Mapping[str, Any]) -> dict[str, Any]:
     runs = [c for c in containers(workload) if argv_of(c)[:1] == ["metarec"]]
     assert len(runs) == 1, (
         f"{describe(workload)}: expected one container running `metarec ...`, found "
-        f"{[c.get('name') for c in runs]}")
+        f"{[c.get('name') for c in runs]}"
+    )
     return runs[0]
 
 
@@ -205,7 +224,8 @@ def container_env(
         else:
             continue  # fieldRef and the like: values only a cluster knows
         assert key["name"] in objects and key["key"] in objects[key["name"]], (
-            f"{name}: env {var} refers to {key}, which deploy/k8s lacks")
+            f"{name}: env {var} refers to {key}, which deploy/k8s lacks"
+        )
         env[var] = str(objects[key["name"]][key["key"]])
     return env
 
@@ -247,8 +267,11 @@ def settings(
 def dockerfile_user() -> tuple[int, int | None]:
     """The uid (and gid, if given) of the Dockerfile's last USER instruction."""
     text = re.sub(r"\\\n", "", DOCKERFILE.read_text(encoding="utf-8"))
-    users = [line.split(None, 1)[1].strip() for line in text.splitlines()
-             if line.strip().upper().startswith("USER ")]
+    users = [
+        line.split(None, 1)[1].strip()
+        for line in text.splitlines()
+        if line.strip().upper().startswith("USER ")
+    ]
     assert users, "the Dockerfile has no USER: the image would run as root"
     uid, _, gid = users[-1].partition(":")
     # runAsNonRoot can verify only a numeric user; a name would need the image's passwd.
@@ -271,21 +294,24 @@ def test_every_document_is_a_named_object_in_the_metarec_namespace(
         assert kind in API_VERSIONS, f"{file}: {kind} is not a kind this example uses"
         assert doc.get("apiVersion") == API_VERSIONS[kind], (
             f"{file}: {kind}/{name} has apiVersion {doc.get('apiVersion')!r}, "
-            f"expected {API_VERSIONS[kind]!r}")
+            f"expected {API_VERSIONS[kind]!r}"
+        )
         if kind == "Namespace":
             assert name == NAMESPACE, f"{file}: Namespace {name!r}, expected {NAMESPACE!r}"
             assert "namespace" not in metadata, f"{file}: a Namespace is not namespaced"
         else:
             assert metadata.get("namespace") == NAMESPACE, (
                 f"{file}: {kind}/{name} is in namespace {metadata.get('namespace')!r}, "
-                f"not {NAMESPACE!r} (without one, kubectl uses the current context's)")
+                f"not {NAMESPACE!r} (without one, kubectl uses the current context's)"
+            )
         assert (kind, name) not in seen, f"{file}: {kind}/{name} is defined twice"
         seen.add((kind, name))
     assert ("Namespace", NAMESPACE) in seen, f"no Namespace {NAMESPACE!r} in deploy/k8s"
 
 
 def test_values_the_api_server_requires_as_strings_are_strings(
-    documents: list[tuple[str, Doc]], workloads: dict[str, Doc],
+    documents: list[tuple[str, Doc]],
+    workloads: dict[str, Doc],
 ) -> None:
     # An unquoted 9108 or true is a YAML number or boolean, which the API server rejects in
     # these places.
@@ -305,8 +331,10 @@ def test_values_the_api_server_requires_as_strings_are_strings(
         check(metadata.get("labels"), f"{component}: pod labels")
         check(metadata.get("annotations"), f"{component}: pod annotations")
         for container in containers(workload):
-            check({e["name"]: e["value"] for e in container.get("env") or [] if "value" in e},
-                  f"{component}: container {container.get('name')} env")
+            check(
+                {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e},
+                f"{component}: container {container.get('name')} env",
+            )
 
 
 def test_workloads_are_labelled_and_deployments_select_their_own_pods(
@@ -316,9 +344,11 @@ def test_workloads_are_labelled_and_deployments_select_their_own_pods(
         expected = {NAME_LABEL: NAMESPACE, COMPONENT_LABEL: component}
         labels = pod_labels(workload)
         assert expected.items() <= labels.items(), (
-            f"{component}: pod labels {labels} lack {expected}")
+            f"{component}: pod labels {labels} lack {expected}"
+        )
         assert workload.get("kind") == WORKLOADS[component][0], (
-            f"{component} is a {workload.get('kind')}, expected {WORKLOADS[component][0]}")
+            f"{component} is a {workload.get('kind')}, expected {WORKLOADS[component][0]}"
+        )
     deployments = {c: w for c, w in workloads.items() if w["kind"] == "Deployment"}
     for component, workload in deployments.items():
         selector = _mapping(workload["spec"].get("selector"), f"{component}.spec.selector")
@@ -327,12 +357,14 @@ def test_workloads_are_labelled_and_deployments_select_their_own_pods(
         labels = pod_labels(workload)
         assert match.items() <= labels.items(), (
             f"{component}: selector {match} does not match its pod labels {labels}; the "
-            "API server rejects such a Deployment")
+            "API server rejects such a Deployment"
+        )
         # Overlapping selectors make two Deployments fight over each other's pods.
         for other, other_workload in deployments.items():
             if other != component:
                 assert not match.items() <= pod_labels(other_workload).items(), (
-                    f"{component}'s selector {match} also selects the {other} pods")
+                    f"{component}'s selector {match} also selects the {other} pods"
+                )
 
 
 def test_env_sources_are_objects_of_this_directory(
@@ -344,7 +376,8 @@ def test_env_sources_are_objects_of_this_directory(
         container = main_container(workload)
         kinds = [next(iter(s)) for s in container.get("envFrom") or []]
         assert kinds.count("configMapRef") >= 1 and kinds.count("secretRef") >= 1, (
-            f"{component}: envFrom {kinds} should take both the ConfigMap and the Secret")
+            f"{component}: envFrom {kinds} should take both the ConfigMap and the Secret"
+        )
         container_env(container, configmaps, secrets)  # fails on a dangling reference
 
 
@@ -364,7 +397,8 @@ def test_metarec_variables_are_settings_the_program_reads(
     for component, workload in workloads.items():
         for container in containers(workload):
             sources[f"{component} container {container.get('name')} env"] = [
-                str(e["name"]) for e in container.get("env") or []]
+                str(e["name"]) for e in container.get("env") or []
+            ]
     for where, names in sources.items():
         for var in names:
             if where.startswith(("ConfigMap/", "Secret/")):
@@ -373,7 +407,8 @@ def test_metarec_variables_are_settings_the_program_reads(
             if var.startswith(ENV_PREFIX):
                 assert var in KNOWN_ENV or var.startswith(KAFKA_ENV_PREFIX), (
                     f"{where}: {var} is neither a setting in metarec.config.SETTINGS nor a "
-                    f"{KAFKA_ENV_PREFIX}<NAME> pass-through; metarec would refuse to start")
+                    f"{KAFKA_ENV_PREFIX}<NAME> pass-through; metarec would refuse to start"
+                )
 
 
 @pytest.mark.parametrize("component", list(WORKLOADS))
@@ -388,7 +423,8 @@ def test_each_workload_starts_with_its_command_and_environment(
     namespace = parse_or_fail(argv[1:], f"{component} ({' '.join(argv)})")
     assert namespace.command == WORKLOADS[component][1], (
         f"{component} runs `metarec {namespace.command}`, expected "
-        f"`metarec {WORKLOADS[component][1]}`")
+        f"`metarec {WORKLOADS[component][1]}`"
+    )
     env = metarec_env(container_env(container, configmaps, secrets))
     try:
         settings_from_args(namespace, environ=env)
@@ -405,7 +441,8 @@ def test_workloads_agree_on_what_they_share(settings: dict[str, Settings]) -> No
         for field in SHARED_SETTINGS:
             assert getattr(s, field) == getattr(reference, field), (
                 f"{component}'s {field} {getattr(s, field)!r} differs from the consumer's "
-                f"{getattr(reference, field)!r}")
+                f"{getattr(reference, field)!r}"
+            )
 
 
 def _looks_secret(var: str) -> bool:
@@ -418,7 +455,8 @@ def test_secrets_are_in_the_secret_and_nowhere_else(
     secrets: dict[str, dict[str, Any]],
 ) -> None:
     assert any("METAREC_REDIS_URL" in data for data in secrets.values()), (
-        f"no Secret holds METAREC_REDIS_URL (Secrets: {sorted(secrets)})")
+        f"no Secret holds METAREC_REDIS_URL (Secrets: {sorted(secrets)})"
+    )
     for name, data in configmaps.items():
         leaked = sorted(var for var in data if _looks_secret(var))
         assert not leaked, f"ConfigMap/{name} holds secret-bearing {leaked}; use the Secret"
@@ -427,7 +465,8 @@ def test_secrets_are_in_the_secret_and_nowhere_else(
             for item in container.get("env") or []:
                 assert not ("value" in item and _looks_secret(str(item["name"]))), (
                     f"{component}: {item['name']} is written into the pod spec; take it "
-                    "from the Secret (envFrom or secretKeyRef)")
+                    "from the Secret (envFrom or secretKeyRef)"
+                )
 
 
 def test_the_secret_is_opaque_string_data(documents: list[tuple[str, Doc]]) -> None:
@@ -453,7 +492,9 @@ def _probe_port(container: Mapping[str, Any], port: object, where: str) -> int:
 
 @pytest.mark.parametrize("component", LOOPS)
 def test_probes_hit_the_health_endpoints_on_the_metrics_port(
-    workloads: dict[str, Doc], settings: dict[str, Settings], component: str,
+    workloads: dict[str, Doc],
+    settings: dict[str, Settings],
+    component: str,
 ) -> None:
     container = main_container(workloads[component])
     port = settings[component].metrics_port
@@ -465,21 +506,26 @@ def test_probes_hit_the_health_endpoints_on_the_metrics_port(
         probe = _mapping(container.get(probe_name), f"{component}.{probe_name}")
         get = _mapping(probe.get("httpGet"), f"{component}.{probe_name}.httpGet")
         assert get.get("path") == path, (
-            f"{component}: {probe_name} asks {get.get('path')!r}, metarec serves {path}")
+            f"{component}: {probe_name} asks {get.get('path')!r}, metarec serves {path}"
+        )
         where = f"{component}.{probe_name}"
         assert _probe_port(container, get.get("port"), where) == port, (
-            f"{where}: port {get.get('port')!r} is not METAREC_METRICS_PORT {port}")
-    annotations = workloads[component]["spec"]["template"].get("metadata", {}).get(
-        "annotations") or {}
+            f"{where}: port {get.get('port')!r} is not METAREC_METRICS_PORT {port}"
+        )
+    annotations = (
+        workloads[component]["spec"]["template"].get("metadata", {}).get("annotations") or {}
+    )
     if "prometheus.io/port" in annotations:
         assert annotations["prometheus.io/port"] == str(port), (
             f"{component}: Prometheus would scrape port {annotations['prometheus.io/port']}, "
-            f"metrics are on {port}")
+            f"metrics are on {port}"
+        )
 
 
 @pytest.mark.parametrize("component", LOOPS)
 def test_loops_have_a_writable_tmp_under_a_read_only_root(
-    workloads: dict[str, Doc], component: str,
+    workloads: dict[str, Doc],
+    component: str,
 ) -> None:
     container = main_container(workloads[component])
     volumes = {v.get("name"): v for v in pod_spec(workloads[component]).get("volumes") or []}
@@ -487,7 +533,8 @@ def test_loops_have_a_writable_tmp_under_a_read_only_root(
     assert "/tmp" in mounts, f"{component}: nothing mounted on /tmp; the root is read-only"
     volume = volumes.get(mounts["/tmp"])
     assert volume is not None and "emptyDir" in volume, (
-        f"{component}: /tmp should be an emptyDir volume, got {volume!r}")
+        f"{component}: /tmp should be an emptyDir volume, got {volume!r}"
+    )
 
 
 def test_the_consumer_image_carries_no_tensorflow_and_the_aggregator_does(
@@ -500,7 +547,8 @@ def test_the_consumer_image_carries_no_tensorflow_and_the_aggregator_does(
     aggregator = str(main_container(workloads["aggregator"]).get("image"))
     assert aggregator != consumer and aggregator.rpartition(":")[2] in TRAIN_TAGS, (
         f"aggregator image {aggregator!r}: `metarec aggregate` trains with TensorFlow, so "
-        f"it needs an image built with EXTRAS=train (tag one of {TRAIN_TAGS})")
+        f"it needs an image built with EXTRAS=train (tag one of {TRAIN_TAGS})"
+    )
 
 
 def test_only_one_aggregator_runs(workloads: dict[str, Doc]) -> None:
@@ -509,18 +557,21 @@ def test_only_one_aggregator_runs(workloads: dict[str, Doc]) -> None:
     assert spec.get("replicas") == 1, f"aggregator replicas {spec.get('replicas')!r}, not 1"
     strategy = (spec.get("strategy") or {}).get("type")
     assert strategy == "Recreate", (
-        f"aggregator strategy {strategy!r}: only Recreate never runs two during a rollout")
+        f"aggregator strategy {strategy!r}: only Recreate never runs two during a rollout"
+    )
 
 
 def test_consumer_replicas_fit_the_events_partitions(
-    workloads: dict[str, Doc], settings: dict[str, Settings],
+    workloads: dict[str, Doc],
+    settings: dict[str, Settings],
 ) -> None:
     replicas = workloads["consumer"]["spec"].get("replicas", 1)
     # The topics Job creates the events topic, so its METAREC_PARTITIONS is the count.
     partitions = settings["topics"].partitions
     assert isinstance(replicas, int) and 1 <= replicas <= partitions, (
         f"consumer replicas {replicas!r}: a replica beyond the events topic's {partitions} "
-        "partitions would sit idle")
+        "partitions would sit idle"
+    )
 
 
 def test_pods_run_as_the_image_user_under_the_restricted_pod_security(
@@ -530,7 +581,8 @@ def test_pods_run_as_the_image_user_under_the_restricted_pod_security(
     for component, workload in workloads.items():
         pod = pod_spec(workload).get("securityContext") or {}
         assert (pod.get("seccompProfile") or {}).get("type") == "RuntimeDefault", (
-            f"{component}: the restricted profile needs seccompProfile RuntimeDefault")
+            f"{component}: the restricted profile needs seccompProfile RuntimeDefault"
+        )
         for container in containers(workload):
             own = container.get("securityContext") or {}
             where = f"{component} container {container.get('name')}"
@@ -538,17 +590,22 @@ def test_pods_run_as_the_image_user_under_the_restricted_pod_security(
             effective = {**pod, **own}.get
             assert effective("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
             assert effective("runAsUser") == uid, (
-                f"{where}: runAsUser {effective('runAsUser')!r}, the Dockerfile's USER is {uid}")
+                f"{where}: runAsUser {effective('runAsUser')!r}, the Dockerfile's USER is {uid}"
+            )
             if gid is not None and effective("runAsGroup") is not None:
                 assert effective("runAsGroup") == gid, (
-                    f"{where}: runAsGroup {effective('runAsGroup')!r}, the image's is {gid}")
+                    f"{where}: runAsGroup {effective('runAsGroup')!r}, the image's is {gid}"
+                )
             assert own.get("allowPrivilegeEscalation") is False, (
-                f"{where}: allowPrivilegeEscalation should be false")
+                f"{where}: allowPrivilegeEscalation should be false"
+            )
             assert own.get("readOnlyRootFilesystem") is True, (
-                f"{where}: readOnlyRootFilesystem should be true")
+                f"{where}: readOnlyRootFilesystem should be true"
+            )
             dropped = (own.get("capabilities") or {}).get("drop") or []
             assert "ALL" in dropped, (
-                f"{where}: the restricted profile needs capabilities ALL dropped")
+                f"{where}: the restricted profile needs capabilities ALL dropped"
+            )
 
 
 def test_the_topics_job_runs_metarec_topics_until_it_succeeds(workloads: dict[str, Doc]) -> None:
@@ -569,7 +626,8 @@ def _seconds(text: object) -> int:
 
 @pytest.mark.parametrize("component", LOOPS)
 def test_shutdown_grace_matches_the_compose_deployment(
-    workloads: dict[str, Doc], component: str,
+    workloads: dict[str, Doc],
+    component: str,
 ) -> None:
     # Both give the process the time it needs to finish what is in flight after SIGTERM.
     with COMPOSE_FILE.open(encoding="utf-8") as f:
@@ -577,7 +635,8 @@ def test_shutdown_grace_matches_the_compose_deployment(
     grace = pod_spec(workloads[component]).get("terminationGracePeriodSeconds", 30)
     assert grace == _seconds(service["stop_grace_period"]), (
         f"{component}: terminationGracePeriodSeconds {grace}, docker-compose.yml's "
-        f"stop_grace_period {service['stop_grace_period']}")
+        f"stop_grace_period {service['stop_grace_period']}"
+    )
 
 
 def test_the_readme_describes_every_manifest() -> None:

@@ -70,12 +70,23 @@ def test_extra_fields_are_made_json_safe() -> None:
         def __str__(self) -> str:
             return "opaque!"
 
-    logging.getLogger("metarec.test").info("stats", extra={
-        "events": np.int64(12), "p99": np.float32(0.5), "ok": np.bool_(True),
-        "lag": None, "partitions": [0, np.int32(1)], "nested": {"a": (1, 2), 3: "b"},
-        "arr": np.arange(3), "nan": float("nan"), "inf": np.float64("inf"),
-        "obj": Opaque(), "bytes": b"\xff", "text": "é",
-    })
+    logging.getLogger("metarec.test").info(
+        "stats",
+        extra={
+            "events": np.int64(12),
+            "p99": np.float32(0.5),
+            "ok": np.bool_(True),
+            "lag": None,
+            "partitions": [0, np.int32(1)],
+            "nested": {"a": (1, 2), 3: "b"},
+            "arr": np.arange(3),
+            "nan": float("nan"),
+            "inf": np.float64("inf"),
+            "obj": Opaque(),
+            "bytes": b"\xff",
+            "text": "é",
+        },
+    )
     [obj] = lines(buf)
     assert obj["events"] == 12 and isinstance(obj["events"], int)
     assert obj["p99"] == 0.5

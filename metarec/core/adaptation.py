@@ -108,16 +108,27 @@ class UserBatch:
 
     def subset(self, rows: I64) -> UserBatch:
         """A copy of ``rows``."""
-        return UserBatch(self.delta[rows], self.hist_items[rows], self.hist_weights[rows],
-                         self.domain[rows], self.profile[rows], self.keys[rows],
-                         self.events[rows])
+        return UserBatch(
+            self.delta[rows],
+            self.hist_items[rows],
+            self.hist_weights[rows],
+            self.domain[rows],
+            self.profile[rows],
+            self.keys[rows],
+            self.events[rows],
+        )
 
 
 def user_keys(users: Sequence[str]) -> U64:
     """A stable 64-bit key per user id (the same in every process and Python run)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(u.encode("utf-8"), digest_size=8)
-                                       .digest(), "little") for u in users),
-                       np.uint64, len(users))
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(u.encode("utf-8"), digest_size=8).digest(), "little")
+            for u in users
+        ),
+        np.uint64,
+        len(users),
+    )
 
 
 def waves(users: npt.ArrayLike) -> list[I64]:
@@ -134,13 +145,11 @@ def waves(users: npt.ArrayLike) -> list[I64]:
     sorted_keys = inverse[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1]
     occurrence = np.empty(len(keys), np.int64)
-    occurrence[order] = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts,
-                                                                                len(keys)]))
+    occurrence[order] = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
     return [np.flatnonzero(occurrence == k) for k in range(int(occurrence.max()) + 1)]
 
 
-def prior(model: MetaModel, tables: ItemTables, batch: UserBatch,
-          rows: I64 | None = None) -> F32:
+def prior(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64 | None = None) -> F32:
     """``θ0(u)`` for the users in ``rows`` (all by default) from their current history."""
     sel = slice(None) if rows is None else rows
     domain = batch.domain[sel]
@@ -152,7 +161,7 @@ def prior(model: MetaModel, tables: ItemTables, batch: UserBatch,
     ctx = tables.context[np.where(valid, items, 0)]
     out = base + batch.profile[sel]
     # age_logits[p, 0] is the newest event, which sits in the last (right-aligned) column.
-    age_weight = np.exp(model.age_logits[:, ::-1])[:, -items.shape[1]:]
+    age_weight = np.exp(model.age_logits[:, ::-1])[:, -items.shape[1] :]
     hist_w = batch.hist_weights[sel] * valid
     shared = np.zeros_like(out)
     for p in range(age_weight.shape[0]):
@@ -163,15 +172,17 @@ def prior(model: MetaModel, tables: ItemTables, batch: UserBatch,
     return out.astype(np.float32)
 
 
-def user_vectors(model: MetaModel, tables: ItemTables, batch: UserBatch,
-                 rows: I64 | None = None) -> F32:
+def user_vectors(
+    model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64 | None = None
+) -> F32:
     """The users' current vectors ``θ_u = θ0(u) + δ_u``."""
     sel = slice(None) if rows is None else rows
     return prior(model, tables, batch, rows) + batch.delta[sel]
 
 
-def pairwise_gradient(theta: F32, delta: F32, tables: ItemTables, pos: I64, weight: F32,
-                      neg: I64, prox: float) -> F32:
+def pairwise_gradient(
+    theta: F32, delta: F32, tables: ItemTables, pos: I64, weight: F32, neg: I64, prox: float
+) -> F32:
     """Gradient of the inner-loop loss (module docstring) with respect to ``δ``.
 
     ``neg`` is ``(B, n)``: the loss is averaged over the ``n`` negatives of each row.
@@ -182,12 +193,21 @@ def pairwise_gradient(theta: F32, delta: F32, tables: ItemTables, pos: I64, weig
     z = sign * (np.einsum("bd,bnd->bn", theta, dv) + db)
     coeff = -np.abs(weight)[:, None] * sign / (1.0 + np.exp(np.clip(z, -30, 30)))
     grad: F32 = (np.einsum("bn,bnd->bd", coeff, dv) / neg.shape[1] + prox * delta).astype(
-        np.float32)
+        np.float32
+    )
     return grad
 
 
-def adapt(model: MetaModel, tables: ItemTables, theta0: F32, delta: F32, pos: I64,
-          weight: F32, neg: I64, step_scale: F32 | None = None) -> F32:
+def adapt(
+    model: MetaModel,
+    tables: ItemTables,
+    theta0: F32,
+    delta: F32,
+    pos: I64,
+    weight: F32,
+    neg: I64,
+    step_scale: F32 | None = None,
+) -> F32:
     """``model.inner_steps`` Meta-SGD steps on one event per row; returns the new ``δ``.
 
     ``step_scale`` (one factor per row) enlarges the steps of users recovering from a drift.
@@ -208,8 +228,17 @@ def push_history(batch: UserBatch, rows: I64, items: I64, weights: F32) -> None:
     batch.events[rows] += 1
 
 
-def observe(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64, items: I64,
-            weights: npt.ArrayLike, *, seed: int, step_scale: F32 | None = None) -> None:
+def observe(
+    model: MetaModel,
+    tables: ItemTables,
+    batch: UserBatch,
+    rows: I64,
+    items: I64,
+    weights: npt.ArrayLike,
+    *,
+    seed: int,
+    step_scale: F32 | None = None,
+) -> None:
     """Apply one wave: each of ``rows`` adapts to its event, then records it in its history."""
     rows = np.asarray(rows, np.int64)
     w = np.asarray(weights, np.float32)
@@ -217,13 +246,22 @@ def observe(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64, i
     push_history(batch, rows, items, w)
 
 
-def _adapt_rows(model: MetaModel, tables: ItemTables, batch: UserBatch, rows: I64,
-                items: I64, weights: F32, numbers: I64, seed: int,
-                step_scale: F32 | None) -> None:
+def _adapt_rows(
+    model: MetaModel,
+    tables: ItemTables,
+    batch: UserBatch,
+    rows: I64,
+    items: I64,
+    weights: F32,
+    numbers: I64,
+    seed: int,
+    step_scale: F32 | None,
+) -> None:
     neg = sample_negatives(batch.keys[rows], numbers, seed, len(tables), model.negatives)
     theta0 = prior(model, tables, batch, rows)
-    batch.delta[rows] = adapt(model, tables, theta0, batch.delta[rows], items, weights, neg,
-                              step_scale)
+    batch.delta[rows] = adapt(
+        model, tables, theta0, batch.delta[rows], items, weights, neg, step_scale
+    )
 
 
 def replay(model: MetaModel, tables: ItemTables, batch: UserBatch, seed: int) -> None:
@@ -245,8 +283,17 @@ def replay(model: MetaModel, tables: ItemTables, batch: UserBatch, seed: int) ->
     for col in range(items.shape[1]):
         rows = np.flatnonzero(valid[:, col])
         if rows.size:
-            _adapt_rows(model, tables, batch, rows, items[rows, col], weights[rows, col],
-                        numbers[rows, col], seed, None)
+            _adapt_rows(
+                model,
+                tables,
+                batch,
+                rows,
+                items[rows, col],
+                weights[rows, col],
+                numbers[rows, col],
+                seed,
+                None,
+            )
             push_history(batch, rows, items[rows, col], weights[rows, col])
     batch.events[:] = events
 
@@ -265,8 +312,9 @@ def _splitmix(x: U64) -> U64:
     return out
 
 
-def sample_negatives(keys: npt.ArrayLike, numbers: npt.ArrayLike, seed: int, n_items: int,
-                     k: int) -> I64:
+def sample_negatives(
+    keys: npt.ArrayLike, numbers: npt.ArrayLike, seed: int, n_items: int, k: int
+) -> I64:
     """``k`` uniform negatives for each event, a pure function of (user key, event number,
     seed): ``(B, k)`` indices below ``n_items`` (a sampled positive is rare and harmless).
 

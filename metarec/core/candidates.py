@@ -42,8 +42,15 @@ import numpy.typing as npt
 
 from metarec.core.ranking import top_k
 
-__all__ = ["NEIGHBOR_CANDIDATES", "PERSONAL_CANDIDATES", "PROBED_LISTS", "TRENDING_CANDIDATES",
-           "ItemIndex", "rank_candidates", "trending_candidates"]
+__all__ = [
+    "NEIGHBOR_CANDIDATES",
+    "PERSONAL_CANDIDATES",
+    "PROBED_LISTS",
+    "TRENDING_CANDIDATES",
+    "ItemIndex",
+    "rank_candidates",
+    "trending_candidates",
+]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -87,8 +94,7 @@ class ItemIndex:
         # About 4·√n lists, and at least 39 training points per list (faiss's minimum).
         self.n_lists = max(1, min(int(4 * math.sqrt(n)), min(n, TRAIN_SAMPLE) // 40 or 1))
         quantizer = faiss.IndexFlatIP(dim)
-        self._index = faiss.IndexIVFFlat(quantizer, dim, self.n_lists,
-                                         faiss.METRIC_INNER_PRODUCT)
+        self._index = faiss.IndexIVFFlat(quantizer, dim, self.n_lists, faiss.METRIC_INNER_PRODUCT)
         self._index.cp.seed = seed
         self._index.cp.niter = KMEANS_ITERATIONS
         sample = data
@@ -129,9 +135,16 @@ def trending_candidates(shared: F32, k: int) -> I64:
     return best
 
 
-def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidates: I64,
-                    k: int, exclude: Sequence[npt.ArrayLike],
-                    knn: tuple[I64, F32, F32] | None = None) -> tuple[I64, F32]:
+def rank_candidates(
+    theta: F32,
+    bucket: I64,
+    vectors: F32,
+    shared: F32,
+    candidates: I64,
+    k: int,
+    exclude: Sequence[npt.ArrayLike],
+    knn: tuple[I64, F32, F32] | None = None,
+) -> tuple[I64, F32]:
     """The ``k`` best of each row's ``candidates`` by their exact score, best first.
 
     The score is ``θ_u·v_i + shared[bucket_u, i] + knn_w_u · votes_u(i)``: ``shared`` holds
@@ -158,8 +171,9 @@ def rank_candidates(theta: F32, bucket: I64, vectors: F32, shared: F32, candidat
     # gather is b·m·d floats, ~200 MB for 1,250 users, and was 5x slower to stream).
     for lo in range(0, b, GATHER_ROWS):
         hi = lo + GATHER_ROWS
-        scores[lo:hi] = np.einsum("bmd,bd->bm", np.take(vectors, items[lo:hi], axis=0),
-                                  theta[lo:hi], optimize=True)
+        scores[lo:hi] = np.einsum(
+            "bmd,bd->bm", np.take(vectors, items[lo:hi], axis=0), theta[lo:hi], optimize=True
+        )
     scores += shared[bucket[:, None], items]
     if knn is not None:
         index, value, weight = knn

@@ -80,8 +80,9 @@ class Catalog:
         #: Bumped whenever an item's features change, so derived tables know to refresh.
         self.revision = 0
 
-    def add(self, item: str, domain: str | None = None,
-            features: Sequence[str] | None = None) -> int:
+    def add(
+        self, item: str, domain: str | None = None, features: Sequence[str] | None = None
+    ) -> int:
         """Register ``item`` (or update its metadata) and return its index."""
         idx = self.ids.index(item)
         if idx == len(self._domain):

@@ -34,8 +34,16 @@ from river import drift
 from metarec.core.adaptation import UserBatch
 from metarec.core.live_quality import LiveQuality
 
-__all__ = ["BOOST", "KEEP_AFTER_DRIFT", "LIVE_WINDOW", "DriftMonitor", "RetrainRequest",
-           "UserDrift", "cut_history", "respond"]
+__all__ = [
+    "BOOST",
+    "KEEP_AFTER_DRIFT",
+    "LIVE_WINDOW",
+    "DriftMonitor",
+    "RetrainRequest",
+    "UserDrift",
+    "cut_history",
+    "respond",
+]
 
 #: How much larger the inner-loop steps of a drifted user are, while they recover.
 BOOST = 3.0
@@ -106,8 +114,11 @@ class UserDrift:
             w.boost_left -= 1
             if w.detector.estimation >= RECOVERED * w.before:
                 w.boost_left = 0
-        if w.events >= self.min_events and w.detector.drift_detected and \
-                w.detector.estimation < rate_before:
+        if (
+            w.events >= self.min_events
+            and w.detector.drift_detected
+            and w.detector.estimation < rate_before
+        ):
             w.before = rate_before
             w.boost_left = MAX_BOOST_EVENTS
             return True
@@ -142,9 +153,17 @@ def cut_history(batch: UserBatch, row: int, keep: int = KEEP_AFTER_DRIFT) -> Non
     batch.delta[row] = 0.0
 
 
-def respond(drift: UserDrift, batch: UserBatch, row: int, user: str, hit: bool,
-            hist_ts: npt.NDArray[np.int64], since: int | None, baseline: float,
-            n_events: int | None = None) -> bool:
+def respond(
+    drift: UserDrift,
+    batch: UserBatch,
+    row: int,
+    user: str,
+    hit: bool,
+    hist_ts: npt.NDArray[np.int64],
+    since: int | None,
+    baseline: float,
+    n_events: int | None = None,
+) -> bool:
     """React to one live event of ``user`` (row ``row`` of ``batch``); True if they drifted.
 
     ``since`` is when the user's domain last changed (None: it did not); ``hist_ts`` the
@@ -207,8 +226,9 @@ class DriftMonitor:
         #: When each domain's latest change was detected (its events before it are stale).
         self.since: dict[str, int] = {}
 
-    def observe(self, domains: list[str], ranks: list[int], ts: list[int],
-                users: list[str]) -> list[RetrainRequest]:
+    def observe(
+        self, domains: list[str], ranks: list[int], ts: list[int], users: list[str]
+    ) -> list[RetrainRequest]:
         """Record live hits (rank of each event's item in the list shown, -1: absent).
 
         Returns the retraining requests: one per newly detected change, dated at it, unless
@@ -221,8 +241,11 @@ class DriftMonitor:
                 continue
             self.since[g] = change
             others = [d for d in self.live.drifting_domains() if d != g]
-            out.append(RetrainRequest(f"drift in domain {g!r}: live HR@{self.k} dropped",
-                                      None if others else change))
+            out.append(
+                RetrainRequest(
+                    f"drift in domain {g!r}: live HR@{self.k} dropped", None if others else change
+                )
+            )
         return out
 
     def after_reload(self) -> RetrainRequest | None:

@@ -119,8 +119,12 @@ class ItemRecord:
     ts: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"item": self.item, "domain": self.domain, "features": list(self.features),
-                "ts": self.ts}
+        return {
+            "item": self.item,
+            "domain": self.domain,
+            "features": list(self.features),
+            "ts": self.ts,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +166,10 @@ def _load_object(raw: bytes | str, limits: Limits) -> dict[str, Any]:
 def _check_version(obj: Mapping[str, Any]) -> None:
     version = obj.get("schema_version", SCHEMA_VERSION)
     if isinstance(version, bool) or version != SCHEMA_VERSION:
-        raise InvalidEvent(f"field 'schema_version' is {version!r}; this consumer reads "
-                           f"version {SCHEMA_VERSION} (upgrade consumers before producers)")
+        raise InvalidEvent(
+            f"field 'schema_version' is {version!r}; this consumer reads "
+            f"version {SCHEMA_VERSION} (upgrade consumers before producers)"
+        )
 
 
 def _id(obj: Mapping[str, Any], field: str, limits: Limits) -> str:
@@ -181,8 +187,13 @@ def _id(obj: Mapping[str, Any], field: str, limits: Limits) -> str:
     return value
 
 
-def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None,
-        min_ts: int = 0, max_future_ms: int = MAX_FUTURE_SKEW_MS) -> int:
+def _ts(
+    obj: Mapping[str, Any],
+    default_ts: int | None,
+    now_ms: int | None,
+    min_ts: int = 0,
+    max_future_ms: int = MAX_FUTURE_SKEW_MS,
+) -> int:
     value = obj.get("ts")
     if value is None:
         if default_ts is None:
@@ -196,11 +207,15 @@ def _ts(obj: Mapping[str, Any], default_ts: int | None, now_ms: int | None,
     if ts < 0:
         raise InvalidEvent(f"field 'ts' is negative ({ts}); it must be epoch milliseconds")
     if ts < min_ts:
-        raise InvalidEvent(f"field 'ts' ({ts}) is before the earliest accepted time "
-                           f"({min_ts} ms; setting event_ts_min_ms); is it in seconds?")
+        raise InvalidEvent(
+            f"field 'ts' ({ts}) is before the earliest accepted time "
+            f"({min_ts} ms; setting event_ts_min_ms); is it in seconds?"
+        )
     if now_ms is not None and ts > now_ms + max_future_ms:
-        raise InvalidEvent(f"field 'ts' ({ts}) is more than {max_future_ms // 1000} s in the "
-                           "future (setting event_max_future_s)")
+        raise InvalidEvent(
+            f"field 'ts' ({ts}) is more than {max_future_ms // 1000} s in the "
+            "future (setting event_max_future_s)"
+        )
     return ts
 
 
@@ -218,8 +233,7 @@ def _features(obj: Mapping[str, Any], limits: Limits) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
         raise InvalidEvent("field 'features' must be a list of non-empty strings")
     if len(value) > limits.max_features:
-        raise InvalidEvent(f"field 'features' has {len(value)} entries, over "
-                           f"{limits.max_features}")
+        raise InvalidEvent(f"field 'features' has {len(value)} entries, over {limits.max_features}")
     for feature in value:
         _utf8(feature, "features")
     return tuple(value)
@@ -261,8 +275,13 @@ def decode_event(
     limits: Limits = LIMITS,
 ) -> Event:
     """Parse one ``metarec.core.events`` record value; raises :class:`InvalidEvent` if it is bad."""
-    return validate_event(_load_object(raw, limits), event_types=event_types,
-                          default_ts=default_ts, now_ms=now_ms, limits=limits)
+    return validate_event(
+        _load_object(raw, limits),
+        event_types=event_types,
+        default_ts=default_ts,
+        now_ms=now_ms,
+        limits=limits,
+    )
 
 
 def check_key(key: bytes | None, user: str) -> None:
@@ -271,27 +290,32 @@ def check_key(key: bytes | None, user: str) -> None:
     (the consumers guard each user's state, so it is applied correctly, only later)."""
     if key is not None and key != user.encode("utf-8"):
         shown = key[:64].decode("utf-8", "replace")
-        raise InvalidEvent(f"record key {shown!r} is not the event's user {user[:64]!r}; "
-                           "key events by user id")
+        raise InvalidEvent(
+            f"record key {shown!r} is not the event's user {user[:64]!r}; key events by user id"
+        )
 
 
-def decode_item(raw: bytes | str, *, default_ts: int | None = None,
-                limits: Limits = LIMITS) -> ItemRecord:
+def decode_item(
+    raw: bytes | str, *, default_ts: int | None = None, limits: Limits = LIMITS
+) -> ItemRecord:
     """Parse one ``metarec.items`` record value."""
     obj = _load_object(raw, limits)
     _check_version(obj)
     domain = _id(obj, "domain", limits) if "domain" in obj else DEFAULT_DOMAIN
-    return ItemRecord(_id(obj, "item", limits), domain, _features(obj, limits),
-                      _ts(obj, default_ts or 0, None))
+    return ItemRecord(
+        _id(obj, "item", limits), domain, _features(obj, limits), _ts(obj, default_ts or 0, None)
+    )
 
 
-def decode_user(raw: bytes | str, *, default_ts: int | None = None,
-                limits: Limits = LIMITS) -> UserRecord:
+def decode_user(
+    raw: bytes | str, *, default_ts: int | None = None, limits: Limits = LIMITS
+) -> UserRecord:
     """Parse one ``metarec.users`` record value."""
     obj = _load_object(raw, limits)
     _check_version(obj)
-    return UserRecord(_id(obj, "user", limits), _features(obj, limits),
-                      _ts(obj, default_ts or 0, None))
+    return UserRecord(
+        _id(obj, "user", limits), _features(obj, limits), _ts(obj, default_ts or 0, None)
+    )
 
 
 def _dump(obj: Mapping[str, Any]) -> bytes:

@@ -71,8 +71,15 @@ from metarec.core.user_state import UserState
 if TYPE_CHECKING:
     from metarec.config import Settings
 
-__all__ = ["RECENT_USERS", "REFRESH_BATCH", "STATE_DIM", "BatchOutcome", "EventBatch",
-           "Learner", "RankedList"]
+__all__ = [
+    "RECENT_USERS",
+    "REFRESH_BATCH",
+    "STATE_DIM",
+    "BatchOutcome",
+    "EventBatch",
+    "Learner",
+    "RankedList",
+]
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
@@ -154,11 +161,17 @@ class Learner:
         candidates only (:mod:`metarec.core.candidates`).
     """
 
-    def __init__(self, *, top_k: int = DEFAULT_TOP_K,
-                 history_length: int = DEFAULT_HISTORY_LENGTH, seed: int = 0,
-                 live_window: int = LIVE_WINDOW,
-                 channels: Sequence[Channel] = CHANNELS, handle_drift: bool = True,
-                 exact_max_items: int = EXACT_MAX_ITEMS) -> None:
+    def __init__(
+        self,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        history_length: int = DEFAULT_HISTORY_LENGTH,
+        seed: int = 0,
+        live_window: int = LIVE_WINDOW,
+        channels: Sequence[Channel] = CHANNELS,
+        handle_drift: bool = True,
+        exact_max_items: int = EXACT_MAX_ITEMS,
+    ) -> None:
         self.top_k = top_k
         self.history_length = history_length
         self.seed = seed
@@ -181,9 +194,13 @@ class Learner:
     @classmethod
     def from_settings(cls, settings: Settings, *, handle_drift: bool = True) -> Learner:
         """The learner a consumer runs under ``settings``."""
-        return cls(top_k=settings.top_k, history_length=settings.history_length,
-                   seed=settings.seed, handle_drift=handle_drift,
-                   exact_max_items=settings.exact_max_items)
+        return cls(
+            top_k=settings.top_k,
+            history_length=settings.history_length,
+            seed=settings.seed,
+            handle_drift=handle_drift,
+            exact_max_items=settings.exact_max_items,
+        )
 
     @property
     def version(self) -> int:
@@ -192,8 +209,9 @@ class Learner:
 
     # -- catalog and model ------------------------------------------------------------
 
-    def register(self, item: str, domain: str | None = None,
-                 features: Sequence[str] | None = None) -> int:
+    def register(
+        self, item: str, domain: str | None = None, features: Sequence[str] | None = None
+    ) -> int:
         """Add ``item`` to the catalog (or update its metadata); returns its index."""
         n = len(self.catalog)
         idx = self.catalog.add(item, domain, features)
@@ -215,8 +233,10 @@ class Learner:
             known = index < len(self.catalog)
             got = self.catalog.add(item, domain, features)
             if got != index:
-                raise ValueError(f"registry index {index} of item {item!r} does not match the "
-                                 f"local catalog ({got}); rows must arrive in index order")
+                raise ValueError(
+                    f"registry index {index} of item {item!r} does not match the "
+                    f"local catalog ({got}); rows must arrive in index order"
+                )
             changed |= known
         self._item_domain = self.catalog.domain_indices()
         if self.model is None:
@@ -232,17 +252,23 @@ class Learner:
         Returns a request for the next cycle while the lists are recovering from a drift.
         """
         if model.trend_channels != self.trending.n_channels:
-            raise ValueError(f"model version {model.version} weighs {model.trend_channels} "
-                             f"trending channels; this learner keeps "
-                             f"{self.trending.n_channels}")
+            raise ValueError(
+                f"model version {model.version} weighs {model.trend_channels} "
+                f"trending channels; this learner keeps "
+                f"{self.trending.n_channels}"
+            )
         self.model = model
         self.tables = model.item_tables(self.catalog)
         return self.drift.after_reload() if self.handle_drift else None
 
     # -- the step ---------------------------------------------------------------------
 
-    def learn_many(self, batch: EventBatch, states: Mapping[str, UserState | None],
-                   profiles: Mapping[str, Sequence[str] | None]) -> BatchOutcome:
+    def learn_many(
+        self,
+        batch: EventBatch,
+        states: Mapping[str, UserState | None],
+        profiles: Mapping[str, Sequence[str] | None],
+    ) -> BatchOutcome:
         """Adapt every touched user to their events (in order) and rank fresh lists.
 
         ``states`` may lack a user or map them to None (first event ever). With a model,
@@ -259,15 +285,17 @@ class Learner:
         for pos, u in enumerate(batch.users):
             first[pos] = seen[u] < FIRST_EVENTS
             seen[u] += 1
-        increments = self.trending.increments(batch.items, np.where(batch.weights > 0, 1.0,
-                                                                    0.0), first)
+        increments = self.trending.increments(
+            batch.items, np.where(batch.weights > 0, 1.0, 0.0), first
+        )
         self.trending.clock += len(batch)
         self.trending.add(increments, self.trending.clock)
         ub = self._stack(users, loaded, profiles)
         self._rederive_stale(users, loaded, ub)
         rows_all = np.fromiter((row_of[u] for u in batch.users), np.int64, len(batch))
-        hist_ts = np.stack([_right_align(loaded[u].hist_ts, ub.hist_items.shape[1], 0)
-                            for u in users])
+        hist_ts = np.stack(
+            [_right_align(loaded[u].hist_ts, ub.hist_items.shape[1], 0) for u in users]
+        )
         hit_rank = _ranks_in_lists([loaded[u].recs for u in users], rows_all, batch.items)
         drifted: list[str] = []
         model, tables = self.model, self.tables
@@ -278,9 +306,16 @@ class Learner:
                 for pos, r in zip(wave.tolist(), rows.tolist(), strict=True):
                     g = batch.domains[pos]
                     if self.handle_drift and respond(
-                            self.drift.users, ub, r, users[r], bool(hit_rank[pos] >= 0),
-                            hist_ts[r], self.drift.since.get(g),
-                            self.drift.live.baseline(g), loaded[users[r]].n_events):
+                        self.drift.users,
+                        ub,
+                        r,
+                        users[r],
+                        bool(hit_rank[pos] >= 0),
+                        hist_ts[r],
+                        self.drift.since.get(g),
+                        self.drift.live.baseline(g),
+                        loaded[users[r]].n_events,
+                    ):
                         drifted.append(users[r])
                 scale = self.drift.users.step_scale([users[r] for r in rows.tolist()])
                 observe(model, tables, ub, rows, its, w, seed=self.seed, step_scale=scale)
@@ -307,8 +342,14 @@ class Learner:
             st.domain = batch.domains[int(mine[-1])]
             st.model_version = self.version
         lists = self._rank(users, loaded, ub)
-        return BatchOutcome(states=loaded, lists=lists, partials=partials, hit_rank=hit_rank,
-                            drifted=drifted, trending=increments)
+        return BatchOutcome(
+            states=loaded,
+            lists=lists,
+            partials=partials,
+            hit_rank=hit_rank,
+            drifted=drifted,
+            trending=increments,
+        )
 
     def observe(self, batch: EventBatch, outcome: BatchOutcome) -> list[RetrainRequest]:
         """Feed a written batch's live hits to the drift monitor; returns its requests.
@@ -317,12 +358,17 @@ class Learner:
         the partition was never shown to anyone). Before a model exists there is nothing
         to retrain, so changes only update the metrics.
         """
-        reqs = self.drift.observe(batch.domains, outcome.hit_rank.tolist(), batch.ts.tolist(),
-                                  batch.users)
+        reqs = self.drift.observe(
+            batch.domains, outcome.hit_rank.tolist(), batch.ts.tolist(), batch.users
+        )
         return reqs if self.model is not None and self.handle_drift else []
 
-    def refresh(self, users: Sequence[str], states: Mapping[str, UserState],
-                profiles: Mapping[str, Sequence[str] | None]) -> dict[str, RankedList]:
+    def refresh(
+        self,
+        users: Sequence[str],
+        states: Mapping[str, UserState],
+        profiles: Mapping[str, Sequence[str] | None],
+    ) -> dict[str, RankedList]:
         """Bring ``users`` to the served model without new events and re-rank them.
 
         Updates the states in place (a hot reload's stale lists are refreshed this way).
@@ -334,9 +380,13 @@ class Learner:
             states[user].model_version = self.version
         return self._rank(users, states, ub)
 
-    def scores(self, users: Sequence[str], states: Mapping[str, UserState],
-               profiles: Mapping[str, Sequence[str] | None],
-               domains: Sequence[str] | None = None) -> F32:
+    def scores(
+        self,
+        users: Sequence[str],
+        states: Mapping[str, UserState],
+        profiles: Mapping[str, Sequence[str] | None],
+        domains: Sequence[str] | None = None,
+    ) -> F32:
         """Scores of every catalog item for ``users``: ``(len(users), n_items)``.
 
         ``domains`` asks for the lists of another domain than each user's last one (the
@@ -363,8 +413,9 @@ class Learner:
         out[rows[ok], idx[ok]] = vals[ok]
         return out
 
-    def list_records(self, lists: Mapping[str, RankedList], states: Mapping[str, UserState],
-                     now_ms: int) -> dict[str, bytes]:
+    def list_records(
+        self, lists: Mapping[str, RankedList], states: Mapping[str, UserState], now_ms: int
+    ) -> dict[str, bytes]:
         """The ``recs:{user}`` JSON that apps read (the list contract), for each of ``lists``.
 
         Written by hand, not by ``json.dumps`` of dicts: there is one per touched user per
@@ -390,10 +441,12 @@ class Learner:
         for user in users:
             ranked = lists[user]
             k = ranked.scores.size
-            out[user] = (f'{{"user":{json.dumps(user, ensure_ascii=False)},'
-                         f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
-                         f'"scores":[{",".join(map(repr, rounded[at:at + k]))}{tail}'
-                         f'{int(states[user].n_events)},"updated_ms":{int(now_ms)}}}').encode()
+            out[user] = (
+                f'{{"user":{json.dumps(user, ensure_ascii=False)},'
+                f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
+                f'"scores":[{",".join(map(repr, rounded[at : at + k]))}{tail}'
+                f'{int(states[user].n_events)},"updated_ms":{int(now_ms)}}}'
+            ).encode()
             at += k
         return out
 
@@ -414,8 +467,11 @@ class Learner:
             states[name].domain = name
         return self.refresh(names, states, {}) if names else {}
 
-    def fallback_records(self, lists: Mapping[str, RankedList], now_ms: int,
-                         ) -> dict[str, bytes]:
+    def fallback_records(
+        self,
+        lists: Mapping[str, RankedList],
+        now_ms: int,
+    ) -> dict[str, bytes]:
         """The JSON of each domain's fallback list (``newcomer_lists``): the user list's
         format with ``domain`` in place of ``user`` and no ``events``.
 
@@ -428,11 +484,12 @@ class Learner:
         out: dict[str, bytes] = {}
         for domain, ranked in lists.items():
             scores = significant(ranked.scores.astype(np.float64), 4).tolist()
-            out[domain] = (f'{{"domain":{json.dumps(domain, ensure_ascii=False)},'
-                           f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
-                           f'"scores":[{",".join(map(repr, scores))}],'
-                           f'"model_version":{version},"updated_ms":{int(now_ms)}}}'
-                           ).encode()
+            out[domain] = (
+                f'{{"domain":{json.dumps(domain, ensure_ascii=False)},'
+                f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
+                f'"scores":[{",".join(map(repr, scores))}],'
+                f'"model_version":{version},"updated_ms":{int(now_ms)}}}'
+            ).encode()
         return out
 
     # -- internals ----------------------------------------------------------------------
@@ -454,8 +511,13 @@ class Learner:
             cached = self._features = (key, self.trending.features(len(self.catalog)))
         return cached[1]
 
-    def _scores(self, users: Sequence[str], states: Mapping[str, UserState], ub: UserBatch,
-                domains: Sequence[str] | None = None) -> F32:
+    def _scores(
+        self,
+        users: Sequence[str],
+        states: Mapping[str, UserState],
+        ub: UserBatch,
+        domains: Sequence[str] | None = None,
+    ) -> F32:
         feats = self._trend_features()
         if self.model is not None and self.tables is not None:
             model = self.model
@@ -463,16 +525,20 @@ class Learner:
                 ub.domain[:] = [model.domain_index(g) for g in domains]
             theta = user_vectors(model, self.tables, ub)
             names = domains if domains is not None else [states[u].domain for u in users]
-            bucket = history_buckets(self._history_in([self.catalog.domains.get(g)
-                                                       for g in names], ub.hist_items))
+            bucket = history_buckets(
+                self._history_in([self.catalog.domains.get(g) for g in names], ub.hist_items)
+            )
             out: F32 = theta @ self.tables.vectors.T
             out += self.tables.bias
             out += model.trend_weights[bucket] @ feats
             nb = self.tables.neighbors
             if nb is not None and model.knn_weights.any():
                 v = min(model.knn_age_logits.size, ub.hist_items.shape[1])
-                index, value = nb.votes(ub.hist_items[:, -v:], ub.hist_weights[:, -v:],
-                                        np.exp(model.knn_age_logits[:v][::-1]))
+                index, value = nb.votes(
+                    ub.hist_items[:, -v:],
+                    ub.hist_weights[:, -v:],
+                    np.exp(model.knn_age_logits[:v][::-1]),
+                )
                 out += model.knn_weights[bucket][:, None] * votes(index, value, out.shape[1])
             return out.astype(np.float32, copy=False)
         # No model yet: what is trending within the domain of the user's event.
@@ -496,12 +562,14 @@ class Learner:
         """Whether lists are chosen among candidates (a model and a big catalogue)."""
         return self.model is not None and len(self.catalog) > self.exact_max_items
 
-    def _rank(self, users: Sequence[str], states: Mapping[str, UserState],
-              ub: UserBatch) -> dict[str, RankedList]:
+    def _rank(
+        self, users: Sequence[str], states: Mapping[str, UserState], ub: UserBatch
+    ) -> dict[str, RankedList]:
         exclude = [states[u].seen for u in users]
         if self._big():
-            idx, vals = self._rank_candidates(ub, [states[u].domain for u in users], exclude,
-                                              self.top_k)
+            idx, vals = self._rank_candidates(
+                ub, [states[u].domain for u in users], exclude, self.top_k
+            )
         else:
             idx, vals = top_k(self._scores(users, states, ub), self.top_k, exclude)
         out: dict[str, RankedList] = {}
@@ -512,28 +580,44 @@ class Learner:
             out[user] = ranked
         return out
 
-    def _rank_candidates(self, ub: UserBatch, domains: Sequence[str],
-                         exclude: Sequence[npt.NDArray[np.int64]], k: int | None,
-                         ) -> tuple[I64, F32]:
+    def _rank_candidates(
+        self,
+        ub: UserBatch,
+        domains: Sequence[str],
+        exclude: Sequence[npt.NDArray[np.int64]],
+        k: int | None,
+    ) -> tuple[I64, F32]:
         """The best ``k`` (None: all) of each row's candidates, by the exact score."""
         model, tables = self.model, self.tables
         assert model is not None and tables is not None
         theta = user_vectors(model, tables, ub)
-        bucket = history_buckets(self._history_in(
-            [self.catalog.domains.get(g) for g in domains], ub.hist_items))
+        bucket = history_buckets(
+            self._history_in([self.catalog.domains.get(g) for g in domains], ub.hist_items)
+        )
         shared, popular = self._shared_part()
         parts = [self._item_index().search(theta, PERSONAL_CANDIDATES), popular[bucket]]
         knn = None
         nb = tables.neighbors
         if nb is not None and model.knn_weights.any():
             v = min(model.knn_age_logits.size, ub.hist_items.shape[1])
-            index, value = nb.votes(ub.hist_items[:, -v:], ub.hist_weights[:, -v:],
-                                    np.exp(model.knn_age_logits[:v][::-1]))
+            index, value = nb.votes(
+                ub.hist_items[:, -v:],
+                ub.hist_weights[:, -v:],
+                np.exp(model.knn_age_logits[:v][::-1]),
+            )
             knn = (index, value, model.knn_weights[bucket].astype(np.float32))
             parts.append(index[:, :, :NEIGHBOR_CANDIDATES].reshape(len(theta), -1))
         candidates = np.hstack(parts)
-        return rank_candidates(theta, bucket, tables.vectors, shared, candidates,
-                               candidates.shape[1] if k is None else k, exclude, knn)
+        return rank_candidates(
+            theta,
+            bucket,
+            tables.vectors,
+            shared,
+            candidates,
+            candidates.shape[1] if k is None else k,
+            exclude,
+            knn,
+        )
 
     def _shared_part(self) -> tuple[F32, I64]:
         """Per history bucket: bias plus trending prior of every item, and its best items.
@@ -546,10 +630,8 @@ class Learner:
         key = (int(self.trending.clock), len(self.catalog), model, tables, self.trending)
         cached = self._shared
         if cached is None or not _same(cached[0], key):
-            shared = (model.trend_weights @ self._trend_features() + tables.bias
-                      ).astype(np.float32)
-            cached = self._shared = (key, shared, trending_candidates(shared,
-                                                                      TRENDING_CANDIDATES))
+            shared = (model.trend_weights @ self._trend_features() + tables.bias).astype(np.float32)
+            cached = self._shared = (key, shared, trending_candidates(shared, TRENDING_CANDIDATES))
         return cached[1], cached[2]
 
     def _item_index(self) -> ItemIndex:
@@ -567,30 +649,44 @@ class Learner:
             self._index = (model, ItemIndex(tables.vectors, tables.bias, seed=self.seed))
         index = self._index[1]
         if len(index) < len(tables):
-            index.extend(tables.vectors[len(index):], tables.bias[len(index):])
+            index.extend(tables.vectors[len(index) :], tables.bias[len(index) :])
         return index
 
-    def _stack(self, users: Sequence[str], states: Mapping[str, UserState],
-               profiles: Mapping[str, Sequence[str] | None]) -> UserBatch:
+    def _stack(
+        self,
+        users: Sequence[str],
+        states: Mapping[str, UserState],
+        profiles: Mapping[str, Sequence[str] | None],
+    ) -> UserBatch:
         model = self.model
         dim = model.dim if model is not None else STATE_DIM
         length = model.history_length if model is not None else self.history_length
         n = len(users)
-        profile = (model.profile_vectors([tuple(profiles.get(u) or ()) for u in users])
-                   if model is not None else np.zeros((n, dim), np.float32))
-        domain = np.array([model.domain_index(states[u].domain) if model else 0
-                           for u in users], np.int64)
+        profile = (
+            model.profile_vectors([tuple(profiles.get(u) or ()) for u in users])
+            if model is not None
+            else np.zeros((n, dim), np.float32)
+        )
+        domain = np.array(
+            [model.domain_index(states[u].domain) if model else 0 for u in users], np.int64
+        )
         # States written under a model of another shape start their offset afresh (it is
         # re-derived from history anyway) and keep the newest part of their history.
-        hist_items = np.stack([_right_align(states[u].hist_items, length, -1)
-                               for u in users]).astype(np.int64)
+        hist_items = np.stack(
+            [_right_align(states[u].hist_items, length, -1) for u in users]
+        ).astype(np.int64)
         valid = (hist_items >= 0).sum(1)
         return UserBatch(
-            delta=np.stack([states[u].delta if states[u].delta.size == dim
-                            else np.zeros(dim, np.float32) for u in users]).astype(np.float32),
+            delta=np.stack(
+                [
+                    states[u].delta if states[u].delta.size == dim else np.zeros(dim, np.float32)
+                    for u in users
+                ]
+            ).astype(np.float32),
             hist_items=hist_items,
-            hist_weights=np.stack([_right_align(states[u].hist_weights, length, 0)
-                                   for u in users]).astype(np.float32),
+            hist_weights=np.stack(
+                [_right_align(states[u].hist_weights, length, 0) for u in users]
+            ).astype(np.float32),
             domain=domain,
             profile=profile,
             keys=user_keys(users),
@@ -598,15 +694,21 @@ class Learner:
             events=np.maximum(np.array([states[u].n_events for u in users], np.int64), valid),
         )
 
-    def _rederive_stale(self, users: Sequence[str], states: Mapping[str, UserState],
-                        ub: UserBatch) -> None:
+    def _rederive_stale(
+        self, users: Sequence[str], states: Mapping[str, UserState], ub: UserBatch
+    ) -> None:
         """Replay the history of users adapted under another model version."""
         model, tables = self.model, self.tables
         if model is None or tables is None:
             return
-        stale = np.array([r for r, u in enumerate(users)
-                          if states[u].model_version != model.version
-                          and states[u].n_events > 0], np.int64)
+        stale = np.array(
+            [
+                r
+                for r, u in enumerate(users)
+                if states[u].model_version != model.version and states[u].n_events > 0
+            ],
+            np.int64,
+        )
         if stale.size:
             sub = ub.subset(stale)
             replay(model, tables, sub, self.seed)
@@ -615,16 +717,21 @@ class Learner:
 
 def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
     """Cache keys: the same objects (identity, not equality: models hold arrays)."""
-    return len(a) == len(b) and all(x is y or (isinstance(x, int) and x == y)
-                                    for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, int) and x == y) for x, y in zip(a, b, strict=True)
+    )
 
 
-def _right_align(values: npt.NDArray[np.generic], length: int, fill: float,
-                 ) -> npt.NDArray[np.generic]:
+def _right_align(
+    values: npt.NDArray[np.generic],
+    length: int,
+    fill: float,
+) -> npt.NDArray[np.generic]:
     if values.size >= length:
-        return values[values.size - length:]
+        return values[values.size - length :]
     padded: npt.NDArray[np.generic] = np.concatenate(
-        (np.full(length - values.size, fill, values.dtype), values))
+        (np.full(length - values.size, fill, values.dtype), values)
+    )
     return padded
 
 
@@ -641,8 +748,7 @@ def significant(values: npt.NDArray[np.float64], digits: int) -> npt.NDArray[np.
     up = 10.0 ** np.maximum(shift, 0)  # exact powers of ten for the usual magnitudes
     down = 10.0 ** np.maximum(-shift, 0)
     with np.errstate(over="ignore", invalid="ignore"):  # denormals: left as they are
-        rounded = np.where(shift >= 0, np.round(values * up) / up,
-                           np.round(values / down) * down)
+        rounded = np.where(shift >= 0, np.round(values * up) / up, np.round(values / down) * down)
     out: npt.NDArray[np.float64] = np.where(finite & np.isfinite(rounded), rounded, values)
     return out
 
@@ -660,7 +766,7 @@ def _ranks_in_lists(lists: Sequence[I64], rows: I64, items: I64) -> I64:
         return np.full(rows.size, -1, np.int64)
     table = np.full((len(lists), width), -1, np.int64)
     for r, shown in enumerate(lists):
-        table[r, :len(shown)] = shown
+        table[r, : len(shown)] = shown
     match = table[rows] == items[:, None]
     ranks: I64 = np.where(match.any(axis=1), match.argmax(axis=1), -1)
     return ranks

@@ -132,8 +132,11 @@ class LiveQuality:
     def _track(self, domain: str) -> _Track:
         track = self._tracks.get(domain)
         if track is None:
-            track = _Track(RollingMean(self.window), RollingMean(self.window),
-                           drift.ADWIN(delta=self.delta, clock=self.clock))
+            track = _Track(
+                RollingMean(self.window),
+                RollingMean(self.window),
+                drift.ADWIN(delta=self.delta, clock=self.clock),
+            )
             self._tracks[domain] = track
         return track
 
@@ -167,15 +170,17 @@ class LiveQuality:
                 change = opened
         return change
 
-    def _episode(self, track: _Track, dropped: bool, before: float, ts: int,
-                 hit: float, user: str) -> int | None:
+    def _episode(
+        self, track: _Track, dropped: bool, before: float, ts: int, hit: float, user: str
+    ) -> int | None:
         """Advance ``track``'s drift episode; the change's date if this event opens one."""
         if track.since is not None:
             track.episode_events += 1
             # Judged on a window of events that all came after the detection.
             settled = track.episode_events >= self.window
-            if (settled and track.hr.get() >= RECOVERED * track.before) or \
-                    track.episode_events >= MAX_EPISODE_WINDOWS * self.window:
+            if (
+                settled and track.hr.get() >= RECOVERED * track.before
+            ) or track.episode_events >= MAX_EPISODE_WINDOWS * self.window:
                 track.since = None
             return None
         if track.suspect is None:
@@ -191,8 +196,9 @@ class LiveQuality:
             return None
         since, track.suspect = track.suspect, None
         weights = {u: min(n, USER_CAP) for u, (_, n) in track.suspect_users.items()}
-        rate = sum(w * track.suspect_users[u][0] / track.suspect_users[u][1]
-                   for u, w in weights.items()) / sum(weights.values())
+        rate = sum(
+            w * track.suspect_users[u][0] / track.suspect_users[u][1] for u, w in weights.items()
+        ) / sum(weights.values())
         if len(weights) < MIN_USERS or rate >= DROP_RATIO * track.suspect_before:
             return None  # a dip, not a change
         track.since, track.before, track.episode_events = since, track.suspect_before, 0
@@ -212,8 +218,10 @@ class LiveQuality:
 
     def get(self) -> dict[str, dict[str, float | int]]:
         """``{domain: {"hr", "ndcg", "events", "drifts"}}``, with :data:`ALL` for overall."""
-        return {name: {"hr": t.hr.get(), "ndcg": t.ndcg.get(), "events": t.events,
-                       "drifts": t.drifts} for name, t in self._tracks.items()}
+        return {
+            name: {"hr": t.hr.get(), "ndcg": t.ndcg.get(), "events": t.events, "drifts": t.drifts}
+            for name, t in self._tracks.items()
+        }
 
     def hit_rate(self, domain: str = ALL) -> float:
         track = self._tracks.get(domain)

@@ -66,10 +66,24 @@ FORMAT_VERSION = 3
 HISTORY_BUCKETS = 7
 
 _ARRAYS = (
-    "item_emb", "item_bias", "item_ctx", "item_count",
-    "feat_emb", "feat_bias", "feat_ctx",
-    "theta0", "user_feat", "hist_map", "age_logits", "step", "domain_map", "trend_weights",
-    "knn_index", "knn_weight", "knn_age_logits", "knn_weights",
+    "item_emb",
+    "item_bias",
+    "item_ctx",
+    "item_count",
+    "feat_emb",
+    "feat_bias",
+    "feat_ctx",
+    "theta0",
+    "user_feat",
+    "hist_map",
+    "age_logits",
+    "step",
+    "domain_map",
+    "trend_weights",
+    "knn_index",
+    "knn_weight",
+    "knn_age_logits",
+    "knn_weights",
 )
 
 
@@ -109,9 +123,12 @@ class ItemTables:
         if self.neighbors is not None and more.neighbors is not None:
             a, b = self.neighbors, more.neighbors
             nb = ItemNeighbors(np.vstack([a.index, b.index]), np.vstack([a.weight, b.weight]))
-        return ItemTables(np.vstack([self.vectors, more.vectors]),
-                          np.concatenate([self.bias, more.bias]),
-                          np.vstack([self.context, more.context]), nb)
+        return ItemTables(
+            np.vstack([self.vectors, more.vectors]),
+            np.concatenate([self.bias, more.bias]),
+            np.vstack([self.context, more.context]),
+            nb,
+        )
 
 
 @dataclass
@@ -148,8 +165,7 @@ class MetaModel:
     meta: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
-    _vocab_index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False,
-                                                    compare=False)
+    _vocab_index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction ---------------------------------------------------------------
 
@@ -168,25 +184,38 @@ class MetaModel:
     ) -> MetaModel:
         """A model that knows no items yet: the starting point of the first training."""
         if dim < 1 or history_length < 1:
-            raise ModelError(f"dim and history_length must be positive, got {dim}, "
-                             f"{history_length}")
+            raise ModelError(
+                f"dim and history_length must be positive, got {dim}, {history_length}"
+            )
         rng = np.random.default_rng(seed)
         z = np.zeros
         return cls(
-            version=0, item_ids=[], item_features=[], user_features=[], domains=list(domains),
-            item_emb=z((0, dim), np.float32), item_bias=z(0, np.float32),
-            item_ctx=z((0, dim), np.float32), item_count=z(0, np.float32),
-            feat_emb=z((0, dim), np.float32), feat_bias=z(0, np.float32),
+            version=0,
+            item_ids=[],
+            item_features=[],
+            user_features=[],
+            domains=list(domains),
+            item_emb=z((0, dim), np.float32),
+            item_bias=z(0, np.float32),
+            item_ctx=z((0, dim), np.float32),
+            item_count=z(0, np.float32),
+            feat_emb=z((0, dim), np.float32),
+            feat_bias=z(0, np.float32),
             feat_ctx=z((0, dim), np.float32),
-            theta0=z((len(domains), dim), np.float32), user_feat=z((0, dim), np.float32),
-            hist_map=np.stack([np.eye(dim) + 0.01 * rng.standard_normal((dim, dim))
-                               for _ in range(pools)]).astype(np.float32)
-            if meta else z((pools, dim, dim), np.float32),
+            theta0=z((len(domains), dim), np.float32),
+            user_feat=z((0, dim), np.float32),
+            hist_map=np.stack(
+                [np.eye(dim) + 0.01 * rng.standard_normal((dim, dim)) for _ in range(pools)]
+            ).astype(np.float32)
+            if meta
+            else z((pools, dim, dim), np.float32),
             age_logits=z((pools, history_length), np.float32),
-            step=np.full(dim, step, np.float32), meta=meta,
+            step=np.full(dim, step, np.float32),
+            meta=meta,
             domain_map=np.stack([np.eye(dim, dtype=np.float32)] * len(domains)),
             trend_weights=z((HISTORY_BUCKETS, trend_channels), np.float32),
-            knn_index=z((0, N_NEIGHBORS), np.int32), knn_weight=z((0, N_NEIGHBORS), np.float32),
+            knn_index=z((0, N_NEIGHBORS), np.int32),
+            knn_weight=z((0, N_NEIGHBORS), np.float32),
             knn_age_logits=z(VOTERS, np.float32),
             knn_weights=z(HISTORY_BUCKETS, np.float32),
         )
@@ -210,13 +239,17 @@ class MetaModel:
         return int(self.trend_weights.shape[1])
 
     def with_version(self, version: int) -> MetaModel:
-        return replace(self, version=version, _item_index=self._item_index,
-                       _vocab_index=self._vocab_index)
+        return replace(
+            self, version=version, _item_index=self._item_index, _vocab_index=self._vocab_index
+        )
 
     # -- serving tables ---------------------------------------------------------------
 
-    def feature_matrix(self, features: Sequence[Iterable[str]], kind: str,
-                       ) -> tuple[I64, I64]:
+    def feature_matrix(
+        self,
+        features: Sequence[Iterable[str]],
+        kind: str,
+    ) -> tuple[I64, I64]:
         """CSR (row pointer, column) of feature strings against the ``"item"`` or ``"user"``
         feature vocabulary; unknown features drop."""
         index = self._vocab_index.get(kind)
@@ -248,9 +281,9 @@ class MetaModel:
         the new rows and appends them.
         """
         n = len(catalog) - start
-        rows = np.fromiter((self.item_index(catalog.item_id(i)) for i in range(start,
-                                                                               len(catalog))),
-                           np.int64, n)
+        rows = np.fromiter(
+            (self.item_index(catalog.item_id(i)) for i in range(start, len(catalog))), np.int64, n
+        )
         known = rows >= 0
         count = np.zeros(n, np.float32)
         count[known] = self.item_count[rows[known]]
@@ -263,12 +296,16 @@ class MetaModel:
         if self.meta:
             ptr, cols = self.feature_matrix(catalog.features[start:], "item")
             w_own = (count / (count + self.blend))[:, None]
-            emb = (w_own * emb + (1 - w_own) * self._feature_mean(self.feat_emb, ptr, cols)
-                   ).astype(np.float32)
-            ctx = (w_own * ctx + (1 - w_own) * self._feature_mean(self.feat_ctx, ptr, cols)
-                   ).astype(np.float32)
-            bias = (w_own[:, 0] * bias + (1 - w_own[:, 0]) * self._feature_mean(
-                self.feat_bias, ptr, cols)).astype(np.float32)
+            emb = (w_own * emb + (1 - w_own) * self._feature_mean(self.feat_emb, ptr, cols)).astype(
+                np.float32
+            )
+            ctx = (w_own * ctx + (1 - w_own) * self._feature_mean(self.feat_ctx, ptr, cols)).astype(
+                np.float32
+            )
+            bias = (
+                w_own[:, 0] * bias
+                + (1 - w_own[:, 0]) * self._feature_mean(self.feat_bias, ptr, cols)
+            ).astype(np.float32)
         return ItemTables(emb, bias, ctx, self._neighbors(catalog, rows))
 
     def _neighbors(self, catalog: Catalog, rows: I64) -> ItemNeighbors:
@@ -278,8 +315,9 @@ class MetaModel:
         known = rows >= 0
         if not known.any() or not len(self.knn_index):
             return out
-        to_catalog = np.fromiter((catalog.get(item) for item in self.item_ids), np.int64,
-                                 len(self.item_ids))
+        to_catalog = np.fromiter(
+            (catalog.get(item) for item in self.item_ids), np.int64, len(self.item_ids)
+        )
         model_nb = self.knn_index[rows[known]]
         mapped = np.where(model_nb >= 0, to_catalog[np.maximum(model_nb, 0)], -1)
         out.index[known] = mapped
@@ -314,16 +352,26 @@ class MetaModel:
     def save(self, file: str | Path | IO[bytes]) -> None:
         """Write the artifact: one uncompressed ``.npz`` (fast to load, no pickle)."""
         header = {
-            "format": FORMAT_VERSION, "version": self.version, "prox": self.prox,
-            "inner_steps": self.inner_steps, "negatives": self.negatives,
-            "blend": self.blend, "meta": self.meta, "info": self.info,
-            "domains": self.domains, "item_features": self.item_features,
+            "format": FORMAT_VERSION,
+            "version": self.version,
+            "prox": self.prox,
+            "inner_steps": self.inner_steps,
+            "negatives": self.negatives,
+            "blend": self.blend,
+            "meta": self.meta,
+            "info": self.info,
+            "domains": self.domains,
+            "item_features": self.item_features,
             "user_features": self.user_features,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
         ids = np.asarray(self.item_ids, dtype=np.str_) if self.item_ids else np.zeros(0, "U1")
-        np.savez(file, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
-                 item_ids=ids, **arrays)
+        np.savez(
+            file,
+            header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+            item_ids=ids,
+            **arrays,
+        )
 
     @classmethod
     def load(cls, file: str | Path | IO[bytes]) -> MetaModel:
@@ -332,20 +380,25 @@ class MetaModel:
             with np.load(file, allow_pickle=False) as z:
                 header = json.loads(z["header"].tobytes().decode())
                 if header.get("format") != FORMAT_VERSION:
-                    raise ModelError(f"model artifact has format {header.get('format')}, "
-                                     f"this code reads format {FORMAT_VERSION}")
+                    raise ModelError(
+                        f"model artifact has format {header.get('format')}, "
+                        f"this code reads format {FORMAT_VERSION}"
+                    )
                 arrays = {name: z[name] for name in _ARRAYS}
                 ids = [str(s) for s in z["item_ids"].tolist()]
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"cannot read model artifact: {exc}") from exc
         return cls(
-            version=int(header["version"]), item_ids=ids,
+            version=int(header["version"]),
+            item_ids=ids,
             item_features=list(header["item_features"]),
-            user_features=list(header["user_features"]), domains=list(header["domains"]),
+            user_features=list(header["user_features"]),
+            domains=list(header["domains"]),
             prox=float(header["prox"]),
-            inner_steps=int(header["inner_steps"]), negatives=int(header["negatives"]),
-            blend=float(header["blend"]), meta=bool(header["meta"]),
-            info=dict(header.get("info", {})), **arrays,
+            inner_steps=int(header["inner_steps"]),
+            negatives=int(header["negatives"]),
+            blend=float(header["blend"]),
+            meta=bool(header["meta"]),
+            info=dict(header.get("info", {})),
+            **arrays,
         )
-
-

@@ -56,12 +56,19 @@ class ItemNeighbors:
 
     @classmethod
     def empty(cls, n_items: int, n_neighbors: int = N_NEIGHBORS) -> ItemNeighbors:
-        return cls(np.full((n_items, n_neighbors), -1, np.int32),
-                   np.zeros((n_items, n_neighbors), np.float32))
+        return cls(
+            np.full((n_items, n_neighbors), -1, np.int32),
+            np.zeros((n_items, n_neighbors), np.float32),
+        )
 
     @classmethod
-    def from_events(cls, users: npt.ArrayLike, items: npt.ArrayLike, n_items: int,
-                    n_neighbors: int = N_NEIGHBORS) -> ItemNeighbors:
+    def from_events(
+        cls,
+        users: npt.ArrayLike,
+        items: npt.ArrayLike,
+        n_items: int,
+        n_neighbors: int = N_NEIGHBORS,
+    ) -> ItemNeighbors:
         """Neighbours from positive events ``(user, item)`` in time order."""
         u = np.asarray(users, np.int64)
         i = np.asarray(items, np.int64)
@@ -77,8 +84,7 @@ class ItemNeighbors:
         keep = rank < MAX_ITEMS_PER_USER
         pu, pi = pairs[keep, 0], pairs[keep, 1]
         n_users = int(pu.max()) + 1
-        x = sparse.csr_matrix((np.ones(pu.size, np.float32), (pu, pi)),
-                              shape=(n_users, n_items))
+        x = sparse.csr_matrix((np.ones(pu.size, np.float32), (pu, pi)), shape=(n_users, n_items))
         count = np.asarray(x.sum(0)).ravel().astype(np.float32)
         co = (x.T @ x).tocsr()
         co.setdiag(0)
@@ -96,12 +102,16 @@ class ItemNeighbors:
                 top = np.argpartition(-vals, n_neighbors - 1)[:n_neighbors]
                 cols, vals = cols[top], vals[top]
             best = np.argsort(-vals, kind="stable")
-            index[row, :cols.size] = cols[best]
-            weight[row, :cols.size] = vals[best]
+            index[row, : cols.size] = cols[best]
+            weight[row, : cols.size] = vals[best]
         return cls(index, weight)
 
-    def votes(self, hist_items: I64, hist_weights: npt.ArrayLike, age_weight: npt.ArrayLike,
-              ) -> tuple[I64, F32]:
+    def votes(
+        self,
+        hist_items: I64,
+        hist_weights: npt.ArrayLike,
+        age_weight: npt.ArrayLike,
+    ) -> tuple[I64, F32]:
         """Each row's votes as neighbour lists: ``(index, value)`` of shape ``(B, V, N)``.
 
         ``hist_items`` are the rows' newest ``V`` history items (right-aligned, ``-1``

@@ -23,8 +23,21 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["bit_lengths", "bounds", "pack_bits", "read_varint", "read_varints", "row_max",
-           "starts", "unpack_bits", "unzigzag", "unzigzag_int", "varint", "varints", "zigzag"]
+__all__ = [
+    "bit_lengths",
+    "bounds",
+    "pack_bits",
+    "read_varint",
+    "read_varints",
+    "row_max",
+    "starts",
+    "unpack_bits",
+    "unzigzag",
+    "unzigzag_int",
+    "varint",
+    "varints",
+    "zigzag",
+]
 
 
 def starts(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -42,8 +55,9 @@ def bounds(sizes: npt.NDArray[np.int64]) -> list[int]:
     return bounds
 
 
-def row_max(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
-             n: int) -> npt.NDArray[np.uint64]:
+def row_max(
+    values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64], n: int
+) -> npt.NDArray[np.uint64]:
     """The largest of each row's run of ``values`` (0 for an empty row)."""
     out = np.zeros(n, np.uint64)
     full = counts > 0
@@ -59,8 +73,9 @@ def bit_lengths(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
     return np.maximum(bits, 1)
 
 
-def pack_bits(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
-               bits: npt.NDArray[np.int64]) -> list[bytes]:
+def pack_bits(
+    values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64], bits: npt.NDArray[np.int64]
+) -> list[bytes]:
     """Each row's run of ``values``, ``bits[row]`` bits apiece, least significant first,
     padded to whole bytes (at most 56 bits a value)."""
     n = counts.size
@@ -82,11 +97,12 @@ def pack_bits(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64],
     packed = np.bincount(where.ravel(), weights=spread.ravel(), minlength=total + 8)
     raw = packed[:total].astype(np.uint8).tobytes()
     at = bounds(row_bytes)
-    return [raw[at[r]:at[r + 1]] for r in range(n)]
+    return [raw[at[r] : at[r + 1]] for r in range(n)]
 
 
-def unpack_bits(chunks: Sequence[bytes], counts: npt.NDArray[np.int64],
-                 bits: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+def unpack_bits(
+    chunks: Sequence[bytes], counts: npt.NDArray[np.int64], bits: npt.NDArray[np.int64]
+) -> npt.NDArray[np.uint64]:
     """The inverse of :func:`pack_bits`: every row's values, concatenated."""
     total = int(counts.sum())
     if not total:
@@ -119,18 +135,20 @@ def varints(values: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64]) -> li
     flat = sevens[np.arange(width) < size[:, None]].tobytes()
     row_bytes = np.bincount(np.repeat(np.arange(n), counts), weights=size, minlength=n)
     at = bounds(row_bytes.astype(np.int64))
-    return [flat[at[r]:at[r + 1]] for r in range(n)]
+    return [flat[at[r] : at[r + 1]] for r in range(n)]
 
 
-def read_varints(chunks: Sequence[bytes], counts: npt.NDArray[np.int64]
-                  ) -> npt.NDArray[np.uint64]:
+def read_varints(chunks: Sequence[bytes], counts: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
     """The inverse of :func:`varints`; a row whose bytes do not hold exactly its count of
     whole varints is refused (a truncated state ends inside its times)."""
     raw = np.frombuffer(b"".join(chunks), np.uint8)
     sizes = np.fromiter((len(c) for c in chunks), np.int64, len(chunks))
     ends = (raw & 0x80) == 0
-    per_row = np.bincount(np.repeat(np.arange(sizes.size), sizes)[ends],
-                          minlength=sizes.size) if raw.size else np.zeros(sizes.size, np.int64)
+    per_row = (
+        np.bincount(np.repeat(np.arange(sizes.size), sizes)[ends], minlength=sizes.size)
+        if raw.size
+        else np.zeros(sizes.size, np.int64)
+    )
     last_byte_ends = np.ones(sizes.size, bool)
     full = sizes > 0
     last_byte_ends[full] = ends[np.cumsum(sizes)[full] - 1]

@@ -91,8 +91,7 @@ class RecencyPopularity:
         it = np.asarray(items, dtype=np.int64).ravel()
         dm = np.asarray(domains, dtype=np.int64).ravel()
         tt = np.asarray(ts, dtype=np.int64).ravel()
-        w = (np.ones(it.shape) if weights is None
-             else np.asarray(weights, dtype=np.float64).ravel())
+        w = np.ones(it.shape) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
         if not it.size == dm.size == tt.size == w.size:
             raise ValueError(
                 f"items, domains, ts and weights differ in length: "

@@ -24,8 +24,9 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 
-def top_k(scores: npt.NDArray[np.floating], k: int,
-          exclude: Sequence[npt.ArrayLike] | None = None) -> tuple[I64, F32]:
+def top_k(
+    scores: npt.NDArray[np.floating], k: int, exclude: Sequence[npt.ArrayLike] | None = None
+) -> tuple[I64, F32]:
     """The ``k`` best item indices per row, best first, skipping each row's ``exclude``.
 
     ``scores`` is modified in place where items are excluded (set to ``-inf``). Rows with
@@ -42,10 +43,14 @@ def top_k(scores: npt.NDArray[np.floating], k: int,
             scores[rows[ok], cols[ok]] = -np.inf
     k_eff = min(k, n)
     if k_eff == 0:
-        return np.full((len(scores), k), -1, np.int64), np.full((len(scores), k), -np.inf,
-                                                                 np.float32)
-    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff] if k_eff < n else \
-        np.tile(np.arange(n), (len(scores), 1))
+        return np.full((len(scores), k), -1, np.int64), np.full(
+            (len(scores), k), -np.inf, np.float32
+        )
+    part = (
+        np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+        if k_eff < n
+        else np.tile(np.arange(n), (len(scores), 1))
+    )
     vals = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-vals, axis=1, kind="stable")
     idx = np.take_along_axis(part, order, axis=1).astype(np.int64)

@@ -48,11 +48,17 @@ class RecordDecoder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RecordDecoder:
-        return cls(settings.events_topic, settings.items_topic, settings.users_topic,
-                   settings.event_types, settings.limits())
+        return cls(
+            settings.events_topic,
+            settings.items_topic,
+            settings.users_topic,
+            settings.event_types,
+            settings.limits(),
+        )
 
-    def decode(self, topic: str, key: bytes | None, value: bytes | None, *,
-               timestamp_ms: int, now_ms: int) -> Record | None:
+    def decode(
+        self, topic: str, key: bytes | None, value: bytes | None, *, timestamp_ms: int, now_ms: int
+    ) -> Record | None:
         """The record as its topic's contract reads it; None for a topic not routed here.
 
         ``timestamp_ms`` (the Kafka record's) stands in for a missing ``ts``. Raises
@@ -61,8 +67,13 @@ class RecordDecoder:
         """
         raw = value or b""
         if topic == self.events_topic:
-            event = decode_event(raw, default_ts=timestamp_ms, now_ms=now_ms,
-                                 event_types=self.event_types, limits=self.limits)
+            event = decode_event(
+                raw,
+                default_ts=timestamp_ms,
+                now_ms=now_ms,
+                event_types=self.event_types,
+                limits=self.limits,
+            )
             check_key(key, event.user)
             return event
         if topic == self.items_topic:

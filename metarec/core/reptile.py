@@ -40,8 +40,7 @@ class PartialSums:
     def zeros(cls, n_domains: int, dim: int) -> PartialSums:
         return cls(np.zeros((n_domains, dim)), np.zeros(n_domains))
 
-    def add(self, domains: npt.ArrayLike, offsets: npt.ArrayLike,
-            weights: npt.ArrayLike) -> None:
+    def add(self, domains: npt.ArrayLike, offsets: npt.ArrayLike, weights: npt.ArrayLike) -> None:
         """Accumulate ``w·(θ_u − θ0(u))`` for a batch of adapted users."""
         dom = np.asarray(domains, np.int64)
         w = np.asarray(weights, np.float64)
@@ -73,13 +72,13 @@ class PartialSums:
         n, dim = (int(x) for x in np.frombuffer(data[:16], "<i8"))
         body = np.frombuffer(data[16:], "<f8")
         if body.size != n + n * dim:
-            raise ValueError(f"partial sums blob holds {body.size} numbers, expected "
-                             f"{n + n * dim}")
+            raise ValueError(f"partial sums blob holds {body.size} numbers, expected {n + n * dim}")
         return cls(sums=body[n:].reshape(n, dim).copy(), weights=body[:n].copy())
 
 
-def reptile_update(theta0: npt.NDArray[np.floating], partials: Iterable[PartialSums],
-                   epsilon: float = 1.0) -> npt.NDArray[np.float32]:
+def reptile_update(
+    theta0: npt.NDArray[np.floating], partials: Iterable[PartialSums], epsilon: float = 1.0
+) -> npt.NDArray[np.float32]:
     """The new per-domain initialization after folding in ``partials`` (see module doc).
 
     Domains that no user touched keep their row unchanged.

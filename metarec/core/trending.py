@@ -45,7 +45,6 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
 
-
 @dataclass(frozen=True)
 class Channel:
     """One trending count: its name (in Redis keys), half-life in events, and whether it
@@ -62,7 +61,9 @@ FIRST_EVENTS = 3
 #: events" to "most of a 200k-event training window", and newcomers' events at the
 #: longest. The model weighs them.
 CHANNELS: tuple[Channel, ...] = (
-    Channel("1000", 1_000), Channel("10000", 10_000), Channel("100000", 100_000),
+    Channel("1000", 1_000),
+    Channel("10000", 10_000),
+    Channel("100000", 100_000),
     Channel("first-100000", 100_000, first_only=True),
 )
 #: Rebase a scale once its factor would pass 2^60: float64 keeps 15 significant digits of
@@ -82,8 +83,9 @@ class Trending:
         Initial item capacity (grows as larger indices arrive).
     """
 
-    def __init__(self, channels: Sequence[Channel] = CHANNELS,
-                 n_items: int = _INITIAL_ITEMS) -> None:
+    def __init__(
+        self, channels: Sequence[Channel] = CHANNELS, n_items: int = _INITIAL_ITEMS
+    ) -> None:
         h = np.asarray([c.half_life for c in channels], np.float64)
         if h.ndim != 1 or not h.size or not np.all(h > 0):
             raise ValueError(f"half-lives must be positive numbers, got {h.tolist()}")
@@ -99,8 +101,12 @@ class Trending:
     def n_channels(self) -> int:
         return int(self._h.size)
 
-    def increments(self, items: npt.ArrayLike, weights: npt.ArrayLike | None = None,
-                   first: npt.ArrayLike | None = None) -> list[dict[int, float]]:
+    def increments(
+        self,
+        items: npt.ArrayLike,
+        weights: npt.ArrayLike | None = None,
+        first: npt.ArrayLike | None = None,
+    ) -> list[dict[int, float]]:
         """What a batch adds to each channel: item → summed weight (positive weights only;
         ``first`` marks the events among their user's first ones)."""
         it = np.asarray(items, np.int64).ravel()
@@ -119,8 +125,12 @@ class Trending:
             out.append(sums)
         return out
 
-    def learn_many(self, items: npt.ArrayLike, weights: npt.ArrayLike | None = None,
-                   first: npt.ArrayLike | None = None) -> int:
+    def learn_many(
+        self,
+        items: npt.ArrayLike,
+        weights: npt.ArrayLike | None = None,
+        first: npt.ArrayLike | None = None,
+    ) -> int:
         """Apply a batch of events: the clock moves past all of them, then each channel
         adds its :meth:`increments` at the new clock. Returns the clock.
 
@@ -161,12 +171,16 @@ class Trending:
 
     def to_arrays(self) -> dict[str, npt.NDArray[np.generic]]:
         """Plain arrays: scaled counts, references and the clock (channels not included)."""
-        return {"counts": self._counts[:, : self.n_items].copy(), "ref": self._ref.copy(),
-                "clock": np.array(self.clock, np.int64)}
+        return {
+            "counts": self._counts[:, : self.n_items].copy(),
+            "ref": self._ref.copy(),
+            "clock": np.array(self.clock, np.int64),
+        }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, npt.NDArray[np.generic]],
-                    channels: Sequence[Channel] = CHANNELS) -> Trending:
+    def from_arrays(
+        cls, arrays: dict[str, npt.NDArray[np.generic]], channels: Sequence[Channel] = CHANNELS
+    ) -> Trending:
         """Rebuild what :meth:`to_arrays` (or the Redis store) gave, for ``channels``."""
         try:
             counts = np.asarray(arrays["counts"], np.float64)
@@ -176,8 +190,10 @@ class Trending:
         except KeyError as exc:
             raise ModelError(f"trending state lacks {exc.args[0]!r}") from None
         if counts.shape[0] != out.n_channels or out._ref.shape != (out.n_channels,):
-            raise ModelError(f"trending state has {counts.shape[0]} count rows and "
-                             f"{out._ref.size} references for {out.n_channels} channels")
+            raise ModelError(
+                f"trending state has {counts.shape[0]} count rows and "
+                f"{out._ref.size} references for {out.n_channels} channels"
+            )
         out._counts[:, : counts.shape[1]] = counts
         out.n_items = counts.shape[1]
         return out

@@ -56,8 +56,15 @@ from metarec.core.packing import (
     zigzag,
 )
 
-__all__ = ["COUNT_AT", "COUNT_BYTES", "MAX_SEEN", "UserState", "count_guard", "decode_many",
-           "encode_many"]
+__all__ = [
+    "COUNT_AT",
+    "COUNT_BYTES",
+    "MAX_SEEN",
+    "UserState",
+    "count_guard",
+    "decode_many",
+    "encode_many",
+]
 
 #: Item indices a state can hold: below 2**48 (a catalogue of 281 trillion items), so that
 #: an index and its weight code always fit the 56 bits a packed field may have.
@@ -217,15 +224,20 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     # Seen (only what the history does not already say) and the last list, one section.
     tails = _last_occurrence_mask(items)
     seen_size = np.fromiter((st.seen.size for st in states), np.int64, n)
-    extra_rows = _ends_with(np.concatenate([st.seen for st in states] + [np.zeros(0, np.int64)]),
-                            seen_size, items[tails], tails.sum(axis=1))
+    extra_rows = _ends_with(
+        np.concatenate([st.seen for st in states] + [np.zeros(0, np.int64)]),
+        seen_size,
+        items[tails],
+        tails.sum(axis=1),
+    )
     cut = seen_size - np.where(extra_rows, tails.sum(axis=1), 0)
     seens = [st.seen[:c] for st, c in zip(states, cut.tolist(), strict=True)]
     flags[extra_rows] |= _SEEN_EXTRA
     n_seen = np.fromiter((s.size for s in seens), np.int64, n)
     n_recs = np.fromiter((st.recs.size for st in states), np.int64, n)
-    listed = np.concatenate([part for r in range(n) for part in (seens[r], states[r].recs)]
-                            + [np.zeros(0, np.int64)]).astype(np.int64)
+    listed = np.concatenate(
+        [part for r in range(n) for part in (seens[r], states[r].recs)] + [np.zeros(0, np.int64)]
+    ).astype(np.int64)
     if (listed < -1).any() or (listed >= MAX_ITEM).any():
         raise ValueError(f"a user state holds an item index outside [-1, {MAX_ITEM})")
     listed_u = (listed + 1).astype(np.uint64)
@@ -254,27 +266,50 @@ def _encode_same_shape(states: Sequence[UserState]) -> list[bytes]:
     pal_f2 = half.astype("<f2").tobytes()
     pal_f4 = palette.astype("<f4").tobytes()
     w_raw = weights.astype("<f4")
-    small = np.concatenate((lead.astype(np.uint64), n_seen.astype(np.uint64),
-                            zigzag(last).view(np.uint64)))
+    small = np.concatenate(
+        (lead.astype(np.uint64), n_seen.astype(np.uint64), zigzag(last).view(np.uint64))
+    )
     counters = varints(small, np.ones(3 * n, np.int64))
     out = []
     row_d = 4 * dim
     pal_at = first.tolist()
     for r, st in enumerate(states):
         f = int(flags[r])
-        head = _HEADER4.pack(_MAGIC4, f, dim, length, st.model_version, int(n_recs[r]),
-                             int(hist_bits[r]), int(list_bits[r]),
-                             0 if raw_weights[r] else int(n_codes[r]), st.n_events)
+        head = _HEADER4.pack(
+            _MAGIC4,
+            f,
+            dim,
+            length,
+            st.model_version,
+            int(n_recs[r]),
+            int(hist_bits[r]),
+            int(list_bits[r]),
+            0 if raw_weights[r] else int(n_codes[r]),
+            st.n_events,
+        )
         dom = b"" if f & _DEFAULT_DOMAIN else varint(len(domains[r])) + domains[r]
         if f & _RAW_WEIGHTS:
-            pal = w_raw[r, int(lead[r]):].tobytes()
+            pal = w_raw[r, int(lead[r]) :].tobytes()
         elif f & _PALETTE16:
-            pal = pal_f2[2 * pal_at[r]:2 * pal_at[r + 1]]
+            pal = pal_f2[2 * pal_at[r] : 2 * pal_at[r + 1]]
         else:
-            pal = pal_f4[4 * pal_at[r]:4 * pal_at[r + 1]]
-        out.append(b"".join((head, counters[r], counters[n + r], counters[2 * n + r], dom, pal,
-                             delta_raw[r * row_d:(r + 1) * row_d], hist_raw[r], list_raw[r],
-                             ts_raw[r])))
+            pal = pal_f4[4 * pal_at[r] : 4 * pal_at[r + 1]]
+        out.append(
+            b"".join(
+                (
+                    head,
+                    counters[r],
+                    counters[n + r],
+                    counters[2 * n + r],
+                    dom,
+                    pal,
+                    delta_raw[r * row_d : (r + 1) * row_d],
+                    hist_raw[r],
+                    list_raw[r],
+                    ts_raw[r],
+                )
+            )
+        )
     return out
 
 
@@ -299,42 +334,74 @@ def decode_many(blobs: Sequence[bytes]) -> list[UserState]:
 
 def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     heads = []
-    chunks: dict[str, list[bytes]] = {"pal2": [], "pal4": [], "raw": [], "delta": [],
-                                      "hist": [], "list": [], "ts": []}
+    chunks: dict[str, list[bytes]] = {
+        "pal2": [],
+        "pal4": [],
+        "raw": [],
+        "delta": [],
+        "hist": [],
+        "list": [],
+        "ts": [],
+    }
     for data in blobs:
         if len(data) < _HEADER4.size:
             raise ValueError(f"truncated metarec user state: {len(data)} bytes")
-        (_, f, dim, length, version, n_recs, hbits, lbits, ncodes,
-         n_events) = _HEADER4.unpack_from(data)
+        (_, f, dim, length, version, n_recs, hbits, lbits, ncodes, n_events) = _HEADER4.unpack_from(
+            data
+        )
         n_lead, pos = read_varint(data, _HEADER4.size)
         n_seen, pos = read_varint(data, pos)
         zz, pos = read_varint(data, pos)  # at most 64 bits: last_ts fits an int64
         domain = DEFAULT_DOMAIN
         if not f & _DEFAULT_DOMAIN:
             n_dom, pos = read_varint(data, pos)
-            domain = data[pos:pos + n_dom].decode("utf-8")
+            domain = data[pos : pos + n_dom].decode("utf-8")
             pos += n_dom
         filled = length - n_lead
-        if filled < 0 or (filled > 0 and (ncodes == 0) != bool(f & _RAW_WEIGHTS)) or \
-                not 1 <= hbits <= 56 or not 1 <= lbits <= 56 or \
-                (n_seen + n_recs) * lbits + filled * hbits > 8 * len(data):
+        if (
+            filled < 0
+            or (filled > 0 and (ncodes == 0) != bool(f & _RAW_WEIGHTS))
+            or not 1 <= hbits <= 56
+            or not 1 <= lbits <= 56
+            or (n_seen + n_recs) * lbits + filled * hbits > 8 * len(data)
+        ):
             raise ValueError("not a metarec user state (inconsistent header)")
         parts: tuple[tuple[str, int], ...]
         if f & _RAW_WEIGHTS:
             parts = (("raw", 4 * filled),)
         else:
             parts = (("pal2", 2 * ncodes) if f & _PALETTE16 else ("pal4", 4 * ncodes),)
-        parts += (("delta", 4 * dim), ("hist", -(-filled * hbits // 8)),
-                  ("list", -(-(n_seen + n_recs) * lbits // 8)))
+        parts += (
+            ("delta", 4 * dim),
+            ("hist", -(-filled * hbits // 8)),
+            ("list", -(-(n_seen + n_recs) * lbits // 8)),
+        )
         for name, size in parts:
-            chunks[name].append(data[pos:pos + size])
+            chunks[name].append(data[pos : pos + size])
             pos += size
         if pos > len(data):
-            raise ValueError(f"truncated metarec user state: {len(data)} bytes, its header "
-                             f"describes at least {pos}")
+            raise ValueError(
+                f"truncated metarec user state: {len(data)} bytes, its header "
+                f"describes at least {pos}"
+            )
         chunks["ts"].append(data[pos:])
-        heads.append((f, dim, length, version, n_recs, hbits, lbits, ncodes, n_events, n_lead,
-                      n_seen, unzigzag_int(zz), domain))
+        heads.append(
+            (
+                f,
+                dim,
+                length,
+                version,
+                n_recs,
+                hbits,
+                lbits,
+                ncodes,
+                n_events,
+                n_lead,
+                n_seen,
+                unzigzag_int(zz),
+                domain,
+            )
+        )
     n = len(heads)
     col = list(zip(*heads, strict=True))
     flags = np.asarray(col[0], np.int64)
@@ -358,9 +425,13 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     pal_at = np.zeros(n, np.int64)
     pal_at[half_rows] = starts(ncodes[half_rows])
     pal_at[full_rows] = pal2.size + starts(ncodes[full_rows])
-    weights = np.concatenate((pal2, pal4))[np.minimum(
-        pal_at[slot_row] + codes, max(pal2.size + pal4.size - 1, 0))] \
-        if pal2.size + pal4.size else np.zeros(items.size, np.float32)
+    weights = (
+        np.concatenate((pal2, pal4))[
+            np.minimum(pal_at[slot_row] + codes, max(pal2.size + pal4.size - 1, 0))
+        ]
+        if pal2.size + pal4.size
+        else np.zeros(items.size, np.float32)
+    )
     if raw_rows.any():
         raw = np.frombuffer(b"".join(chunks["raw"]), "<f4").astype(np.float32)
         weights[np.repeat(raw_rows, n_filled)] = raw
@@ -389,18 +460,41 @@ def _decode_current(blobs: Sequence[bytes]) -> list[UserState]:
     tail_items = hist_items[tails]
     out = []
     list_at, d_at = starts(n_listed).tolist(), starts(np.asarray(col[1], np.int64)).tolist()
-    for r, (f, dim, size, version, n_recs, _, _, _, n_events, _, n_seen, last_ts,
-            domain) in enumerate(heads):
+    for r, (
+        f,
+        dim,
+        size,
+        version,
+        n_recs,
+        _,
+        _,
+        _,
+        n_events,
+        _,
+        n_seen,
+        last_ts,
+        domain,
+    ) in enumerate(heads):
         lo = int(base[r])
-        items_r = hist_items[lo:lo + size]
+        items_r = hist_items[lo : lo + size]
         at = list_at[r]
-        seen = seen_all[at:at + n_seen]
+        seen = seen_all[at : at + n_seen]
         if f & _SEEN_EXTRA:
-            seen = np.concatenate((seen, tail_items[tail_at[r]:tail_at[r + 1]]))
-        out.append(UserState(delta[d_at[r]:d_at[r] + dim], items_r, hist_weights[lo:lo + size],
-                             hist_ts[lo:lo + size], seen,
-                             seen_all[at + n_seen:at + n_seen + n_recs], version, n_events,
-                             last_ts, domain))
+            seen = np.concatenate((seen, tail_items[tail_at[r] : tail_at[r + 1]]))
+        out.append(
+            UserState(
+                delta[d_at[r] : d_at[r] + dim],
+                items_r,
+                hist_weights[lo : lo + size],
+                hist_ts[lo : lo + size],
+                seen,
+                seen_all[at + n_seen : at + n_seen + n_recs],
+                version,
+                n_events,
+                last_ts,
+                domain,
+            )
+        )
     return out
 
 
@@ -413,43 +507,74 @@ def _decode_earlier(blobs: Sequence[bytes]) -> list[UserState]:
             raise ValueError("not a metarec user state (bad magic)")
         if len(data) < _HEADER.size + (data[:3] == _MAGIC):
             raise ValueError(f"truncated metarec user state: {len(data)} bytes")
-        (magic, d, length, n_seen, n_recs, version, n_events, last_ts,
-         n_dom) = _HEADER.unpack_from(data)
+        (magic, d, length, n_seen, n_recs, version, n_events, last_ts, n_dom) = _HEADER.unpack_from(
+            data
+        )
         pos = _HEADER.size
         flags = 0
         if magic == _MAGIC:
             (flags,) = _FLAGS.unpack_from(data, pos)
             pos += _FLAGS.size
-        domain = data[pos:pos + n_dom].decode("utf-8")
+        domain = data[pos : pos + n_dom].decode("utf-8")
         pos += n_dom
         isz = 2 if flags & _ITEMS16 else 4
         wsz = 2 if flags & _WEIGHTS16 else 4
         tsz = 4 if flags & _TS32 else 8
-        spans = (("delta", 4, d), (f"items{isz}", isz, length), (f"w{wsz}", wsz, length),
-                 (f"ts{tsz}", tsz, length), (f"items{isz}", isz, n_seen),
-                 (f"items{isz}", isz, n_recs))
+        spans = (
+            ("delta", 4, d),
+            (f"items{isz}", isz, length),
+            (f"w{wsz}", wsz, length),
+            (f"ts{tsz}", tsz, length),
+            (f"items{isz}", isz, n_seen),
+            (f"items{isz}", isz, n_recs),
+        )
         for name, size, count in spans:
-            parts.setdefault(name, []).append(data[pos:pos + size * count])
+            parts.setdefault(name, []).append(data[pos : pos + size * count])
             pos += size * count
         if pos > len(data):
-            raise ValueError(f"truncated metarec user state: {len(data)} bytes, its header "
-                             f"describes {pos}")
-        heads.append((d, length, n_seen, n_recs, version, n_events, last_ts, domain, flags,
-                      isz, wsz, tsz))
-    dtypes = {"delta": "<f4", "items2": "<i2", "items4": "<i4", "w2": "<f2", "w4": "<f4",
-              "ts4": "<i4", "ts8": "<i8"}
-    arrays = {name: np.frombuffer(b"".join(chunks), dtypes[name]).astype(
-        np.float32 if name[0] in "dw" else np.int64) for name, chunks in parts.items()}
+            raise ValueError(
+                f"truncated metarec user state: {len(data)} bytes, its header describes {pos}"
+            )
+        heads.append(
+            (d, length, n_seen, n_recs, version, n_events, last_ts, domain, flags, isz, wsz, tsz)
+        )
+    dtypes = {
+        "delta": "<f4",
+        "items2": "<i2",
+        "items4": "<i4",
+        "w2": "<f2",
+        "w4": "<f4",
+        "ts4": "<i4",
+        "ts8": "<i8",
+    }
+    arrays = {
+        name: np.frombuffer(b"".join(chunks), dtypes[name]).astype(
+            np.float32 if name[0] in "dw" else np.int64
+        )
+        for name, chunks in parts.items()
+    }
     at = dict.fromkeys(arrays, 0)
 
     def take(name: str, count: int) -> npt.NDArray[Any]:
         lo = at[name]
         at[name] = lo + count
-        return arrays[name][lo:lo + count]
+        return arrays[name][lo : lo + count]
 
     out = []
-    for (d, length, n_seen, n_recs, version, n_events, last_ts, domain, flags, isz, wsz,
-         tsz) in heads:
+    for (
+        d,
+        length,
+        n_seen,
+        n_recs,
+        version,
+        n_events,
+        last_ts,
+        domain,
+        flags,
+        isz,
+        wsz,
+        tsz,
+    ) in heads:
         delta = take("delta", d)
         items = take(f"items{isz}", length)
         weights = take(f"w{wsz}", length)
@@ -460,8 +585,9 @@ def _decode_earlier(blobs: Sequence[bytes]) -> list[UserState]:
         if flags & _SEEN_EXTRA3:
             seen = np.concatenate((seen, _last_occurrences(items)))
         recs = take(f"items{isz}", n_recs)
-        out.append(UserState(delta, items, weights, ts, seen, recs, version, n_events,
-                             last_ts, domain))
+        out.append(
+            UserState(delta, items, weights, ts, seen, recs, version, n_events, last_ts, domain)
+        )
     return out
 
 
@@ -472,8 +598,9 @@ def _last_occurrences(hist_items: npt.NDArray[np.int64]) -> npt.NDArray[np.int64
     return np.fromiter(reversed(last), np.int64, len(last))
 
 
-def _last_occurrence_mask(items: npt.NDArray[np.int64],
-                          starts: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.bool_]:
+def _last_occurrence_mask(
+    items: npt.NDArray[np.int64], starts: npt.NDArray[np.int64] | None = None
+) -> npt.NDArray[np.bool_]:
     """Where each row's history holds an item for the last time (padding excluded): a
     matrix of histories, or histories laid end to end that begin at ``starts``."""
     if starts is not None:
@@ -482,9 +609,13 @@ def _last_occurrence_mask(items: npt.NDArray[np.int64],
             return _last_occurrence_mask(items.reshape(sizes.size, -1)).ravel()
         # Histories of different lengths (rare: a model with another history length):
         # one row at a time.
-        return np.concatenate([_last_occurrence_mask(items[lo:lo + size][None, :]).ravel()
-                               for lo, size in zip(starts.tolist(), sizes.tolist(),
-                                                   strict=True)] + [np.zeros(0, bool)])
+        return np.concatenate(
+            [
+                _last_occurrence_mask(items[lo : lo + size][None, :]).ravel()
+                for lo, size in zip(starts.tolist(), sizes.tolist(), strict=True)
+            ]
+            + [np.zeros(0, bool)]
+        )
     # A stable sort of each row keeps equal items in history order: the last of each run
     # is that item's last occurrence.
     order = np.argsort(items, axis=1, kind="stable")
@@ -496,15 +627,21 @@ def _last_occurrence_mask(items: npt.NDArray[np.int64],
     return mask & (items >= 0)
 
 
-def _ends_with(seen: npt.NDArray[np.int64], seen_size: npt.NDArray[np.int64],
-               tails: npt.NDArray[np.int64], tail_size: npt.NDArray[np.int64]
-               ) -> npt.NDArray[np.bool_]:
+def _ends_with(
+    seen: npt.NDArray[np.int64],
+    seen_size: npt.NDArray[np.int64],
+    tails: npt.NDArray[np.int64],
+    tail_size: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
     """Per row: does its run of ``seen`` end with its run of ``tails``?"""
     fits = seen_size >= tail_size
     rows = np.repeat(np.arange(seen_size.size), tail_size)
     j = np.arange(tails.size) - np.repeat(starts(tail_size), tail_size)
     at = np.repeat(starts(seen_size) + seen_size - tail_size, tail_size) + j
-    ok = fits[rows] & (seen[np.clip(at, 0, max(seen.size - 1, 0))] == tails
-                       if seen.size else np.zeros(tails.size, bool))
+    ok = fits[rows] & (
+        seen[np.clip(at, 0, max(seen.size - 1, 0))] == tails
+        if seen.size
+        else np.zeros(tails.size, bool)
+    )
     out: npt.NDArray[np.bool_] = fits & (np.bincount(rows[~ok], minlength=seen_size.size) == 0)
     return out

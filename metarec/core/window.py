@@ -96,8 +96,9 @@ class EventWindow:
 
         ``since_ts`` leaves out the events before it: the regime before a detected change.
         """
-        events = sorted((e for e in self._events if since_ts is None or e[2] >= since_ts),
-                        key=lambda e: e[2])
+        events = sorted(
+            (e for e in self._events if since_ts is None or e[2] >= since_ts), key=lambda e: e[2]
+        )
         return build_training_data(events, self.item_meta, self.user_meta)
 
     def count_since(self, ts: int) -> int:
@@ -134,7 +135,11 @@ def build_training_data(
         g[k] = domains.index(domain)
         f[k] = first
     return TrainingData(
-        users=u, items=i, ts=t, weights=w, domains=g,
+        users=u,
+        items=i,
+        ts=t,
+        weights=w,
+        domains=g,
         item_ids=items.names,
         item_features=[item_meta.get(x, ("", ()))[1] for x in items.names],
         item_domains=np.asarray(item_domain, np.int64),

@@ -49,15 +49,35 @@ LIKE_THRESHOLD = 4.0
 #: The genre vocabulary of ``u.genre``, used when that file is absent. Its first flag,
 #: "unknown", marks movies with no genre and so becomes no feature (like "(no genres listed)").
 ML100K_GENRES: tuple[str, ...] = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 _NO_GENRE = frozenset({"unknown", "(no genres listed)"})
 #: The age groups of MovieLens 1M, the standard bucketing of ML user ages.
 _AGE_BUCKETS: tuple[tuple[int, str], ...] = (
-    (18, "age:<18"), (25, "age:18-24"), (35, "age:25-34"), (45, "age:35-44"),
-    (50, "age:45-49"), (56, "age:50-55"),
+    (18, "age:<18"),
+    (25, "age:18-24"),
+    (35, "age:25-34"),
+    (45, "age:35-44"),
+    (50, "age:45-49"),
+    (56, "age:50-55"),
 )
 _OLDEST_BUCKET = "age:56+"
 _MS_PER_S = 1000
@@ -348,9 +368,7 @@ def _read_csv_movies(path: Path) -> dict[str, tuple[str, ...]]:
                     f"{where}: expected 3 fields (movieId, title, genres), got {len(row)}"
                 )
             item = _check_id(row[0], where, "movieId")
-            features = [
-                f"genre:{g}" for g in row[2].split("|") if g and g not in _NO_GENRE
-            ]
+            features = [f"genre:{g}" for g in row[2].split("|") if g and g not in _NO_GENRE]
             match = _TITLE_YEAR.search(row[1])
             if match:
                 features.append(_decade(int(match.group(1))))

@@ -23,8 +23,9 @@ SYNTHETIC_SPECS: dict[str, SyntheticConfig] = {
     "synthetic": SyntheticConfig(),
     "synthetic-small": SyntheticConfig.small(),
     # The big-catalogue check: candidate scoring against exact scoring (docs/RESULTS.md).
-    "synthetic-100k-items": SyntheticConfig(name="synthetic-100k-items", n_users=10_000,
-                                            n_items=100_000),
+    "synthetic-100k-items": SyntheticConfig(
+        name="synthetic-100k-items", n_users=10_000, n_items=100_000
+    ),
 }
 
 

@@ -198,25 +198,42 @@ class SyntheticConfig:
             )
         if self.n_items < len(self.domains):
             raise ConfigError(f"n_items ({self.n_items}) must be at least one per domain")
-        positive = ("mean_events_per_user", "max_events_per_user", "mean_session_length",
-                    "duration_days", "temperature")
+        positive = (
+            "mean_events_per_user",
+            "max_events_per_user",
+            "mean_session_length",
+            "duration_days",
+            "temperature",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.mean_session_length < 1:
             raise ConfigError(f"mean_session_length must be >= 1, got {self.mean_session_length}")
-        fractions = ("initial_item_fraction", "change_fraction", "cross_domain_fraction",
-                     "profile_rate", "dislike_rate")
+        fractions = (
+            "initial_item_fraction",
+            "change_fraction",
+            "cross_domain_fraction",
+            "profile_rate",
+            "dislike_rate",
+        )
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.change_at is not None and not 0.0 < self.change_at < 1.0:
             raise ConfigError(f"change_at must be in (0, 1) or None, got {self.change_at!r}")
         if self.change_kind not in CHANGE_KINDS:
-            raise ConfigError(f"change_kind must be one of {CHANGE_KINDS}, got "
-                              f"{self.change_kind!r}")
-        non_negative = ("zipf_exponent", "popularity_weight", "novelty_boost", "drift_per_day",
-                        "domain_shift", "profile_noise")
+            raise ConfigError(
+                f"change_kind must be one of {CHANGE_KINDS}, got {self.change_kind!r}"
+            )
+        non_negative = (
+            "zipf_exponent",
+            "popularity_weight",
+            "novelty_boost",
+            "drift_per_day",
+            "domain_shift",
+            "profile_noise",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -230,8 +247,13 @@ class SyntheticConfig:
         >>> SyntheticConfig.small().name
         'synthetic-small'
         """
-        return cls(name="synthetic-small", n_users=400, n_items=600,
-                   mean_events_per_user=10.0, max_events_per_user=150)
+        return cls(
+            name="synthetic-small",
+            n_users=400,
+            n_items=600,
+            mean_events_per_user=10.0,
+            max_events_per_user=150,
+        )
 
 
 @dataclass(frozen=True)
@@ -376,15 +398,15 @@ def _profile(
     )
 
 
-def _event_types(
-    cfg: SyntheticConfig, rng: np.random.Generator, affinity: FloatArray
-) -> list[str]:
+def _event_types(cfg: SyntheticConfig, rng: np.random.Generator, affinity: FloatArray) -> list[str]:
     n = affinity.shape[0]
     p_like = 1.0 / (1.0 + np.exp(-LIKE_SHARPNESS * (affinity - cfg.like_threshold)))
     like = rng.random(size=n) < p_like
     dislike = ~like & (affinity < DISLIKE_BELOW) & (rng.random(size=n) < cfg.dislike_rate)
-    return ["like" if lk else "dislike" if dk else "click"
-            for lk, dk in zip(like.tolist(), dislike.tolist(), strict=True)]
+    return [
+        "like" if lk else "dislike" if dk else "click"
+        for lk, dk in zip(like.tolist(), dislike.tolist(), strict=True)
+    ]
 
 
 @dataclass
@@ -408,10 +430,14 @@ def _make_users(
 ) -> _Users:
     start, end = START_MS, _end_ms(cfg)
     n_initial = round(INITIAL_USER_FRACTION * cfg.n_users)
-    arrival = np.sort(np.concatenate((
-        rng.uniform(start, start + INITIAL_USER_DAYS * DAY_MS, size=n_initial),
-        rng.uniform(start, end - DAY_MS, size=cfg.n_users - n_initial),
-    ))).astype(np.int64)
+    arrival = np.sort(
+        np.concatenate(
+            (
+                rng.uniform(start, start + INITIAL_USER_DAYS * DAY_MS, size=n_initial),
+                rng.uniform(start, end - DAY_MS, size=cfg.n_users - n_initial),
+            )
+        )
+    ).astype(np.int64)
     latent = rng.normal(size=(cfg.n_users, cfg.dim))
     home = rng.integers(len(cfg.domains), size=cfg.n_users).astype(np.int64)
     ids = [f"u{k}" for k in range(cfg.n_users)]
@@ -488,9 +514,9 @@ def _user_rows(
     after = ts >= change_ts if change_ts is not None else np.zeros(ts.shape, dtype=bool)
     # A segment is a run of events with one taste and one domain: a session, split at the
     # abrupt change so that the recorded change time is exact.
-    cut = np.flatnonzero(
-        (np.diff(session) != 0) | (np.diff(domain) != 0) | (np.diff(after) != 0)
-    ) + 1
+    cut = (
+        np.flatnonzero((np.diff(session) != 0) | (np.diff(domain) != 0) | (np.diff(after) != 0)) + 1
+    )
     z = users.latent[k].copy()
     last_ts = int(users.arrival[k])
     consumed: dict[int, list[int]] = {}
@@ -510,12 +536,18 @@ def _user_rows(
         n_pick = min(b - a, m - len(seen))
         if n_pick <= 0:
             continue
-        vectors, log_pop = ((dom.vectors_after, dom.log_pop_after) if catalog_changed
-                            else (dom.vectors, dom.log_pop))
+        vectors, log_pop = (
+            (dom.vectors_after, dom.log_pop_after)
+            if catalog_changed
+            else (dom.vectors, dom.log_pop)
+        )
         affinity = vectors[:m] @ (maps[dom.name] @ z)
         launch_age = (t0 - dom.arrival[:m]) / (NOVELTY_DAYS * DAY_MS)
-        logits = (affinity / cfg.temperature + cfg.popularity_weight * log_pop[:m]
-                  + cfg.novelty_boost * np.exp(-launch_age))
+        logits = (
+            affinity / cfg.temperature
+            + cfg.popularity_weight * log_pop[:m]
+            + cfg.novelty_boost * np.exp(-launch_age)
+        )
         logits[seen] = -np.inf
         # Gumbel top-k: the same law as drawing from the softmax one item at a time.
         noisy = logits + rng.gumbel(size=m)
@@ -574,8 +606,12 @@ def generate_with_truth(config: SyntheticConfig, seed: int) -> tuple[Dataset, Sy
     for e in events:
         first_in.setdefault((e.user, e.domain), e.ts)
     move_facts = [
-        {"user": users.ids[k], "from": cfg.domains[users.home[k]], "to": cfg.domains[target],
-         "ts": first_in[(users.ids[k], cfg.domains[target])]}
+        {
+            "user": users.ids[k],
+            "from": cfg.domains[users.home[k]],
+            "to": cfg.domains[target],
+            "ts": first_in[(users.ids[k], cfg.domains[target])],
+        }
         for k, (_, target) in moves.items()
         if (users.ids[k], cfg.domains[target]) in first_in
     ]
@@ -616,4 +652,3 @@ def generate(config: SyntheticConfig, seed: int) -> Dataset:
     True
     """
     return generate_with_truth(config, seed)[0]
-

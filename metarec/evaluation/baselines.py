@@ -462,8 +462,9 @@ class EASE:
         seed: int = 0,
     ):
         if not lambdas or min(lambdas) <= 0:
-            raise ConfigError(f"lambdas must be a non-empty grid of positive values, got "
-                              f"{lambdas!r}")
+            raise ConfigError(
+                f"lambdas must be a non-empty grid of positive values, got {lambdas!r}"
+            )
         if refit_every < 1:
             raise ConfigError(f"refit_every must be >= 1, got {refit_every}")
         if max_items < 1:

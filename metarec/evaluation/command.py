@@ -39,34 +39,54 @@ METHODS: tuple[str, ...] = (*BASELINES, "metarec", "metarec_no_meta")
 
 def methods_for(settings: Settings) -> dict[str, Factory]:
     """The factories of :data:`METHODS`; metarec runs under ``settings``, as the services."""
-    return {**BASELINES,
-            "metarec": functools.partial(metarec_factory, settings=settings),
-            "metarec_no_meta": functools.partial(metarec_no_meta_factory, settings=settings)}
+    return {
+        **BASELINES,
+        "metarec": functools.partial(metarec_factory, settings=settings),
+        "metarec_no_meta": functools.partial(metarec_no_meta_factory, settings=settings),
+    }
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data",
-                      help="a MovieLens folder (ml-100k or a CSV release), 'synthetic' or "
-                           "'synthetic-small'")
-    what.add_argument("--suite", metavar="ML100K_DIR", type=Path,
-                      help="the robustness suite on the MovieLens 100K folder given and its "
-                           "variants (no profiles, timestamps x30, a third of the users) and "
-                           "the synthetic stream")
-    what.add_argument("--scenario", choices=sorted(SCENARIOS),
-                      help="a named synthetic scenario instead: drift or cross-domain")
-    parser.add_argument("--small", action="store_true",
-                        help="with --scenario: a small stream (for a quick look)")
+    what.add_argument(
+        "--data",
+        help="a MovieLens folder (ml-100k or a CSV release), 'synthetic' or 'synthetic-small'",
+    )
+    what.add_argument(
+        "--suite",
+        metavar="ML100K_DIR",
+        type=Path,
+        help="the robustness suite on the MovieLens 100K folder given and its "
+        "variants (no profiles, timestamps x30, a third of the users) and "
+        "the synthetic stream",
+    )
+    what.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        help="a named synthetic scenario instead: drift or cross-domain",
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="with --scenario: a small stream (for a quick look)"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of: " + ", ".join(METHODS),
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--out", type=Path, default=Path("eval-out"),
-                        help="folder for results.md and hr_by_event.png, or SCENARIO.png "
-                             "(default: eval-out)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="parallel processes (default: one per core); results do not "
-                             "depend on it")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("eval-out"),
+        help="folder for results.md and hr_by_event.png, or SCENARIO.png (default: eval-out)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="parallel processes (default: one per core); results do not depend on it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -74,8 +94,11 @@ def run_eval(args: argparse.Namespace) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
-        print(f"metarec eval: unknown method(s) {', '.join(unknown)}; choose from "
-              f"{', '.join(METHODS)}", file=sys.stderr)
+        print(
+            f"metarec eval: unknown method(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(METHODS)}",
+            file=sys.stderr,
+        )
         return 2
     if args.seeds < 1 or args.workers < 1:
         print("metarec eval: --seeds and --workers must be at least 1", file=sys.stderr)
@@ -94,9 +117,14 @@ def run_eval(args: argparse.Namespace) -> int:
         return _run_suite(args, chosen)
     dataset = load_dataset(args.data)
     started = time.perf_counter()
-    report = evaluate(dataset, chosen, list(range(args.seeds)),
-                      progress=not args.no_progress, deterministic=DETERMINISTIC,
-                      workers=args.workers)
+    report = evaluate(
+        dataset,
+        chosen,
+        list(range(args.seeds)),
+        progress=not args.no_progress,
+        deterministic=DETERMINISTIC,
+        workers=args.workers,
+    )
     elapsed = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(report)
@@ -108,22 +136,33 @@ def run_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(table)
-    print(f"\n{len(names)} methods x {args.seeds} seeds on {report.dataset}: "
-          f"{elapsed:.0f} s; wrote {args.out / 'results.md'} and "
-          f"{args.out / 'hr_by_event.png'}" + (f" and {args.json}" if args.json else ""))
+    print(
+        f"\n{len(names)} methods x {args.seeds} seeds on {report.dataset}: "
+        f"{elapsed:.0f} s; wrote {args.out / 'results.md'} and "
+        f"{args.out / 'hr_by_event.png'}" + (f" and {args.json}" if args.json else "")
+    )
     return 0
 
 
 def _run_suite(args: argparse.Namespace, methods: dict[str, Factory]) -> int:
     started = time.perf_counter()
     datasets = suite.suite_datasets(args.suite)
-    result = suite.run_suite(datasets, methods, list(range(args.seeds)),
-                             workers=args.workers, progress=not args.no_progress)
+    result = suite.run_suite(
+        datasets,
+        methods,
+        list(range(args.seeds)),
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     result = suite.SuiteReport(result.reports, time.perf_counter() - started)
     checks = suite.check_targets(result)
-    text = (f"Robustness suite, {args.seeds} seed(s), HR@10 with 95% bootstrap intervals "
-            "over users (best baseline in italics, metarec in bold where it beats it):\n\n"
-            + suite.to_markdown(result) + "\nTargets:\n\n" + suite.targets_markdown(checks))
+    text = (
+        f"Robustness suite, {args.seeds} seed(s), HR@10 with 95% bootstrap intervals "
+        "over users (best baseline in italics, metarec in bold where it beats it):\n\n"
+        + suite.to_markdown(result)
+        + "\nTargets:\n\n"
+        + suite.targets_markdown(checks)
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.md").write_text(text)
     suite.plot_png(result, args.out / "suite.png")
@@ -131,17 +170,21 @@ def _run_suite(args: argparse.Namespace, methods: dict[str, Factory]) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     print(text)
-    print(f"{len(methods)} methods x {args.seeds} seeds x {len(datasets)} datasets: "
-          f"{result.wall_time_s:.0f} s; wrote {args.out / 'suite.md'} and "
-          f"{args.out / 'suite.png'}" + (f" and {args.json}" if args.json else ""))
+    print(
+        f"{len(methods)} methods x {args.seeds} seeds x {len(datasets)} datasets: "
+        f"{result.wall_time_s:.0f} s; wrote {args.out / 'suite.md'} and "
+        f"{args.out / 'suite.png'}" + (f" and {args.json}" if args.json else "")
+    )
     return 0
 
 
 def _run_scenario(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = SCENARIOS[args.scenario](list(range(args.seeds)), small=args.small,
-                                      progress=None if args.no_progress else
-                                      lambda msg: print(f"... {msg}", file=sys.stderr))
+    result = SCENARIOS[args.scenario](
+        list(range(args.seeds)),
+        small=args.small,
+        progress=None if args.no_progress else lambda msg: print(f"... {msg}", file=sys.stderr),
+    )
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -61,20 +61,28 @@ class OnlineMetarec:
         scenario's comparison).
     """
 
-    def __init__(self, stream: EncodedStream, *, settings: Settings | None = None,
-                 trainer: MetaTrainer | None = None, seed: int = 0,
-                 handle_drift: bool = True) -> None:
+    def __init__(
+        self,
+        stream: EncodedStream,
+        *,
+        settings: Settings | None = None,
+        trainer: MetaTrainer | None = None,
+        seed: int = 0,
+        handle_drift: bool = True,
+    ) -> None:
         s = dataclasses.replace(settings or Settings.defaults(), seed=seed)
         self.stream = stream
         self.settings = s
         self.learner = Learner.from_settings(s, handle_drift=handle_drift)
         self.window = EventWindow(s.window_events)
         self.schedule = RetrainSchedule.from_settings(s)
-        self.retrainer = Retrainer(dataclasses.replace(trainer, seed=seed) if trainer
-                                   else Retrainer.trainer_for(s))
+        self.retrainer = Retrainer(
+            dataclasses.replace(trainer, seed=seed) if trainer else Retrainer.trainer_for(s)
+        )
         for idx, item in enumerate(stream.item_ids):
-            self.window.describe_item(item, stream.domain_names[int(stream.item_domains[idx])],
-                                      stream.item_features[idx])
+            self.window.describe_item(
+                item, stream.domain_names[int(stream.item_domains[idx])], stream.item_features[idx]
+            )
         self.profiles: dict[str, Sequence[str] | None] = {}
         for uid, feats in zip(stream.user_ids, stream.user_features, strict=True):
             if feats:
@@ -101,8 +109,9 @@ class OnlineMetarec:
         state = self.states.get(uid)
         if state is None:
             state = self.learner.new_state()
-        scores = self.learner.scores([uid], {uid: state}, self.profiles,
-                                     domains=[self.stream.domain_names[domain]])[0]
+        scores = self.learner.scores(
+            [uid], {uid: state}, self.profiles, domains=[self.stream.domain_names[domain]]
+        )[0]
         out = np.zeros(n_items)
         m = min(n_items, scores.size)
         out[:m] = scores[:m]
@@ -116,10 +125,12 @@ class OnlineMetarec:
         st = self.stream
         items = np.fromiter((self._register(x.item) for x in xs), np.int64, len(xs))
         batch = EventBatch(
-            users=[st.user_ids[x.user] for x in xs], items=items,
+            users=[st.user_ids[x.user] for x in xs],
+            items=items,
             weights=np.array([x.weight for x in xs], np.float32),
             ts=np.array([x.ts for x in xs], np.int64),
-            domains=[st.domain_names[x.domain] for x in xs])
+            domains=[st.domain_names[x.domain] for x in xs],
+        )
         outcome = self.learner.learn_many(batch, self.states, self.profiles)
         self.states.update(outcome.states)
         for u in outcome.states:
@@ -129,20 +140,27 @@ class OnlineMetarec:
             self._recent.popitem(last=False)
         self.user_drifts += len(outcome.drifted)
         if self.learner.model is not None:
-            self.partials = self.partials.merge(outcome.partials) \
-                if self.partials.sums.shape[1] == outcome.partials.sums.shape[1] \
+            self.partials = (
+                self.partials.merge(outcome.partials)
+                if self.partials.sums.shape[1] == outcome.partials.sums.shape[1]
                 else outcome.partials
+            )
         for req in self.learner.observe(batch, outcome):
             self._ask(req)
         for x in xs:
-            self.window.append(st.user_ids[x.user], st.item_ids[x.item], x.ts, x.weight,
-                               st.domain_names[x.domain])
+            self.window.append(
+                st.user_ids[x.user], st.item_ids[x.item], x.ts, x.weight, st.domain_names[x.domain]
+            )
         self.new_events += len(xs)
         reason = self.schedule.due(
-            has_model=self.learner.model is not None, window_events=len(self.window),
-            new_events=self.new_events, request=self.request,
-            events_since_floor=None if self.floor is None or self.request is None
-            else self.window.count_since(self.floor))
+            has_model=self.learner.model is not None,
+            window_events=len(self.window),
+            new_events=self.new_events,
+            request=self.request,
+            events_since_floor=None
+            if self.floor is None or self.request is None
+            else self.window.count_since(self.floor),
+        )
         if reason is not None:
             self._cycle(reason)
 
@@ -163,15 +181,16 @@ class OnlineMetarec:
         model, folded = self.retrainer.fold(model, current, [self.partials])
         self.partials = PartialSums.zeros(1, 1)
         self.new_events = 0
-        self.trainings.append(dict(model.info, at_event=self._events_seen(), reason=reason,
-                                   folded_weight=folded))
+        self.trainings.append(
+            dict(model.info, at_event=self._events_seen(), reason=reason, folded_weight=folded)
+        )
         req = self.learner.load(model)
         if req is not None:
             self._ask(req)
         # As a consumer does between batches: the lists of recent users, under the new model.
         recent = [u for u in self._recent if u in self.states]
         for k in range(0, len(recent), REFRESH_BATCH):
-            chunk = recent[k:k + REFRESH_BATCH]
+            chunk = recent[k : k + REFRESH_BATCH]
             self.learner.refresh(chunk, {u: self.states[u] for u in chunk}, self.profiles)
 
     def _events_seen(self) -> int:
@@ -182,25 +201,30 @@ class OnlineMetarec:
         if item < len(self.learner.catalog):
             return item
         # Items are numbered by first appearance, so this one is the catalog's next.
-        idx = self.learner.register(st.item_ids[item],
-                                    st.domain_names[int(st.item_domains[item])],
-                                    st.item_features[item])
+        idx = self.learner.register(
+            st.item_ids[item], st.domain_names[int(st.item_domains[item])], st.item_features[item]
+        )
         if idx != item:
-            raise ValueError(f"item {st.item_ids[item]!r} got index {idx}, expected {item}: "
-                             "items must be learned in order of first appearance")
+            raise ValueError(
+                f"item {st.item_ids[item]!r} got index {idx}, expected {item}: "
+                "items must be learned in order of first appearance"
+            )
         return idx
 
 
-def metarec_factory(stream: EncodedStream, seed: int,
-                    settings: Settings | None = None) -> OnlineMetarec:
+def metarec_factory(
+    stream: EncodedStream, seed: int, settings: Settings | None = None
+) -> OnlineMetarec:
     """Full metarec, as the services run it (under ``settings``, default: the defaults)."""
     return OnlineMetarec(stream, settings=settings, seed=seed)
 
 
-def metarec_no_meta_factory(stream: EncodedStream, seed: int,
-                            settings: Settings | None = None) -> OnlineMetarec:
+def metarec_no_meta_factory(
+    stream: EncodedStream, seed: int, settings: Settings | None = None
+) -> OnlineMetarec:
     """The ablation: plain init, fixed step sizes, no mappings, one set of prior weights
     for every history length."""
     s = settings or Settings.defaults()
-    return OnlineMetarec(stream, settings=s, trainer=Retrainer.trainer_for(s, meta=False),
-                         seed=seed)
+    return OnlineMetarec(
+        stream, settings=s, trainer=Retrainer.trainer_for(s, meta=False), seed=seed
+    )

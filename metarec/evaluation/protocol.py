@@ -388,8 +388,9 @@ def prequential(
             out_hr.append(hr)
             out_ndcg.append(ndcg)
             out_rank.append(rank)
-        group = [Interaction(users[t], items[t], tss[t], domains[t], weights[t])
-                 for t in range(a, b)]
+        group = [
+            Interaction(users[t], items[t], tss[t], domains[t], weights[t]) for t in range(a, b)
+        ]
         if many is not None:
             many(group)
         else:
@@ -519,7 +520,6 @@ class EvaluationReport:
     results: dict[str, Result]
 
 
-
 @dataclass(frozen=True, eq=False)
 class Job:
     """One prequential run: a method on a stream with a seed."""
@@ -532,8 +532,12 @@ class Job:
     k: int = 10
 
 
-def run_jobs(jobs: Sequence[Job], *, workers: int = 1, progress: bool = True,
-             ) -> list[tuple[PrequentialRecords, float]]:
+def run_jobs(
+    jobs: Sequence[Job],
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[tuple[PrequentialRecords, float]]:
     """Run ``jobs`` and return each one's records and wall time, in the order given.
 
     With ``workers > 1`` they run in that many fresh processes (spawned, one thread of
@@ -544,39 +548,62 @@ def run_jobs(jobs: Sequence[Job], *, workers: int = 1, progress: bool = True,
     if workers <= 1 or len(jobs) <= 1:
         out = []
         for job in jobs:
-            with tqdm(total=job.stream.n_events, desc=f"{job.stream.name} {job.method} "
-                      f"seed={job.seed}", unit="ev", disable=not progress, leave=False) as bar:
+            with tqdm(
+                total=job.stream.n_events,
+                desc=f"{job.stream.name} {job.method} seed={job.seed}",
+                unit="ev",
+                disable=not progress,
+                leave=False,
+            ) as bar:
                 out.append(_run_job(job, bar.update))
         return out
     # A metarec run costs about ten times a baseline's: start those first, so the last
     # jobs to finish are short ones.
-    order = sorted(range(len(jobs)), key=lambda j: -jobs[j].stream.n_events * (
-        10 if jobs[j].method.startswith("metarec") else 1))
+    order = sorted(
+        range(len(jobs)),
+        key=lambda j: (
+            -jobs[j].stream.n_events * (10 if jobs[j].method.startswith("metarec") else 1)
+        ),
+    )
     results: dict[int, tuple[PrequentialRecords, float]] = {}
     context = multiprocessing.get_context("spawn")
     with _single_threaded_children(), ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = {pool.submit(_run_job, jobs[j]): j for j in order}
-        with tqdm(total=len(jobs), desc="prequential runs", unit="run",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(jobs), desc="prequential runs", unit="run", disable=not progress
+        ) as bar:
             for done in as_completed(futures):
                 results[futures[done]] = done.result()
                 bar.update(1)
     return [results[j] for j in range(len(jobs))]
 
 
-def _run_job(job: Job, progress: Callable[[int], object] | None = None,
-             ) -> tuple[PrequentialRecords, float]:
+def _run_job(
+    job: Job,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[PrequentialRecords, float]:
     start = time.perf_counter()
-    records = prequential(job.stream, job.factory, seed=job.seed,
-                          evaluated_users=job.evaluated_users, k=job.k, progress=progress)
+    records = prequential(
+        job.stream,
+        job.factory,
+        seed=job.seed,
+        evaluated_users=job.evaluated_users,
+        k=job.k,
+        progress=progress,
+    )
     return records, time.perf_counter() - start
 
 
 @contextlib.contextmanager
 def _single_threaded_children() -> Iterator[None]:
     """Children spawned inside inherit one-thread settings for BLAS and TensorFlow."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-             "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+    names = (
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "TF_NUM_INTRAOP_THREADS",
+        "TF_NUM_INTEROP_THREADS",
+    )
     quiet = "TF_CPP_MIN_LOG_LEVEL"  # TensorFlow's C++ start-up chatter, once per worker
     saved = {name: os.environ.get(name) for name in (*names, quiet)}
     os.environ.update({name: "1" for name in names})
@@ -591,17 +618,32 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def jobs_for(stream: EncodedStream, methods: Mapping[str, Factory], seeds: Sequence[int], *,
-             k: int = 10, deterministic: Collection[str] = ()) -> list[Job]:
+def jobs_for(
+    stream: EncodedStream,
+    methods: Mapping[str, Factory],
+    seeds: Sequence[int],
+    *,
+    k: int = 10,
+    deterministic: Collection[str] = (),
+) -> list[Job]:
     """One job per method and seed (one per method for the ``deterministic`` ones)."""
     users = select_evaluated_users(stream)
-    return [Job(stream, name, factory, seed, users, k) for name, factory in methods.items()
-            for seed in (seeds[:1] if name in deterministic else seeds)]
+    return [
+        Job(stream, name, factory, seed, users, k)
+        for name, factory in methods.items()
+        for seed in (seeds[:1] if name in deterministic else seeds)
+    ]
 
 
-def report_from(stream: EncodedStream, jobs: Sequence[Job],
-                results: Sequence[tuple[PrequentialRecords, float]], seeds: Sequence[int], *,
-                k: int = 10, n_boot: int = DEFAULT_BOOTSTRAPS) -> EvaluationReport:
+def report_from(
+    stream: EncodedStream,
+    jobs: Sequence[Job],
+    results: Sequence[tuple[PrequentialRecords, float]],
+    seeds: Sequence[int],
+    *,
+    k: int = 10,
+    n_boot: int = DEFAULT_BOOTSTRAPS,
+) -> EvaluationReport:
     """Aggregate the runs of ``jobs`` on ``stream`` into a report (a deterministic method's
     single run stands for every seed)."""
     by_method: dict[str, list[tuple[PrequentialRecords, float]]] = {}
@@ -612,15 +654,21 @@ def report_from(stream: EncodedStream, jobs: Sequence[Job],
     for name, runs in by_method.items():
         records = [r for r, _ in runs]
         records += [records[0]] * (len(seeds) - len(records))
-        out[name] = Result(method=name,
-                           buckets=aggregate(records, n_boot=n_boot,
-                                             seed=seeds[0] if seeds else 0),
-                           seeds=tuple(seeds), runs=tuple(records),
-                           wall_time_s=tuple(w for _, w in runs))
-    return EvaluationReport(dataset=stream.name, seeds=tuple(seeds), k=k,
-                            n_events=stream.n_events,
-                            evaluated_users=int(select_evaluated_users(stream).size),
-                            results=out)
+        out[name] = Result(
+            method=name,
+            buckets=aggregate(records, n_boot=n_boot, seed=seeds[0] if seeds else 0),
+            seeds=tuple(seeds),
+            runs=tuple(records),
+            wall_time_s=tuple(w for _, w in runs),
+        )
+    return EvaluationReport(
+        dataset=stream.name,
+        seeds=tuple(seeds),
+        k=k,
+        n_events=stream.n_events,
+        evaluated_users=int(select_evaluated_users(stream).size),
+        results=out,
+    )
 
 
 def evaluate(
@@ -673,8 +721,10 @@ def to_markdown(report: EvaluationReport) -> str:
     for title, attr in ((f"HR@{k}", "hr"), (f"NDCG@{k}", "ndcg")):
         lines += [f"### {title}", "", header, rule]
         for name, res in report.results.items():
-            cells = [_cell(getattr(res.buckets[b], attr), getattr(res.buckets[b], attr + "_ci"))
-                     for b in BUCKETS]
+            cells = [
+                _cell(getattr(res.buckets[b], attr), getattr(res.buckets[b], attr + "_ci"))
+                for b in BUCKETS
+            ]
             ran = [w for w in res.wall_time_s if w > 0] or [0.0]  # deterministic: ran once
             wall = sum(ran) / len(ran)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall:.1f} |")
@@ -715,8 +765,7 @@ def to_json(report: EvaluationReport) -> dict[str, Any]:
             "k": k,
             "n_events": report.n_events,
             "evaluated_users": report.evaluated_users,
-            "wall_time_s": {name: list(res.wall_time_s)
-                            for name, res in report.results.items()},
+            "wall_time_s": {name: list(res.wall_time_s) for name, res in report.results.items()},
         },
     }
     json.dumps(out, allow_nan=False)  # fail here, not in the writer, if a NaN slipped in

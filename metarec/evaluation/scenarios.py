@@ -35,8 +35,7 @@ from metarec.evaluation.baselines import RecentPopularity
 from metarec.evaluation.online import OnlineMetarec
 from metarec.evaluation.protocol import EncodedStream, encode, prequential
 
-__all__ = ["SCENARIOS", "cross_domain", "drift", "plot_png", "recovery_events",
-           "rolling_curve"]
+__all__ = ["SCENARIOS", "cross_domain", "drift", "plot_png", "recovery_events", "rolling_curve"]
 
 #: Events per rolling window of the live hit rate in the drift scenario.
 DRIFT_WINDOW = 300
@@ -52,19 +51,29 @@ def drift_config(small: bool = False) -> SyntheticConfig:
     # The change comes three quarters of the way through the time, about half-way through
     # the events (activity grows over time), once the model has settled.
     base = SyntheticConfig.small() if small else SyntheticConfig(n_users=3000, n_items=2000)
-    return dataclasses.replace(base, name="synthetic-drift", change_at=0.75,
-                               change_kind="catalog", cross_domain_fraction=0.0)
+    return dataclasses.replace(
+        base,
+        name="synthetic-drift",
+        change_at=0.75,
+        change_kind="catalog",
+        cross_domain_fraction=0.0,
+    )
 
 
 def cross_domain_config(small: bool = False) -> SyntheticConfig:
     base = SyntheticConfig.small() if small else SyntheticConfig(n_users=2000, n_items=2000)
-    return dataclasses.replace(base, name="synthetic-cross-domain", change_at=None,
-                               cross_domain_fraction=0.4)
+    return dataclasses.replace(
+        base, name="synthetic-cross-domain", change_at=None, cross_domain_fraction=0.4
+    )
 
 
-def recovery_events(hits: npt.ArrayLike, change: int, window: int = DRIFT_WINDOW,
-                    level: float = RECOVERED, level_window: int = LEVEL_WINDOW,
-                    ) -> tuple[float, int | None]:
+def recovery_events(
+    hits: npt.ArrayLike,
+    change: int,
+    window: int = DRIFT_WINDOW,
+    level: float = RECOVERED,
+    level_window: int = LEVEL_WINDOW,
+) -> tuple[float, int | None]:
     """The live hit rate before ``change`` and the events after it until it is back.
 
     ``before`` is the mean over the ``level_window`` events before the change; the rate
@@ -77,7 +86,7 @@ def recovery_events(hits: npt.ArrayLike, change: int, window: int = DRIFT_WINDOW
     (1.0, 5)
     """
     h = np.asarray(hits, np.float64)
-    before = float(h[max(0, change - level_window):change].mean())
+    before = float(h[max(0, change - level_window) : change].mean())
     rate = _rolling(h, window)[change:]
     below = np.flatnonzero(rate < level * before)
     if below.size == 0:
@@ -86,8 +95,9 @@ def recovery_events(hits: npt.ArrayLike, change: int, window: int = DRIFT_WINDOW
     return before, None if back.size == 0 else int(back[0]) + 1
 
 
-def rolling_curve(hits: npt.ArrayLike, change: int, window: int = DRIFT_WINDOW,
-                  every: int = CURVE_EVERY) -> list[tuple[int, float]]:
+def rolling_curve(
+    hits: npt.ArrayLike, change: int, window: int = DRIFT_WINDOW, every: int = CURVE_EVERY
+) -> list[tuple[int, float]]:
     """``(events after the change, rolling hit rate)`` every ``every`` events, for plots.
 
     >>> rolling_curve([0, 1, 1, 1], change=2, window=2, every=1)
@@ -103,8 +113,9 @@ def _rolling(h: npt.NDArray[np.float64], window: int) -> npt.NDArray[np.float64]
     """The mean of the last ``window`` values (fewer at the start), at every position."""
     csum = np.r_[0.0, np.cumsum(h)]
     ends = np.arange(1, len(h) + 1)
-    out: npt.NDArray[np.float64] = (csum[ends] - csum[np.maximum(ends - window, 0)]) / \
-        np.minimum(ends, window)
+    out: npt.NDArray[np.float64] = (csum[ends] - csum[np.maximum(ends - window, 0)]) / np.minimum(
+        ends, window
+    )
     return out
 
 
@@ -140,14 +151,20 @@ def plot_png(result: dict[str, Any], path: str | Path) -> None:
 def _metarec(handle_drift: bool = True) -> Callable[[EncodedStream, int], OnlineMetarec]:
     def factory(stream: EncodedStream, seed: int) -> OnlineMetarec:
         return OnlineMetarec(stream, seed=seed, handle_drift=handle_drift)
+
     return factory
 
 
-def drift(seeds: Sequence[int], *, small: bool = False,
-          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def drift(
+    seeds: Sequence[int], *, small: bool = False, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Events to recover after an abrupt change, with and without drift handling."""
-    out: dict[str, Any] = {"scenario": "drift", "window": DRIFT_WINDOW, "level": RECOVERED,
-                           "runs": []}
+    out: dict[str, Any] = {
+        "scenario": "drift",
+        "window": DRIFT_WINDOW,
+        "level": RECOVERED,
+        "runs": [],
+    }
     for seed in seeds:
         ds = generate(drift_config(small), seed)
         stream = encode(ds)
@@ -159,8 +176,9 @@ def drift(seeds: Sequence[int], *, small: bool = False,
                 progress(f"drift seed={seed} {name} drift handling")
             rec: list[OnlineMetarec] = []
 
-            def factory(s: EncodedStream, sd: int, handling: bool = handling,
-                        rec: list[OnlineMetarec] = rec) -> OnlineMetarec:
+            def factory(
+                s: EncodedStream, sd: int, handling: bool = handling, rec: list[OnlineMetarec] = rec
+            ) -> OnlineMetarec:
                 rec.append(_metarec(handling)(s, sd))
                 return rec[-1]
 
@@ -172,9 +190,10 @@ def drift(seeds: Sequence[int], *, small: bool = False,
             before, n = recovery_events(hits, at)
             learner = rec[-1]
             run[name] = {
-                "hr_before": round(before, 4), "recovery_events": n,
+                "hr_before": round(before, 4),
+                "recovery_events": n,
                 "curve": rolling_curve(hits, at),
-                "hr_after_1000": round(float(hits[at:at + 1000].mean()), 4),
+                "hr_after_1000": round(float(hits[at : at + 1000].mean()), 4),
                 "trainings": [(t["at_event"], t["reason"]) for t in learner.trainings],
                 "user_drifts": learner.user_drifts,
             }
@@ -187,25 +206,31 @@ def drift(seeds: Sequence[int], *, small: bool = False,
 
 def _split_by_domain(ds: Dataset) -> Dataset:
     """The same stream with each user split into one user per domain (no transfer)."""
-    events = [Event(f"{e.user}@{e.domain}", e.item, e.type, e.ts, e.domain, e.event_id)
-              for e in ds.events]
+    events = [
+        Event(f"{e.user}@{e.domain}", e.item, e.type, e.ts, e.domain, e.event_id) for e in ds.events
+    ]
     domains = sorted({e.domain for e in ds.events})
     users = [UserRecord(f"{u.user}@{g}", u.features, u.ts) for u in ds.users for g in domains]
     return dataclasses.replace(ds, name=ds.name + "-split", events=events, users=users)
 
 
-def cross_domain(seeds: Sequence[int], *, small: bool = False,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def cross_domain(
+    seeds: Sequence[int], *, small: bool = False, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """HR@10 over movers' first events in their new domain, with and without transfer."""
-    rows: dict[str, list[tuple[int, float]]] = {"domain_pop": [], "metarec_no_transfer": [],
-                                                "metarec_transfer": []}
+    rows: dict[str, list[tuple[int, float]]] = {
+        "domain_pop": [],
+        "metarec_no_transfer": [],
+        "metarec_transfer": [],
+    }
     for seed in seeds:
         ds = generate(cross_domain_config(small), seed)
         moves = cast(list[dict[str, Any]], ds.scenario["moves"])
         for name, data, factory in (
-                ("domain_pop", ds, lambda s, sd: RecentPopularity(seed=sd)),
-                ("metarec_transfer", ds, _metarec()),
-                ("metarec_no_transfer", _split_by_domain(ds), _metarec())):
+            ("domain_pop", ds, lambda s, sd: RecentPopularity(seed=sd)),
+            ("metarec_transfer", ds, _metarec()),
+            ("metarec_no_transfer", _split_by_domain(ds), _metarec()),
+        ):
             if progress:
                 progress(f"cross-domain seed={seed} {name}")
             stream = encode(data)
@@ -222,11 +247,17 @@ def cross_domain(seeds: Sequence[int], *, small: bool = False,
             records = prequential(stream, factory, seed=seed, evaluated_users=movers)
             keep = np.isin(records.event, sorted(targets))
             user_of = {u: i for i, u in enumerate(movers)}
-            rows[name].extend((user_of[int(u)] + 100_000 * seed, float(h)) for u, h in
-                              zip(records.user[keep], records.hr[keep], strict=True))
+            rows[name].extend(
+                (user_of[int(u)] + 100_000 * seed, float(h))
+                for u, h in zip(records.user[keep], records.hr[keep], strict=True)
+            )
     rng = np.random.default_rng(0)
-    out: dict[str, Any] = {"scenario": "cross-domain", "events": NEW_DOMAIN_EVENTS,
-                           "seeds": list(seeds), "methods": {}}
+    out: dict[str, Any] = {
+        "scenario": "cross-domain",
+        "events": NEW_DOMAIN_EVENTS,
+        "seeds": list(seeds),
+        "methods": {},
+    }
     for name, pairs in rows.items():
         users = np.array([u for u, _ in pairs])
         hits = np.array([h for _, h in pairs])
@@ -235,12 +266,16 @@ def cross_domain(seeds: Sequence[int], *, small: bool = False,
         per_user_n = np.bincount(inv, None, len(uniq))
         boot = rng.integers(0, len(uniq), (1000, len(uniq)))
         rates = per_user_hits[boot].sum(1) / per_user_n[boot].sum(1)
-        out["methods"][name] = {"hr10": round(float(hits.mean()), 4),
-                                "hr10_ci": [round(float(np.percentile(rates, 2.5)), 4),
-                                            round(float(np.percentile(rates, 97.5)), 4)],
-                                "events": len(hits), "users": len(uniq)}
+        out["methods"][name] = {
+            "hr10": round(float(hits.mean()), 4),
+            "hr10_ci": [
+                round(float(np.percentile(rates, 2.5)), 4),
+                round(float(np.percentile(rates, 97.5)), 4),
+            ],
+            "events": len(hits),
+            "users": len(uniq),
+        }
     return out
 
 
-SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {"drift": drift,
-                                                        "cross-domain": cross_domain}
+SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {"drift": drift, "cross-domain": cross_domain}

@@ -47,9 +47,20 @@ from metarec.evaluation.protocol import (
     to_json,
 )
 
-__all__ = ["SUITE_BUCKETS", "SuiteReport", "TargetCheck", "check_targets", "plot_png",
-           "run_suite", "stretched", "suite_datasets", "targets_markdown", "to_markdown",
-           "user_subset", "without_profiles"]
+__all__ = [
+    "SUITE_BUCKETS",
+    "SuiteReport",
+    "TargetCheck",
+    "check_targets",
+    "plot_png",
+    "run_suite",
+    "stretched",
+    "suite_datasets",
+    "targets_markdown",
+    "to_markdown",
+    "user_subset",
+    "without_profiles",
+]
 
 #: The buckets the suite reports (of :data:`metarec.evaluation.protocol.BUCKETS`).
 SUITE_BUCKETS = ("1", "first5", "first20", "all")
@@ -74,28 +85,37 @@ def stretched(ds: Dataset, factor: int = STRETCH) -> Dataset:
     t0 = ds.events[0].ts if ds.events else 0
     events = [dataclasses.replace(e, ts=t0 + (e.ts - t0) * factor) for e in ds.events]
     users = [dataclasses.replace(u, ts=t0 + (u.ts - t0) * factor) for u in ds.users]
-    return dataclasses.replace(ds, name=f"{ds.name}-stretched-{factor}x", events=events,
-                               users=users)
+    return dataclasses.replace(
+        ds, name=f"{ds.name}-stretched-{factor}x", events=events, users=users
+    )
 
 
-def user_subset(ds: Dataset, fraction: float = SUBSET_FRACTION,
-                seed: int = SUBSET_SEED) -> Dataset:
+def user_subset(ds: Dataset, fraction: float = SUBSET_FRACTION, seed: int = SUBSET_SEED) -> Dataset:
     """The events and profiles of a random ``fraction`` of the users."""
     users = sorted({e.user for e in ds.events})
     rng = np.random.default_rng(seed)
     keep = set(rng.permutation(users)[: max(1, round(len(users) * fraction))].tolist())
-    return dataclasses.replace(ds, name=f"{ds.name}-third-of-users" if math.isclose(
-        fraction, 1 / 3) else f"{ds.name}-{fraction:g}-of-users",
+    return dataclasses.replace(
+        ds,
+        name=f"{ds.name}-third-of-users"
+        if math.isclose(fraction, 1 / 3)
+        else f"{ds.name}-{fraction:g}-of-users",
         events=[e for e in ds.events if e.user in keep],
-        users=[u for u in ds.users if u.user in keep])
+        users=[u for u in ds.users if u.user in keep],
+    )
 
 
 def suite_datasets(ml100k: str | Path) -> list[Dataset]:
     """The suite's five streams, from the MovieLens 100K folder ``ml100k``."""
     base = load_dataset(str(ml100k))
     base = dataclasses.replace(base, name="ml-100k")
-    return [base, without_profiles(base), stretched(base), user_subset(base),
-            load_dataset("synthetic")]
+    return [
+        base,
+        without_profiles(base),
+        stretched(base),
+        user_subset(base),
+        load_dataset("synthetic"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -106,21 +126,33 @@ class SuiteReport:
     wall_time_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"datasets": {r.dataset: to_json(r) for r in self.reports},
-                "targets": [dataclasses.asdict(c) for c in check_targets(self)],
-                "wall_time_s": round(self.wall_time_s, 1)}
+        return {
+            "datasets": {r.dataset: to_json(r) for r in self.reports},
+            "targets": [dataclasses.asdict(c) for c in check_targets(self)],
+            "wall_time_s": round(self.wall_time_s, 1),
+        }
 
 
-def run_suite(datasets: Sequence[Dataset], methods: Mapping[str, Factory],
-              seeds: Sequence[int], *, workers: int = 1, progress: bool = True,
-              n_boot: int = 1000) -> SuiteReport:
+def run_suite(
+    datasets: Sequence[Dataset],
+    methods: Mapping[str, Factory],
+    seeds: Sequence[int],
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    n_boot: int = 1000,
+) -> SuiteReport:
     """Every method on every dataset for every seed, as one pool of parallel jobs."""
     streams = [encode(ds) for ds in datasets]
-    jobs = [job for stream in streams
-            for job in jobs_for(stream, methods, seeds, deterministic=DETERMINISTIC)]
+    jobs = [
+        job
+        for stream in streams
+        for job in jobs_for(stream, methods, seeds, deterministic=DETERMINISTIC)
+    ]
     results = run_jobs(jobs, workers=workers, progress=progress)
-    return SuiteReport([report_from(stream, jobs, results, seeds, n_boot=n_boot)
-                        for stream in streams])
+    return SuiteReport(
+        [report_from(stream, jobs, results, seeds, n_boot=n_boot) for stream in streams]
+    )
 
 
 def _cell(report: EvaluationReport, method: str, bucket: str) -> str:
@@ -135,8 +167,10 @@ def to_markdown(suite: SuiteReport) -> str:
     the best baseline of each dataset and bucket in italics, metarec in bold where it
     beats it."""
     names = {"1": "event 1", "first5": "first 5", "first20": "first 20", "all": "all"}
-    lines = ["| dataset | method | " + " | ".join(names[b] for b in SUITE_BUCKETS) + " |",
-             "|---|---|" + "---|" * len(SUITE_BUCKETS)]
+    lines = [
+        "| dataset | method | " + " | ".join(names[b] for b in SUITE_BUCKETS) + " |",
+        "|---|---|" + "---|" * len(SUITE_BUCKETS),
+    ]
     for report in suite.reports:
         best = {b: _best_baseline(report, b) for b in SUITE_BUCKETS}
         for method in report.results:
@@ -145,8 +179,11 @@ def to_markdown(suite: SuiteReport) -> str:
                 cell, top = _cell(report, method, b), best[b]
                 if top is not None and method == top[0]:
                     cell = f"*{cell}*"
-                elif method == METAREC and top is not None and \
-                        report.results[method].buckets[b].hr > top[1]:
+                elif (
+                    method == METAREC
+                    and top is not None
+                    and report.results[method].buckets[b].hr > top[1]
+                ):
                     cell = f"**{cell}**"
                 cells.append(cell)
             lines.append(f"| {report.dataset} | {method} | " + " | ".join(cells) + " |")
@@ -154,8 +191,11 @@ def to_markdown(suite: SuiteReport) -> str:
 
 
 def _best_baseline(report: EvaluationReport, bucket: str) -> tuple[str, float] | None:
-    scores = [(m, r.buckets[bucket].hr) for m, r in report.results.items()
-              if m not in (METAREC, ABLATION) and math.isfinite(r.buckets[bucket].hr)]
+    scores = [
+        (m, r.buckets[bucket].hr)
+        for m, r in report.results.items()
+        if m not in (METAREC, ABLATION) and math.isfinite(r.buckets[bucket].hr)
+    ]
     return max(scores, key=lambda x: x[1]) if scores else None
 
 
@@ -195,31 +235,56 @@ def check_targets(suite: SuiteReport) -> list[TargetCheck]:
             apart = mine[bucket].hr_ci[0] > other.hr_ci[1]
             need_apart = factor > 1.0
             met = mine[bucket].hr >= factor * other.hr and (apart or not need_apart)
-            out.append(TargetCheck(
-                report.dataset, f"{bucket} >= {factor:g} x best baseline"
-                + (", intervals apart" if need_apart else ""), mine[bucket].hr, other.hr,
-                best[0], met, f"ratio {mine[bucket].hr / max(other.hr, 1e-12):.3f}, "
-                f"intervals {'apart' if apart else 'overlap'}"))
+            out.append(
+                TargetCheck(
+                    report.dataset,
+                    f"{bucket} >= {factor:g} x best baseline"
+                    + (", intervals apart" if need_apart else ""),
+                    mine[bucket].hr,
+                    other.hr,
+                    best[0],
+                    met,
+                    f"ratio {mine[bucket].hr / max(other.hr, 1e-12):.3f}, "
+                    f"intervals {'apart' if apart else 'overlap'}",
+                )
+            )
         if "itemknn" in res:
             knn = res["itemknn"].buckets["2-5"]
-            out.append(TargetCheck(report.dataset, "2-5 >= item-kNN", mine["2-5"].hr, knn.hr,
-                                   "itemknn", mine["2-5"].hr >= knn.hr,
-                                   f"ratio {mine['2-5'].hr / max(knn.hr, 1e-12):.3f}"))
+            out.append(
+                TargetCheck(
+                    report.dataset,
+                    "2-5 >= item-kNN",
+                    mine["2-5"].hr,
+                    knn.hr,
+                    "itemknn",
+                    mine["2-5"].hr >= knn.hr,
+                    f"ratio {mine['2-5'].hr / max(knn.hr, 1e-12):.3f}",
+                )
+            )
         if ABLATION in res:
             plain = res[ABLATION].buckets["first5"]
             apart = mine["first5"].hr_ci[0] > plain.hr_ci[1]
-            out.append(TargetCheck(report.dataset, "first5: ablation worse, intervals apart",
-                                   mine["first5"].hr, plain.hr, ABLATION,
-                                   mine["first5"].hr > plain.hr and apart,
-                                   f"intervals {'apart' if apart else 'overlap'}"))
+            out.append(
+                TargetCheck(
+                    report.dataset,
+                    "first5: ablation worse, intervals apart",
+                    mine["first5"].hr,
+                    plain.hr,
+                    ABLATION,
+                    mine["first5"].hr > plain.hr and apart,
+                    f"intervals {'apart' if apart else 'overlap'}",
+                )
+            )
     return out
 
 
 def targets_markdown(checks: Sequence[TargetCheck]) -> str:
     lines = ["| dataset | target | metarec | reference | met | |", "|---|---|---|---|---|---|"]
     for c in checks:
-        lines.append(f"| {c.dataset} | {c.target} | {c.metarec:.3f} | {c.reference:.3f} "
-                     f"({c.reference_method}) | {'yes' if c.met else 'no'} | {c.detail} |")
+        lines.append(
+            f"| {c.dataset} | {c.target} | {c.metarec:.3f} | {c.reference:.3f} "
+            f"({c.reference_method}) | {'yes' if c.met else 'no'} | {c.detail} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -246,14 +311,21 @@ def plot_png(suite: SuiteReport | Mapping[str, Any], path: str | Path) -> None:
             y = np.array([np.nan if c["hr10"] is None else c["hr10"] for c in cells])
             lo = np.array([np.nan if c["hr10_ci"][0] is None else c["hr10_ci"][0] for c in cells])
             hi = np.array([np.nan if c["hr10_ci"][1] is None else c["hr10_ci"][1] for c in cells])
-            handles.append(ax.bar(x + (j - (len(methods) - 1) / 2) * width, y, width,
-                                  label=method, yerr=np.nan_to_num([y - lo, hi - y]),
-                                  capsize=2, edgecolor="black" if method == METAREC else None))
+            handles.append(
+                ax.bar(
+                    x + (j - (len(methods) - 1) / 2) * width,
+                    y,
+                    width,
+                    label=method,
+                    yerr=np.nan_to_num([y - lo, hi - y]),
+                    capsize=2,
+                    edgecolor="black" if method == METAREC else None,
+                )
+            )
         ax.set_xticks(x, ["event 1", "first 5", "first 20", "all"])
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("HR@10 (95% CI over users)")
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
-               frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(str(path), format="png")

@@ -60,8 +60,9 @@ _LOG = logging.getLogger(__name__)
 #: Kafka's well-known port, so that the config default ``127.0.0.1:9092`` finds ``dev up``.
 DEFAULT_BROKER_PORT: Final = 9092
 #: The default settings' topics with their partition counts (:mod:`metarec.services.topics`).
-DEFAULT_TOPICS: Final[Mapping[str, int]] = MappingProxyType({
-    name: spec.partitions for name, spec in topic_plan(Settings.from_env({})).items()})
+DEFAULT_TOPICS: Final[Mapping[str, int]] = MappingProxyType(
+    {name: spec.partitions for name, spec in topic_plan(Settings.from_env({})).items()}
+)
 #: Group settings for clients of the local broker: metarec's own group defaults. Tansu
 #: keeps a group's join phase open ~session.timeout.ms/2, so librdkafka's 45 s default
 #: would mean ~23 s before any assignment.
@@ -109,11 +110,16 @@ def tansu_argv(binary: str | Path, port: int) -> list[str]:
     """
     url = f"tcp://{LOOPBACK}:{port}"
     return [
-        str(binary), "broker",
-        "--listener-url", url,
-        "--advertised-listener-url", url,
-        "--storage-engine", "memory://tansu/",
-        "--cluster-id", _TANSU_CLUSTER_ID,
+        str(binary),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+        "--cluster-id",
+        _TANSU_CLUSTER_ID,
     ]
 
 
@@ -241,7 +247,10 @@ def start_broker(
 
 
 def create_topics(
-    bootstrap: str, topics: Mapping[str, int], *, timeout: float = 10.0,
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    timeout: float = 10.0,
     configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, int]:
     """Create topics with the given partition counts; topics that exist are left alone.
@@ -278,9 +287,12 @@ def create_topics(
         return {}
     admin = admin_client(bootstrap)
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=n, config=dict((configs or {}).get(name, {})))
-         for name, n in topics.items()],
-        operation_timeout=timeout, request_timeout=timeout,
+        [
+            NewTopic(name, num_partitions=n, config=dict((configs or {}).get(name, {})))
+            for name, n in topics.items()
+        ],
+        operation_timeout=timeout,
+        request_timeout=timeout,
     )
     for name, future in futures.items():
         # exception() rather than result(): a raised error would tie this frame, and with it

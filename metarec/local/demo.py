@@ -40,23 +40,25 @@ LEAVE_GAP_S = 1.0
 
 def _env(settings: Settings, run: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
-    env.update({
-        "METAREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "METAREC_REDIS_URL": settings.redis_url,
-        "METAREC_KEY_PREFIX": f"metarec-demo-{run}:",
-        "METAREC_GROUP_ID": f"metarec-demo-{run}",
-        "METAREC_AGGREGATOR_GROUP_ID": f"metarec-demo-{run}-aggregator",
-        "METAREC_EVENTS_TOPIC": f"metarec-demo-{run}.events",
-        "METAREC_ITEMS_TOPIC": f"metarec-demo-{run}.items",
-        "METAREC_USERS_TOPIC": f"metarec-demo-{run}.users",
-        "METAREC_DLQ_TOPIC": f"metarec-demo-{run}.events.dlq",
-        "METAREC_MODEL_TOPIC": f"metarec-demo-{run}.model",
-        "METAREC_TOP_K": str(settings.top_k),
-        "METAREC_MIN_EVENTS_FOR_MODEL": "1000",
-        "METAREC_AGGREGATE_INTERVAL_S": "8",
-        "METAREC_STATS_INTERVAL_S": str(STATS_INTERVAL_S),
-        "METAREC_LOG_LEVEL": settings.log_level,
-    })
+    env.update(
+        {
+            "METAREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "METAREC_REDIS_URL": settings.redis_url,
+            "METAREC_KEY_PREFIX": f"metarec-demo-{run}:",
+            "METAREC_GROUP_ID": f"metarec-demo-{run}",
+            "METAREC_AGGREGATOR_GROUP_ID": f"metarec-demo-{run}-aggregator",
+            "METAREC_EVENTS_TOPIC": f"metarec-demo-{run}.events",
+            "METAREC_ITEMS_TOPIC": f"metarec-demo-{run}.items",
+            "METAREC_USERS_TOPIC": f"metarec-demo-{run}.users",
+            "METAREC_DLQ_TOPIC": f"metarec-demo-{run}.events.dlq",
+            "METAREC_MODEL_TOPIC": f"metarec-demo-{run}.model",
+            "METAREC_TOP_K": str(settings.top_k),
+            "METAREC_MIN_EVENTS_FOR_MODEL": "1000",
+            "METAREC_AGGREGATE_INTERVAL_S": "8",
+            "METAREC_STATS_INTERVAL_S": str(STATS_INTERVAL_S),
+            "METAREC_LOG_LEVEL": settings.log_level,
+        }
+    )
     return env
 
 
@@ -71,8 +73,9 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
     if not st.healthy:
         _say("starting the local broker and Redis ...")
         host_port = settings.kafka_bootstrap.rpartition(":")[2]
-        devservices.up(state_dir, broker_port=int(host_port), redis_url=settings.redis_url,
-                       topics={})
+        devservices.up(
+            state_dir, broker_port=int(host_port), redis_url=settings.redis_url, topics={}
+        )
         started_services = True
         st = devservices.status(state_dir)
     assert st.state is not None
@@ -81,19 +84,35 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
     run = uuid.uuid4().hex[:8]
     env = _env(settings, run)
     demo = Settings.from_env(env)
-    devservices.create_topics(bootstrap, {demo.events_topic: PARTITIONS, demo.items_topic: 1,
-                                          demo.users_topic: 1, demo.dlq_topic: 1,
-                                          demo.model_topic: 1})
+    devservices.create_topics(
+        bootstrap,
+        {
+            demo.events_topic: PARTITIONS,
+            demo.items_topic: 1,
+            demo.users_topic: 1,
+            demo.dlq_topic: 1,
+            demo.model_topic: 1,
+        },
+    )
     logs = state_dir / f"demo-{run}"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        for name, argv in [(f"consumer-{i}", [sys.executable, "-m", "consumer"])
-                           for i in range(CONSUMERS)] + [
-                ("aggregator", [sys.executable, "-m", "metarec.cli", "aggregate"])]:
+        for name, argv in [
+            (f"consumer-{i}", [sys.executable, "-m", "consumer"]) for i in range(CONSUMERS)
+        ] + [("aggregator", [sys.executable, "-m", "metarec.cli", "aggregate"])]:
             out = (logs / f"{name}.log").open("wb")
-            procs.append((name, subprocess.Popen(argv, env=env, stdout=out,  # noqa: S603
-                                                 stderr=subprocess.STDOUT)))
+            procs.append(
+                (
+                    name,
+                    subprocess.Popen(  # noqa: S603 - argv built here from our own commands
+                        argv,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    ),
+                )
+            )
         _say(f"started {CONSUMERS} consumers and the aggregator (logs in {logs})")
         dataset = load_dataset(data, seed=settings.seed)
         _say(f"replaying {len(dataset.events)} events of {dataset.name!r} at {rate:.0f}/s")
@@ -102,12 +121,17 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
         _say(report.summary(demo.events_topic))
         store = RedisStore(redis.Redis.from_url(redis_url), demo.key_prefix)
         if not _wait_applied(store, demo, report.events):
-            raise MetarecError("the consumers did not catch up in time; see the logs in "
-                               f"{logs}")
+            raise MetarecError(f"the consumers did not catch up in time; see the logs in {logs}")
         version = _wait_model(store)
-        shown = list(dict.fromkeys([dataset.events[-1].user,
-                                    dataset.events[len(dataset.events) // 2].user,
-                                    dataset.events[0].user]))
+        shown = list(
+            dict.fromkeys(
+                [
+                    dataset.events[-1].user,
+                    dataset.events[len(dataset.events) // 2].user,
+                    dataset.events[0].user,
+                ]
+            )
+        )
         _say(f"all {report.events} events applied; model version {version} published")
         if all(_wait_list_version(store, user, version) for user in shown):
             _say(f"consumers hot-reloaded version {version}: lists now come from the model")
@@ -116,11 +140,13 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
         for member, beat in sorted(store.heartbeats(demo.group_id).items()):
             stats = beat.get("stats", beat)
             live = stats.get("live", {}).get(ALL, {})
-            _say(f"consumer {member}: partitions {stats.get('partitions')}, "
-                 f"{stats.get('total_events')} events applied, {stats.get('total_dlq')} "
-                 f"dead letters, model v{stats.get('model_version')}, live HR@"
-                 f"{demo.top_k} {live.get('hr', 0.0):.3f} over {live.get('events', 0)} "
-                 f"events")
+            _say(
+                f"consumer {member}: partitions {stats.get('partitions')}, "
+                f"{stats.get('total_events')} events applied, {stats.get('total_dlq')} "
+                f"dead letters, model v{stats.get('model_version')}, live HR@"
+                f"{demo.top_k} {live.get('hr', 0.0):.3f} over {live.get('events', 0)} "
+                f"events"
+            )
         _say(f"read a list yourself: redis-cli GET '{store.recs_key(dataset.events[-1].user)}'")
         return 0
     finally:
@@ -158,8 +184,7 @@ def _wait_model(store: RedisStore, timeout: float = 120.0) -> int:
     raise MetarecError("the aggregator published no model in time")
 
 
-def _wait_list_version(store: RedisStore, user: str, version: int,
-                       timeout: float = 60.0) -> bool:
+def _wait_list_version(store: RedisStore, user: str, version: int, timeout: float = 60.0) -> bool:
     """Wait until ``user``'s list was ranked by ``version`` (the background refresh)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,5 +201,4 @@ def _show(store: RedisStore, *users: str) -> None:
         if recs is None:
             continue
         items = ", ".join(recs["items"][:8])
-        _say(f"recs:{user} (model v{recs['model_version']}, {recs['events']} events): "
-             f"{items}, ...")
+        _say(f"recs:{user} (model v{recs['model_version']}, {recs['events']} events): {items}, ...")

@@ -120,11 +120,15 @@ class DevState:
         raw: dict[str, Any] = json.loads(text)
         b, r = raw["broker"], raw["redis"]
         return cls(
-            broker=BrokerHandle(pid=int(b["pid"]), port=int(b["port"]),
-                                log_file=Path(b["log_file"])),
-            redis=RedisHandle(url=str(r["url"]), pid=None if r["pid"] is None else int(r["pid"]),
-                              server=str(r["server"]),
-                              log_file=None if r["log_file"] is None else Path(r["log_file"])),
+            broker=BrokerHandle(
+                pid=int(b["pid"]), port=int(b["port"]), log_file=Path(b["log_file"])
+            ),
+            redis=RedisHandle(
+                url=str(r["url"]),
+                pid=None if r["pid"] is None else int(r["pid"]),
+                server=str(r["server"]),
+                log_file=None if r["log_file"] is None else Path(r["log_file"]),
+            ),
             topics={str(k): int(v) for k, v in raw.get("topics", {}).items()},
             started_ms=int(raw.get("started_ms", 0)),
         )
@@ -156,8 +160,11 @@ class DevStatus:
     def healthy(self) -> bool:
         """Whether the recorded services all answer and the recorded topics exist."""
         return (
-            self.state is not None and self.broker is not None and self.redis is not None
-            and self.broker.answers and self.redis.answers
+            self.state is not None
+            and self.broker is not None
+            and self.redis is not None
+            and self.broker.answers
+            and self.redis.answers
             and all(t in self.topics for t in self.state.topics)
         )
 
@@ -218,20 +225,27 @@ def status(state_dir: Path = DEFAULT_STATE_DIR, *, timeout: float = 2.0) -> DevS
     broker_running = b.running()
     broker_answers = broker_running and kafka_answers(b.bootstrap, timeout)
     broker = ServiceStatus(
-        name="broker", address=b.bootstrap, pid=b.pid, running=broker_running,
-        answers=broker_answers, log_file=b.log_file,
+        name="broker",
+        address=b.bootstrap,
+        pid=b.pid,
+        running=broker_running,
+        answers=broker_answers,
+        log_file=b.log_file,
     )
     try:
         redis_ok = redis_answers(r.url, timeout)
     except ConfigError:
         redis_ok = False
     redis_status = ServiceStatus(
-        name="redis", address=redact_url(r.url), pid=r.pid, running=r.running(),
-        answers=redis_ok, log_file=r.log_file,
+        name="redis",
+        address=redact_url(r.url),
+        pid=r.pid,
+        running=r.running(),
+        answers=redis_ok,
+        log_file=r.log_file,
     )
     topics = _topic_counts(b.bootstrap, timeout) if broker_answers else {}
-    return DevStatus(state_file=path, state=state, broker=broker, redis=redis_status,
-                     topics=topics)
+    return DevStatus(state_file=path, state=state, broker=broker, redis=redis_status, topics=topics)
 
 
 def up(
@@ -272,28 +286,39 @@ def up(
     state_dir.mkdir(parents=True, exist_ok=True)
     current = status(state_dir, timeout=min(timeout, 2.0))
     if current.state is not None:
-        if current.broker is not None and current.broker.answers and current.redis is not None \
-                and current.redis.answers and current.state.redis.url == redis_url:
-            counts = create_topics(current.state.bootstrap, topics, timeout=timeout,
-                                   configs=configs)
+        if (
+            current.broker is not None
+            and current.broker.answers
+            and current.redis is not None
+            and current.redis.answers
+            and current.state.redis.url == redis_url
+        ):
+            counts = create_topics(
+                current.state.bootstrap, topics, timeout=timeout, configs=configs
+            )
             state = dataclasses.replace(current.state, topics={**current.state.topics, **counts})
             _write_state(state_dir, state)
             return state
         down(state_dir)
     broker = start_broker(
-        broker_port, work_dir=state_dir, log_file=state_dir / "tansu.log",
-        detach=True, timeout=timeout,
+        broker_port,
+        work_dir=state_dir,
+        log_file=state_dir / "tansu.log",
+        detach=True,
+        timeout=timeout,
     )
     try:
-        redis_handle = ensure_redis(redis_url, work_dir=state_dir / "redis", detach=True,
-                                    timeout=timeout)
+        redis_handle = ensure_redis(
+            redis_url, work_dir=state_dir / "redis", detach=True, timeout=timeout
+        )
     except MetarecError:
         broker.stop()
         raise
     try:
         counts = create_topics(broker.bootstrap, topics, timeout=timeout, configs=configs)
-        state = DevState(broker=broker, redis=redis_handle, topics=counts,
-                         started_ms=int(time.time() * 1000))
+        state = DevState(
+            broker=broker, redis=redis_handle, topics=counts, started_ms=int(time.time() * 1000)
+        )
         _write_state(state_dir, state)
     except MetarecError:
         broker.stop()

@@ -64,7 +64,11 @@ def kcat_env(shim_dir: Path, base: Mapping[str, str] | None = None) -> dict[str,
     if kcat is None or platform.system() != "Linux":
         return env
     out = subprocess.run(  # noqa: S603 - fixed argv of a located binary
-        [kcat, "-V"], capture_output=True, text=True, check=False, env=env,
+        [kcat, "-V"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
     )
     version = _librdkafka_version(out.stdout + out.stderr)
     if version is None or version >= _LIBRDKAFKA_TAGS_FIXED:

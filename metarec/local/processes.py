@@ -109,8 +109,14 @@ def spawn(argv: list[str], *, cwd: Path, log_file: Path, detach: bool) -> int:
     env = dict(os.environ, NO_COLOR="1")  # plain text logs; Tansu colours them otherwise
     with log_file.open("ab") as log:
         proc = subprocess.Popen(  # noqa: S603 - argv built here from a located binary
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=detach, close_fds=True,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+            close_fds=True,
         )
     _CHILDREN[proc.pid] = proc
     return proc.pid
@@ -146,7 +152,10 @@ def _cmdline(pid: int) -> str | None:
     if ps is None:
         return None
     out = subprocess.run(  # noqa: S603 - fixed argv
-        [ps, "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False,
+        [ps, "-o", "command=", "-p", str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return out.stdout.strip() or None
 

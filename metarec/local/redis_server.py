@@ -177,8 +177,19 @@ def ensure_redis(
     work_dir.mkdir(parents=True, exist_ok=True)
     log_file = work_dir / f"redis-{port}.log"
     argv = [
-        str(exe), "--bind", LOOPBACK, "--port", str(port), "--dir", str(work_dir),
-        "--save", "", "--appendonly", "no", "--daemonize", "no",
+        str(exe),
+        "--bind",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--dir",
+        str(work_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
     ]
     if parts.password:
         argv += ["--requirepass", parts.password]

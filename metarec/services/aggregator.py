@@ -55,26 +55,33 @@ class Aggregator:
     def __init__(self, settings: Settings, trainer: MetaTrainer | None = None) -> None:
         self.settings = settings
         # Training ticks the liveness probe at every step: a long cycle is not a hang.
-        self.retrainer = Retrainer(dataclasses.replace(
-            trainer or Retrainer.trainer_for(settings), on_step=self._alive))
+        self.retrainer = Retrainer(
+            dataclasses.replace(trainer or Retrainer.trainer_for(settings), on_step=self._alive)
+        )
         self.schedule = RetrainSchedule.from_settings(settings)
         self._stopping = False
         self._health: HealthServer | None = None
         self.metrics = Metrics("aggregator")
-        self.outage = Outage("redis", settings.redis_retry_s, log,
-                             should_stop=lambda: self._stopping, on_wait=self._alive,
-                             on_retry=self.metrics.redis_errors.inc,
-                             on_outage=self.metrics.redis_outages.inc)
+        self.outage = Outage(
+            "redis",
+            settings.redis_retry_s,
+            log,
+            should_stop=lambda: self._stopping,
+            on_wait=self._alive,
+            on_retry=self.metrics.redis_errors.inc,
+            on_outage=self.metrics.redis_outages.inc,
+        )
         # A cluster client connects when it is made: that too waits out an outage.
-        self.store = retrying(self.outage.call(
-            lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)), self.outage)
+        self.store = retrying(
+            self.outage.call(lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)),
+            self.outage,
+        )
         self.window = EventWindow(settings.window_events)
         self.decoder = RecordDecoder.from_settings(settings)
         self._published_ms: int | None = None
         self._events_since = 0
         self._next_cycle = self._interval_deadline()
-        config = settings.group_config(settings.aggregator_group_id,
-                                       enable_auto_commit="true")
+        config = settings.group_config(settings.aggregator_group_id, enable_auto_commit="true")
         self._incremental = incremental_rebalancing(config)
         self.consumer = Consumer(config, logger=kafka_logger("aggregator"))
         self.producer = Producer(settings.kafka_config(), logger=kafka_logger("producer"))
@@ -86,13 +93,17 @@ class Aggregator:
         s = self.settings
         self.store.check_access()
         self._ensure_model_topic()
-        health = self._health = (HealthServer(self.metrics, s.metrics_port, self.missing)
-                                 if s.metrics_port else None)
-        self.consumer.subscribe([s.events_topic, s.items_topic, s.users_topic],
-                                on_assign=self._rewind)
+        health = self._health = (
+            HealthServer(self.metrics, s.metrics_port, self.missing) if s.metrics_port else None
+        )
+        self.consumer.subscribe(
+            [s.events_topic, s.items_topic, s.users_topic], on_assign=self._rewind
+        )
         cycles = 0
-        log.info("aggregator started", extra={"group": s.aggregator_group_id,
-                                              "window_events": s.window_events})
+        log.info(
+            "aggregator started",
+            extra={"group": s.aggregator_group_id, "window_events": s.window_events},
+        )
         try:
             while not self._stopping and (max_cycles is None or cycles < max_cycles):
                 self.ingest(self.consumer.consume(s.batch_size, 0.5))
@@ -113,8 +124,7 @@ class Aggregator:
 
     def _set_model_age(self) -> None:
         if self._published_ms is not None:
-            self.metrics.model_age_seconds.set(
-                max(0.0, time.time() - self._published_ms / 1000))
+            self.metrics.model_age_seconds.set(max(0.0, time.time() - self._published_ms / 1000))
 
     def _alive(self) -> None:
         """Waiting for Redis, or training, is being alive: keep ``/healthz`` green."""
@@ -159,11 +169,21 @@ class Aggregator:
                     log.warning("kafka error", extra={"error": str(msg.error())})
                 continue
             try:
-                record = self.decoder.decode(msg.topic(), msg.key(), msg.value(),
-                                             timestamp_ms=msg.timestamp()[1], now_ms=now_ms)
+                record = self.decoder.decode(
+                    msg.topic(),
+                    msg.key(),
+                    msg.value(),
+                    timestamp_ms=msg.timestamp()[1],
+                    now_ms=now_ms,
+                )
                 if isinstance(record, Event):
-                    self.window.append(record.user, record.item, record.ts,
-                                       self.settings.event_types[record.type], record.domain)
+                    self.window.append(
+                        record.user,
+                        record.item,
+                        record.ts,
+                        self.settings.event_types[record.type],
+                        record.domain,
+                    )
                     self._events_since += 1
                 elif isinstance(record, ItemRecord):
                     self.window.describe_item(record.item, record.domain, record.features)
@@ -181,12 +201,19 @@ class Aggregator:
         floor = self.store.training_floor() if request is not None else None
         has_model = self.store.current_model_version() is not None
         reason = self.schedule.due(
-            has_model=has_model, window_events=len(self.window),
-            new_events=self._events_since, request=request,
+            has_model=has_model,
+            window_events=len(self.window),
+            new_events=self._events_since,
+            request=request,
             events_since_floor=None if floor is None else self.window.count_since(floor),
-            immediate=request == OPERATOR_REQUEST)
-        if reason is None and has_model and self._events_since > 0 and \
-                time.monotonic() >= self._next_cycle:
+            immediate=request == OPERATOR_REQUEST,
+        )
+        if (
+            reason is None
+            and has_model
+            and self._events_since > 0
+            and time.monotonic() >= self._next_cycle
+        ):
             reason = f"{self.settings.aggregate_interval_s} s since the last cycle"
         return reason
 
@@ -203,11 +230,12 @@ class Aggregator:
         if version is None:
             return None
         try:
-            return MetaModel.from_bytes(self.store.load_model_blob(version)).with_version(
-                version)
+            return MetaModel.from_bytes(self.store.load_model_blob(version)).with_version(version)
         except ModelError as exc:
-            log.error("current model unreadable; training from scratch",
-                      extra={"version": version, "error": str(exc)})
+            log.error(
+                "current model unreadable; training from scratch",
+                extra={"version": version, "error": str(exc)},
+            )
             return None
 
     def cycle(self, reason: str = "requested") -> int | None:
@@ -220,24 +248,35 @@ class Aggregator:
         # A detected change moves the floor: the regime before it would only teach the
         # model what no longer holds.
         floor = self.store.training_floor()
-        model = self.retrainer.train(self.window, init, floor=floor,
-                                     version=(init.version + 1) if init is not None else 1)
+        model = self.retrainer.train(
+            self.window, init, floor=floor, version=(init.version + 1) if init is not None else 1
+        )
         if model is None:
             return None
         model, folded = self.retrainer.fold(
-            model, init, self.store.take_partials(self.settings.events_topic))
+            model, init, self.store.take_partials(self.settings.events_topic)
+        )
         version = self.store.publish_model(model.to_bytes())
         self.metrics.model_version.set(version)
         self._published_ms = int(time.time() * 1000)
-        notice = {"version": version, "created_ms": int(time.time() * 1000),
-                  "events": model.info.get("events"), "users": model.info.get("users"),
-                  "items": model.info.get("items"), "reason": reason, "floor_ts": floor,
-                  "fresh_start": model.info.get("fresh_start"),
-                  "device": model.info.get("device"), "folded_weight": folded}
-        self.producer.produce(self.settings.model_topic, key=str(version).encode(),
-                              value=json.dumps(notice).encode())
+        notice = {
+            "version": version,
+            "created_ms": int(time.time() * 1000),
+            "events": model.info.get("events"),
+            "users": model.info.get("users"),
+            "items": model.info.get("items"),
+            "reason": reason,
+            "floor_ts": floor,
+            "fresh_start": model.info.get("fresh_start"),
+            "device": model.info.get("device"),
+            "folded_weight": folded,
+        }
+        self.producer.produce(
+            self.settings.model_topic, key=str(version).encode(), value=json.dumps(notice).encode()
+        )
         self.producer.poll(0)
         self._events_since = 0
-        log.info("model published", extra={**notice,
-                                            "seconds": round(time.perf_counter() - started, 2)})
+        log.info(
+            "model published", extra={**notice, "seconds": round(time.perf_counter() - started, 2)}
+        )
         return version

@@ -60,8 +60,15 @@ from metarec.services.store import (
     RedisStore,
 )
 
-__all__ = ["GROUPS", "USER_KINDS", "ClusterCommit", "ClusterStore", "ClusterUnreachable",
-           "cluster_key", "parse_mark"]
+__all__ = [
+    "GROUPS",
+    "USER_KINDS",
+    "ClusterCommit",
+    "ClusterStore",
+    "ClusterUnreachable",
+    "cluster_key",
+    "parse_mark",
+]
 
 #: Per-user keys: a user's state, list, profile and applied offsets share the user's slot
 #: (the hash tag ``{u:USER}``; the ``u:`` keeps the tag non-empty for ids starting with
@@ -69,10 +76,18 @@ __all__ = ["GROUPS", "USER_KINDS", "ClusterCommit", "ClusterStore", "ClusterUnre
 USER_KINDS: Final = frozenset({"user", "recs", "profile", "done"})
 #: Shared keys that scripts or transactions use together, by the hash tag of their slot.
 #: The stream slot holds everything a batch's begin and end steps touch.
-GROUPS: Final = {"offset": "stream", "topic-id": "stream", "pending": "stream",
-                 "trend": "stream", "partials": "stream", "items": "items",
-                 "model": "model", "consumer": "consumers", "consumers": "consumers",
-                 "aggregate": "aggregate"}
+GROUPS: Final = {
+    "offset": "stream",
+    "topic-id": "stream",
+    "pending": "stream",
+    "trend": "stream",
+    "partials": "stream",
+    "items": "items",
+    "model": "model",
+    "consumer": "consumers",
+    "consumers": "consumers",
+    "aggregate": "aggregate",
+}
 
 
 def cluster_key(prefix: str, parts: Sequence[object]) -> str:
@@ -111,7 +126,10 @@ def parse_mark(raw: bytes | str | None, topic_id: str | None) -> int:
 # a pending batch reaching at least `next` already added them, {4, pending} when a pending
 # batch ends before `next`, {0, stored offset} when fenced, {3, stored topic id} when the
 # offsets were rebased onto a new log. Checks come before the first write.
-_BEGIN_LUA: Final = "#!lua" + TRENDING_LUA + """
+_BEGIN_LUA: Final = (
+    "#!lua"
+    + TRENDING_LUA
+    + """
 local topic_id = ARGV[#ARGV]
 if topic_id ~= '' then
   local current = redis.call('GET', KEYS[#KEYS]) or ''
@@ -137,6 +155,7 @@ if nq > 0 then redis.call('SADD', KEYS[4], KEYS[3]) end
 redis.call('SET', KEYS[5], ARGV[2])
 return {1, clock}
 """
+)
 
 # KEYS: offset, pending, topic-id. ARGV: expected ('' = none), next, topic id ('' =
 # unchecked). Replies {1}, {0, stored offset} when fenced, {3, stored id} when rebased.
@@ -176,7 +195,10 @@ return {1, tonumber(redis.call('HGET', KEYS[3], 'clock') or '0')}
 # state, '1' if a list is given, the list.
 # Replies 1 when written, 2 when the user's applied offset already reaches the mark (its
 # events are in its state: nothing written), 0 when the guard failed (nothing written).
-_USER_LUA: Final = "#!lua" + PUT_LUA + """
+_USER_LUA: Final = (
+    "#!lua"
+    + PUT_LUA
+    + """
 local field = ARGV[1]
 if field ~= '' and ARGV[7] == '1' then
   local have = redis.call('HGET', KEYS[3], field)
@@ -199,6 +221,7 @@ if field ~= '' and ARGV[7] == '1' then
 end
 return 1
 """
+)
 
 _USER_SHA: Final = hashlib.sha1(_USER_LUA.encode()).hexdigest()  # noqa: S324 - Redis's id
 
@@ -264,32 +287,49 @@ class ClusterCommit:
         self._rebase = client.register_script(_REBASE_LUA)
         self.crash_point: Callable[[str], None] = lambda step: None
 
-    def marks(self, topic: str, partition: int, users: Sequence[str],
-              topic_id: str | None) -> dict[str, int]:
+    def marks(
+        self, topic: str, partition: int, users: Sequence[str], topic_id: str | None
+    ) -> dict[str, int]:
         """Each user's applied offset of ``topic[partition]`` (0: none), one round trip."""
         if not users:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for u in users:
             pipe.hget(self._k("done", u), f"{topic}:{partition}")
-        return {u: parse_mark(raw, topic_id)
-                for u, raw in zip(users, pipe.execute(), strict=True)}
+        return {u: parse_mark(raw, topic_id) for u, raw in zip(users, pipe.execute(), strict=True)}
 
-    def rebase(self, topic: str, seen_id: str | None, new_id: str,
-               offsets: Mapping[int, int | None]) -> bool:
+    def rebase(
+        self, topic: str, seen_id: str | None, new_id: str, offsets: Mapping[int, int | None]
+    ) -> bool:
         """:meth:`metarec.services.store.RedisStore.rebase_offsets`, which also drops the rebased
         partitions' pending batches (they belong to the old log)."""
         parts = sorted(offsets)
-        keys = ([self._k("topic-id", topic)] + [self._k("offset", topic, p) for p in parts]
-                + [self._k("pending", topic, p) for p in parts])
+        keys = (
+            [self._k("topic-id", topic)]
+            + [self._k("offset", topic, p) for p in parts]
+            + [self._k("pending", topic, p) for p in parts]
+        )
         args = [seen_id or "", new_id] + [_offset_arg(offsets[p]) for p in parts]
         status, *_ = self._rebase(keys=keys, args=args)
         return bool(status == 1)
 
-    def commit(self, topic: str, partition: int, expected: int | None, nxt: int, *,
-               states: Mapping[str, bytes], recs: Mapping[str, bytes], recs_ttl_s: int,
-               guards: Mapping[str, bytes], skip_conflicts: bool, topic_id: str | None,
-               shared: list[str], channel_keys: list[str], state_ttl_s: int = 0) -> int:
+    def commit(
+        self,
+        topic: str,
+        partition: int,
+        expected: int | None,
+        nxt: int,
+        *,
+        states: Mapping[str, bytes],
+        recs: Mapping[str, bytes],
+        recs_ttl_s: int,
+        guards: Mapping[str, bytes],
+        skip_conflicts: bool,
+        topic_id: str | None,
+        shared: list[str],
+        channel_keys: list[str],
+        state_ttl_s: int = 0,
+    ) -> int:
         """Steps 1-3 of the module docstring; ``shared`` is the begin script's ARGV from
         ``#channels`` to the partial pairs (the single-Redis commit's encoding).
 
@@ -301,44 +341,68 @@ class ClusterCommit:
         tid = topic_id or ""
         offset_key, tid_key = self._k("offset", topic, partition), self._k("topic-id", topic)
         refresh = expected is not None and nxt == expected
-        has_shared = shared[2] != "0" or shared[1] != "0" or any(
-            shared[5 + 3 * c] != "0" for c in range(int(shared[0])))
+        has_shared = (
+            shared[2] != "0"
+            or shared[1] != "0"
+            or any(shared[5 + 3 * c] != "0" for c in range(int(shared[0])))
+        )
         if refresh and not has_shared:
-            reply = self._check(keys=[offset_key, tid_key, self._k("trend", "meta")],
-                                args=[exp, tid])
+            reply = self._check(
+                keys=[offset_key, tid_key, self._k("trend", "meta")], args=[exp, tid]
+            )
             self._raise(reply, where, expected, topic_id)
             clock = int(reply[1])
         else:
-            keys = [offset_key, self._k("trend", "meta"), self._k("partials", topic, partition),
-                    self._k("partials", "index"), self._k("pending", topic, partition),
-                    *channel_keys, tid_key]
+            keys = [
+                offset_key,
+                self._k("trend", "meta"),
+                self._k("partials", topic, partition),
+                self._k("partials", "index"),
+                self._k("pending", topic, partition),
+                *channel_keys,
+                tid_key,
+            ]
             reply = self._begin(keys=keys, args=[exp, str(int(nxt)), *shared, tid])
             if reply[0] == 4:
                 raise PendingBatch(
                     f"{where}: a batch up to offset {int(reply[1])} was half-written by an "
                     f"earlier writer; finish it first: consume from {exp or 'the start'} up "
-                    f"to {int(reply[1])} and commit that", int(reply[1]))
+                    f"to {int(reply[1])} and commit that",
+                    int(reply[1]),
+                )
             self._raise(reply, where, expected, topic_id)
             clock = int(reply[1])
         self.crash_point("begun")
         field = "" if refresh else f"{topic}:{partition}"
-        conflicts = self._write_users(field, str(int(nxt)), tid, states, recs,
-                                      f"{int(recs_ttl_s)}/{int(state_ttl_s)}", guards)
+        conflicts = self._write_users(
+            field, str(int(nxt)), tid, states, recs, f"{int(recs_ttl_s)}/{int(state_ttl_s)}", guards
+        )
         if conflicts and not skip_conflicts:
             raise UserConflict(
                 f"{where}: {len(conflicts)} users changed since they were loaded (first: "
                 f"{conflicts[0]!r}); their events arrive on more than one partition. The "
-                "other users were written; redo the batch from the stored states", conflicts)
+                "other users were written; redo the batch from the stored states",
+                conflicts,
+            )
         self.crash_point("users")
         if not (refresh and not has_shared):
-            reply = self._end(keys=[offset_key, self._k("pending", topic, partition), tid_key],
-                              args=[exp, str(int(nxt)), tid])
+            reply = self._end(
+                keys=[offset_key, self._k("pending", topic, partition), tid_key],
+                args=[exp, str(int(nxt)), tid],
+            )
             self._raise(reply, where, expected, topic_id)
         return clock
 
-    def _write_users(self, field: str, mark: str, topic_id: str, states: Mapping[str, bytes],
-                     recs: Mapping[str, bytes], ttls: str,
-                     guards: Mapping[str, bytes]) -> list[str]:
+    def _write_users(
+        self,
+        field: str,
+        mark: str,
+        topic_id: str,
+        states: Mapping[str, bytes],
+        recs: Mapping[str, bytes],
+        ttls: str,
+        guards: Mapping[str, bytes],
+    ) -> list[str]:
         """Step 2; returns the users whose guard failed (nothing of theirs written)."""
         users = list(states) + [u for u in recs if u not in states]
         if not users:
@@ -347,11 +411,18 @@ class ClusterCommit:
         for u in users:
             state, rec = states.get(u), recs.get(u)
             keys = [self._k("user", u), self._k("recs", u), self._k("done", u)]
-            args: list[Any] = [field, mark, topic_id,
-                               guards.get(u, b"*") if state is not None else "*",
-                               str(COUNT_AT), ttls,
-                               "0" if state is None else "1", state or b"",
-                               "0" if rec is None else "1", rec or b""]
+            args: list[Any] = [
+                field,
+                mark,
+                topic_id,
+                guards.get(u, b"*") if state is not None else "*",
+                str(COUNT_AT),
+                ttls,
+                "0" if state is None else "1",
+                state or b"",
+                "0" if rec is None else "1",
+                rec or b"",
+            ]
             calls.append((keys, args))
         replies = self._run_users(calls)
         return [u for u, r in zip(users, replies, strict=True) if int(r) == 0]
@@ -365,15 +436,19 @@ class ClusterCommit:
         through the cluster client, which follows redirections.
         """
         replies = self._pipelined(calls)
-        redo = [i for i, r in enumerate(replies)
-                if isinstance(r, redis.exceptions.NoScriptError | redis.exceptions.AskError)]
+        redo = [
+            i
+            for i, r in enumerate(replies)
+            if isinstance(r, redis.exceptions.NoScriptError | redis.exceptions.AskError)
+        ]
         if redo:
             if any(isinstance(replies[i], redis.exceptions.NoScriptError) for i in redo):
                 self.client.execute_command("SCRIPT LOAD", _USER_LUA)  # to every primary
             for i in redo:
                 keys, args = calls[i]
-                replies[i] = self.client.execute_command("EVALSHA", _USER_SHA, len(keys),
-                                                         *keys, *args)
+                replies[i] = self.client.execute_command(
+                    "EVALSHA", _USER_SHA, len(keys), *keys, *args
+                )
         for r in replies:
             if isinstance(r, Exception):
                 raise r
@@ -386,25 +461,34 @@ class ClusterCommit:
         node_of, slot_of = cluster.nodes_manager.get_node_from_slot, cluster.keyslot
         pipe: Any = self.client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.execute_command("EVALSHA", _USER_SHA, len(keys), *keys, *args,
-                                 target_nodes=node_of(slot_of(keys[0])))
+            pipe.execute_command(
+                "EVALSHA",
+                _USER_SHA,
+                len(keys),
+                *keys,
+                *args,
+                target_nodes=node_of(slot_of(keys[0])),
+            )
         return list(pipe.execute(raise_on_error=False))
 
     @staticmethod
-    def _raise(reply: list[Any], where: str, expected: int | None,
-               topic_id: str | None) -> None:
+    def _raise(reply: list[Any], where: str, expected: int | None, topic_id: str | None) -> None:
         status, value = int(reply[0]), reply[1] if len(reply) > 1 else b""
         if status == 3:
-            raise LogReplaced(f"{where}: the stored offsets now refer to topic id "
-                              f"{_text(value) or 'none'}, not {topic_id}; the log was "
-                              "replaced and the offsets rebased: check the topic again")
+            raise LogReplaced(
+                f"{where}: the stored offsets now refer to topic id "
+                f"{_text(value) or 'none'}, not {topic_id}; the log was "
+                "replaced and the offsets rebased: check the topic again"
+            )
         if status == 0:
             stored = _text(value)
             raise StaleOffset(
                 f"{where}: expected stored offset "
                 f"{'none' if expected is None else expected}, found {stored or 'none'}; "
                 "another consumer owns this partition now, so drop the batch and re-read "
-                "the offset after the next assignment", int(stored) if stored else None)
+                "the offset after the next assignment",
+                int(stored) if stored else None,
+            )
 
 
 def _unreachable(exc: Exception) -> bool:
@@ -443,12 +527,15 @@ class ClusterStore(RedisStore):
     'metarec:recs:{u:alice}'
     """
 
-    def __init__(self, client: RedisCluster[bytes], prefix: str = DEFAULT_PREFIX,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, client: RedisCluster[bytes], prefix: str = DEFAULT_PREFIX, **kwargs: Any
+    ) -> None:
         if "{" in prefix or "}" in prefix:
-            raise ConfigError(f"METAREC_KEY_PREFIX {prefix!r} holds a brace; on a Redis "
-                              "Cluster braces choose the keys' slots: use a prefix without "
-                              "'{' and '}'")
+            raise ConfigError(
+                f"METAREC_KEY_PREFIX {prefix!r} holds a brace; on a Redis "
+                "Cluster braces choose the keys' slots: use a prefix without "
+                "'{' and '}'"
+            )
         # The store calls the commands both clients share; typing it as the single-server
         # client keeps one store API for its callers.
         super().__init__(cast("redis.Redis[bytes]", client), prefix, **kwargs)
@@ -460,8 +547,7 @@ class ClusterStore(RedisStore):
         return dict(client.get_connection_kwargs())
 
     @classmethod
-    def connect_cluster(cls, url: str, prefix: str = DEFAULT_PREFIX,
-                        **kwargs: Any) -> ClusterStore:
+    def connect_cluster(cls, url: str, prefix: str = DEFAULT_PREFIX, **kwargs: Any) -> ClusterStore:
         """A store on a cluster client for a ``redis+cluster://`` (``rediss+cluster://``)
         URL naming one node; the client finds the others.
 
@@ -473,19 +559,27 @@ class ClusterStore(RedisStore):
         scheme, sep, rest = url.partition("://")
         try:
             client: RedisCluster[bytes] = RedisCluster.from_url(
-                scheme.partition("+")[0] + sep + rest, socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=SOCKET_TIMEOUT_S)
+                scheme.partition("+")[0] + sep + rest,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+            )
         except (redis.RedisError, RedisClusterException) as exc:
-            if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in str(exc) \
-                    or "NOAUTH" in str(exc):
-                raise ConfigError(f"the Redis Cluster refused the credentials of "
-                                  f"METAREC_REDIS_URL: {exc}") from None
+            if (
+                isinstance(exc, redis.AuthenticationError)
+                or "WRONGPASS" in str(exc)
+                or "NOAUTH" in str(exc)
+            ):
+                raise ConfigError(
+                    f"the Redis Cluster refused the credentials of METAREC_REDIS_URL: {exc}"
+                ) from None
             text = f"{type(exc).__name__}: {str(exc)[:200]}"
             if not _unreachable(exc):  # waiting would not help: the URL or the ACL is wrong
-                raise ConfigError(f"METAREC_REDIS_URL does not name a Redis Cluster this "
-                                  f"client may use: {text}") from None
-            raise ClusterUnreachable(f"the Redis Cluster at METAREC_REDIS_URL did not "
-                                     f"answer: {text}") from None
+                raise ConfigError(
+                    f"METAREC_REDIS_URL does not name a Redis Cluster this client may use: {text}"
+                ) from None
+            raise ClusterUnreachable(
+                f"the Redis Cluster at METAREC_REDIS_URL did not answer: {text}"
+            ) from None
         return cls(client, prefix, **kwargs)
 
     def key(self, *parts: object) -> str:
@@ -494,23 +588,25 @@ class ClusterStore(RedisStore):
 
     _k = key
 
-    def load_users(self, users: Sequence[str]
-                   ) -> tuple[list[bytes | None], list[list[str] | None]]:
+    def load_users(self, users: Sequence[str]) -> tuple[list[bytes | None], list[list[str] | None]]:
         """States and profiles of ``users``, one round trip per node holding any."""
         if not users:
             return [], []
-        raw = self.cluster_client.mget_nonatomic([self._k("user", u) for u in users]
-                                                 + [self._k("profile", u) for u in users])
+        raw = self.cluster_client.mget_nonatomic(
+            [self._k("user", u) for u in users] + [self._k("profile", u) for u in users]
+        )
         n = len(users)
         profiles = [None if p is None else [str(f) for f in json.loads(p)] for p in raw[n:]]
         return list(raw[:n]), profiles
 
-    def applied_offsets(self, topic: str, partition: int, users: Sequence[str],
-                        topic_id: str | None) -> dict[str, int]:
+    def applied_offsets(
+        self, topic: str, partition: int, users: Sequence[str], topic_id: str | None
+    ) -> dict[str, int]:
         return self.steps.marks(topic, partition, users, topic_id)
 
-    def rebase_offsets(self, topic: str, seen_id: str | None, new_id: str,
-                       offsets: Mapping[int, int | None]) -> bool:
+    def rebase_offsets(
+        self, topic: str, seen_id: str | None, new_id: str, offsets: Mapping[int, int | None]
+    ) -> bool:
         return self.steps.rebase(topic, seen_id, new_id, offsets)
 
     def commit_batch(
@@ -540,13 +636,37 @@ class ClusterStore(RedisStore):
         be finished first.
         """
         head, trend_args, part_args = self._encode_shared(
-            topic, partition, expected_offset, next_offset, recs_ttl_s, partials, events,
-            trending, channels, state_ttl_s)
-        shared = [str(len(channels)), str(len(part_args) // 2), str(int(events)), *head,
-                  *trend_args, *part_args]
+            topic,
+            partition,
+            expected_offset,
+            next_offset,
+            recs_ttl_s,
+            partials,
+            events,
+            trending,
+            channels,
+            state_ttl_s,
+        )
+        shared = [
+            str(len(channels)),
+            str(len(part_args) // 2),
+            str(int(events)),
+            *head,
+            *trend_args,
+            *part_args,
+        ]
         return self.steps.commit(
-            topic, partition, expected_offset, next_offset, states=states, recs=recs,
-            recs_ttl_s=recs_ttl_s, guards=guards or {}, skip_conflicts=skip_conflicts,
-            topic_id=topic_id, shared=shared,
+            topic,
+            partition,
+            expected_offset,
+            next_offset,
+            states=states,
+            recs=recs,
+            recs_ttl_s=recs_ttl_s,
+            guards=guards or {},
+            skip_conflicts=skip_conflicts,
+            topic_id=topic_id,
+            shared=shared,
             channel_keys=[self._k("trend", c.name) for c in channels],
-            state_ttl_s=state_ttl_s)
+            state_ttl_s=state_ttl_s,
+        )

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["CONSUMER_GROUP", "ERROR_CLASS", "ERROR_MESSAGE", "HEADERS_DROPPED",
-           "KEY_TRUNCATED", "ORIGINAL_OFFSET", "ORIGINAL_PARTITION", "ORIGINAL_TIMESTAMP",
-           "ORIGINAL_TOPIC", "VALUE_TRUNCATED"]
+__all__ = [
+    "CONSUMER_GROUP",
+    "ERROR_CLASS",
+    "ERROR_MESSAGE",
+    "HEADERS_DROPPED",
+    "KEY_TRUNCATED",
+    "ORIGINAL_OFFSET",
+    "ORIGINAL_PARTITION",
+    "ORIGINAL_TIMESTAMP",
+    "ORIGINAL_TOPIC",
+    "VALUE_TRUNCATED",
+]
 
 ERROR_CLASS: Final = "metarec.error.class"
 ERROR_MESSAGE: Final = "metarec.error.message"

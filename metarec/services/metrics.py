@@ -45,43 +45,84 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.service = service
-        self.events_consumed = Counter("metarec_events_consumed", "Records consumed from "
-                                       "the events topic, valid or not.", registry=r)
-        self.events_applied = Counter("metarec_events_applied", "Events applied to users' "
-                                      "states and lists (exactly once).", registry=r)
-        self.dead_letters = Counter("metarec_dead_letters", "Records sent to the dead-letter "
-                                    "topic, by reason.", ["reason"], registry=r)
-        self.lag = Gauge("metarec_lag", "Records in the events log not yet applied, per "
-                         "partition (every partition of the group, owned or not).",
-                         ["partition"], registry=r)
-        self.batch_seconds = Histogram("metarec_batch_seconds", "Wall time of one batch, from "
-                                       "consume to the atomic write.", registry=r,
-                                       buckets=_LATENCY_BUCKETS)
-        self.freshness_seconds = Histogram("metarec_freshness_seconds", "From an event's Kafka "
-                                           "timestamp to the write of its user's list.",
-                                           registry=r, buckets=_LATENCY_BUCKETS)
-        self.redis_errors = Counter("metarec_redis_errors", "Redis calls that failed and "
-                                    "were retried.", registry=r)
-        self.redis_outages = Counter("metarec_redis_outages", "Redis outages ridden out "
-                                     "(each may have many failed calls).", registry=r)
-        self.kafka_errors = Counter("metarec_kafka_errors", "Errors librdkafka reported.",
-                                    registry=r)
-        self.offset_resets = Counter("metarec_offset_resets", "Times the events log was "
-                                     "found replaced or truncated under the stored offsets.",
-                                     registry=r)
-        self.user_conflicts = Counter("metarec_user_conflicts", "Users whose batch was redone "
-                                      "because another consumer wrote them meanwhile.",
-                                      registry=r)
-        self.model_version = Gauge("metarec_model_version", "The model version served "
-                                   "(0 before the first).", registry=r)
-        self.model_age_seconds = Gauge("metarec_model_age_seconds", "Seconds since the served "
-                                       "model version was published.", registry=r)
-        self.live_hr = Gauge("metarec_live_hr", "Live HR@K of the lists users were shown, per "
-                             "domain (\"all\": every domain).", ["domain"], registry=r)
-        self.live_ndcg = Gauge("metarec_live_ndcg", "Live NDCG@K, per domain.", ["domain"],
-                               registry=r)
-        self.last_loop = Gauge("metarec_last_loop_timestamp_seconds", "When the process loop "
-                               "last ticked (Unix time).", registry=r)
+        self.events_consumed = Counter(
+            "metarec_events_consumed",
+            "Records consumed from the events topic, valid or not.",
+            registry=r,
+        )
+        self.events_applied = Counter(
+            "metarec_events_applied",
+            "Events applied to users' states and lists (exactly once).",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "metarec_dead_letters",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            "metarec_lag",
+            "Records in the events log not yet applied, per "
+            "partition (every partition of the group, owned or not).",
+            ["partition"],
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "metarec_batch_seconds",
+            "Wall time of one batch, from consume to the atomic write.",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.freshness_seconds = Histogram(
+            "metarec_freshness_seconds",
+            "From an event's Kafka timestamp to the write of its user's list.",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.redis_errors = Counter(
+            "metarec_redis_errors", "Redis calls that failed and were retried.", registry=r
+        )
+        self.redis_outages = Counter(
+            "metarec_redis_outages",
+            "Redis outages ridden out (each may have many failed calls).",
+            registry=r,
+        )
+        self.kafka_errors = Counter(
+            "metarec_kafka_errors", "Errors librdkafka reported.", registry=r
+        )
+        self.offset_resets = Counter(
+            "metarec_offset_resets",
+            "Times the events log was found replaced or truncated under the stored offsets.",
+            registry=r,
+        )
+        self.user_conflicts = Counter(
+            "metarec_user_conflicts",
+            "Users whose batch was redone because another consumer wrote them meanwhile.",
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "metarec_model_version", "The model version served (0 before the first).", registry=r
+        )
+        self.model_age_seconds = Gauge(
+            "metarec_model_age_seconds",
+            "Seconds since the served model version was published.",
+            registry=r,
+        )
+        self.live_hr = Gauge(
+            "metarec_live_hr",
+            'Live HR@K of the lists users were shown, per domain ("all": every domain).',
+            ["domain"],
+            registry=r,
+        )
+        self.live_ndcg = Gauge(
+            "metarec_live_ndcg", "Live NDCG@K, per domain.", ["domain"], registry=r
+        )
+        self.last_loop = Gauge(
+            "metarec_last_loop_timestamp_seconds",
+            "When the process loop last ticked (Unix time).",
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
@@ -95,9 +136,15 @@ class HealthServer:
     the process loop; ``/healthz`` fails once it has not been called for ``stale_s``.
     """
 
-    def __init__(self, metrics: Metrics, port: int, ready: Callable[[], list[str]], *,
-                 host: str = "0.0.0.0",  # noqa: S104 (probes and scrapers come from outside)
-                 stale_s: float = STALE_LOOP_S) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        port: int,
+        ready: Callable[[], list[str]],
+        *,
+        host: str = "0.0.0.0",  # noqa: S104 (probes and scrapers come from outside)
+        stale_s: float = STALE_LOOP_S,
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.stale_s = stale_s
@@ -108,8 +155,9 @@ class HealthServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._reply(200, metrics.exposition(),
-                                "text/plain; version=0.0.4; charset=utf-8")
+                    self._reply(
+                        200, metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+                    )
                 elif path == "/healthz":
                     age = time.monotonic() - server._last_tick
                     ok = age <= server.stale_s
@@ -119,11 +167,13 @@ class HealthServer:
                         missing = server.ready()
                     except Exception as exc:  # a probe must answer, not crash the thread
                         missing = [f"readiness check failed: {type(exc).__name__}"]
-                    self._json(200 if not missing else 503,
-                               {"ready": not missing, "missing": missing})
+                    self._json(
+                        200 if not missing else 503, {"ready": not missing, "missing": missing}
+                    )
                 else:
-                    self._json(404, {"error": "not found",
-                                     "paths": ["/metrics", "/healthz", "/readyz"]})
+                    self._json(
+                        404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]}
+                    )
 
             def _json(self, code: int, body: dict[str, object]) -> None:
                 self._reply(code, json.dumps(body).encode(), "application/json")
@@ -141,8 +191,9 @@ class HealthServer:
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
-                                        name=f"metarec-{metrics.service}-http")
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, daemon=True, name=f"metarec-{metrics.service}-http"
+        )
         self._thread.start()
 
     def tick(self) -> None:

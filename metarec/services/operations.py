@@ -41,8 +41,14 @@ from metarec.logs import kafka_logger
 from metarec.services import dead_letters as dlq
 from metarec.services.store import RedisStore
 
-__all__ = ["inspect_dead_letters", "list_models", "replay_dead_letters", "reset_user",
-           "rollback_model", "user_summary"]
+__all__ = [
+    "inspect_dead_letters",
+    "list_models",
+    "replay_dead_letters",
+    "reset_user",
+    "rollback_model",
+    "user_summary",
+]
 
 #: Longest wait for the dead-letter topic's metadata and records.
 KAFKA_TIMEOUT_S: Final = 10.0
@@ -54,13 +60,21 @@ def user_summary(store: RedisStore, user: str) -> dict[str, Any]:
     """The list ``user``'s apps read, and a summary of the state it came from."""
     raw_states, profiles = store.load_users([user])
     state = None if raw_states[0] is None else UserState.from_bytes(raw_states[0])
-    out: dict[str, Any] = {"user": user, "key": store.recs_key(user),
-                           "recs": store.read_recs(user), "profile": profiles[0]}
+    out: dict[str, Any] = {
+        "user": user,
+        "key": store.recs_key(user),
+        "recs": store.read_recs(user),
+        "profile": profiles[0],
+    }
     if state is not None:
-        out["state"] = {"events": state.n_events, "last_ts": state.last_ts,
-                        "domain": state.domain, "model_version": state.model_version,
-                        "history": int((state.hist_items >= 0).sum()),
-                        "seen": int(state.seen.size)}
+        out["state"] = {
+            "events": state.n_events,
+            "last_ts": state.last_ts,
+            "domain": state.domain,
+            "model_version": state.model_version,
+            "history": int((state.hist_items >= 0).sum()),
+            "seen": int(state.seen.size),
+        }
     else:
         out["state"] = None
     return out
@@ -79,8 +93,14 @@ def list_models(store: RedisStore) -> list[dict[str, Any]]:
     for v in versions:
         raw = store.client.get(store.key("model", v, "meta"))
         meta = {} if raw is None else json.loads(raw)
-        out.append({"version": v, "current": v == current,
-                    "created_ms": meta.get("created_ms"), "bytes": meta.get("size")})
+        out.append(
+            {
+                "version": v,
+                "current": v == current,
+                "created_ms": meta.get("created_ms"),
+                "bytes": meta.get("size"),
+            }
+        )
     return out
 
 
@@ -92,19 +112,21 @@ def rollback_model(store: RedisStore, version: int) -> int:
 
 def _dead_letters(settings: Settings, group: str) -> Iterator[Message]:
     """Every record of the dead-letter topic, oldest first per partition, then stop."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": group,
-                                                 "enable.auto.commit": "false",
-                                                 "enable.partition.eof": "true"}),
-                        logger=kafka_logger("operations"))
+    consumer = Consumer(
+        settings.kafka_config(
+            **{"group.id": group, "enable.auto.commit": "false", "enable.partition.eof": "true"}
+        ),
+        logger=kafka_logger("operations"),
+    )
     try:
         meta = consumer.list_topics(settings.dlq_topic, timeout=KAFKA_TIMEOUT_S)
         topic = meta.topics.get(settings.dlq_topic)
         if topic is None or topic.error is not None:
-            raise MetarecError(f"dead-letter topic {settings.dlq_topic!r} not found "
-                               "(METAREC_DLQ_TOPIC)")
+            raise MetarecError(
+                f"dead-letter topic {settings.dlq_topic!r} not found (METAREC_DLQ_TOPIC)"
+            )
         parts = sorted(topic.partitions)
-        consumer.assign([TopicPartition(settings.dlq_topic, p, OFFSET_BEGINNING)
-                         for p in parts])
+        consumer.assign([TopicPartition(settings.dlq_topic, p, OFFSET_BEGINNING) for p in parts])
         pending = set(parts)  # until each partition reports its end (partition EOF)
         deadline = time.monotonic() + KAFKA_TIMEOUT_S
         while pending and time.monotonic() < deadline:
@@ -134,31 +156,37 @@ def inspect_dead_letters(settings: Settings, limit: int = 100) -> list[dict[str,
     for msg in _dead_letters(settings, f"{settings.group_id}-dlq-inspect"):
         h = _headers(msg)
         value = msg.value() or b""
-        out.append({
-            "partition": msg.partition(), "offset": msg.offset(),
-            "key": (msg.key() or b"").decode("utf-8", "replace"),
-            "error_class": h.get(dlq.ERROR_CLASS), "error": h.get(dlq.ERROR_MESSAGE),
-            "origin": f"{h.get(dlq.ORIGINAL_TOPIC)}[{h.get(dlq.ORIGINAL_PARTITION)}]"
-                      f"@{h.get(dlq.ORIGINAL_OFFSET)}",
-            "truncated": dlq.VALUE_TRUNCATED in h,
-            "value": value[:PREVIEW_BYTES].decode("utf-8", "replace"),
-        })
+        out.append(
+            {
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+                "key": (msg.key() or b"").decode("utf-8", "replace"),
+                "error_class": h.get(dlq.ERROR_CLASS),
+                "error": h.get(dlq.ERROR_MESSAGE),
+                "origin": f"{h.get(dlq.ORIGINAL_TOPIC)}[{h.get(dlq.ORIGINAL_PARTITION)}]"
+                f"@{h.get(dlq.ORIGINAL_OFFSET)}",
+                "truncated": dlq.VALUE_TRUNCATED in h,
+                "value": value[:PREVIEW_BYTES].decode("utf-8", "replace"),
+            }
+        )
         if len(out) >= limit:
             break
     return out
 
 
-def replay_dead_letters(settings: Settings, store: RedisStore, *, dry_run: bool = False,
-                        matching: str | None = None) -> dict[str, int]:
+def replay_dead_letters(
+    settings: Settings, store: RedisStore, *, dry_run: bool = False, matching: str | None = None
+) -> dict[str, int]:
     """Publish dead letters again to their original topic, key and value unchanged.
 
     Only letters after the last replay's checkpoint; ``matching`` keeps those whose error
     message contains it (the others are passed over for good). Cut-down letters (too large
     to keep whole) cannot be replayed and are counted as skipped.
     """
-    producer = Producer(settings.kafka_config(**{"enable.idempotence": "true",
-                                                 "partitioner": "murmur2_random"}),
-                        logger=kafka_logger("producer"))
+    producer = Producer(
+        settings.kafka_config(**{"enable.idempotence": "true", "partitioner": "murmur2_random"}),
+        logger=kafka_logger("producer"),
+    )
     counts = {"replayed": 0, "skipped": 0, "not_matching": 0}
     done: dict[int, int] = {}
     for msg in _dead_letters(settings, f"{settings.group_id}-dlq-replay"):
@@ -184,8 +212,10 @@ def replay_dead_letters(settings: Settings, store: RedisStore, *, dry_run: bool 
     if not dry_run:
         left = producer.flush(KAFKA_TIMEOUT_S * 3)
         if left:
-            raise MetarecError(f"{left} replayed records were not delivered; nothing was "
-                               "checkpointed, so the next replay sends them again")
+            raise MetarecError(
+                f"{left} replayed records were not delivered; nothing was "
+                "checkpointed, so the next replay sends them again"
+            )
         for p, off in done.items():
             store.client.set(store.key("dlq", "replayed", settings.dlq_topic, p), str(off))
     return counts

@@ -101,14 +101,20 @@ class Outage:
         Injected for tests.
     """
 
-    def __init__(self, what: str, give_up_s: float, log: logging.Logger, *,
-                 setting: str = "METAREC_REDIS_URL",
-                 should_stop: Callable[[], bool] = lambda: False,
-                 on_wait: Callable[[], None] = lambda: None,
-                 on_retry: Callable[[], None] = lambda: None,
-                 on_outage: Callable[[], None] = lambda: None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        what: str,
+        give_up_s: float,
+        log: logging.Logger,
+        *,
+        setting: str = "METAREC_REDIS_URL",
+        should_stop: Callable[[], bool] = lambda: False,
+        on_wait: Callable[[], None] = lambda: None,
+        on_retry: Callable[[], None] = lambda: None,
+        on_outage: Callable[[], None] = lambda: None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.what = what
         self.setting = setting
         self.give_up_s = give_up_s
@@ -139,9 +145,14 @@ class Outage:
                 self._failed(exc)
                 continue
             if self._since is not None:
-                self.log.warning(f"{self.what} answers again", extra={
-                    "dependency": self.what, "outage_s": round(self._clock() - self._since, 3),
-                    "attempts": self._attempt})
+                self.log.warning(
+                    f"{self.what} answers again",
+                    extra={
+                        "dependency": self.what,
+                        "outage_s": round(self._clock() - self._since, 3),
+                        "attempts": self._attempt,
+                    },
+                )
                 self._since = None
                 self._attempt = 0
             return result
@@ -152,14 +163,21 @@ class Outage:
             self._since = now
             self.outages += 1
             self.on_outage()
-            self.log.error(f"{self.what} unavailable; retrying", extra={
-                "dependency": self.what, "error": _describe(exc),
-                "give_up_after_s": self.give_up_s})
+            self.log.error(
+                f"{self.what} unavailable; retrying",
+                extra={
+                    "dependency": self.what,
+                    "error": _describe(exc),
+                    "give_up_after_s": self.give_up_s,
+                },
+            )
         elapsed = now - self._since
         if elapsed > self.give_up_s:  # the caller logs it, once, and exits
-            raise RedisUnavailable(f"{self.what} at {self.setting} did not answer for "
-                                   f"{elapsed:.1f} s "
-                                   f"(limit {self.give_up_s:g} s): {_describe(exc)}") from None
+            raise RedisUnavailable(
+                f"{self.what} at {self.setting} did not answer for "
+                f"{elapsed:.1f} s "
+                f"(limit {self.give_up_s:g} s): {_describe(exc)}"
+            ) from None
         self._attempt += 1
         self.retried += 1
         self.on_retry()

@@ -76,8 +76,13 @@ from metarec.errors import (
     UserConflict,
 )
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_KEEP_MODELS", "DEFAULT_PREFIX", "RedisStore",
-           "plain_key"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_KEEP_MODELS",
+    "DEFAULT_PREFIX",
+    "RedisStore",
+    "plain_key",
+]
 
 DEFAULT_PREFIX: Final = "metarec:"
 #: Chunk size of stored models: Redis strings may hold 512 MB, but one 8 MiB value keeps a
@@ -162,7 +167,11 @@ local function ttls(arg)
   return tonumber(a), tonumber(b)
 end
 """
-_COMMIT_LUA: Final = "#!lua" + TRENDING_LUA + PUT_LUA + """
+_COMMIT_LUA: Final = (
+    "#!lua"
+    + TRENDING_LUA
+    + PUT_LUA
+    + """
 local topic_id = ARGV[#ARGV]
 if topic_id ~= '' then
   local current = redis.call('GET', KEYS[#KEYS]) or ''
@@ -210,6 +219,7 @@ local out = {1, clock}
 for i = 1, #conflicts do out[i + 2] = conflicts[i] end
 return out
 """
+)
 
 # KEYS: topic-id:{topic}, then the offset keys of the topic's partitions. ARGV: the id the
 # caller saw stored ('' = none), the topic's id now, then each partition's offset to go on
@@ -334,15 +344,23 @@ class RedisStore:
     metarec.errors.StaleOffset: ...
     """
 
-    def __init__(self, client: redis.Redis[bytes], prefix: str = DEFAULT_PREFIX, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 keep_models: int = DEFAULT_KEEP_MODELS) -> None:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        keep_models: int = DEFAULT_KEEP_MODELS,
+    ) -> None:
         if self._connection_kwargs(client).get("decode_responses"):
-            raise ConfigError("the Redis client decodes responses to str; create it without "
-                              "decode_responses=True (states and models are bytes)")
+            raise ConfigError(
+                "the Redis client decodes responses to str; create it without "
+                "decode_responses=True (states and models are bytes)"
+            )
         if chunk_bytes < 1 or keep_models < 1:
-            raise ValueError(f"chunk_bytes and keep_models must be >= 1, got {chunk_bytes} "
-                             f"and {keep_models}")
+            raise ValueError(
+                f"chunk_bytes and keep_models must be >= 1, got {chunk_bytes} and {keep_models}"
+            )
         self.client = client
         self.prefix = prefix
         self.chunk_bytes = chunk_bytes
@@ -373,9 +391,12 @@ class RedisStore:
             from metarec.services.cluster_store import ClusterStore
 
             return ClusterStore.connect_cluster(url, prefix, **kwargs)
-        client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                      socket_connect_timeout=SOCKET_TIMEOUT_S,
-                                      health_check_interval=30)
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            health_check_interval=30,
+        )
         return cls(client, prefix, **kwargs)
 
     def check_access(self) -> None:
@@ -393,24 +414,42 @@ class RedisStore:
             self.client.set(self._k("offset", topic, 0), b"0", px=10_000)
             partials = PartialSums.zeros(1, 1)
             partials.weights[0] = 1.0  # so that the probe writes a partial sum too
-            self.commit_batch(topic, 0, 0, 0, states={probe: b"probe"}, recs={probe: b"{}"},
-                              recs_ttl_s=10, partials=partials, guards={probe: b""},
-                              skip_conflicts=True)
-            self.client.delete(self._k("offset", topic, 0), self._k("user", probe),
-                               self._k("recs", probe), self._k("partials", topic, 0))
+            self.commit_batch(
+                topic,
+                0,
+                0,
+                0,
+                states={probe: b"probe"},
+                recs={probe: b"{}"},
+                recs_ttl_s=10,
+                partials=partials,
+                guards={probe: b""},
+                skip_conflicts=True,
+            )
+            self.client.delete(
+                self._k("offset", topic, 0),
+                self._k("user", probe),
+                self._k("recs", probe),
+                self._k("partials", topic, 0),
+            )
             self.client.srem(self._k("partials", "index"), self._k("partials", topic, 0))
         except redis.AuthenticationError as exc:
-            raise ConfigError(f"Redis refused the credentials of METAREC_REDIS_URL: {exc}; "
-                              "check the user and password") from None
+            raise ConfigError(
+                f"Redis refused the credentials of METAREC_REDIS_URL: {exc}; "
+                "check the user and password"
+            ) from None
         except redis.exceptions.NoPermissionError as exc:
-            raise ConfigError(f"Redis's ACL refuses the METAREC_REDIS_URL user keys under "
-                              f"the prefix {self.prefix!r} (METAREC_KEY_PREFIX) or a command "
-                              f"metarec needs: {exc}; allow ~{self.prefix}* and GET, SET, "
-                              "MGET, EVALSHA, SCRIPT, HSET, HINCRBYFLOAT...") from None
+            raise ConfigError(
+                f"Redis's ACL refuses the METAREC_REDIS_URL user keys under "
+                f"the prefix {self.prefix!r} (METAREC_KEY_PREFIX) or a command "
+                f"metarec needs: {exc}; allow ~{self.prefix}* and GET, SET, "
+                "MGET, EVALSHA, SCRIPT, HSET, HINCRBYFLOAT..."
+            ) from None
         except redis.ResponseError as exc:
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise ConfigError(f"Redis needs credentials that METAREC_REDIS_URL does not "
-                                  f"give: {exc}") from None
+                raise ConfigError(
+                    f"Redis needs credentials that METAREC_REDIS_URL does not give: {exc}"
+                ) from None
             raise
 
     def key(self, *parts: object) -> str:
@@ -444,8 +483,9 @@ class RedisStore:
         """Delete ``user``'s state and list (not the profile); True if there was anything."""
         return bool(self.client.delete(self._k("user", user), self.recs_key(user)))
 
-    def applied_offsets(self, topic: str, partition: int, users: Sequence[str],
-                        topic_id: str | None) -> dict[str, int]:
+    def applied_offsets(
+        self, topic: str, partition: int, users: Sequence[str], topic_id: str | None
+    ) -> dict[str, int]:
         """Per user, the offset of ``topic[partition]`` up to which the user's events are
         already in the stored state, where that can differ from the partition's offset.
 
@@ -512,22 +552,41 @@ class RedisStore:
             The trending clock after the commit (other consumers may have moved it too).
         """
         head, trend_args, part_args = self._encode_shared(
-            topic, partition, expected_offset, next_offset, recs_ttl_s, partials, events,
-            trending, channels, state_ttl_s)
+            topic,
+            partition,
+            expected_offset,
+            next_offset,
+            recs_ttl_s,
+            partials,
+            events,
+            trending,
+            channels,
+            state_ttl_s,
+        )
         partials_key = self._k("partials", topic, partition)
-        keys = [self._k("offset", topic, partition), self._k("trend", "meta"), partials_key,
-                self._k("partials", "index")]
+        keys = [
+            self._k("offset", topic, partition),
+            self._k("trend", "meta"),
+            partials_key,
+            self._k("partials", "index"),
+        ]
         keys += [self._k("trend", c.name) for c in channels]
         keys += [self._k("user", u) for u in states]
         keys += [self._k("recs", u) for u in recs]
         guards = guards or {}
         number = {u: i for i, u in enumerate(states, 1)}
         args: list[str | bytes] = [
-            "" if expected_offset is None else str(int(expected_offset)), str(int(next_offset)),
-            f"{int(recs_ttl_s)}/{int(state_ttl_s)}", str(len(channels)), str(len(states)),
+            "" if expected_offset is None else str(int(expected_offset)),
+            str(int(next_offset)),
+            f"{int(recs_ttl_s)}/{int(state_ttl_s)}",
+            str(len(channels)),
+            str(len(states)),
             str(len(recs)),
-            str(len(part_args) // 2), str(int(events)), str(COUNT_AT),
-            "1" if skip_conflicts else "0", *head,
+            str(len(part_args) // 2),
+            str(int(events)),
+            str(COUNT_AT),
+            "1" if skip_conflicts else "0",
+            *head,
         ]
         args += states.values()
         args += [guards.get(u, b"*") for u in states]
@@ -539,16 +598,20 @@ class RedisStore:
         args.append(topic_id or "")
         status, value, *rest = self._commit(keys=keys, args=args)
         if status == 3:
-            raise LogReplaced(f"{topic}: the stored offsets now refer to topic id "
-                              f"{_text(value) or 'none'}, not {topic_id}; the log was "
-                              "replaced and the offsets rebased: check the topic again")
+            raise LogReplaced(
+                f"{topic}: the stored offsets now refer to topic id "
+                f"{_text(value) or 'none'}, not {topic_id}; the log was "
+                "replaced and the offsets rebased: check the topic again"
+            )
         if status == 2:
             names = list(states)
             users = [names[int(i) - 1] for i in (value, *rest)]
             raise UserConflict(
                 f"{topic}[{partition}]: {len(users)} users changed since they were loaded "
                 f"(first: {users[0]!r}); their events arrive on more than one partition. "
-                "Nothing was written; redo the batch from the stored states", users)
+                "Nothing was written; redo the batch from the stored states",
+                users,
+            )
         if status == 0:
             stored = _text(value)
             raise StaleOffset(
@@ -556,26 +619,41 @@ class RedisStore:
                 f"{'none' if expected_offset is None else expected_offset}, found "
                 f"{stored or 'none'}; another consumer owns this partition now, so drop the "
                 "batch and re-read the offset after the next assignment",
-                int(stored) if stored else None)
+                int(stored) if stored else None,
+            )
         return int(value)
 
-    def _encode_shared(self, topic: str, partition: int, expected_offset: int | None,
-                       next_offset: int, recs_ttl_s: int, partials: PartialSums | None,
-                       events: int, trending: Sequence[Mapping[int, float]],
-                       channels: Sequence[Channel], state_ttl_s: int = 0,
-                       ) -> tuple[list[str], list[str], list[str]]:
+    def _encode_shared(
+        self,
+        topic: str,
+        partition: int,
+        expected_offset: int | None,
+        next_offset: int,
+        recs_ttl_s: int,
+        partials: PartialSums | None,
+        events: int,
+        trending: Sequence[Mapping[int, float]],
+        channels: Sequence[Channel],
+        state_ttl_s: int = 0,
+    ) -> tuple[list[str], list[str], list[str]]:
         """Check a commit's inputs and encode its shared effects for a script: the
         channels' (name, half-life, pairs) triples, their (item, weight) pairs and the
         partial sums' (field, value) pairs. Raises ValueError before anything is sent."""
         if expected_offset is not None and next_offset < expected_offset:
-            raise ValueError(f"next_offset {next_offset} is before expected_offset "
-                             f"{expected_offset} of {topic}[{partition}]")
+            raise ValueError(
+                f"next_offset {next_offset} is before expected_offset "
+                f"{expected_offset} of {topic}[{partition}]"
+            )
         if next_offset < 0 or recs_ttl_s < 0 or state_ttl_s < 0 or events < 0:
-            raise ValueError(f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}), "
-                             f"state_ttl_s ({state_ttl_s}) and events ({events}) must be >= 0")
+            raise ValueError(
+                f"next_offset ({next_offset}), recs_ttl_s ({recs_ttl_s}), "
+                f"state_ttl_s ({state_ttl_s}) and events ({events}) must be >= 0"
+            )
         if len(trending) != len(channels):
-            raise ValueError(f"{len(trending)} trending increments for {len(channels)} "
-                             "channels; pass one mapping per channel")
+            raise ValueError(
+                f"{len(trending)} trending increments for {len(channels)} "
+                "channels; pass one mapping per channel"
+            )
         head: list[str] = []
         trend_args: list[str] = []
         for channel, incs in zip(channels, trending, strict=True):
@@ -614,8 +692,9 @@ class RedisStore:
         raw = self.client.get(self._k("topic-id", topic))
         return None if raw is None else _text(raw)
 
-    def rebase_offsets(self, topic: str, seen_id: str | None, new_id: str,
-                       offsets: Mapping[int, int | None]) -> bool:
+    def rebase_offsets(
+        self, topic: str, seen_id: str | None, new_id: str, offsets: Mapping[int, int | None]
+    ) -> bool:
         """Point the stored offsets of ``topic`` at a new log, atomically and once.
 
         A recreated topic (or a broker that lost its data) starts its offsets again, so the
@@ -632,13 +711,13 @@ class RedisStore:
 
     # -- users -----------------------------------------------------------------------
 
-    def load_users(self, users: Sequence[str]
-                   ) -> tuple[list[bytes | None], list[list[str] | None]]:
+    def load_users(self, users: Sequence[str]) -> tuple[list[bytes | None], list[list[str] | None]]:
         """States and profiles of ``users`` in one MGET (None where there is none)."""
         if not users:
             return [], []
-        raw = self.client.mget([self._k("user", u) for u in users]
-                               + [self._k("profile", u) for u in users])
+        raw = self.client.mget(
+            [self._k("user", u) for u in users] + [self._k("profile", u) for u in users]
+        )
         n = len(users)
         profiles = [None if p is None else [str(f) for f in json.loads(p)] for p in raw[n:]]
         return list(raw[:n]), profiles
@@ -665,18 +744,21 @@ class RedisStore:
         """
         if len(items) != len(domains):
             raise ValueError(f"{len(items)} items but {len(domains)} domains")
-        metas = [_dump({"item": i, "domain": d, "features": []})
-                 for i, d in zip(items, domains, strict=True)]
+        metas = [
+            _dump({"item": i, "domain": d, "features": []})
+            for i, d in zip(items, domains, strict=True)
+        ]
         return self._register_items("0", items, metas)
 
     def describe_items(self, records: Sequence[ItemRecord]) -> I64:
         """Register items if needed and store their domain and features (overwriting)."""
-        metas = [_dump({"item": r.item, "domain": r.domain, "features": list(r.features)})
-                 for r in records]
+        metas = [
+            _dump({"item": r.item, "domain": r.domain, "features": list(r.features)})
+            for r in records
+        ]
         return self._register_items("1", [r.item for r in records], metas)
 
-    def _register_items(self, overwrite: str, items: Sequence[str],
-                        metas: list[bytes]) -> I64:
+    def _register_items(self, overwrite: str, items: Sequence[str], metas: list[bytes]) -> I64:
         if not items:
             return np.zeros(0, np.int64)
         keys = [self._k("items", "index"), self._k("items", "next"), self._k("items", "meta")]
@@ -702,11 +784,19 @@ class RedisStore:
             fields = [str(i) for i in idx]
             for i, raw in zip(idx, self.client.hmget(meta_key, fields), strict=True):
                 if raw is None:
-                    raise MetarecError(f"item index {i} has no record in {meta_key}; the "
-                                       "registry was damaged (evicted keys?); rebuild it")
+                    raise MetarecError(
+                        f"item index {i} has no record in {meta_key}; the "
+                        "registry was damaged (evicted keys?); rebuild it"
+                    )
                 meta = json.loads(raw)
-                rows.append((i, str(meta["item"]), str(meta["domain"]),
-                             tuple(str(f) for f in meta["features"])))
+                rows.append(
+                    (
+                        i,
+                        str(meta["item"]),
+                        str(meta["domain"]),
+                        tuple(str(f) for f in meta["features"]),
+                    )
+                )
         return rows
 
     # -- trending ----------------------------------------------------------------------
@@ -728,8 +818,9 @@ class RedisStore:
                 keep = idx < n_items
                 counts[s, idx[keep]] = vals[keep]
         refs = np.array([fields.get(f"ref:{c.name}", clock) for c in channels], np.int64)
-        return Trending.from_arrays({"counts": counts, "ref": refs, "clock": np.array(clock)},
-                                    channels)
+        return Trending.from_arrays(
+            {"counts": counts, "ref": refs, "clock": np.array(clock)}, channels
+        )
 
     # -- partial sums ----------------------------------------------------------------
 
@@ -745,8 +836,8 @@ class RedisStore:
         keys: list[tuple[int, str]] = []
         for member in self.client.smembers(index_key):
             name = _text(member)
-            if name.startswith(head) and name[len(head):].isdigit():
-                keys.append((int(name[len(head):]), name))
+            if name.startswith(head) and name[len(head) :].isdigit():
+                keys.append((int(name[len(head) :]), name))
         if not keys:
             return []
         keys.sort()
@@ -786,29 +877,45 @@ class RedisStore:
             version = int(self.client.incr(self._k("model", "seq")))
         else:
             current = self.current_model_version()
-            if version < 1 or (current is not None and version <= current) \
-                    or self.client.exists(self._k("model", version, "meta")):
-                raise ValueError(f"model version {version} must be >= 1, newer than the "
-                                 f"current {current} and not yet stored; pass None to "
-                                 "allocate one")
+            if (
+                version < 1
+                or (current is not None and version <= current)
+                or self.client.exists(self._k("model", version, "meta"))
+            ):
+                raise ValueError(
+                    f"model version {version} must be >= 1, newer than the "
+                    f"current {current} and not yet stored; pass None to "
+                    "allocate one"
+                )
         step = self.chunk_bytes
-        chunks = [blob[i:i + step] for i in range(0, len(blob), step)] or [b""]
-        meta = {"version": version, "created_ms": int(time.time() * 1000),
-                "n_chunks": len(chunks), "size": len(blob),
-                "sha256": hashlib.sha256(blob).hexdigest()}
+        chunks = [blob[i : i + step] for i in range(0, len(blob), step)] or [b""]
+        meta = {
+            "version": version,
+            "created_ms": int(time.time() * 1000),
+            "n_chunks": len(chunks),
+            "size": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        }
         pipe = self.client.pipeline(transaction=False)
         for i, chunk in enumerate(chunks):
             pipe.set(self._k("model", version, "chunk", i), chunk)
         pipe.set(self._k("model", version, "meta"), _dump(meta))
         pipe.execute()
-        reply = self._flip(keys=[self._k("model", "current"), self._k("model", "seq"),
-                                 self._k("model", "versions")],
-                           args=[str(version), str(self.keep_models)])
+        reply = self._flip(
+            keys=[
+                self._k("model", "current"),
+                self._k("model", "seq"),
+                self._k("model", "versions"),
+            ],
+            args=[str(version), str(self.keep_models)],
+        )
         if reply[0] == 0:
             if reply[1] != version:  # an equal version's keys are the winner's, not ours
                 self._delete_models([version])
-            raise ValueError(f"model version {version} lost the race to version {reply[1]}, "
-                             "published meanwhile; publish again with version=None")
+            raise ValueError(
+                f"model version {version} lost the race to version {reply[1]}, "
+                "published meanwhile; publish again with version=None"
+            )
         self._delete_models([int(v) for v in reply[1:]])
         return version
 
@@ -838,25 +945,33 @@ class RedisStore:
         """The bytes of model ``version``, checked against its size and sha256."""
         raw = self.client.get(self._k("model", version, "meta"))
         if raw is None:
-            raise ModelError(f"model version {version} is not stored (pruned, or never "
-                             "published); load current_model_version() instead")
+            raise ModelError(
+                f"model version {version} is not stored (pruned, or never "
+                "published); load current_model_version() instead"
+            )
         meta = json.loads(raw)
-        chunks = self.client.mget([self._k("model", version, "chunk", i)
-                                   for i in range(int(meta["n_chunks"]))])
+        chunks = self.client.mget(
+            [self._k("model", version, "chunk", i) for i in range(int(meta["n_chunks"]))]
+        )
         missing = [i for i, c in enumerate(chunks) if c is None]
         if missing:
-            raise ModelError(f"model version {version} lacks chunks {missing}; it was pruned "
-                             "while loading or damaged; load the current version again")
+            raise ModelError(
+                f"model version {version} lacks chunks {missing}; it was pruned "
+                "while loading or damaged; load the current version again"
+            )
         blob = b"".join(c for c in chunks if c is not None)
         if len(blob) != meta["size"] or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-            raise ModelError(f"model version {version} is corrupt (size or sha256 differs "
-                             "from its meta); republish it")
+            raise ModelError(
+                f"model version {version} is corrupt (size or sha256 differs "
+                "from its meta); republish it"
+            )
         return blob
 
     # -- heartbeats ------------------------------------------------------------------
 
-    def request_aggregation(self, reason: str, ttl_s: int = 3600,
-                            since_ts: int | None = None) -> None:
+    def request_aggregation(
+        self, reason: str, ttl_s: int = 3600, since_ts: int | None = None
+    ) -> None:
         """Ask the aggregator for a cycle now (``aggregate:request`` holds the reason).
 
         ``since_ts`` dates a change of regime: from now on the aggregator trains only on
@@ -882,8 +997,7 @@ class RedisStore:
     def clear_aggregation_request(self) -> None:
         self.client.delete(self.key("aggregate", "request"))
 
-    def heartbeat(self, group: str, member: str, payload: Mapping[str, Any],
-                  ttl_s: int) -> None:
+    def heartbeat(self, group: str, member: str, payload: Mapping[str, Any], ttl_s: int) -> None:
         """Record a consumer's stats; they vanish ``ttl_s`` seconds after its last beat."""
         if ttl_s < 1:
             raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")

@@ -47,8 +47,9 @@ class TopicSpec:
 def topic_plan(settings: Settings) -> dict[str, TopicSpec]:
     """Every topic the services use, by name, as it should be created."""
     return {
-        settings.events_topic: TopicSpec(settings.partitions, {
-            "retention.ms": str(settings.events_retention_hours * _HOUR_MS)}),
+        settings.events_topic: TopicSpec(
+            settings.partitions, {"retention.ms": str(settings.events_retention_hours * _HOUR_MS)}
+        ),
         settings.items_topic: TopicSpec(LATEST_STATE_PARTITIONS, dict(_COMPACT)),
         settings.users_topic: TopicSpec(LATEST_STATE_PARTITIONS, dict(_COMPACT)),
         settings.dlq_topic: TopicSpec(1),

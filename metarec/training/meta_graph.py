@@ -59,9 +59,24 @@ def _rows_by_name(names: list[str], old_names: list[str], old: F32, fresh: F32) 
 #: Adam's moment decays and epsilon (Keras' defaults).
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-7
 #: Names of the parameters each variant trains (the others stay at their initial value).
-_META_PARAMS = ("emb", "ctx", "bias", "g_emb", "g_ctx", "g_bias", "theta0", "u_feat",
-                "hist_map", "age", "log_step", "log_prox", "trend", "domain_map", "knn_age",
-                "knn_weights")
+_META_PARAMS = (
+    "emb",
+    "ctx",
+    "bias",
+    "g_emb",
+    "g_ctx",
+    "g_bias",
+    "theta0",
+    "u_feat",
+    "hist_map",
+    "age",
+    "log_step",
+    "log_prox",
+    "trend",
+    "domain_map",
+    "knn_age",
+    "knn_weights",
+)
 _PLAIN_PARAMS = ("emb", "bias", "free_users", "trend", "knn_age", "knn_weights")
 _ALL_PARAMS = (*_META_PARAMS, "free_users")
 
@@ -69,8 +84,14 @@ _ALL_PARAMS = (*_META_PARAMS, "free_users")
 class MetaGraph:
     """Parameters and the training loop for one :meth:`MetaTrainer.fit` call."""
 
-    def __init__(self, cfg: MetaTrainer, data: TrainingData, batches: TrainingBatches,
-                 init: MetaModel | None, rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        cfg: MetaTrainer,
+        data: TrainingData,
+        batches: TrainingBatches,
+        init: MetaModel | None,
+        rng: np.random.Generator,
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.rng = rng
@@ -87,10 +108,13 @@ class MetaGraph:
         self.feat_rows = tf.constant(np.asarray(rows, np.int64))
         self.feat_cols = tf.constant(np.asarray(cols, np.int64))
         self.feat_count = tf.constant(
-            np.maximum(np.bincount(np.asarray(rows, np.int64), minlength=n), 1)
-            .astype(np.float32)[:, None])
+            np.maximum(np.bincount(np.asarray(rows, np.int64), minlength=n), 1).astype(np.float32)[
+                :, None
+            ]
+        )
         self.has_feat = tf.constant(
-            (np.bincount(np.asarray(rows, np.int64), minlength=n) > 0).astype(np.float32))
+            (np.bincount(np.asarray(rows, np.int64), minlength=n) > 0).astype(np.float32)
+        )
         self.count = np.bincount(data.items, minlength=n).astype(np.float32)
         self.user_vocab = sorted(batches.user_vocab, key=batches.user_vocab.__getitem__)
         self.domains = list(data.domain_names) or ["default"]
@@ -100,8 +124,11 @@ class MetaGraph:
             return (_INIT_SCALE * rng.standard_normal(shape)).astype(np.float32)
 
         emb, ctx, bias = normal((n, d)), normal((n, d)), np.zeros(n, np.float32)
-        g_emb, g_ctx, g_bias = normal((len(feats), d)), normal((len(feats), d)), \
-            np.zeros(len(feats), np.float32)
+        g_emb, g_ctx, g_bias = (
+            normal((len(feats), d)),
+            normal((len(feats), d)),
+            np.zeros(len(feats), np.float32),
+        )
         theta0 = np.zeros((len(self.domains), d), np.float32)
         u_feat = np.zeros((len(self.user_vocab) + 1, d), np.float32)
         # One pool per time scale: a slow one for taste, fast ones for the current session.
@@ -122,20 +149,26 @@ class MetaGraph:
         if init is not None and init.dim == d and init.age_logits.shape == age.shape:
             emb = _rows_by_name(self.item_ids, init.item_ids, init.item_emb, emb)
             ctx = _rows_by_name(self.item_ids, init.item_ids, init.item_ctx, ctx)
-            bias = _rows_by_name(self.item_ids, init.item_ids, init.item_bias[:, None],
-                                 bias[:, None])[:, 0]
+            bias = _rows_by_name(
+                self.item_ids, init.item_ids, init.item_bias[:, None], bias[:, None]
+            )[:, 0]
             if init.meta and cfg.meta:
                 g_emb = _rows_by_name(feats, init.item_features, init.feat_emb, g_emb)
                 g_ctx = _rows_by_name(feats, init.item_features, init.feat_ctx, g_ctx)
-                g_bias = _rows_by_name(feats, init.item_features, init.feat_bias[:, None],
-                                       g_bias[:, None])[:, 0]
+                g_bias = _rows_by_name(
+                    feats, init.item_features, init.feat_bias[:, None], g_bias[:, None]
+                )[:, 0]
                 theta0 = _rows_by_name(self.domains, init.domains, init.theta0, theta0)
-                u_feat[:-1] = _rows_by_name(self.user_vocab, init.user_features,
-                                            init.user_feat, u_feat[:-1])
+                u_feat[:-1] = _rows_by_name(
+                    self.user_vocab, init.user_features, init.user_feat, u_feat[:-1]
+                )
                 hist_map, age = init.hist_map.copy(), init.age_logits.copy()
-                flat = _rows_by_name(self.domains, init.domains,
-                                     init.domain_map.reshape(len(init.domains), -1),
-                                     domain_map.reshape(len(self.domains), -1))
+                flat = _rows_by_name(
+                    self.domains,
+                    init.domains,
+                    init.domain_map.reshape(len(init.domains), -1),
+                    domain_map.reshape(len(self.domains), -1),
+                )
                 domain_map = flat.reshape(domain_map.shape)
                 log_step = np.log(np.maximum(init.step, 1e-6)).astype(np.float32)
                 log_prox = np.float32(np.log(max(init.prox, 1e-6)))
@@ -145,19 +178,37 @@ class MetaGraph:
                 knn_age, knn_weights = init.knn_age_logits.copy(), init.knn_weights.copy()
         self.neighbors = batches.neighbors
         self.params: dict[str, tf.Tensor] = {
-            name: tf.constant(value) for name, value in {
-                "emb": emb, "ctx": ctx, "bias": bias, "g_emb": g_emb, "g_ctx": g_ctx,
-                "g_bias": g_bias, "theta0": theta0, "u_feat": u_feat, "hist_map": hist_map,
-                "age": age, "log_step": log_step, "log_prox": log_prox, "trend": trend,
-                "domain_map": domain_map, "knn_age": knn_age, "knn_weights": knn_weights,
+            name: tf.constant(value)
+            for name, value in {
+                "emb": emb,
+                "ctx": ctx,
+                "bias": bias,
+                "g_emb": g_emb,
+                "g_ctx": g_ctx,
+                "g_bias": g_bias,
+                "theta0": theta0,
+                "u_feat": u_feat,
+                "hist_map": hist_map,
+                "age": age,
+                "log_step": log_step,
+                "log_prox": log_prox,
+                "trend": trend,
+                "domain_map": domain_map,
+                "knn_age": knn_age,
+                "knn_weights": knn_weights,
                 "free_users": normal((len(data.user_ids), d)),
-            }.items()}
+            }.items()
+        }
         self.names = _META_PARAMS if cfg.meta else _PLAIN_PARAMS
         self.adam_m = {k: tf.zeros_like(self.params[k]) for k in self.names}
         self.adam_v = {k: tf.zeros_like(self.params[k]) for k in self.names}
         self.adam_t = 0
-        self.consts = {"feat_rows": self.feat_rows, "feat_cols": self.feat_cols,
-                       "feat_count": self.feat_count, "snapshots": self.snapshots}
+        self.consts = {
+            "feat_rows": self.feat_rows,
+            "feat_cols": self.feat_cols,
+            "feat_count": self.feat_count,
+            "snapshots": self.snapshots,
+        }
         self._step = _step_function(_Shape.of(cfg, self.voters))
         self._loss = _loss_function(_Shape.of(cfg, self.voters))
 
@@ -165,16 +216,15 @@ class MetaGraph:
 
     def item_tables(self, own_weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Serving vectors, biases and context vectors (the blend of model.item_tables)."""
-        return _item_tables(_Shape.of(self.cfg, self.voters), self.params, self.consts,
-                            own_weight)
+        return _item_tables(_Shape.of(self.cfg, self.voters), self.params, self.consts, own_weight)
 
     def _prior(self, b: dict[str, tf.Tensor], context: tf.Tensor) -> tf.Tensor:
         return _prior(_Shape.of(self.cfg, self.voters), self.params, b, context)
 
-    def _inner_loop(self, b: dict[str, tf.Tensor], theta0: tf.Tensor, vectors: tf.Tensor,
-                    bias: tf.Tensor) -> tf.Tensor:
-        return _inner_loop(_Shape.of(self.cfg, self.voters), self.params, b, theta0,
-                           vectors, bias)
+    def _inner_loop(
+        self, b: dict[str, tf.Tensor], theta0: tf.Tensor, vectors: tf.Tensor, bias: tf.Tensor
+    ) -> tf.Tensor:
+        return _inner_loop(_Shape.of(self.cfg, self.voters), self.params, b, theta0, vectors, bias)
 
     # -- loop and export ----------------------------------------------------------------
 
@@ -202,9 +252,14 @@ class MetaGraph:
             weight += float(count)
         return total / max(weight, 1.0)
 
-    def train_until_best(self, batches: TrainingBatches, validation: dict[str, Any],
-                         max_steps: int, check_every: int, patience: int,
-                         ) -> tuple[float, int]:
+    def train_until_best(
+        self,
+        batches: TrainingBatches,
+        validation: dict[str, Any],
+        max_steps: int,
+        check_every: int,
+        patience: int,
+    ) -> tuple[float, int]:
         """Train while the held-out loss improves; keep the best parameters.
 
         Returns that loss and the steps that reached it.
@@ -230,6 +285,7 @@ class MetaGraph:
         The next batch is sampled (numpy) in a thread while TensorFlow runs the step, which
         releases the interpreter lock.
         """
+
         def sample() -> dict[str, tf.Tensor]:
             raw: dict[str, Any] = batches.sample(self.cfg.batch_size)
             raw["own_weight"] = self._own_weight()
@@ -250,14 +306,21 @@ class MetaGraph:
             self.adam_t += 1
             trained = {k: self.params[k] for k in self.names}
             new, self.adam_m, self.adam_v, loss = self._step(
-                trained, self.adam_m, self.adam_v, tf.constant(self.adam_t, tf.float32), lr,
-                {k: v for k, v in self.params.items() if k not in self.names}, self.consts, b)
+                trained,
+                self.adam_m,
+                self.adam_v,
+                tf.constant(self.adam_t, tf.float32),
+                lr,
+                {k: v for k, v in self.params.items() if k not in self.names},
+                self.consts,
+                b,
+            )
             self.params.update(new)
             losses.append(float(loss))
             if self.cfg.on_step is not None:
                 self.cfg.on_step()
         worker.join()
-        tail = losses[-max(1, len(losses) // 10):]
+        tail = losses[-max(1, len(losses) // 10) :]
         return float(np.mean(tail))
 
     def export(self, version: int) -> MetaModel:
@@ -272,28 +335,31 @@ class MetaGraph:
             item_features=self.item_vocab if meta else [],
             user_features=self.user_vocab if meta else [],
             domains=self.domains,
-            item_emb=p['emb'], item_bias=p['bias'],
-            item_ctx=p['ctx'] if meta else np.zeros_like(p['emb']),
+            item_emb=p["emb"],
+            item_bias=p["bias"],
+            item_ctx=p["ctx"] if meta else np.zeros_like(p["emb"]),
             item_count=self.count,
-            feat_emb=p['g_emb'] if meta else empty,
-            feat_bias=p['g_bias'] if meta else np.zeros(0, np.float32),
-            feat_ctx=p['g_ctx'] if meta else empty,
-            theta0=p['theta0'] if meta else np.zeros((len(self.domains), d),
-                                                                np.float32),
-            user_feat=p['u_feat'][:-1] if meta else empty,
-            hist_map=p['hist_map'] if meta else np.zeros_like(p['hist_map']),
-            age_logits=p['age'],
-            step=np.exp(p['log_step']) if meta else np.full(d, cfg.step_init,
-                                                                    np.float32),
-            domain_map=p['domain_map'],
-            prox=float(np.exp(p['log_prox'])) if meta else 0.1,
-            trend_weights=p['trend'] if meta else np.tile(p['trend'][:1],
-                                                                  (HISTORY_BUCKETS, 1)),
-            knn_index=self.neighbors.index, knn_weight=self.neighbors.weight,
-            knn_age_logits=p['knn_age'],
-            knn_weights=p['knn_weights'] if meta else np.full(
-                HISTORY_BUCKETS, p['knn_weights'][0], np.float32),
-            inner_steps=1, negatives=cfg.negatives, blend=cfg.blend, meta=meta,
+            feat_emb=p["g_emb"] if meta else empty,
+            feat_bias=p["g_bias"] if meta else np.zeros(0, np.float32),
+            feat_ctx=p["g_ctx"] if meta else empty,
+            theta0=p["theta0"] if meta else np.zeros((len(self.domains), d), np.float32),
+            user_feat=p["u_feat"][:-1] if meta else empty,
+            hist_map=p["hist_map"] if meta else np.zeros_like(p["hist_map"]),
+            age_logits=p["age"],
+            step=np.exp(p["log_step"]) if meta else np.full(d, cfg.step_init, np.float32),
+            domain_map=p["domain_map"],
+            prox=float(np.exp(p["log_prox"])) if meta else 0.1,
+            trend_weights=p["trend"] if meta else np.tile(p["trend"][:1], (HISTORY_BUCKETS, 1)),
+            knn_index=self.neighbors.index,
+            knn_weight=self.neighbors.weight,
+            knn_age_logits=p["knn_age"],
+            knn_weights=p["knn_weights"]
+            if meta
+            else np.full(HISTORY_BUCKETS, p["knn_weights"][0], np.float32),
+            inner_steps=1,
+            negatives=cfg.negatives,
+            blend=cfg.blend,
+            meta=meta,
         )
 
 
@@ -313,8 +379,7 @@ class _Shape:
 
     @classmethod
     def of(cls, cfg: MetaTrainer, voters: int) -> _Shape:
-        return cls(cfg.meta, len(cfg.pool_decays), cfg.inner_events, cfg.negatives, cfg.l2,
-                   voters)
+        return cls(cfg.meta, len(cfg.pool_decays), cfg.inner_events, cfg.negatives, cfg.l2, voters)
 
 
 def _any_spec(dtype: tf.DType = tf.float32) -> tf.TensorSpec:
@@ -322,13 +387,27 @@ def _any_spec(dtype: tf.DType = tf.float32) -> tf.TensorSpec:
 
 
 _BATCH_SPEC = {
-    "users": tf.int64, "domains": tf.int64, "profile": tf.int64, "hist_items": tf.int64,
-    "hist_weights": tf.float32, "query": tf.int64, "consumed": tf.int64, "snap": tf.int64,
-    "decay": tf.float32, "negatives": tf.int64, "own_weight": tf.float32,
-    "bucket": tf.int64, "knn_index": tf.int64, "knn_value": tf.float32,
+    "users": tf.int64,
+    "domains": tf.int64,
+    "profile": tf.int64,
+    "hist_items": tf.int64,
+    "hist_weights": tf.float32,
+    "query": tf.int64,
+    "consumed": tf.int64,
+    "snap": tf.int64,
+    "decay": tf.float32,
+    "negatives": tf.int64,
+    "own_weight": tf.float32,
+    "bucket": tf.int64,
+    "knn_index": tf.int64,
+    "knn_value": tf.float32,
 }
-_CONST_SPEC = {"feat_rows": tf.int64, "feat_cols": tf.int64, "feat_count": tf.float32,
-               "snapshots": tf.float32}
+_CONST_SPEC = {
+    "feat_rows": tf.int64,
+    "feat_cols": tf.int64,
+    "feat_count": tf.float32,
+    "snapshots": tf.float32,
+}
 
 
 @functools.cache
@@ -337,15 +416,27 @@ def _step_function(shape: _Shape) -> Any:
     names = _META_PARAMS if shape.meta else _PLAIN_PARAMS
     frozen = [k for k in _ALL_PARAMS if k not in names]
     trained_spec = {k: _any_spec() for k in names}
-    signature = [trained_spec, trained_spec, trained_spec, _any_spec(), _any_spec(),
-                 {k: _any_spec() for k in frozen},
-                 {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
-                 {k: _any_spec(v) for k, v in _BATCH_SPEC.items()}]
+    signature = [
+        trained_spec,
+        trained_spec,
+        trained_spec,
+        _any_spec(),
+        _any_spec(),
+        {k: _any_spec() for k in frozen},
+        {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
+        {k: _any_spec(v) for k, v in _BATCH_SPEC.items()},
+    ]
 
-    def step(trained: dict[str, tf.Tensor], m: dict[str, tf.Tensor],
-             v: dict[str, tf.Tensor], t: tf.Tensor, lr: tf.Tensor,
-             fixed: dict[str, tf.Tensor], consts: dict[str, tf.Tensor],
-             b: dict[str, tf.Tensor]) -> tuple[Any, Any, Any, tf.Tensor]:
+    def step(
+        trained: dict[str, tf.Tensor],
+        m: dict[str, tf.Tensor],
+        v: dict[str, tf.Tensor],
+        t: tf.Tensor,
+        lr: tf.Tensor,
+        fixed: dict[str, tf.Tensor],
+        consts: dict[str, tf.Tensor],
+        b: dict[str, tf.Tensor],
+    ) -> tuple[Any, Any, Any, tf.Tensor]:
         with tf.GradientTape() as tape:
             tape.watch(list(trained.values()))
             p = {**fixed, **trained}
@@ -357,8 +448,8 @@ def _step_function(shape: _Shape) -> Any:
             g = tf.convert_to_tensor(grads[k])
             new_m[k] = _BETA1 * m[k] + (1 - _BETA1) * g
             new_v[k] = _BETA2 * v[k] + (1 - _BETA2) * tf.square(g)
-            m_hat = new_m[k] / (1 - _BETA1 ** t)
-            v_hat = new_v[k] / (1 - _BETA2 ** t)
+            m_hat = new_m[k] / (1 - _BETA1**t)
+            v_hat = new_v[k] / (1 - _BETA2**t)
             new[k] = value - lr * m_hat / (tf.sqrt(v_hat) + _ADAM_EPS)
         return new, new_m, new_v, nll
 
@@ -368,12 +459,15 @@ def _step_function(shape: _Shape) -> Any:
 @functools.cache
 def _loss_function(shape: _Shape) -> Any:
     """The query loss of a batch and how many query items it counted, traced once."""
-    signature = [{k: _any_spec() for k in _ALL_PARAMS},
-                 {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
-                 {k: _any_spec(v) for k, v in _BATCH_SPEC.items()}]
+    signature = [
+        {k: _any_spec() for k in _ALL_PARAMS},
+        {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
+        {k: _any_spec(v) for k, v in _BATCH_SPEC.items()},
+    ]
 
-    def loss(p: dict[str, tf.Tensor], consts: dict[str, tf.Tensor],
-             b: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    def loss(
+        p: dict[str, tf.Tensor], consts: dict[str, tf.Tensor], b: dict[str, tf.Tensor]
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         nll, _, count = _query_loss(shape, p, consts, b)
         return nll, count
 
@@ -389,8 +483,9 @@ def _slice_examples(examples: dict[str, Any], lo: int, hi: int) -> dict[str, Any
     return out
 
 
-def _item_tables(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
-                 own_weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _item_tables(
+    shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor], own_weight: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Serving vectors, biases and context vectors (the blend of model.item_tables)."""
     if not shape.meta:
         return p["emb"], p["bias"], p["ctx"]
@@ -398,8 +493,7 @@ def _item_tables(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor]
     w = own_weight[:, None]
 
     def mean(table: tf.Tensor) -> tf.Tensor:
-        summed = tf.math.unsorted_segment_sum(tf.gather(table, c["feat_cols"]),
-                                              c["feat_rows"], n)
+        summed = tf.math.unsorted_segment_sum(tf.gather(table, c["feat_cols"]), c["feat_rows"], n)
         return summed / c["feat_count"]
 
     vectors = w * p["emb"] + (1 - w) * mean(p["g_emb"])
@@ -409,8 +503,9 @@ def _item_tables(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor]
     return vectors, bias, context
 
 
-def _prior(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
-           context: tf.Tensor) -> tf.Tensor:
+def _prior(
+    shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor], context: tf.Tensor
+) -> tf.Tensor:
     items = b["hist_items"]
     valid = tf.cast(items >= 0, tf.float32)
     ctx = tf.gather(context, tf.maximum(items, 0))
@@ -420,7 +515,8 @@ def _prior(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
     for k in range(shape.pools):
         w = hist_w * age_weight[k]
         pool = tf.einsum("bl,bld->bd", w, ctx) / (
-            tf.reduce_sum(tf.abs(w), axis=1, keepdims=True) + _EPS)
+            tf.reduce_sum(tf.abs(w), axis=1, keepdims=True) + _EPS
+        )
         pooled += pool @ p["hist_map"][k]
     prof_idx = b["profile"]
     prof_ok = tf.cast(prof_idx >= 0, tf.float32)
@@ -432,8 +528,14 @@ def _prior(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
     return tf.gather(p["theta0"], b["domains"]) + mapped + prof
 
 
-def _inner_loop(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
-                theta0: tf.Tensor, vectors: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+def _inner_loop(
+    shape: _Shape,
+    p: dict[str, tf.Tensor],
+    b: dict[str, tf.Tensor],
+    theta0: tf.Tensor,
+    vectors: tf.Tensor,
+    bias: tf.Tensor,
+) -> tf.Tensor:
     """The consumer's pairwise Meta-SGD steps over the newest support events."""
     step, prox = tf.exp(p["log_step"]), tf.exp(p["log_prox"])
     delta = tf.zeros_like(theta0)
@@ -454,8 +556,9 @@ def _inner_loop(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
     return delta
 
 
-def _votes(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
-           n: tf.Tensor) -> tf.Tensor:
+def _votes(
+    shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor], n: tf.Tensor
+) -> tf.Tensor:
     """Dense ``(B, n_items)`` neighbour votes (metarec.core.neighbors), with learned age
     weights: the consumer's :func:`metarec.core.neighbors.votes` in TensorFlow."""
     age = tf.exp(tf.reverse(p["knn_age"][: shape.voters], [0]))
@@ -463,13 +566,13 @@ def _votes(shape: _Shape, p: dict[str, tf.Tensor], b: dict[str, tf.Tensor],
     value = tf.where(index >= 0, b["knn_value"] * age[None, :, None], 0.0)
     rows = tf.shape(index, out_type=tf.int64)[0]
     flat = tf.range(rows)[:, None, None] * n + tf.maximum(index, 0)
-    summed = tf.math.unsorted_segment_sum(tf.reshape(value, [-1]), tf.reshape(flat, [-1]),
-                                          rows * n)
+    summed = tf.math.unsorted_segment_sum(tf.reshape(value, [-1]), tf.reshape(flat, [-1]), rows * n)
     return tf.reshape(summed, tf.stack([rows, n]))
 
 
-def _query_loss(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
-                b: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _query_loss(
+    shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor], b: dict[str, tf.Tensor]
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Softmax loss of the query items over the whole catalog, the L2 penalty, and how
     many query items were counted."""
     vectors, bias, context = _item_tables(shape, p, c, b["own_weight"])
@@ -484,8 +587,9 @@ def _query_loss(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
     pop = tf.gather(c["snapshots"], b["snap"]) * b["decay"][:, :, None]
     beta = tf.gather(p["trend"], bucket)
     n = tf.shape(vectors, out_type=tf.int64)[0]
-    logits = theta @ tf.transpose(vectors) + bias + tf.einsum(
-        "bs,bsn->bn", beta, tf.math.log1p(pop))
+    logits = (
+        theta @ tf.transpose(vectors) + bias + tf.einsum("bs,bsn->bn", beta, tf.math.log1p(pop))
+    )
     logits += tf.gather(p["knn_weights"], bucket)[:, None] * _votes(shape, p, b, n)
     masked = tf.fill(tf.shape(b["consumed"])[:1], tf.constant(_MASKED, tf.float32))
     logits = tf.tensor_scatter_nd_update(logits, b["consumed"], masked)
@@ -496,6 +600,8 @@ def _query_loss(shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor],
     ok = tf.cast((query >= 0) & (target > _MASKED / 2), tf.float32)
     count = tf.reduce_sum(ok)
     nll = tf.reduce_sum((lse - target) * ok) / tf.maximum(count, 1.0)
-    reg = shape.l2 * (tf.reduce_sum(tf.square(theta)) + tf.reduce_sum(
-        tf.square(tf.gather(vectors, tf.maximum(query, 0)))))
+    reg = shape.l2 * (
+        tf.reduce_sum(tf.square(theta))
+        + tf.reduce_sum(tf.square(tf.gather(vectors, tf.maximum(query, 0))))
+    )
     return nll, reg, count

@@ -58,9 +58,16 @@ class RetrainSchedule:
     def from_settings(cls, settings: Settings) -> RetrainSchedule:
         return cls(settings.min_events_for_model, settings.retrain_events)
 
-    def due(self, *, has_model: bool, window_events: int, new_events: int,
-            request: str | None = None, events_since_floor: int | None = None,
-            immediate: bool = False) -> str | None:
+    def due(
+        self,
+        *,
+        has_model: bool,
+        window_events: int,
+        new_events: int,
+        request: str | None = None,
+        events_since_floor: int | None = None,
+        immediate: bool = False,
+    ) -> str | None:
         """The reason a cycle is due now, or None.
 
         ``new_events`` counts events since the last cycle, ``events_since_floor`` those
@@ -75,8 +82,9 @@ class RetrainSchedule:
         if request is not None:
             # A drift request waits for the new regime, and the schedule waits with it:
             # training now would start from scratch on a handful of events.
-            ready = new_events >= need and (events_since_floor is None
-                                            or events_since_floor >= need)
+            ready = new_events >= need and (
+                events_since_floor is None or events_since_floor >= need
+            )
             return request if immediate or ready else None
         return "schedule" if new_events >= self.every_events else None
 
@@ -99,11 +107,11 @@ class Retrainer:
     @staticmethod
     def trainer_for(settings: Settings, *, meta: bool = True) -> MetaTrainer:
         """The meta-trainer the aggregator runs under ``settings``."""
-        return MetaTrainer(history_length=settings.history_length, seed=settings.seed,
-                           meta=meta)
+        return MetaTrainer(history_length=settings.history_length, seed=settings.seed, meta=meta)
 
-    def train(self, window: EventWindow, current: MetaModel | None, *, floor: int | None,
-              version: int) -> MetaModel | None:
+    def train(
+        self, window: EventWindow, current: MetaModel | None, *, floor: int | None, version: int
+    ) -> MetaModel | None:
         """A new model trained on ``window`` (since ``floor``), or None if too few events.
 
         The model's ``info`` records ``floor_ts`` and whether it was a ``fresh_start``.
@@ -112,23 +120,33 @@ class Retrainer:
         if len(data) < 2:
             log.info("too few events to train", extra={"events": len(data), "floor_ts": floor})
             return None
-        fresh = current is not None and floor is not None and \
-            current.info.get("floor_ts") != floor
+        fresh = current is not None and floor is not None and current.info.get("floor_ts") != floor
         model = self.trainer.fit(data, init=None if fresh else current, version=version)
-        model.info.update({"floor_ts": floor, "fresh_start": fresh,
-                           "users": len(data.user_ids), "items": len(data.item_ids)})
+        model.info.update(
+            {
+                "floor_ts": floor,
+                "fresh_start": fresh,
+                "users": len(data.user_ids),
+                "items": len(data.item_ids),
+            }
+        )
         return model
 
-    def fold(self, model: MetaModel, current: MetaModel | None,
-             partials: Sequence[PartialSums]) -> tuple[MetaModel, float]:
+    def fold(
+        self, model: MetaModel, current: MetaModel | None, partials: Sequence[PartialSums]
+    ) -> tuple[MetaModel, float]:
         """``model`` with the Reptile step of ``partials`` added to its ``θ0`` rows, and the
         weight folded (0 when nothing was: no meta-learning, a fresh start, no users).
 
         The partial sums were accumulated against ``current``'s domain rows; domains are
         matched by name, since a new version may order them differently.
         """
-        if current is None or not (current.meta and model.meta) or not partials or \
-                model.info.get("fresh_start"):
+        if (
+            current is None
+            or not (current.meta and model.meta)
+            or not partials
+            or model.info.get("fresh_start")
+        ):
             return model, 0.0
         step = reptile_update(current.theta0, partials, self.epsilon) - current.theta0
         theta0 = model.theta0.copy()

@@ -58,8 +58,14 @@ SWITCH_WEIGHT = 10.0
 _MASKED = -1e9
 
 
-def trend_snapshots(items: I64, weights: F32, first: npt.NDArray[np.bool_], n_items: int,
-                    channels: Sequence[Channel], every: int) -> F32:
+def trend_snapshots(
+    items: I64,
+    weights: F32,
+    first: npt.NDArray[np.bool_],
+    n_items: int,
+    channels: Sequence[Channel],
+    every: int,
+) -> F32:
     """Trending counts (:mod:`metarec.core.trending`) before every ``every``-th event of a window.
 
     The clock is the event's position: ``snapshots[k, s]`` holds channel ``s``'s counts of
@@ -137,7 +143,8 @@ class TrainingBatches:
         switch = np.zeros(len(d), bool)
         switch[self.order] = same_user & (seq_dom != np.r_[-1, seq_dom[:-1]])
         held = (user_keys(d.user_ids) % np.uint64(10_000)).astype(np.int64) < round(
-            self.holdout * 10_000)
+            self.holdout * 10_000
+        )
         valid = held[d.users]
         # Too few to judge by: no validation, every user trains.
         if valid.sum() < MIN_VALIDATION_EVENTS or held.sum() < MIN_VALIDATION_USERS:
@@ -151,8 +158,9 @@ class TrainingBatches:
         size = len(d) * len(self.channels) * len(d.item_ids) * 4
         self.snapshot_every = max(self.snapshot_every, math.ceil(size / 200e6))
         first = d.first if d.first.size == len(d) else np.zeros(len(d), bool)
-        self.snapshots = trend_snapshots(d.items, d.weights, first, len(d.item_ids),
-                                         self.channels, self.snapshot_every)
+        self.snapshots = trend_snapshots(
+            d.items, d.weights, first, len(d.item_ids), self.channels, self.snapshot_every
+        )
         # The neighbours shipped with the model come from the whole window; each training
         # example votes with neighbours computed from the events before it (the latest of
         # KNN_SNAPSHOTS prefixes of the window), as serving votes with those of the last
@@ -160,12 +168,12 @@ class TrainingBatches:
         # them more than serving can.
         positive = d.weights > 0
         n_items = len(d.item_ids)
-        self.neighbors = ItemNeighbors.from_events(d.users[positive], d.items[positive],
-                                                   n_items)
+        self.neighbors = ItemNeighbors.from_events(d.users[positive], d.items[positive], n_items)
         self.knn_bounds = (np.arange(KNN_SNAPSHOTS) * len(d)) // KNN_SNAPSHOTS
-        prefixes = [ItemNeighbors.from_events(d.users[:b][positive[:b]],
-                                              d.items[:b][positive[:b]], n_items)
-                    for b in self.knn_bounds]
+        prefixes = [
+            ItemNeighbors.from_events(d.users[:b][positive[:b]], d.items[:b][positive[:b]], n_items)
+            for b in self.knn_bounds
+        ]
         self.knn_index = np.stack([p.index for p in prefixes])
         self.knn_weight = np.stack([p.weight for p in prefixes])
         self.voters = min(VOTERS, self.history_length)
@@ -183,8 +191,11 @@ class TrainingBatches:
 
     def sample(self, batch_size: int) -> dict[str, Any]:
         """One batch of training examples (the arrays the TensorFlow step takes)."""
-        pick = (self.rng.integers(0, self.train_idx.size, batch_size) if self.switch_p is None
-                else self.rng.choice(self.train_idx.size, batch_size, p=self.switch_p))
+        pick = (
+            self.rng.integers(0, self.train_idx.size, batch_size)
+            if self.switch_p is None
+            else self.rng.choice(self.train_idx.size, batch_size, p=self.switch_p)
+        )
         return self.examples(self.train_idx[pick])
 
     def validation(self, n: int) -> dict[str, Any]:
@@ -216,17 +227,26 @@ class TrainingBatches:
         age = (q - snap * self.snapshot_every)[:, None]
         half_lives = np.asarray([c.half_life for c in self.channels], np.float64)
         decay = np.exp2(-age / half_lives[None, :])
-        neg = self.rng.integers(0, len(d.item_ids),
-                                (batch_size, self.inner_events, self.negatives))
-        knn_index, knn_value = self._votes(q, hist_items[:, -self.voters:],
-                                           hist_w[:, -self.voters:])
+        neg = self.rng.integers(0, len(d.item_ids), (batch_size, self.inner_events, self.negatives))
+        knn_index, knn_value = self._votes(
+            q, hist_items[:, -self.voters :], hist_w[:, -self.voters :]
+        )
         return {
-            "users": users, "domains": d.domains[q], "profile": self.user_feat[users],
-            "hist_items": hist_items, "hist_weights": hist_w, "query": query,
-            "consumed": np.stack([rows, consumed], axis=1), "snap": snap,
-            "decay": decay.astype(np.float32), "negatives": neg,
-            "bucket": history_buckets((hist_ok & (d.item_domains[np.maximum(hist_items, 0)]
-                                                  == d.domains[q][:, None])).sum(1)),
+            "users": users,
+            "domains": d.domains[q],
+            "profile": self.user_feat[users],
+            "hist_items": hist_items,
+            "hist_weights": hist_w,
+            "query": query,
+            "consumed": np.stack([rows, consumed], axis=1),
+            "snap": snap,
+            "decay": decay.astype(np.float32),
+            "negatives": neg,
+            "bucket": history_buckets(
+                (
+                    hist_ok & (d.item_domains[np.maximum(hist_items, 0)] == d.domains[q][:, None])
+                ).sum(1)
+            ),
             "knn_index": knn_index,
             "knn_value": knn_value,
         }
@@ -283,8 +303,7 @@ class MetaTrainer:
     #: through a long training, and goes red if a step hangs.
     on_step: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
-    def fit(self, data: TrainingData, init: MetaModel | None = None,
-            version: int = 1) -> MetaModel:
+    def fit(self, data: TrainingData, init: MetaModel | None = None, version: int = 1) -> MetaModel:
         """Train on ``data`` (warm-starting from ``init`` if given); returns a new model."""
         from metarec.training.meta_graph import MetaGraph
         from metarec.training.tensorflow_import import import_tensorflow
@@ -297,27 +316,57 @@ class MetaTrainer:
         rng = np.random.default_rng([self.seed, version])
         device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
         started = time.perf_counter()
-        batches = TrainingBatches(data, self.history_length, self.inner_events,
-                                  self.query_length, self.negatives, rng, self.channels,
-                                  holdout=self.holdout)
+        batches = TrainingBatches(
+            data,
+            self.history_length,
+            self.inner_events,
+            self.query_length,
+            self.negatives,
+            rng,
+            self.channels,
+            holdout=self.holdout,
+        )
         with tf.device(device):
             graph = MetaGraph(self, data, batches, init, rng)
             if batches.has_validation:
                 loss, steps = graph.train_until_best(
-                    batches, batches.validation(VALIDATION_EXAMPLES), self.max_steps,
-                    self.check_every, self.patience)
+                    batches,
+                    batches.validation(VALIDATION_EXAMPLES),
+                    self.max_steps,
+                    self.check_every,
+                    self.patience,
+                )
             else:
-                steps = int(min(self.max_steps, max(
-                    self.min_steps, math.ceil(self.epochs * len(data) / self.batch_size))))
+                steps = int(
+                    min(
+                        self.max_steps,
+                        max(self.min_steps, math.ceil(self.epochs * len(data) / self.batch_size)),
+                    )
+                )
                 loss = graph.train(batches, steps)
             model = graph.export(version)
         elapsed = time.perf_counter() - started
-        model.info.update({"device": device, "steps": steps, "loss": loss,
-                           "validated": batches.has_validation,
-                           "events": len(data), "seconds": round(elapsed, 3),
-                           "seed": self.seed})
-        log.info("meta-training done", extra={"device": device, "steps": steps,
-                                              "loss": round(loss, 4), "events": len(data),
-                                              "seconds": round(elapsed, 2),
-                                              "version": version, "meta": self.meta})
+        model.info.update(
+            {
+                "device": device,
+                "steps": steps,
+                "loss": loss,
+                "validated": batches.has_validation,
+                "events": len(data),
+                "seconds": round(elapsed, 3),
+                "seed": self.seed,
+            }
+        )
+        log.info(
+            "meta-training done",
+            extra={
+                "device": device,
+                "steps": steps,
+                "loss": round(loss, 4),
+                "events": len(data),
+                "seconds": round(elapsed, 2),
+                "version": version,
+                "meta": self.meta,
+            },
+        )
         return model

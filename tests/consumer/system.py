@@ -44,8 +44,10 @@ RECS_KEYS = {"user", "items", "scores", "model_version", "events", "updated_ms"}
 #: Group timings for the crash test: Tansu evicts a SIGKILLed member after its session
 #: timeout plus one join window (docs/LOCAL_SERVICES.md), 6 s + 3 s with the defaults;
 #: 2 s + 1 s keeps five crashes within the test's time budget.
-FAST_GROUP = {"METAREC_KAFKA_SESSION_TIMEOUT_MS": "2000",
-              "METAREC_KAFKA_HEARTBEAT_INTERVAL_MS": "200"}
+FAST_GROUP = {
+    "METAREC_KAFKA_SESSION_TIMEOUT_MS": "2000",
+    "METAREC_KAFKA_HEARTBEAT_INTERVAL_MS": "200",
+}
 #: Longest wait for consumers to apply everything published (rebalances included).
 CATCH_UP_S = 90.0
 LOG_TAIL_LINES = 15
@@ -54,9 +56,14 @@ LOG_TAIL_LINES = 15
 # --- waiting ---------------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str,
-               seen: Callable[[], object] | None = None, interval: float = 0.2,
-               procs: Sequence[subprocess.Popen[bytes]] = ()) -> None:
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    seen: Callable[[], object] | None = None,
+    interval: float = 0.2,
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+) -> None:
     """Poll ``condition`` until it is true; fail naming ``what`` and the last ``seen``.
 
     Fails at once if one of ``procs`` exits meanwhile: a crashed consumer will not
@@ -69,8 +76,11 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str,
         dead = [p for p in procs if p.poll() is not None]
         if dead or time.monotonic() >= deadline:
             detail = f"; last seen: {seen()}" if seen is not None else ""
-            why = (f"pid {dead[0].pid} exited with {dead[0].returncode}" if dead
-                   else f"timed out after {timeout:g}s")
+            why = (
+                f"pid {dead[0].pid} exited with {dead[0].returncode}"
+                if dead
+                else f"timed out after {timeout:g}s"
+            )
             pytest.fail(f"{why} waiting for {what}{detail}")
         time.sleep(interval)
 
@@ -93,10 +103,15 @@ class Publisher:
     """A plain Kafka producer that keeps every delivery report, keyed like Java (murmur2)."""
 
     def __init__(self, bootstrap: str, **config: str) -> None:
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap, "enable.idempotence": "true",
-            "partitioner": "murmur2_random", "linger.ms": "5", **config,
-        })
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": "true",
+                "partitioner": "murmur2_random",
+                "linger.ms": "5",
+                **config,
+            }
+        )
         self.delivered: list[Delivery] = []
         self.errors: list[str] = []
 
@@ -116,8 +131,9 @@ class Publisher:
         if err is not None:
             self.errors.append(str(err))
         else:
-            self.delivered.append(Delivery(msg.topic(), msg.partition(), msg.offset(),
-                                           msg.key(), msg.value()))
+            self.delivered.append(
+                Delivery(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+            )
 
     def ends(self, topic: str) -> Counter[int]:
         """Records delivered per partition of ``topic`` (its end, on a fresh topic)."""
@@ -140,8 +156,17 @@ def publish_paced(pub: Publisher, topic: str, events: Sequence[Event], rate: flo
         due = started + n / rate
         if (lag := due - time.monotonic()) > 0:
             time.sleep(lag)
-        pub.send_event(topic, Event(event.user, event.item, event.type,
-                                    int(time.time() * 1000), event.domain, event.event_id))
+        pub.send_event(
+            topic,
+            Event(
+                event.user,
+                event.item,
+                event.type,
+                int(time.time() * 1000),
+                event.domain,
+                event.event_id,
+            ),
+        )
     pub.flush()
 
 
@@ -190,30 +215,48 @@ class System:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
-        env.update({
-            "METAREC_KAFKA_BOOTSTRAP": self.bootstrap, "METAREC_REDIS_URL": self.redis_url,
-            "METAREC_KEY_PREFIX": self.prefix, "METAREC_GROUP_ID": self.group,
-            "METAREC_AGGREGATOR_GROUP_ID": f"{self.group}-aggregator",
-            "METAREC_EVENTS_TOPIC": self.events, "METAREC_ITEMS_TOPIC": self.items,
-            "METAREC_USERS_TOPIC": self.users, "METAREC_DLQ_TOPIC": self.dlq,
-            "METAREC_MODEL_TOPIC": self.model, "METAREC_STATS_INTERVAL_S": "1",
-            "METAREC_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
-            **self.extra_env, **extra,
-        })
+        env.update(
+            {
+                "METAREC_KAFKA_BOOTSTRAP": self.bootstrap,
+                "METAREC_REDIS_URL": self.redis_url,
+                "METAREC_KEY_PREFIX": self.prefix,
+                "METAREC_GROUP_ID": self.group,
+                "METAREC_AGGREGATOR_GROUP_ID": f"{self.group}-aggregator",
+                "METAREC_EVENTS_TOPIC": self.events,
+                "METAREC_ITEMS_TOPIC": self.items,
+                "METAREC_USERS_TOPIC": self.users,
+                "METAREC_DLQ_TOPIC": self.dlq,
+                "METAREC_MODEL_TOPIC": self.model,
+                "METAREC_STATS_INTERVAL_S": "1",
+                "METAREC_LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
+                **extra,
+            }
+        )
         return env
 
     def settings(self, **extra: str) -> Settings:
-        return Settings.from_env({k: v for k, v in self.env(**extra).items()
-                                  if k.startswith("METAREC_")})
+        return Settings.from_env(
+            {k: v for k, v in self.env(**extra).items() if k.startswith("METAREC_")}
+        )
 
     # -- processes --
 
-    def start(self, argv: Sequence[str] = ("-m", "consumer"), **extra: str,
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        argv: Sequence[str] = ("-m", "consumer"),
+        **extra: str,
+    ) -> subprocess.Popen[bytes]:
         """Start ``python argv`` (a consumer by default) with this system's settings."""
         log = (self.log_dir / f"proc-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, *argv], env=self.env(**extra), cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            env=self.env(**extra),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.procs.append(proc)
         return proc
@@ -229,8 +272,7 @@ class System:
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"pid {proc.pid} did not exit within {timeout}s of SIGTERM"
-                        f"{self.logs()}")
+            pytest.fail(f"pid {proc.pid} did not exit within {timeout}s of SIGTERM{self.logs()}")
 
     def close(self) -> None:
         for proc in self.procs:
@@ -259,8 +301,13 @@ class System:
         """Wait until every partition's stored offset is its end (all events applied)."""
         want = {p: ends.get(p, 0) or None for p in range(self.partitions)}
         running = [p for p in self.procs if p.poll() is None]
-        wait_until(lambda: self.offsets() == want, timeout, f"stored offsets {want}",
-                   lambda: f"{self.offsets()}{self.logs()}", procs=running)
+        wait_until(
+            lambda: self.offsets() == want,
+            timeout,
+            f"stored offsets {want}",
+            lambda: f"{self.offsets()}{self.logs()}",
+            procs=running,
+        )
 
     def state(self, user: str) -> UserState | None:
         raw = self.store.client.get(self.store.key("user", user))
@@ -270,8 +317,9 @@ class System:
         raw = self.store.client.get(self.store.recs_key(user))  # what an app does: one GET
         return None if raw is None else dict(json.loads(raw))
 
-    def heartbeat_partitions(self, procs: Sequence[subprocess.Popen[bytes]]
-                             ) -> dict[int, list[int]]:
+    def heartbeat_partitions(
+        self, procs: Sequence[subprocess.Popen[bytes]]
+    ) -> dict[int, list[int]]:
         """The partitions each of ``procs`` reported in its last stats heartbeat."""
         beats = self.store.heartbeats(self.group)
         out: dict[int, list[int]] = {}
@@ -282,10 +330,15 @@ class System:
 
 
 @pytest.fixture
-def make_system(kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis[bytes],
-                key_prefix: str, make_topic: Callable[..., str],
-                make_group_id: Callable[[], str], tmp_path: Path,
-                ) -> Iterator[Callable[..., System]]:
+def make_system(
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_client: redis.Redis[bytes],
+    key_prefix: str,
+    make_topic: Callable[..., str],
+    make_group_id: Callable[[], str],
+    tmp_path: Path,
+) -> Iterator[Callable[..., System]]:
     """Factory: ``make_system(partitions, **env)``; its processes die with the test."""
     made: list[System] = []
 
@@ -293,11 +346,20 @@ def make_system(kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis[
         log_dir = tmp_path / f"system-{len(made)}"
         log_dir.mkdir()
         system = System(
-            bootstrap=kafka_bootstrap, redis_url=redis_url, prefix=f"{key_prefix}{len(made)}:",
-            group=make_group_id(), events=make_topic(partitions), items=make_topic(1),
-            users=make_topic(1), dlq=make_topic(1), model=make_topic(1),
-            partitions=partitions, store=RedisStore(redis_client, f"{key_prefix}{len(made)}:"),
-            log_dir=log_dir, extra_env=dict(extra_env))
+            bootstrap=kafka_bootstrap,
+            redis_url=redis_url,
+            prefix=f"{key_prefix}{len(made)}:",
+            group=make_group_id(),
+            events=make_topic(partitions),
+            items=make_topic(1),
+            users=make_topic(1),
+            dlq=make_topic(1),
+            model=make_topic(1),
+            partitions=partitions,
+            store=RedisStore(redis_client, f"{key_prefix}{len(made)}:"),
+            log_dir=log_dir,
+            extra_env=dict(extra_env),
+        )
         made.append(system)
         return system
 
@@ -311,8 +373,16 @@ def make_system(kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis[
 # --- checks --------------------------------------------------------------------------------
 
 
-def check_list(system: System, user: str, *, events: int, catalog: set[str],
-               consumed: set[str], top_k: int, model_version: int | None = None) -> None:
+def check_list(
+    system: System,
+    user: str,
+    *,
+    events: int,
+    catalog: set[str],
+    consumed: set[str],
+    top_k: int,
+    model_version: int | None = None,
+) -> None:
     """``recs:{user}`` follows the list contract exactly."""
     recs = system.recs(user)
     assert recs is not None, f"no list for user {user!r}"
@@ -342,12 +412,14 @@ def check_exactly_once(system: System, per_user: Mapping[str, int]) -> None:
         got = None if state is None else state.n_events
         if got != n:
             wrong[user] = (got, n)
-    assert not wrong, f"(applied, published) differ for {len(wrong)} users: " \
-                      f"{dict(list(wrong.items())[:10])}"
+    assert not wrong, (
+        f"(applied, published) differ for {len(wrong)} users: {dict(list(wrong.items())[:10])}"
+    )
 
 
-def make_model(items: Sequence[str], domains: Sequence[str], *, dim: int = 8,
-               seed: int = 0) -> MetaModel:
+def make_model(
+    items: Sequence[str], domains: Sequence[str], *, dim: int = 8, seed: int = 0
+) -> MetaModel:
     """A small model that knows ``items`` (random embeddings): enough to adapt and rank."""
     rng = np.random.default_rng(seed)
     model = MetaModel.initial(dim, history_length=20, domains=tuple(domains), seed=seed)
@@ -370,14 +442,21 @@ def consume_at_least(consumer: Consumer, n: int, timeout: float = 20.0) -> list[
         got += [m for m in consumer.consume(n - len(got), 0.5) if m.error() is None]
     return got
 
+
 def owned(system: System, procs: Sequence[subprocess.Popen[bytes]]) -> list[int]:
     """Every partition the ``procs`` report owning, with repeats (sorted)."""
     return sorted(p for parts in system.heartbeat_partitions(procs).values() for p in parts)
 
+
 def read_topic(bootstrap: str, topic: str, n: int, timeout: float = 30.0) -> list[Any]:
     """The first ``n`` records of a one-partition topic."""
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader",
-                       "enable.auto.commit": "false"})
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{topic}-reader",
+            "enable.auto.commit": "false",
+        }
+    )
     try:
         reader.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         return consume_at_least(reader, n, timeout)

@@ -33,6 +33,7 @@ __all__ = ["make_system"]  # a fixture: pytest finds it in this module
 def bad_records(now: int) -> list[tuple[str, bytes | None, str]]:
     """``(key, value, expected words of the error message)`` of records that break the
     contract, each in one way."""
+
     def event(**fields: Any) -> bytes:
         base: dict[str, Any] = {"user": "bad-user", "item": "i1", "type": "click", "ts": now}
         base.update(fields)
@@ -67,9 +68,9 @@ def bad_records(now: int) -> list[tuple[str, bytes | None, str]]:
     ]
 
 
-
 def test_bad_records_go_to_the_dlq_unchanged_and_good_ones_are_applied(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(2)
     # The test's producer may send records over 1 MB; the consumer's DLQ producer may not.
     pub = Publisher(kafka_bootstrap, **{"message.max.bytes": "3000000"})
@@ -90,8 +91,9 @@ def test_bad_records_go_to_the_dlq_unchanged_and_good_ones_are_applied(
     pub.flush()
     system.wait_applied(pub.ends(system.events))
     assert proc.poll() is None, f"the consumer died on bad input{system.logs()}"
-    check_exactly_once(system, {u: n for u, n in pub.per_user(system.events).items()
-                                if u.startswith("good-")})
+    check_exactly_once(
+        system, {u: n for u, n in pub.per_user(system.events).items() if u.startswith("good-")}
+    )
 
     sent = {d.key.decode(): d for d in pub.delivered if d.key and d.key.startswith(b"k-")}
     letters = read_topic(kafka_bootstrap, system.dlq, len(bad))
@@ -117,8 +119,12 @@ def test_bad_records_go_to_the_dlq_unchanged_and_good_ones_are_applied(
         else:
             assert msg.value() == value, f"record {key} changed on its way to the DLQ"
             assert dlq.VALUE_TRUNCATED not in headers
-    wait_until(lambda: sum(b["total_dlq"] for b in system.store.heartbeats(system.group)
-                           .values()) == len(bad), 10.0, "the stats to count every dead letter",
-               lambda: system.store.heartbeats(system.group), procs=[proc])
-
-
+    wait_until(
+        lambda: (
+            sum(b["total_dlq"] for b in system.store.heartbeats(system.group).values()) == len(bad)
+        ),
+        10.0,
+        "the stats to count every dead letter",
+        lambda: system.store.heartbeats(system.group),
+        procs=[proc],
+    )

@@ -34,8 +34,9 @@ __all__ = ["make_system"]  # a fixture: pytest finds it in this module
 # --- 1. a foreign client -------------------------------------------------------------------
 
 
-def foreign_produce(bootstrap: str, topic: str,
-                    records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+def foreign_produce(
+    bootstrap: str, topic: str, records: Sequence[tuple[str, dict[str, Any]]]
+) -> None:
     """Publish ``(key, JSON object)`` records with kafka-python: a client that shares no
     code with the consumer's librdkafka, keyed and partitioned like Java's."""
     from kafka import KafkaProducer
@@ -49,24 +50,52 @@ def foreign_produce(bootstrap: str, topic: str,
         producer.close()
 
 
-def kcat_produce(env: Mapping[str, str], bootstrap: str, topic: str,
-                 records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+def kcat_produce(
+    env: Mapping[str, str],
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[str, dict[str, Any]]],
+) -> None:
     """Publish ``(key, JSON object)`` records with kcat, keyed and partitioned like Java."""
     lines = "".join(f"{key}\t{json.dumps(value)}\n" for key, value in records)
     out = subprocess.run(
-        ["kcat", "-b", bootstrap, "-P", "-t", topic, "-K", "\t",
-         "-X", "partitioner=murmur2_random"],
-        input=lines.encode(), env=dict(env), capture_output=True, timeout=60, check=False)
+        [
+            "kcat",
+            "-b",
+            bootstrap,
+            "-P",
+            "-t",
+            topic,
+            "-K",
+            "\t",
+            "-X",
+            "partitioner=murmur2_random",
+        ],
+        input=lines.encode(),
+        env=dict(env),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, f"kcat failed ({out.returncode}): {out.stderr.decode()[-2000:]}"
 
 
-@pytest.mark.parametrize("client", [
-    "kafka-python",
-    pytest.param("kcat", marks=pytest.mark.skipif(
-        shutil.which("kcat") is None, reason="kcat not installed (an extra check; CI has it)")),
-])
+@pytest.mark.parametrize(
+    "client",
+    [
+        "kafka-python",
+        pytest.param(
+            "kcat",
+            marks=pytest.mark.skipif(
+                shutil.which("kcat") is None,
+                reason="kcat not installed (an extra check; CI has it)",
+            ),
+        ),
+    ],
+)
 def test_lists_from_a_foreign_client_follow_the_contract(
-        make_system: Callable[..., System], tmp_path: Path, client: str) -> None:
+    make_system: Callable[..., System], tmp_path: Path, client: str
+) -> None:
     system = make_system(3, METAREC_TOP_K="5")
     env = kcat_env(tmp_path / "kcat-shim")
 
@@ -78,9 +107,16 @@ def test_lists_from_a_foreign_client_follow_the_contract(
 
     now = int(time.time() * 1000)
     catalog_only = [f"book-{j}" for j in range(8)]  # described, never clicked
-    publish(system.items, [
-        (item, {"item": item, "domain": "books", "features": ["genre:x", f"n:{j % 3}"],
-                "ts": now}) for j, item in enumerate(catalog_only)])
+    publish(
+        system.items,
+        [
+            (
+                item,
+                {"item": item, "domain": "books", "features": ["genre:x", f"n:{j % 3}"], "ts": now},
+            )
+            for j, item in enumerate(catalog_only)
+        ],
+    )
     rng = random.Random(7)
     records: list[tuple[str, dict[str, Any]]] = []
     consumed: dict[str, set[str]] = {}
@@ -88,8 +124,11 @@ def test_lists_from_a_foreign_client_follow_the_contract(
         user = f"user-{rng.randrange(9)}"
         domain = "books" if user[-1] in "0123" else "music"
         item = f"{domain}-item-{rng.randrange(12)}"
-        event: dict[str, Any] = {"user": user, "item": item,
-                                 "type": rng.choice(["click", "click", "like", "dislike"])}
+        event: dict[str, Any] = {
+            "user": user,
+            "item": item,
+            "type": rng.choice(["click", "click", "like", "dislike"]),
+        }
         if n % 2:  # ts and domain are optional in the contract
             event["ts"] = now + n
         if domain != "books" or n % 3:
@@ -100,13 +139,24 @@ def test_lists_from_a_foreign_client_follow_the_contract(
     per_user = Counter(key for key, _ in records)
 
     proc = system.start()
-    wait_until(lambda: system.applied() == len(records), CATCH_UP_S,
-               f"all {len(records)} {client} events applied",
-               lambda: f"{system.offsets()}{system.logs()}", procs=[proc])
+    wait_until(
+        lambda: system.applied() == len(records),
+        CATCH_UP_S,
+        f"all {len(records)} {client} events applied",
+        lambda: f"{system.offsets()}{system.logs()}",
+        procs=[proc],
+    )
     catalog = set(catalog_only) | {e["item"] for _, e in records}
     for user, n in per_user.items():
-        check_list(system, user, events=n, catalog=catalog, consumed=consumed[user],
-                   top_k=5, model_version=0)
+        check_list(
+            system,
+            user,
+            events=n,
+            catalog=catalog,
+            consumed=consumed[user],
+            top_k=5,
+            model_version=0,
+        )
     check_exactly_once(system, per_user)
     # The registry holds the described items and those first seen in events, nothing else.
     keys = [k.decode() for k in system.store.client.hkeys(system.store.key("items", "index"))]
@@ -115,6 +165,7 @@ def test_lists_from_a_foreign_client_follow_the_contract(
     # what a newcomer to that domain is served (here, without a model: its trending items).
     reader = Recommendations(system.store.client, prefix=system.store.prefix)
     for domain in ("books", "music"):
+
         def written(d: str = domain) -> bool:
             return reader.get("never-seen", d) is not None
 
@@ -124,5 +175,3 @@ def test_lists_from_a_foreign_client_follow_the_contract(
         assert 0 < len(shown.items) <= 5 and len(set(shown.items)) == len(shown.items)
         assert all(item.startswith(domain[:4]) for item in shown.items), shown.items
         assert shown.scores == sorted(shown.scores, reverse=True)
-
-

@@ -25,12 +25,18 @@ from metarec.services.dead_letters import (
 )
 
 GROUP = "metarec-consumer-test"
-OURS = {ERROR_CLASS, ERROR_MESSAGE, ORIGINAL_TOPIC, ORIGINAL_PARTITION, ORIGINAL_OFFSET,
-        ORIGINAL_TIMESTAMP, CONSUMER_GROUP}
+OURS = {
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    ORIGINAL_TOPIC,
+    ORIGINAL_PARTITION,
+    ORIGINAL_OFFSET,
+    ORIGINAL_TIMESTAMP,
+    CONSUMER_GROUP,
+}
 
 
-def produce(bootstrap: str, topic: str, records: list[dict[str, Any]],
-            **config: Any) -> None:
+def produce(bootstrap: str, topic: str, records: list[dict[str, Any]], **config: Any) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, **config})
     for record in records:
         producer.produce(topic, **record)
@@ -39,8 +45,9 @@ def produce(bootstrap: str, topic: str, records: list[dict[str, Any]],
 
 def read_all(bootstrap: str, topic: str, n: int, timeout: float = 10.0) -> list[Message]:
     """The first ``n`` records of partition 0, read by assignment (no group join)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False}
+    )
     consumer.assign([TopicPartition(topic, 0, 0)])
     out: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -67,15 +74,24 @@ def dlq_producer(kafka_bootstrap: str) -> Producer:
 
 
 def test_record_round_trips_byte_exact_with_all_headers(
-    kafka_bootstrap: str, make_topic: Callable[..., str], dlq_producer: Producer,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    dlq_producer: Producer,
 ) -> None:
     source, dlq_topic = make_topic(), make_topic()
     original_headers: list[tuple[str, bytes | None]] = [
-        ("trace", b"\x00\xff"), ("trace", b"second"), ("empty", b""), ("none", None),
+        ("trace", b"\x00\xff"),
+        ("trace", b"second"),
+        ("empty", b""),
+        ("none", None),
     ]
     records: list[dict[str, Any]] = [
-        {"key": b"\xc3\x28user", "value": b"\xff\xfe{not json\x00", "headers": original_headers,
-         "timestamp": 1_700_000_000_123},
+        {
+            "key": b"\xc3\x28user",
+            "value": b"\xff\xfe{not json\x00",
+            "headers": original_headers,
+            "timestamp": 1_700_000_000_123,
+        },
         {"key": None, "value": None},  # a tombstone with no key: nulls stay null
     ]
     produce(kafka_bootstrap, source, records)
@@ -93,9 +109,15 @@ def test_record_round_trips_byte_exact_with_all_headers(
     raw = first.headers()
     assert isinstance(raw, list)
     assert raw[:4] == original_headers  # order, repeats, empty and null values kept
-    assert [k for k, _ in raw[4:]] == [ERROR_CLASS, ERROR_MESSAGE, ORIGINAL_TOPIC,
-                                       ORIGINAL_PARTITION, ORIGINAL_OFFSET,
-                                       ORIGINAL_TIMESTAMP, CONSUMER_GROUP]
+    assert [k for k, _ in raw[4:]] == [
+        ERROR_CLASS,
+        ERROR_MESSAGE,
+        ORIGINAL_TOPIC,
+        ORIGINAL_PARTITION,
+        ORIGINAL_OFFSET,
+        ORIGINAL_TIMESTAMP,
+        CONSUMER_GROUP,
+    ]
     h = headers_of(first)
     assert h[ERROR_CLASS] == b"InvalidEvent"
     message = h[ERROR_MESSAGE]
@@ -116,14 +138,19 @@ def test_record_round_trips_byte_exact_with_all_headers(
 
 
 def test_value_over_the_producer_limit_lands_truncated(
-    kafka_bootstrap: str, make_topic: Callable[..., str], dlq_producer: Producer,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    dlq_producer: Producer,
 ) -> None:
     source, dlq_topic = make_topic(), make_topic()
     big = bytes(range(256)) * 6000  # 1,536,000 bytes: over librdkafka's 1,000,000 default
     # Tansu enforces no size limit; the app's producer allowed 2 MB.
-    produce(kafka_bootstrap, source, [{"key": b"u1", "value": big,
-                                      "headers": [("h", b"1")]}],
-            **{"message.max.bytes": 2_000_000})
+    produce(
+        kafka_bootstrap,
+        source,
+        [{"key": b"u1", "value": big, "headers": [("h", b"1")]}],
+        **{"message.max.bytes": 2_000_000},
+    )
     [original] = read_all(kafka_bootstrap, source, 1)
     assert original.value() == big
     dlq = DeadLetterQueue(dlq_producer, dlq_topic, group_id=GROUP)
@@ -140,7 +167,8 @@ def test_value_over_the_producer_limit_lands_truncated(
 
 
 def test_record_larger_than_the_local_queue_lands_truncated(
-    kafka_bootstrap: str, make_topic: Callable[..., str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
 ) -> None:
     source, dlq_topic = make_topic(), make_topic()
     value = b"\x80" * 300_000
@@ -148,8 +176,9 @@ def test_record_larger_than_the_local_queue_lands_truncated(
     [original] = read_all(kafka_bootstrap, source, 1)
     # 100 KB of local queue: the 300 KB record can never fit, so produce() raises
     # BufferError even with nothing queued.
-    small_queue = Producer({"bootstrap.servers": kafka_bootstrap,
-                            "queue.buffering.max.kbytes": 100})
+    small_queue = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "queue.buffering.max.kbytes": 100}
+    )
     dlq = DeadLetterQueue(small_queue, dlq_topic, group_id=GROUP, truncate_to=1000)
     dlq.send(original, InvalidEvent("bad"))
     dlq.flush(10)
@@ -159,7 +188,9 @@ def test_record_larger_than_the_local_queue_lands_truncated(
 
 
 def test_flush_raises_when_a_dead_letter_fails(
-    kafka_bootstrap: str, make_topic: Callable[..., str], dlq_producer: Producer,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    dlq_producer: Producer,
 ) -> None:
     source = make_topic()
     produce(kafka_bootstrap, source, [{"key": b"k", "value": b"v"}])
@@ -226,8 +257,15 @@ class FakeProducer:
 def test_broker_side_size_rejection_is_resent_truncated() -> None:
     fake = FakeProducer(broker_limit=500)
     dlq = DeadLetterQueue(cast(Producer, fake), "dlq", group_id=GROUP, truncate_to=100)
-    msg = Message(topic="events", partition=2, offset=9, key=b"u", value=b"x" * 800,
-                  headers=[("a", b"b")], timestamp=(1, 5))
+    msg = Message(
+        topic="events",
+        partition=2,
+        offset=9,
+        key=b"u",
+        value=b"x" * 800,
+        headers=[("a", b"b")],
+        timestamp=(1, 5),
+    )
     dlq.send(msg, InvalidEvent("too big"))
     dlq.flush(1)
     [written] = fake.written
@@ -241,8 +279,14 @@ def test_broker_side_size_rejection_is_resent_truncated() -> None:
 def test_huge_key_and_headers_are_cut_too() -> None:
     fake = FakeProducer(broker_limit=10**9, client_limit=5000)
     dlq = DeadLetterQueue(cast(Producer, fake), "dlq", group_id=GROUP, truncate_to=100)
-    msg = Message(topic="events", partition=0, offset=1, key=b"k" * 3000, value=b"v",
-                  headers=[("big", b"h" * 3000), ("more", b"m")])
+    msg = Message(
+        topic="events",
+        partition=0,
+        offset=1,
+        key=b"k" * 3000,
+        value=b"v",
+        headers=[("big", b"h" * 3000), ("more", b"m")],
+    )
     dlq.send(msg, InvalidEvent("too big"))
     dlq.flush(1)
     [written] = fake.written

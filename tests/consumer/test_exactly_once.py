@@ -37,7 +37,8 @@ __all__ = ["make_system"]  # a fixture: pytest finds it in this module
 
 
 def test_sigkilled_consumers_apply_every_event_exactly_once(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(4, **FAST_GROUP)
     events = stream(seed=11, limit=3000)
     users = {e.user for e in events}
@@ -58,11 +59,17 @@ def test_sigkilled_consumers_apply_every_event_exactly_once(
             def busy(before: int = before) -> bool:
                 # It wrote something, so it is at work; or there is nothing left to do.
                 return system.applied() > before or (
-                    not replay.is_alive() and system.applied() == len(events))
+                    not replay.is_alive() and system.applied() == len(events)
+                )
 
-            wait_until(busy, 60.0, f"consumer {kills + 1} to apply events",
-                       lambda: f"{system.offsets()}{system.logs()}", interval=0.05,
-                       procs=[proc])
+            wait_until(
+                busy,
+                60.0,
+                f"consumer {kills + 1} to apply events",
+                lambda: f"{system.offsets()}{system.logs()}",
+                interval=0.05,
+                procs=[proc],
+            )
             time.sleep(rng.uniform(0.0, 0.6))  # a random moment of its work
             assert proc.poll() is None, f"consumer died by itself{system.logs()}"
             mid_stream += system.applied() < len(events)
@@ -90,9 +97,9 @@ def test_sigkilled_consumers_apply_every_event_exactly_once(
 # --- 3. scale out and in --------------------------------------------------------------------
 
 
-
 def test_consumers_join_and_leave_without_losing_or_repeating_events(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(6)  # the consumer's own group timings (6 s session)
     events = stream(seed=5, limit=3600)
     pub = Publisher(kafka_bootstrap)
@@ -101,22 +108,35 @@ def test_consumers_join_and_leave_without_losing_or_repeating_events(
     first = system.start()
     replay.start()
     try:
-        wait_until(lambda: owned(system, [first]) == everything, 30.0,
-                   "the first consumer to own all 6 partitions",
-                   lambda: f"{system.heartbeat_partitions([first])}{system.logs()}",
-                   procs=[first])
+        wait_until(
+            lambda: owned(system, [first]) == everything,
+            30.0,
+            "the first consumer to own all 6 partitions",
+            lambda: f"{system.heartbeat_partitions([first])}{system.logs()}",
+            procs=[first],
+        )
         second, third = system.start(), system.start()
         trio = [first, second, third]
-        wait_until(lambda: owned(system, trio) == everything
-                   and all(system.heartbeat_partitions(trio).values()), 40.0,
-                   "three consumers to share the 6 partitions",
-                   lambda: f"{system.heartbeat_partitions(trio)}{system.logs()}", procs=trio)
+        wait_until(
+            lambda: (
+                owned(system, trio) == everything
+                and all(system.heartbeat_partitions(trio).values())
+            ),
+            40.0,
+            "three consumers to share the 6 partitions",
+            lambda: f"{system.heartbeat_partitions(trio)}{system.logs()}",
+            procs=trio,
+        )
         assert replay.is_alive(), "the replay ended before the scale-in: nothing was in flight"
         assert system.terminate(second) == 0, f"SIGTERM must be a clean exit{system.logs()}"
         pair = [first, third]
-        wait_until(lambda: owned(system, pair) == everything, 40.0,
-                   "the two remaining consumers to take over all 6 partitions",
-                   lambda: f"{system.heartbeat_partitions(pair)}{system.logs()}", procs=pair)
+        wait_until(
+            lambda: owned(system, pair) == everything,
+            40.0,
+            "the two remaining consumers to take over all 6 partitions",
+            lambda: f"{system.heartbeat_partitions(pair)}{system.logs()}",
+            procs=pair,
+        )
     finally:
         replay.result(timeout=120)
     ends = pub.ends(system.events)
@@ -127,12 +147,19 @@ def test_consumers_join_and_leave_without_losing_or_repeating_events(
     check_exactly_once(system, per_user)
     catalog = {e.item for e in events}
     for user in per_user:
-        check_list(system, user, events=per_user[user], catalog=catalog,
-                   consumed={e.item for e in events if e.user == user}, top_k=20)
+        check_list(
+            system,
+            user,
+            events=per_user[user],
+            catalog=catalog,
+            consumed={e.item for e in events if e.user == user},
+            top_k=20,
+        )
 
 
 def test_cooperative_rebalancing_keeps_every_event_exactly_once(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     # A documented alternative to the eager default (docs/LOCAL_SERVICES.md); librdkafka
     # refuses a plain assign() in its rebalance callbacks.
     system = make_system(4, METAREC_KAFKA_PARTITION_ASSIGNMENT_STRATEGY="cooperative-sticky")
@@ -142,23 +169,33 @@ def test_cooperative_rebalancing_keeps_every_event_exactly_once(
     first = system.start()
     replay.start()
     try:
-        wait_until(lambda: owned(system, [first]) == [0, 1, 2, 3], 30.0,
-                   "the first consumer to own all 4 partitions",
-                   lambda: f"{system.heartbeat_partitions([first])}{system.logs()}",
-                   procs=[first])
+        wait_until(
+            lambda: owned(system, [first]) == [0, 1, 2, 3],
+            30.0,
+            "the first consumer to own all 4 partitions",
+            lambda: f"{system.heartbeat_partitions([first])}{system.logs()}",
+            procs=[first],
+        )
         second = system.start()
         pair = [first, second]
         # The sticky assignor balances all three topics' partitions, so each member ends
         # up with some of the events topic.
-        wait_until(lambda: owned(system, pair) == [0, 1, 2, 3]
-                   and all(system.heartbeat_partitions(pair).values()), 40.0,
-                   "two cooperative consumers to share the 4 partitions",
-                   lambda: f"{system.heartbeat_partitions(pair)}{system.logs()}", procs=pair)
+        wait_until(
+            lambda: (
+                owned(system, pair) == [0, 1, 2, 3]
+                and all(system.heartbeat_partitions(pair).values())
+            ),
+            40.0,
+            "two cooperative consumers to share the 4 partitions",
+            lambda: f"{system.heartbeat_partitions(pair)}{system.logs()}",
+            procs=pair,
+        )
     finally:
         replay.result(timeout=60)
     system.wait_applied(pub.ends(system.events))
     assert first.poll() is None and second.poll() is None, f"a consumer died{system.logs()}"
     check_exactly_once(system, pub.per_user(system.events))
+
 
 # --- 4. a zombie's batch --------------------------------------------------------------------
 
@@ -167,14 +204,16 @@ def snapshot(system: System) -> dict[bytes, bytes | None]:
     """Every key of ``system`` except the consumers' heartbeats, as DUMPs."""
     client = system.store.client
     beats = (system.store.key("consumer") + ":").encode(), system.store.key("consumers").encode()
-    return {key: client.dump(key) for key in client.scan_iter(match=f"{system.prefix}*")
-            if not key.startswith(beats)}
-
-
+    return {
+        key: client.dump(key)
+        for key in client.scan_iter(match=f"{system.prefix}*")
+        if not key.startswith(beats)
+    }
 
 
 def test_a_zombie_consumer_writes_nothing_and_re_seeks(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(1)
     pub = Publisher(kafka_bootstrap)
     now = int(time.time() * 1000)
@@ -207,5 +246,3 @@ def test_a_zombie_consumer_writes_nothing_and_re_seeks(
         zombie.consumer.close()
     assert live.poll() is None, f"the live consumer died{system.logs()}"
     check_exactly_once(system, pub.per_user(system.events))
-
-

@@ -61,28 +61,50 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def system_on(bootstrap: str, redis_url: str, client: redis.Redis[bytes], prefix: str,
-              log_dir: Path, make_topic: Callable[..., str], partitions: int = 1) -> System:
+def system_on(
+    bootstrap: str,
+    redis_url: str,
+    client: redis.Redis[bytes],
+    prefix: str,
+    log_dir: Path,
+    make_topic: Callable[..., str],
+    partitions: int = 1,
+) -> System:
     """A deployment on a broker and a Redis the test controls (its own topics and group)."""
-    return System(bootstrap=bootstrap, redis_url=redis_url, prefix=prefix,
-                  group=f"g-{uuid.uuid4().hex[:8]}", events=make_topic(partitions),
-                  items=make_topic(1), users=make_topic(1), dlq=make_topic(1),
-                  model=make_topic(1), partitions=partitions,
-                  store=RedisStore(client, prefix), log_dir=log_dir)
+    return System(
+        bootstrap=bootstrap,
+        redis_url=redis_url,
+        prefix=prefix,
+        group=f"g-{uuid.uuid4().hex[:8]}",
+        events=make_topic(partitions),
+        items=make_topic(1),
+        users=make_topic(1),
+        dlq=make_topic(1),
+        model=make_topic(1),
+        partitions=partitions,
+        store=RedisStore(client, prefix),
+        log_dir=log_dir,
+    )
 
 
 # --- 1. one user on two partitions ------------------------------------------------------
 
 
 def test_a_user_whose_events_land_on_two_partitions_loses_no_update(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(4)
     consumers = [system.start(), system.start()]
-    wait_until(lambda: owned(system, consumers) == [0, 1, 2, 3]
-               and all(system.heartbeat_partitions(consumers).values()), 40.0,
-               "two consumers to share the 4 partitions",
-               lambda: f"{system.heartbeat_partitions(consumers)}{system.logs()}",
-               procs=consumers)
+    wait_until(
+        lambda: (
+            owned(system, consumers) == [0, 1, 2, 3]
+            and all(system.heartbeat_partitions(consumers).values())
+        ),
+        40.0,
+        "two consumers to share the 4 partitions",
+        lambda: f"{system.heartbeat_partitions(consumers)}{system.logs()}",
+        procs=consumers,
+    )
     # Two apps publish for the same users, one with the Java partitioner, one with
     # librdkafka's default (CRC32): many users' events land on two partitions.
     java = Publisher(kafka_bootstrap)
@@ -97,8 +119,11 @@ def test_a_user_whose_events_land_on_two_partitions_loses_no_update(
     java.flush()
     crc.flush()
     # A record keyed by someone else goes to the dead-letter topic, with the reason.
-    crc.send(system.events, b"user-0", json.dumps(
-        Event("user-1", "item-1", "click", t0).to_json()).encode())
+    crc.send(
+        system.events,
+        b"user-0",
+        json.dumps(Event("user-1", "item-1", "click", t0).to_json()).encode(),
+    )
     crc.flush()
     by_part: dict[bytes | None, set[int]] = {}
     for d in java.delivered + crc.delivered:
@@ -114,11 +139,11 @@ def test_a_user_whose_events_land_on_two_partitions_loses_no_update(
         consumed.setdefault(e["user"], set()).add(e["item"])
     catalog = {f"item-{i}" for i in range(400)}
     for user in users:
-        check_list(system, user, events=50, catalog=catalog, consumed=consumed[user],
-                   top_k=20)
+        check_list(system, user, events=50, catalog=catalog, consumed=consumed[user], top_k=20)
     letters = read_topic(system.bootstrap, system.dlq, 1)
-    assert any(b"is not the event's user" in dict(m.headers() or [])[dlq.ERROR_MESSAGE]
-               for m in letters), [m.headers() for m in letters]
+    assert any(
+        b"is not the event's user" in dict(m.headers() or [])[dlq.ERROR_MESSAGE] for m in letters
+    ), [m.headers() for m in letters]
 
 
 # --- 2. the broker loses its data --------------------------------------------------------
@@ -134,8 +159,8 @@ class OwnBroker:
 
 
 def test_a_broker_reset_is_detected_and_nothing_still_in_the_log_is_lost(
-        tmp_path: Path, redis_url: str, redis_client: redis.Redis[bytes],
-        key_prefix: str) -> None:
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     own = OwnBroker(tmp_path, free_port())
     broker = own.start()
     topics = {"ev": 2, "items": 1, "users": 1, "dlq": 1, "model": 1}
@@ -143,8 +168,15 @@ def test_a_broker_reset_is_detected_and_nothing_still_in_the_log_is_lost(
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     names = iter(topics)
-    system = system_on(broker.bootstrap, redis_url, redis_client, key_prefix, log_dir,
-                       lambda partitions=1: next(names), partitions=2)
+    system = system_on(
+        broker.bootstrap,
+        redis_url,
+        redis_client,
+        key_prefix,
+        log_dir,
+        lambda partitions=1: next(names),
+        partitions=2,
+    )
     try:
         proc = system.start()
         users = [f"u{i}" for i in range(30)]
@@ -173,9 +205,15 @@ def test_a_broker_reset_is_detected_and_nothing_still_in_the_log_is_lost(
         lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
         refused = [r for r in lines if "Connection refused" in r["msg"]]
         assert len(refused) <= 8, f"{len(refused)} 'Connection refused' lines in 4 s"
-        wait_until(lambda: any(b.get("offset_resets", 0) >= 1 for b in
-                               system.store.heartbeats(system.group).values()), 15.0,
-                   "the stats to count the reset", procs=[proc])
+        wait_until(
+            lambda: any(
+                b.get("offset_resets", 0) >= 1
+                for b in system.store.heartbeats(system.group).values()
+            ),
+            15.0,
+            "the stats to count the reset",
+            procs=[proc],
+        )
     finally:
         system.close()
         broker.stop()
@@ -207,9 +245,25 @@ class OwnRedis:
     def start(self) -> None:
         log = (self.work / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.work), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", *self.extra], stdout=log, stderr=subprocess.STDOUT)
+            [
+                redis_server(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.work),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         client = redis.Redis(port=self.port, socket_timeout=1)
         wait_until(lambda: _pings(client), 20.0, "the test's redis-server to answer")
@@ -256,22 +310,33 @@ def rss_mib(pid: int) -> float:
 
 
 def test_consumers_and_the_aggregator_ride_out_redis_stalls_and_restarts(
-        tmp_path: Path, own_redis: OwnRedis, kafka_bootstrap: str,
-        make_topic: Callable[..., str]) -> None:
+    tmp_path: Path, own_redis: OwnRedis, kafka_bootstrap: str, make_topic: Callable[..., str]
+) -> None:
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     prefix = "faults:"
-    system = system_on(kafka_bootstrap, own_redis.url, own_redis.client(), prefix, log_dir,
-                       make_topic, partitions=2)
+    system = system_on(
+        kafka_bootstrap,
+        own_redis.url,
+        own_redis.client(),
+        prefix,
+        log_dir,
+        make_topic,
+        partitions=2,
+    )
     try:
         consumers = [system.start(), system.start()]
-        aggregator = system.start(["-m", "metarec.cli", "aggregate"],
-                                  METAREC_MIN_EVENTS_FOR_MODEL="1000000")
+        aggregator = system.start(
+            ["-m", "metarec.cli", "aggregate"], METAREC_MIN_EVENTS_FOR_MODEL="1000000"
+        )
         procs = [*consumers, aggregator]
-        wait_until(lambda: owned(system, consumers) == [0, 1], 40.0,
-                   "two consumers to own the partitions",
-                   lambda: f"{system.heartbeat_partitions(consumers)}{system.logs()}",
-                   procs=procs)
+        wait_until(
+            lambda: owned(system, consumers) == [0, 1],
+            40.0,
+            "two consumers to own the partitions",
+            lambda: f"{system.heartbeat_partitions(consumers)}{system.logs()}",
+            procs=procs,
+        )
         users = [f"u{i}" for i in range(40)]
         events = [Event(u, f"i{n % 97}", "click", 0) for n in range(60) for u in users]
         pub = Publisher(kafka_bootstrap)
@@ -308,7 +373,8 @@ def test_consumers_and_the_aggregator_ride_out_redis_stalls_and_restarts(
             assert "redis unavailable; retrying" in msgs, (p.pid, msgs[-20:])
             assert "redis answers again" in msgs, (p.pid, msgs[-20:])
             assert msgs.count("redis unavailable; retrying") <= 6, msgs.count(
-                "redis unavailable; retrying")
+                "redis unavailable; retrying"
+            )
         # Memory stays bounded while fetching stops (the prefetch is capped).
         assert max(peak[c.pid] for c in consumers) < 700, peak
     finally:
@@ -322,13 +388,18 @@ HOSTILE = "Zq@9/Xv#k:Lm%2Pw!"  # every character that breaks a URL unless encode
 
 
 def run_consumer(system: System, timeout: float = 60.0, **env: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "consumer"], env=system.env(**env),
-                          cwd=REPO, capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "consumer"],
+        env=system.env(**env),
+        cwd=REPO,
+        capture_output=True,
+        timeout=timeout,
+    )
     return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
 
 
 def secret_parts(secret: str, width: int = 4) -> list[str]:
-    return [secret[i:i + width] for i in range(len(secret) - width + 1)]
+    return [secret[i : i + width] for i in range(len(secret) - width + 1)]
 
 
 def test_a_full_redis_holds_a_commit_back_until_memory_is_freed(tmp_path: Path) -> None:
@@ -341,8 +412,7 @@ def test_a_full_redis_holds_a_commit_back_until_memory_is_freed(tmp_path: Path) 
 
     work = tmp_path / "redis"
     work.mkdir()
-    server = OwnRedis(work, free_port(), ("--maxmemory", "4mb",
-                                          "--maxmemory-policy", "noeviction"))
+    server = OwnRedis(work, free_port(), ("--maxmemory", "4mb", "--maxmemory-policy", "noeviction"))
     server.start()
     try:
         client = server.client()
@@ -354,8 +424,9 @@ def test_a_full_redis_holds_a_commit_back_until_memory_is_freed(tmp_path: Path) 
                     filler += 1
         store = RedisStore(client, prefix="oom:")
         retries: list[int] = []
-        outage = Outage("redis", 60.0, logging.getLogger("test"),
-                        on_retry=lambda: retries.append(len(retries)))
+        outage = Outage(
+            "redis", 60.0, logging.getLogger("test"), on_retry=lambda: retries.append(len(retries))
+        )
 
         def free_memory() -> None:
             time.sleep(1.0)
@@ -363,9 +434,19 @@ def test_a_full_redis_holds_a_commit_back_until_memory_is_freed(tmp_path: Path) 
 
         freeing = threading.Thread(target=free_memory)
         freeing.start()
-        clock = outage.call(lambda: store.commit_batch(
-            "events", 0, None, 3, states={"u": b"state"}, recs={"u": b"[]"}, recs_ttl_s=0,
-            partials=None, events=3))
+        clock = outage.call(
+            lambda: store.commit_batch(
+                "events",
+                0,
+                None,
+                3,
+                states={"u": b"state"},
+                recs={"u": b"[]"},
+                recs_ttl_s=0,
+                partials=None,
+                events=3,
+            )
+        )
         freeing.join()
         assert retries, "the first attempt was expected to meet a full Redis"
         assert clock == 3 and store.offsets("events", [0]) == {0: 3}
@@ -375,23 +456,22 @@ def test_a_full_redis_holds_a_commit_back_until_memory_is_freed(tmp_path: Path) 
 
 
 def test_refused_logins_and_acls_stop_the_consumer_in_one_line_without_secrets(
-        tmp_path: Path, own_redis: OwnRedis, kafka_bootstrap: str,
-        make_topic: Callable[..., str]) -> None:
+    tmp_path: Path, own_redis: OwnRedis, kafka_bootstrap: str, make_topic: Callable[..., str]
+) -> None:
     admin = own_redis.client()
     prefix = "app:"
-    admin.execute_command("ACL", "SETUSER", "app", "on", f">{HOSTILE}", f"~{prefix}*",
-                          "+@all")
+    admin.execute_command("ACL", "SETUSER", "app", "on", f">{HOSTILE}", f"~{prefix}*", "+@all")
     admin.execute_command("ACL", "SETUSER", "narrow", "on", f">{HOSTILE}", "~other:*", "+@all")
     encoded = "".join(c if c.isalnum() else f"%{ord(c):02X}" for c in HOSTILE)
-    system = system_on(kafka_bootstrap, own_redis.url, own_redis.client(), prefix, tmp_path,
-                       make_topic)
+    system = system_on(
+        kafka_bootstrap, own_redis.url, own_redis.client(), prefix, tmp_path, make_topic
+    )
     base = f"127.0.0.1:{own_redis.port}/0"
     cases = {
         "raw hostile password": (f"redis://app:{HOSTILE}@{base}", 2, "percent-encode"),
         "wrong password": (f"redis://app:{encoded}x@{base}", 2, "refused the credentials"),
         "ACL without the prefix": (f"redis://narrow:{encoded}@{base}", 2, "ACL"),
-        "unreachable": (f"redis://app:{encoded}@127.0.0.1:{free_port()}/0", 1,
-                        "did not answer"),
+        "unreachable": (f"redis://app:{encoded}@127.0.0.1:{free_port()}/0", 1, "did not answer"),
     }
     outputs = []
     for name, (url, code, words) in cases.items():
@@ -406,8 +486,13 @@ def test_refused_logins_and_acls_stop_the_consumer_in_one_line_without_secrets(
         assert "METAREC_REDIS_URL" in fatal[0]["error"], fatal[0]
     # The right credentials, percent-encoded, work.
     proc = system.start(METAREC_REDIS_URL=f"redis://app:{encoded}@{base}")
-    wait_until(lambda: bool(system.store.heartbeats(system.group)), 30.0,
-               "the consumer with good credentials to report", system.logs, procs=[proc])
+    wait_until(
+        lambda: bool(system.store.heartbeats(system.group)),
+        30.0,
+        "the consumer with good credentials to report",
+        system.logs,
+        procs=[proc],
+    )
     assert system.terminate(proc) == 0
     outputs.append((tmp_path / "proc-0.log").read_text())
     everything = "\n".join(outputs)
@@ -420,6 +505,7 @@ def test_refused_logins_and_acls_stop_the_consumer_in_one_line_without_secrets(
 
 def hostile_records(rng: random.Random, now: int, n: int) -> list[tuple[bytes | None, bytes]]:
     """``n`` records, each broken in one of many ways (key, value)."""
+
     def event(**fields: object) -> dict[str, object]:
         base: dict[str, object] = {"user": "evil", "item": "i1", "type": "click", "ts": now}
         base.update(fields)
@@ -450,15 +536,18 @@ def hostile_records(rng: random.Random, now: int, n: int) -> list[tuple[bytes | 
 
 
 def test_a_hostile_producer_only_fills_the_dead_letter_topic(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(2)
     rng = random.Random(99)
     now = now_ms()
     bad = hostile_records(rng, now, 7000)
-    good = [Event(f"good-{n % 50}", f"item-{rng.randrange(200)}", "click", now + n)
-            for n in range(3000)]
+    good = [
+        Event(f"good-{n % 50}", f"item-{rng.randrange(200)}", "click", now + n) for n in range(3000)
+    ]
     mixed: list[tuple[bytes | None, bytes]] = bad + [
-        (e.user.encode(), json.dumps(e.to_json()).encode()) for e in good]
+        (e.user.encode(), json.dumps(e.to_json()).encode()) for e in good
+    ]
     rng.shuffle(mixed)
     pub = Publisher(kafka_bootstrap, **{"message.max.bytes": "3000000"})
     proc = system.start()
@@ -503,57 +592,101 @@ def make_certificates(work: Path) -> dict[str, Path]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     ca_key, srv_key = key(), key()
-    ca = (x509.CertificateBuilder().subject_name(name("metarec-test-ca"))
-          .issuer_name(name("metarec-test-ca")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    srv = (x509.CertificateBuilder().subject_name(name("127.0.0.1"))
-           .issuer_name(ca.subject).public_key(srv_key.public_key())
-           .serial_number(x509.random_serial_number())
-           .not_valid_before(now - datetime.timedelta(minutes=5))
-           .not_valid_after(now + datetime.timedelta(days=2))
-           .add_extension(x509.SubjectAlternativeName([
-               x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-               critical=False)
-           .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("metarec-test-ca"))
+        .issuer_name(name("metarec-test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    srv = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = {name: work / name for name in ("ca.key", "ca.crt", "srv.key", "srv.crt")}
     for path, private in ((paths["ca.key"], ca_key), (paths["srv.key"], srv_key)):
-        path.write_bytes(private.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.TraditionalOpenSSL,
-                                               serialization.NoEncryption()))
+        path.write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
     paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["srv.crt"].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
     return paths
 
 
 def test_the_consumer_works_through_tls_as_an_acl_user_confined_to_its_prefix(
-        tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
+    tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]
+) -> None:
     certs = make_certificates(tmp_path)
     password = "Tls/Pass@word#1"
     acl = tmp_path / "users.acl"
-    acl.write_text("user default off\n"
-                   f"user app on >{password} ~tls:* &* +@all\n")
+    acl.write_text(f"user default off\nuser app on >{password} ~tls:* &* +@all\n")
     work = tmp_path / "redis"
     work.mkdir()
     port = free_port()
     log = (work / "redis.log").open("ab")
     server = subprocess.Popen(
-        [redis_server(), "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
-         "--tls-cert-file", str(certs["srv.crt"]), "--tls-key-file", str(certs["srv.key"]),
-         "--tls-ca-cert-file", str(certs["ca.crt"]), "--tls-auth-clients", "no",
-         "--aclfile", str(acl), "--dir", str(work), "--save", "", "--appendonly", "no"],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            redis_server(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(certs["srv.crt"]),
+            "--tls-key-file",
+            str(certs["srv.key"]),
+            "--tls-ca-cert-file",
+            str(certs["ca.crt"]),
+            "--tls-auth-clients",
+            "no",
+            "--aclfile",
+            str(acl),
+            "--dir",
+            str(work),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     log.close()
     encoded = "".join(c if c.isalnum() else f"%{ord(c):02X}" for c in password)
-    url = (f"rediss://app:{encoded}@127.0.0.1:{port}/0?ssl_ca_certs={certs['ca.crt']}"
-           "&ssl_cert_reqs=required")
+    url = (
+        f"rediss://app:{encoded}@127.0.0.1:{port}/0?ssl_ca_certs={certs['ca.crt']}"
+        "&ssl_cert_reqs=required"
+    )
     try:
         client: redis.Redis[bytes] = redis.Redis.from_url(url)
-        wait_until(lambda: _pings(client), 20.0, "redis-server with TLS to answer",
-                   lambda: (work / "redis.log").read_text()[-2000:])
+        wait_until(
+            lambda: _pings(client),
+            20.0,
+            "redis-server with TLS to answer",
+            lambda: (work / "redis.log").read_text()[-2000:],
+        )
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.set("elsewhere:key", b"1")  # outside the ACL user's prefix
         plain = redis.Redis(port=port, socket_timeout=2)
@@ -563,8 +696,7 @@ def test_the_consumer_works_through_tls_as_an_acl_user_confined_to_its_prefix(
         proc = system.start()
         pub = Publisher(kafka_bootstrap)
         for n in range(100):
-            pub.send_event(system.events, Event(f"u{n % 10}", f"i{n % 30}", "click",
-                                                now_ms() + n))
+            pub.send_event(system.events, Event(f"u{n % 10}", f"i{n % 30}", "click", now_ms() + n))
         pub.flush()
         system.wait_applied(pub.ends(system.events))
         check_exactly_once(system, {f"u{n}": 10 for n in range(10)})

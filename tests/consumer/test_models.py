@@ -43,7 +43,8 @@ def list_versions(system: System, users: Sequence[str]) -> dict[str, int | None]
 
 
 def test_consumers_hot_reload_new_models_and_refresh_lists(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     events = stream(seed=3, limit=300)
     system = make_system(2, METAREC_MIN_EVENTS_FOR_MODEL=str(len(events)))
     pub = Publisher(kafka_bootstrap)
@@ -74,21 +75,33 @@ def test_consumers_hot_reload_new_models_and_refresh_lists(
         def moved(version: int = version) -> bool:
             return set(list_versions(system, users).values()) == {version}
 
-        wait_until(moved, 30.0, f"every list to move to model v{version} without new events",
-                   lambda: f"{Counter(list_versions(system, users).values())}{system.logs()}",
-                   procs=consumers)
+        wait_until(
+            moved,
+            30.0,
+            f"every list to move to model v{version} without new events",
+            lambda: f"{Counter(list_versions(system, users).values())}{system.logs()}",
+            procs=consumers,
+        )
         for user in users:
-            check_list(system, user, events=per_user[user], catalog=catalog,
-                       consumed={e.item for e in events if e.user == user}, top_k=20,
-                       model_version=version)
+            check_list(
+                system,
+                user,
+                events=per_user[user],
+                catalog=catalog,
+                consumed={e.item for e in events if e.user == user},
+                top_k=20,
+                model_version=version,
+            )
             state = system.state(user)
             assert state is not None and state.model_version == version
             assert state.n_events == per_user[user]
     assert all(c.poll() is None for c in consumers), f"a consumer restarted{system.logs()}"
     # New events are adapted and ranked under v2, for known users and a new one.
     now = int(time.time() * 1000)
-    fresh = [Event(users[0], events[0].item, "like", now), Event("newcomer", events[1].item,
-                                                                 "click", now)]
+    fresh = [
+        Event(users[0], events[0].item, "like", now),
+        Event("newcomer", events[1].item, "click", now),
+    ]
     for e in fresh:
         pub.send_event(system.events, e)
     pub.flush()
@@ -102,7 +115,8 @@ def test_consumers_hot_reload_new_models_and_refresh_lists(
 
 
 def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(1)
     # A model whose lists are its item biases alone: the "hit" items in a fixed order.
     hits = [f"hit-{k}" for k in range(30)]
@@ -110,7 +124,7 @@ def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
     model = make_model(hits + misses, ["books"])
     for table in (model.item_emb, model.item_ctx, model.item_bias):
         table[:] = 0.0
-    model.item_bias[:len(hits)] = 100.0 - np.arange(len(hits))
+    model.item_bias[: len(hits)] = 100.0 - np.arange(len(hits))
     assert system.store.publish_model(model.to_bytes()) == 1
     # Users first take the top of their list (hits after their first event), then, from
     # ``change`` on, items their lists never show. One event per user per round, each
@@ -118,25 +132,36 @@ def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
     users = [f"u{k}" for k in range(40)]
     base = int(time.time() * 1000) - 3_600_000
     change = base + 1_000_000
-    rounds = [[Event(u, hits[k], "click", base + 100 * k + j, "books")
-               for j, u in enumerate(users)] for k in range(12)]
+    rounds = [
+        [Event(u, hits[k], "click", base + 100 * k + j, "books") for j, u in enumerate(users)]
+        for k in range(12)
+    ]
     # Enough rounds for the drop to be flagged and then confirmed over half a live window.
-    rounds += [[Event(u, misses[k], "click", change + 100 * k + j, "books")
-                for j, u in enumerate(users)] for k in range(24)]
+    rounds += [
+        [Event(u, misses[k], "click", change + 100 * k + j, "books") for j, u in enumerate(users)]
+        for k in range(24)
+    ]
     consumer = system.start()
     pub = Publisher(kafka_bootstrap)
     for item in hits + misses:  # the whole catalogue is known from the start
-        pub.send(system.items, item.encode(),
-                 json.dumps(ItemRecord(item, "books", (), base).to_json()).encode())
+        pub.send(
+            system.items,
+            item.encode(),
+            json.dumps(ItemRecord(item, "books", (), base).to_json()).encode(),
+        )
     for events in rounds:
         for e in events:
             pub.send_event(system.events, e)
         pub.flush()
         system.wait_applied(pub.ends(system.events))
 
-    wait_until(lambda: system.store.aggregation_request() is not None, 10.0,
-               "a request for an aggregation", lambda: f"{system.store.heartbeats(system.group)}"
-               f"{system.logs()}", procs=[consumer])
+    wait_until(
+        lambda: system.store.aggregation_request() is not None,
+        10.0,
+        "a request for an aggregation",
+        lambda: f"{system.store.heartbeats(system.group)}{system.logs()}",
+        procs=[consumer],
+    )
     reason = system.store.aggregation_request()
     assert reason is not None and reason.startswith("drift in domain 'books'"), reason
     floor = system.store.training_floor()
@@ -147,9 +172,13 @@ def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
     # Until its lists recover, each new version makes it ask for the next.
     system.store.clear_aggregation_request()
     assert system.store.publish_model(model.to_bytes()) == 2
-    wait_until(lambda: (system.store.aggregation_request() or "").startswith(
-        "recovering from drift"), 30.0, "a request for the next cycle after reloading v2",
-        lambda: f"{system.store.aggregation_request()}{system.logs()}", procs=[consumer])
+    wait_until(
+        lambda: (system.store.aggregation_request() or "").startswith("recovering from drift"),
+        30.0,
+        "a request for the next cycle after reloading v2",
+        lambda: f"{system.store.aggregation_request()}{system.logs()}",
+        procs=[consumer],
+    )
     assert system.terminate(consumer) == 0
 
 
@@ -157,7 +186,8 @@ def test_a_drop_in_live_quality_asks_for_a_cycle_on_the_new_regime(
 
 
 def test_the_consumer_writes_the_lists_metarec_eval_computes(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     """The services and ``metarec eval`` run one learner.
 
     One stream goes through the consumer (real broker and Redis) with the aggregator's
@@ -175,9 +205,13 @@ def test_the_consumer_writes_the_lists_metarec_eval_computes(
 
     first, every, tail = 500, 400, 300
     history = 10
-    system = make_system(1, METAREC_BATCH_SIZE="1", METAREC_HISTORY_LENGTH=str(history),
-                         METAREC_MIN_EVENTS_FOR_MODEL=str(first),
-                         METAREC_RETRAIN_EVENTS=str(every))
+    system = make_system(
+        1,
+        METAREC_BATCH_SIZE="1",
+        METAREC_HISTORY_LENGTH=str(history),
+        METAREC_MIN_EVENTS_FOR_MODEL=str(first),
+        METAREC_RETRAIN_EVENTS=str(every),
+    )
     rng = np.random.default_rng(5)
     taste = rng.integers(0, 4, 40)
     base = int(time.time() * 1000) - 3_600_000
@@ -189,8 +223,9 @@ def test_the_consumer_writes_the_lists_metarec_eval_computes(
         events.append(Event(f"u{u}", f"i{item}", kind, base + 7 * k))
 
     def trainer() -> MetaTrainer:
-        return MetaTrainer(dim=8, history_length=history, batch_size=128, min_steps=20,
-                           max_steps=20, seed=0)
+        return MetaTrainer(
+            dim=8, history_length=history, batch_size=128, min_steps=20, max_steps=20, seed=0
+        )
 
     settings = system.settings()
     stream = encode(Dataset("same-stream", events))
@@ -226,10 +261,15 @@ def test_the_consumer_writes_the_lists_metarec_eval_computes(
                 version = agg.cycle(reason=reason)
                 # The consumer reloads, then refreshes its users' lists while idle.
                 seen = {e.user for e in events[:done]}
-                wait_until(lambda v=version, seen=seen: all(
-                    (system.recs(u) or {}).get("model_version") == v for u in seen), 60.0,
-                    f"every list to come from version {version}", system.logs,
-                    procs=[consumer])
+                wait_until(
+                    lambda v=version, seen=seen: all(
+                        (system.recs(u) or {}).get("model_version") == v for u in seen
+                    ),
+                    60.0,
+                    f"every list to come from version {version}",
+                    system.logs,
+                    procs=[consumer],
+                )
             same_lists(f"after {done} events")
     finally:
         agg.consumer.close()
@@ -238,7 +278,12 @@ def test_the_consumer_writes_the_lists_metarec_eval_computes(
     assert system.store.current_model_version() == 2
     served = MetaModel.from_bytes(system.store.load_model_blob(2))
     assert offline.model is not None
-    np.testing.assert_allclose(served.theta0, offline.model.theta0, rtol=1e-5, atol=1e-6,
-                               err_msg="the Reptile folds differ")
+    np.testing.assert_allclose(
+        served.theta0,
+        offline.model.theta0,
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg="the Reptile folds differ",
+    )
     np.testing.assert_allclose(served.item_emb, offline.model.item_emb, rtol=1e-5, atol=1e-6)
     assert system.terminate(consumer) == 0

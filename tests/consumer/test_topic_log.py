@@ -19,9 +19,13 @@ from tests.consumer.system import Publisher
 
 
 def test_lag_counts_partitions_nobody_owns_and_a_recreated_topic_is_rebased_once(
-        kafka_bootstrap: str, kafka_admin: AdminClient, make_topic: Callable[..., str],
-        consumer_config: dict[str, str], redis_client: redis.Redis[bytes],
-        key_prefix: str) -> None:
+    kafka_bootstrap: str,
+    kafka_admin: AdminClient,
+    make_topic: Callable[..., str],
+    consumer_config: dict[str, str],
+    redis_client: redis.Redis[bytes],
+    key_prefix: str,
+) -> None:
     topic = make_topic(2)
     pub = Publisher(kafka_bootstrap)
     for n in range(40):
@@ -29,8 +33,7 @@ def test_lag_counts_partitions_nobody_owns_and_a_recreated_topic_is_rebased_once
         pub.flush()  # one record per batch: Tansu reports a log's end per batch
     ends = pub.ends(topic)
     store = RedisStore(redis_client, key_prefix)
-    store.commit_batch(topic, 0, None, ends[0], states={}, recs={}, recs_ttl_s=0,
-                       partials=None)
+    store.commit_batch(topic, 0, None, ends[0], states={}, recs={}, recs_ttl_s=0, partials=None)
     consumer = Consumer(consumer_config)  # subscribed to nothing: owns no partition
     watch = TopicLog(consumer, kafka_admin, store, topic)
     other = TopicLog(consumer, kafka_admin, store, topic, policy="skip")
@@ -60,7 +63,16 @@ def test_lag_counts_partitions_nobody_owns_and_a_recreated_topic_is_rebased_once
         assert store.offsets(topic, [0, 1]) == {0: 0, 1: 0}
         # A commit made against the old log is refused.
         with pytest.raises(LogReplaced):
-            store.commit_batch(topic, 0, 0, 5, states={}, recs={}, recs_ttl_s=0,
-                               partials=None, topic_id="the-old-log")
+            store.commit_batch(
+                topic,
+                0,
+                0,
+                5,
+                states={},
+                recs={},
+                recs_ttl_s=0,
+                partials=None,
+                topic_id="the-old-log",
+            )
     finally:
         consumer.close()

@@ -21,8 +21,9 @@ from metarec.core.adaptation import (
 from metarec.core.model import ItemTables, MetaModel
 
 
-def _random_setup(seed: int = 0, n_users: int = 4, n_items: int = 12, dim: int = 5,
-                  length: int = 6) -> tuple[MetaModel, ItemTables, UserBatch]:
+def _random_setup(
+    seed: int = 0, n_users: int = 4, n_items: int = 12, dim: int = 5, length: int = 6
+) -> tuple[MetaModel, ItemTables, UserBatch]:
     rng = np.random.default_rng(seed)
     model = MetaModel.initial(dim, history_length=length, seed=seed)
     model.theta0 = rng.standard_normal((1, dim)).astype(np.float32)
@@ -36,18 +37,30 @@ def _random_setup(seed: int = 0, n_users: int = 4, n_items: int = 12, dim: int =
     batch = UserBatch.empty(n_users, model)
     batch.profile[:] = rng.standard_normal((n_users, dim))
     for _ in range(3):
-        push_history(batch, np.arange(n_users), rng.integers(0, n_items, n_users),
-                     np.ones(n_users, np.float32))
+        push_history(
+            batch,
+            np.arange(n_users),
+            rng.integers(0, n_items, n_users),
+            np.ones(n_users, np.float32),
+        )
     return model, tables, batch
 
 
-def _loss(theta: np.ndarray, delta: np.ndarray, tables: ItemTables, pos: int, weight: float,
-          neg: np.ndarray, prox: float) -> float:
+def _loss(
+    theta: np.ndarray,
+    delta: np.ndarray,
+    tables: ItemTables,
+    pos: int,
+    weight: float,
+    neg: np.ndarray,
+    prox: float,
+) -> float:
     dv = tables.vectors[pos][:, None] - tables.vectors[neg].T
     z = theta @ dv + tables.bias[pos] - tables.bias[neg]
     s = -1.0 if weight < 0 else 1.0
-    return float(np.mean(-abs(weight) * np.log(1 / (1 + np.exp(-s * z))))
-                 + prox / 2 * delta @ delta)
+    return float(
+        np.mean(-abs(weight) * np.log(1 / (1 + np.exp(-s * z)))) + prox / 2 * delta @ delta
+    )
 
 
 @pytest.mark.parametrize("weight", [1.0, 2.0, -1.0])
@@ -57,9 +70,15 @@ def test_pairwise_gradient_matches_finite_differences(weight: float) -> None:
     theta0 = rng.standard_normal(5)
     delta = rng.standard_normal(5) * 0.3
     neg = np.array([3, 7, 9])
-    grad = pairwise_gradient((theta0 + delta)[None].astype(np.float32),
-                             delta[None].astype(np.float32), tables, np.array([1]),
-                             np.array([weight], np.float32), neg[None], prox=0.3)[0]
+    grad = pairwise_gradient(
+        (theta0 + delta)[None].astype(np.float32),
+        delta[None].astype(np.float32),
+        tables,
+        np.array([1]),
+        np.array([weight], np.float32),
+        neg[None],
+        prox=0.3,
+    )[0]
     eps = 1e-5
     numeric = np.zeros(5)
     for j in range(5):
@@ -78,8 +97,15 @@ def test_adapt_lowers_the_loss_and_dislike_pushes_away() -> None:
     neg = np.array([[4]])
     margin_dir = tables.vectors[2] - tables.vectors[4]
     for weight, sign in [(1.0, 1), (-1.0, -1)]:
-        delta = adapt(model, tables, theta0, np.zeros((1, 5), np.float32), np.array([2]),
-                      np.array([weight], np.float32), neg)
+        delta = adapt(
+            model,
+            tables,
+            theta0,
+            np.zeros((1, 5), np.float32),
+            np.array([2]),
+            np.array([weight], np.float32),
+            neg,
+        )
         assert np.sign(delta[0] @ margin_dir) == sign
 
 
@@ -91,7 +117,7 @@ def test_batched_observe_equals_one_user_at_a_time() -> None:
     weights = np.array([1.0, 2.0, -1.0, 1.0], np.float32)
     observe(model, tables, batch, np.arange(4), items, weights, seed=3)
     for r in range(4):
-        observe(model, tables, solo, np.array([r]), items[r:r + 1], weights[r:r + 1], seed=3)
+        observe(model, tables, solo, np.array([r]), items[r : r + 1], weights[r : r + 1], seed=3)
     np.testing.assert_allclose(batch.delta, solo.delta, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(batch.hist_items, solo.hist_items)
     assert batch.events.tolist() == solo.events.tolist() == [4, 4, 4, 4]
@@ -145,8 +171,15 @@ def test_replay_gives_back_the_offset_the_events_built() -> None:
     batch.events[:] = 0
     rng = np.random.default_rng(5)
     for _ in range(4):
-        observe(model, tables, batch, np.arange(4), rng.integers(0, 12, 4),
-                np.ones(4, np.float32), seed=7)
+        observe(
+            model,
+            tables,
+            batch,
+            np.arange(4),
+            rng.integers(0, 12, 4),
+            np.ones(4, np.float32),
+            seed=7,
+        )
     built = batch.delta.copy()
     replay(model, tables, batch, seed=7)
     np.testing.assert_allclose(batch.delta, built, rtol=1e-6)

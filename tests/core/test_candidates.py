@@ -32,12 +32,15 @@ def test_rank_candidates_with_all_items_is_exact_top_k(b: int) -> None:
     weight = rng.random(b).astype(np.float32)
     exclude = [rng.choice(n, rng.integers(0, 20), replace=False) for _ in range(b)]
     # Every item, shuffled, with duplicates and padding mixed in.
-    cands = np.hstack([np.stack([rng.permutation(n) for _ in range(b)]),
-                       rng.integers(-1, n, (b, 40))])
-    got_idx, got_val = rank_candidates(theta, bucket, vectors, shared, cands, 10, exclude,
-                                       (index, value, weight))
-    want_idx, want_val = top_k(_dense(theta, bucket, vectors, shared,
-                                      (index, value, weight)), 10, exclude)
+    cands = np.hstack(
+        [np.stack([rng.permutation(n) for _ in range(b)]), rng.integers(-1, n, (b, 40))]
+    )
+    got_idx, got_val = rank_candidates(
+        theta, bucket, vectors, shared, cands, 10, exclude, (index, value, weight)
+    )
+    want_idx, want_val = top_k(
+        _dense(theta, bucket, vectors, shared, (index, value, weight)), 10, exclude
+    )
     np.testing.assert_array_equal(got_idx, want_idx)
     np.testing.assert_allclose(got_val, want_val, rtol=1e-5, atol=1e-5)
 
@@ -47,8 +50,15 @@ def test_rank_candidates_only_ranks_candidates_and_pads() -> None:
     vectors = np.arange(6, dtype=np.float32)[:, None]  # item i scores i
     shared = np.zeros((1, 6), np.float32)
     cands = np.array([[0, 2, 2, -1], [5, 4, 3, 1]])
-    idx, val = rank_candidates(theta, np.zeros(2, np.int64), vectors, shared, cands, 3,
-                               [np.array([], np.int64), np.array([4])])
+    idx, val = rank_candidates(
+        theta,
+        np.zeros(2, np.int64),
+        vectors,
+        shared,
+        cands,
+        3,
+        [np.array([], np.int64), np.array([4])],
+    )
     assert idx.tolist() == [[2, 0, -1], [5, 3, 1]]
     assert np.isneginf(val[0, 2])
 
@@ -84,8 +94,7 @@ def _learner(n_items: int, exact_max_items: int) -> Learner:
     model.item_count = np.full(n_items, 5.0, np.float32)
     model.trend_weights[:] = 0.3
     model.knn_weights[:] = 0.5
-    nb = ItemNeighbors.from_events(rng.integers(0, 40, 600), rng.integers(0, n_items, 600),
-                                   n_items)
+    nb = ItemNeighbors.from_events(rng.integers(0, 40, 600), rng.integers(0, n_items, 600), n_items)
     model.knn_index, model.knn_weight = nb.index, nb.weight
     learner = Learner(top_k=5, history_length=10, exact_max_items=exact_max_items)
     for j in range(n_items):
@@ -96,12 +105,18 @@ def _learner(n_items: int, exact_max_items: int) -> Learner:
 
 @pytest.mark.parametrize("n_items", [60, 150])
 def test_learner_candidate_lists_match_exact_when_candidates_cover_the_catalog(
-        n_items: int) -> None:
+    n_items: int,
+) -> None:
     # The trending candidates (200 per bucket) cover these catalogues entirely.
     rng = np.random.default_rng(3)
     users = [f"u{k}" for k in rng.integers(0, 15, 80)]
-    batch = EventBatch(users, rng.integers(0, n_items, 80), np.ones(80, np.float32),
-                       np.arange(80), ["default"] * 80)
+    batch = EventBatch(
+        users,
+        rng.integers(0, n_items, 80),
+        np.ones(80, np.float32),
+        np.arange(80),
+        ["default"] * 80,
+    )
     exact = _learner(n_items, exact_max_items=10**6).learn_many(batch, {}, {})
     cands = _learner(n_items, exact_max_items=0).learn_many(batch, {}, {})
     for u, ranked in exact.lists.items():
@@ -111,8 +126,7 @@ def test_learner_candidate_lists_match_exact_when_candidates_cover_the_catalog(
 
 def test_learner_scores_outside_the_candidates_are_minus_infinity() -> None:
     learner = _learner(400, exact_max_items=0)
-    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]),
-                       ["default"])
+    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]), ["default"])
     out = learner.learn_many(batch, {}, {})
     scores = learner.scores(["u1"], out.states, {})
     assert scores.shape == (1, 400)
@@ -124,12 +138,11 @@ def test_learner_scores_outside_the_candidates_are_minus_infinity() -> None:
 
 def test_the_item_index_follows_the_model_and_grows_with_the_catalog() -> None:
     learner = _learner(400, exact_max_items=0)
-    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]),
-                       ["default"])
+    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]), ["default"])
     learner.learn_many(batch, {}, {})
     index = learner._item_index()
     learner.register("i7", features=["new-tag"])  # metadata: tables rebuilt, index kept
-    learner.register("fresh")                      # a new item: appended
+    learner.register("fresh")  # a new item: appended
     assert learner._item_index() is index and len(index) == 401
     model = learner.model
     assert model is not None
@@ -139,8 +152,7 @@ def test_the_item_index_follows_the_model_and_grows_with_the_catalog() -> None:
 
 def test_a_reload_changes_the_candidate_scores_before_the_next_batch() -> None:
     learner = _learner(400, exact_max_items=0)
-    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]),
-                       ["default"])
+    batch = EventBatch(["u1"], np.array([3]), np.ones(1, np.float32), np.array([1]), ["default"])
     out = learner.learn_many(batch, {}, {})
     before = learner.scores(["u1"], out.states, {})
     model = learner.model
@@ -161,7 +173,13 @@ def test_items_outside_the_catalogue_are_ignored_not_carried_to_the_next_row() -
     theta = np.ones((2, 1), np.float32)
     vectors = np.arange(4, dtype=np.float32)[:, None]
     cands = np.array([[0, 1, 9], [0, 1, 2]])
-    idx, _ = rank_candidates(theta, np.zeros(2, np.int64), vectors,
-                             np.zeros((1, 4), np.float32), cands, 3,
-                             [np.array([7]), np.array([], np.int64)])  # 7 = row 1's item 2
+    idx, _ = rank_candidates(
+        theta,
+        np.zeros(2, np.int64),
+        vectors,
+        np.zeros((1, 4), np.float32),
+        cands,
+        3,
+        [np.array([7]), np.array([], np.int64)],
+    )  # 7 = row 1's item 2
     assert idx.tolist() == [[1, 0, -1], [2, 1, 0]]

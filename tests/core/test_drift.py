@@ -50,7 +50,8 @@ def test_cut_history_keeps_the_newest_events_and_restarts_the_offset() -> None:
     users = batch()
     cut_history(users, 0)
     assert users.hist_items[0].tolist() == [-1] * (HISTORY - KEEP_AFTER_DRIFT) + list(
-        range(HISTORY - KEEP_AFTER_DRIFT, HISTORY))
+        range(HISTORY - KEEP_AFTER_DRIFT, HISTORY)
+    )
     assert users.hist_weights[0, 0] == 0.0 and not users.delta[0].any()
     assert users.hist_items[1].tolist() == list(range(HISTORY)), "other rows untouched"
 

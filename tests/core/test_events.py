@@ -31,11 +31,12 @@ DECODERS = (
 )
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
-    | st.text(max_size=300),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
-                                                                 max_size=5),
-    max_leaves=30)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=300),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
 fields = st.sampled_from(["user", "item", "type", "ts", "domain", "event_id", "features"])
 records = st.dictionaries(fields | st.text(max_size=8), json_values, max_size=8)
 
@@ -57,8 +58,7 @@ def test_arbitrary_bytes_are_accepted_or_rejected_with_a_reason(raw: bytes) -> N
 @pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(records)
-def test_arbitrary_json_objects_are_accepted_or_rejected_with_a_reason(
-        obj: dict[str, Any]) -> None:
+def test_arbitrary_json_objects_are_accepted_or_rejected_with_a_reason(obj: dict[str, Any]) -> None:
     accepted_or_rejected(json.dumps(obj, allow_nan=True))
 
 
@@ -71,15 +71,22 @@ def test_deep_nesting_is_a_rejection_not_a_crash(depth: int) -> None:
 
 #: Ids as apps make them: any printable characters but spaces (an id may not start or end
 #: with whitespace, and control characters are refused).
-ids = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")),
-              min_size=1, max_size=40)
+ids = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")), min_size=1, max_size=40
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(ids, ids, st.sampled_from(["click", "like", "dislike"]),
-       st.integers(min_value=MIN_EVENT_TS_MS, max_value=NOW), ids)
-def test_every_valid_event_round_trips(user: str, item: str, etype: str, ts: int,
-                                       domain: str) -> None:
+@given(
+    ids,
+    ids,
+    st.sampled_from(["click", "like", "dislike"]),
+    st.integers(min_value=MIN_EVENT_TS_MS, max_value=NOW),
+    ids,
+)
+def test_every_valid_event_round_trips(
+    user: str, item: str, etype: str, ts: int, domain: str
+) -> None:
     event = Event(user, item, etype, ts, domain)
     assert decode_event(encode_event(event), now_ms=NOW) == event
     check_key(user.encode(), user)
@@ -105,8 +112,9 @@ def test_the_limits_are_enforced() -> None:
     ]:
         decoder = decode_event if "user" in raw else decode_item
         try:
-            decoder(json.dumps(raw), default_ts=NOW) if decoder is decode_event else \
-                decode_item(json.dumps(raw))
+            decoder(json.dumps(raw), default_ts=NOW) if decoder is decode_event else decode_item(
+                json.dumps(raw)
+            )
             raise AssertionError(f"accepted {words}")
         except InvalidEvent as exc:
             assert words in str(exc)
@@ -124,15 +132,23 @@ def test_a_key_that_is_not_the_user_is_refused() -> None:
 def test_the_settings_move_every_limit() -> None:
     from metarec.config import Settings
 
-    limits = Settings.from_env({"METAREC_MAX_ID_BYTES": "8", "METAREC_MAX_FEATURES": "2",
-                                "METAREC_MAX_RECORD_BYTES": "300",
-                                "METAREC_EVENT_TS_MIN_MS": str(NOW - 10),
-                                "METAREC_EVENT_MAX_FUTURE_S": "1"}).limits()
+    limits = Settings.from_env(
+        {
+            "METAREC_MAX_ID_BYTES": "8",
+            "METAREC_MAX_FEATURES": "2",
+            "METAREC_MAX_RECORD_BYTES": "300",
+            "METAREC_EVENT_TS_MIN_MS": str(NOW - 10),
+            "METAREC_EVENT_MAX_FUTURE_S": "1",
+        }
+    ).limits()
     ok = {"user": "u" * 8, "item": "i", "type": "click", "ts": NOW}
     assert decode_event(json.dumps(ok), now_ms=NOW, limits=limits).user == "u" * 8
-    for change, words in [({"user": "u" * 9}, "longer than 8"), ({"ts": NOW - 11}, "earliest"),
-                          ({"ts": NOW + 1001}, "1 s in the future"),
-                          ({"pad": "x" * 300}, "over the 300")]:
+    for change, words in [
+        ({"user": "u" * 9}, "longer than 8"),
+        ({"ts": NOW - 11}, "earliest"),
+        ({"ts": NOW + 1001}, "1 s in the future"),
+        ({"pad": "x" * 300}, "over the 300"),
+    ]:
         try:
             decode_event(json.dumps({**ok, **change}), now_ms=NOW, limits=limits)
             raise AssertionError(f"accepted {change}")
@@ -146,8 +162,10 @@ def test_the_settings_move_every_limit() -> None:
 
 
 def test_lone_surrogates_are_rejected_not_crashed_on() -> None:
-    for raw in ['{"user": "\\ud800", "item": "i", "type": "click", "ts": 1800000000000}',
-                '{"item": "i", "features": ["ok", "\\udfff"]}']:
+    for raw in [
+        '{"user": "\\ud800", "item": "i", "type": "click", "ts": 1800000000000}',
+        '{"item": "i", "features": ["ok", "\\udfff"]}',
+    ]:
         accepted_or_rejected(raw)
         try:
             (decode_event if "user" in raw else decode_item)(raw)

@@ -15,8 +15,9 @@ from metarec.core.user_state import UserState
 
 def _learner(with_model: bool, version: int = 3) -> Learner:
     learner = Learner(top_k=4, history_length=5, seed=0)
-    learner.add_items([(j, f"i{j}", "books" if j < 6 else "music", (f"f{j % 2}",))
-                       for j in range(10)])
+    learner.add_items(
+        [(j, f"i{j}", "books" if j < 6 else "music", (f"f{j % 2}",)) for j in range(10)]
+    )
     if with_model:
         learner.load(_model(version))
     return learner
@@ -35,15 +36,20 @@ def _model(version: int, seed: int = 0) -> MetaModel:
 
 
 def _batch(events: list[tuple[str, int, float, int]], domain: str = "books") -> EventBatch:
-    return EventBatch([u for u, _, _, _ in events], np.array([i for _, i, _, _ in events]),
-                      np.array([w for _, _, w, _ in events], np.float32),
-                      np.array([t for _, _, _, t in events]), [domain] * len(events))
+    return EventBatch(
+        [u for u, _, _, _ in events],
+        np.array([i for _, i, _, _ in events]),
+        np.array([w for _, _, w, _ in events], np.float32),
+        np.array([t for _, _, _, t in events]),
+        [domain] * len(events),
+    )
 
 
 def test_lists_follow_the_contract_and_exclude_consumed_items() -> None:
     learner = _learner(with_model=True)
-    out = learner.learn_many(_batch([("a", 1, 1.0, 10), ("b", 2, 2.0, 11), ("a", 3, 2.0, 12)]),
-                             {}, {})
+    out = learner.learn_many(
+        _batch([("a", 1, 1.0, 10), ("b", 2, 2.0, 11), ("a", 3, 2.0, 12)]), {}, {}
+    )
     a = json.loads(learner.list_records(out.lists, out.states, now_ms=99)["a"])
     assert set(a) == {"user", "items", "scores", "model_version", "events", "updated_ms"}
     assert a["user"] == "a" and a["model_version"] == 3 and a["events"] == 2
@@ -114,8 +120,9 @@ def test_hits_are_measured_on_the_list_the_user_had() -> None:
     first = learner.learn_many(_batch([("a", 1, 1.0, 1)]), {}, {})
     state = first.states["a"]
     shown = state.recs.tolist()
-    again = learner.learn_many(_batch([("a", shown[1], 1.0, 2), ("a", 1, 1.0, 3)]),
-                               {"a": state}, {})
+    again = learner.learn_many(
+        _batch([("a", shown[1], 1.0, 2), ("a", 1, 1.0, 3)]), {"a": state}, {}
+    )
     assert again.hit_rank.tolist() == [1, -1]
 
 

@@ -11,8 +11,9 @@ import pytest
 from metarec.core.live_quality import ALL, MAX_EPISODE_WINDOWS, LiveQuality, RollingMean
 
 
-def feed(q: LiveQuality, domain: str, hits: list[int] | np.ndarray, start_ts: int = 0,
-         users: int = 50) -> list[int]:
+def feed(
+    q: LiveQuality, domain: str, hits: list[int] | np.ndarray, start_ts: int = 0, users: int = 50
+) -> list[int]:
     """Record each hit as rank 0 and each miss as absent, from ``users`` users in turn;
     the timestamps of reported drops."""
     changes = []

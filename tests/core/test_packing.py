@@ -20,10 +20,13 @@ def test_runs_of_bit_fields_and_varints_read_back_exactly() -> None:
     rng = np.random.default_rng(0)
     for _ in range(200):
         counts = rng.integers(0, 12, int(rng.integers(1, 30)))
-        values = rng.integers(0, 2**int(rng.integers(1, 56)), int(counts.sum()),
-                              dtype=np.uint64)
-        widths = np.array([int(bit_lengths(values[lo:lo + c]).max(initial=1))
-                           for lo, c in zip(np.cumsum(counts) - counts, counts, strict=True)])
+        values = rng.integers(0, 2 ** int(rng.integers(1, 56)), int(counts.sum()), dtype=np.uint64)
+        widths = np.array(
+            [
+                int(bit_lengths(values[lo : lo + c]).max(initial=1))
+                for lo, c in zip(np.cumsum(counts) - counts, counts, strict=True)
+            ]
+        )
         packed = pack_bits(values, counts, widths)
         assert [len(p) for p in packed] == (-(-counts * widths // 8)).tolist()
         assert np.array_equal(unpack_bits(packed, counts, widths), values)
@@ -31,7 +34,7 @@ def test_runs_of_bit_fields_and_varints_read_back_exactly() -> None:
 
 
 def test_zigzag_keeps_small_magnitudes_small_and_inverts() -> None:
-    signed = np.array([0, -1, 1, -2, 2**62, -2**63], np.int64)
+    signed = np.array([0, -1, 1, -2, 2**62, -(2**63)], np.int64)
     assert zigzag(signed).view(np.uint64)[:4].tolist() == [0, 1, 2, 3]
     assert np.array_equal(unzigzag(zigzag(signed).view(np.uint64)), signed)
 

@@ -52,9 +52,16 @@ def test_matches_brute_force_per_domain_and_overall() -> None:
         if t % 97 == 0 or t == items.size - 1:
             for domain in (ALL_DOMAINS, 0, 1, 2):
                 for at in (int(ts[t]), int(ts[t]) + 3 * HOUR):
-                    want = _reference(items[: t + 1], domains[: t + 1], ts[: t + 1],
-                                      weights[: t + 1], domain=domain, at=at,
-                                      half_life=2 * HOUR, n_items=50)
+                    want = _reference(
+                        items[: t + 1],
+                        domains[: t + 1],
+                        ts[: t + 1],
+                        weights[: t + 1],
+                        domain=domain,
+                        at=at,
+                        half_life=2 * HOUR,
+                        n_items=50,
+                    )
                     got = pop.scores(domain, at, 50)
                     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-300)
 
@@ -81,8 +88,9 @@ def test_long_gaps_keep_recent_events_exact() -> None:
     for t in range(items.size):
         pop.learn_one(int(items[t]), int(domains[t]), int(ts[t]), float(weights[t]))
     at = int(ts[-1])
-    want = _reference(items, domains, ts, weights, domain=ALL_DOMAINS, at=at,
-                      half_life=HOUR, n_items=40)
+    want = _reference(
+        items, domains, ts, weights, domain=ALL_DOMAINS, at=at, half_life=HOUR, n_items=40
+    )
     np.testing.assert_allclose(pop.scores(ALL_DOMAINS, at, 40), want, rtol=1e-9, atol=1e-250)
 
 
@@ -98,8 +106,9 @@ def test_learn_many_equals_repeated_learn_one(mean_gap: float) -> None:
         many.learn_many(items[sl], domains[sl], ts[sl], weights[sl])
     at = int(ts[-1])
     for domain in (ALL_DOMAINS, 0, 1, 2):
-        np.testing.assert_allclose(many.scores(domain, at, 40), one.scores(domain, at, 40),
-                                   rtol=1e-9, atol=1e-250)
+        np.testing.assert_allclose(
+            many.scores(domain, at, 40), one.scores(domain, at, 40), rtol=1e-9, atol=1e-250
+        )
 
 
 def test_learn_many_default_weight_and_empty_batch() -> None:

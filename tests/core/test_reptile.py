@@ -16,8 +16,9 @@ def test_epsilon_one_is_the_weighted_mean_of_adapted_vectors() -> None:
     weights = rng.uniform(0.5, 2.0, 10)
     parts = [PartialSums.zeros(2, 3), PartialSums.zeros(2, 3)]
     for k in range(10):
-        parts[k % 2].add(domains[k:k + 1], adapted[k:k + 1] - theta0[domains[k:k + 1]],
-                         weights[k:k + 1])
+        parts[k % 2].add(
+            domains[k : k + 1], adapted[k : k + 1] - theta0[domains[k : k + 1]], weights[k : k + 1]
+        )
     new = reptile_update(theta0, parts, epsilon=1.0)
     for g in range(2):
         m = domains == g

@@ -40,10 +40,13 @@ MISSING = object()
 
 
 def _validators() -> dict[str, Draft202012Validator]:
-    docs = {name: json.loads((SCHEMAS / f"{name}.json").read_text(encoding="utf-8"))
-            for name in ("event", "item", "user")}
+    docs = {
+        name: json.loads((SCHEMAS / f"{name}.json").read_text(encoding="utf-8"))
+        for name in ("event", "item", "user")
+    }
     registry: Registry[Any] = Registry().with_resources(
-        (doc["$id"], Resource.from_contents(doc)) for doc in docs.values())
+        (doc["$id"], Resource.from_contents(doc)) for doc in docs.values()
+    )
     for doc in docs.values():
         Draft202012Validator.check_schema(doc)
     return {name: Draft202012Validator(doc, registry=registry) for name, doc in docs.items()}
@@ -57,16 +60,50 @@ DECODERS = {
     "user": lambda raw: decode_user(raw, default_ts=NOW_MS),
 }
 
-IDS = st.sampled_from(["u1", "book-7", "Ünïcødé id", "a b", "x" * 256, "x" * 257, "", " u",
-                       "u ", "u\n", "u\tv", "\x00", "u\x1f", "\u00a0u", 7, None, True,
-                       ["u"], {"u": 1}])
+IDS = st.sampled_from(
+    [
+        "u1",
+        "book-7",
+        "Ünïcødé id",
+        "a b",
+        "x" * 256,
+        "x" * 257,
+        "",
+        " u",
+        "u ",
+        "u\n",
+        "u\tv",
+        "\x00",
+        "u\x1f",
+        "\u00a0u",
+        7,
+        None,
+        True,
+        ["u"],
+        {"u": 1},
+    ]
+)
 TYPES = st.sampled_from(["click", "like", "dislike", "Like", "", "view", 1, None])
-TIMESTAMPS = st.sampled_from([1_700_000_000_000, 631_152_000_000, 631_151_999_999,
-                              1_700_000_000, 1.7e12, 1.5, -5, 0, "1700000000000", True,
-                              None, float("inf")])
+TIMESTAMPS = st.sampled_from(
+    [
+        1_700_000_000_000,
+        631_152_000_000,
+        631_151_999_999,
+        1_700_000_000,
+        1.7e12,
+        1.5,
+        -5,
+        0,
+        "1700000000000",
+        True,
+        None,
+        float("inf"),
+    ]
+)
 VERSIONS = st.sampled_from([1, 1.0, 2, 0, "1", True, None])
-FEATURES = st.sampled_from([[], ["genre:x"], ["a", "b"], [""], ["a", 1], "genre:x",
-                            ["f"] * 256, ["f"] * 257, None])
+FEATURES = st.sampled_from(
+    [[], ["genre:x"], ["a", "b"], [""], ["a", 1], "genre:x", ["f"] * 256, ["f"] * 257, None]
+)
 
 
 def record(draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]]) -> dict[str, Any]:
@@ -80,20 +117,39 @@ def record(draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]]) -> dict[s
 
 @st.composite
 def events(draw: st.DrawFn) -> dict[str, Any]:
-    return record(draw, {"user": IDS, "item": IDS, "type": TYPES, "ts": TIMESTAMPS,
-                         "domain": IDS, "event_id": IDS, "schema_version": VERSIONS})
+    return record(
+        draw,
+        {
+            "user": IDS,
+            "item": IDS,
+            "type": TYPES,
+            "ts": TIMESTAMPS,
+            "domain": IDS,
+            "event_id": IDS,
+            "schema_version": VERSIONS,
+        },
+    )
 
 
 @st.composite
 def items(draw: st.DrawFn) -> dict[str, Any]:
-    return record(draw, {"item": IDS, "domain": IDS, "features": FEATURES, "ts": TIMESTAMPS,
-                         "schema_version": VERSIONS})
+    return record(
+        draw,
+        {
+            "item": IDS,
+            "domain": IDS,
+            "features": FEATURES,
+            "ts": TIMESTAMPS,
+            "schema_version": VERSIONS,
+        },
+    )
 
 
 @st.composite
 def users(draw: st.DrawFn) -> dict[str, Any]:
-    return record(draw, {"user": IDS, "features": FEATURES, "ts": TIMESTAMPS,
-                         "schema_version": VERSIONS})
+    return record(
+        draw, {"user": IDS, "features": FEATURES, "ts": TIMESTAMPS, "schema_version": VERSIONS}
+    )
 
 
 def verdicts(kind: str, obj: dict[str, Any]) -> tuple[bool, str | None]:
@@ -107,14 +163,19 @@ def verdicts(kind: str, obj: dict[str, Any]) -> tuple[bool, str | None]:
 
 
 def _json_safe(obj: dict[str, Any]) -> bool:
-    return all(not ((isinstance(v, float) and v != v) or v in (float("inf"), float("-inf")))
-               for v in obj.values() if isinstance(v, float))
+    return all(
+        not ((isinstance(v, float) and v != v) or v in (float("inf"), float("-inf")))
+        for v in obj.values()
+        if isinstance(v, float)
+    )
 
 
-@pytest.mark.parametrize(("kind", "strategy"), [("event", events()), ("item", items()),
-                                                ("user", users())])
+@pytest.mark.parametrize(
+    ("kind", "strategy"), [("event", events()), ("item", items()), ("user", users())]
+)
 def test_the_schema_and_the_consumer_agree_on_every_record(
-        kind: str, strategy: st.SearchStrategy[dict[str, Any]]) -> None:
+    kind: str, strategy: st.SearchStrategy[dict[str, Any]]
+) -> None:
     @settings(max_examples=600, deadline=None)
     @given(strategy)
     def check(obj: dict[str, Any]) -> None:
@@ -125,19 +186,26 @@ def test_the_schema_and_the_consumer_agree_on_every_record(
             return
         assert schema_ok == (refused is None), (
             f"schema {'accepts' if schema_ok else 'refuses'} {obj!r}; consumer: "
-            f"{refused or 'accepts'}")
+            f"{refused or 'accepts'}"
+        )
 
     check()
 
 
-@pytest.mark.parametrize(("obj", "because"), [
-    ({"user": "é" * 200, "item": "i", "type": "like", "ts": NOW_MS}, "longer than 256 bytes"),
-    ({"user": "u", "item": "i", "type": "like", "ts": NOW_MS + 2 * 86_400_000}, "future"),
-    ({"user": "u", "item": "i", "type": "like", "ts": NOW_MS, "pad": "x" * 70_000},
-     "over the 65536 limit"),
-])
+@pytest.mark.parametrize(
+    ("obj", "because"),
+    [
+        ({"user": "é" * 200, "item": "i", "type": "like", "ts": NOW_MS}, "longer than 256 bytes"),
+        ({"user": "u", "item": "i", "type": "like", "ts": NOW_MS + 2 * 86_400_000}, "future"),
+        (
+            {"user": "u", "item": "i", "type": "like", "ts": NOW_MS, "pad": "x" * 70_000},
+            "over the 65536 limit",
+        ),
+    ],
+)
 def test_what_only_the_consumer_checks_is_what_the_schema_says_it_does(
-        obj: dict[str, Any], because: str) -> None:
+    obj: dict[str, Any], because: str
+) -> None:
     schema_ok, refused = verdicts("event", obj)
     assert schema_ok and refused is not None and because in refused
     described = VALIDATORS["event"].schema["description"]
@@ -145,9 +213,11 @@ def test_what_only_the_consumer_checks_is_what_the_schema_says_it_does(
 
 
 def test_what_the_project_writes_is_valid_against_the_schemas() -> None:
-    cases = [("event", encode_event(Event("u1", "i1", "like", NOW_MS, "books", "e-1"))),
-             ("item", encode_item(ItemRecord("i1", "books", ("genre:x",), NOW_MS))),
-             ("user", encode_user(UserRecord("u1", ("age:30",), NOW_MS)))]
+    cases = [
+        ("event", encode_event(Event("u1", "i1", "like", NOW_MS, "books", "e-1"))),
+        ("item", encode_item(ItemRecord("i1", "books", ("genre:x",), NOW_MS))),
+        ("user", encode_user(UserRecord("u1", ("age:30",), NOW_MS))),
+    ]
     for kind, raw in cases:
         obj = json.loads(raw)
         assert VALIDATORS[kind].is_valid(obj), kind

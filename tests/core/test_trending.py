@@ -43,7 +43,7 @@ def test_a_long_stream_rebases_without_changing_any_count() -> None:
     assert t.to_arrays()["ref"][0] > 0
     counts = t.counts(3)
     assert np.isfinite(counts).all()
-    assert counts[0].max() == pytest.approx(1 / (1 - 2.0 ** -3), rel=1e-9)  # 1 + 1/8 + ...
+    assert counts[0].max() == pytest.approx(1 / (1 - 2.0**-3), rel=1e-9)  # 1 + 1/8 + ...
     assert counts[1].sum() == pytest.approx(3 * MAX_EXPONENT, rel=1e-3)
 
 

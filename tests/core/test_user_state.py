@@ -14,8 +14,9 @@ from metarec.core.user_state import COUNT_AT, UserState, decode_many, encode_man
 def same(a: UserState, b: UserState) -> bool:
     arrays = ("delta", "hist_items", "hist_weights", "hist_ts", "seen", "recs")
     scalars = ("model_version", "n_events", "last_ts", "domain")
-    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in arrays) and \
-        all(getattr(a, f) == getattr(b, f) for f in scalars)
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in arrays) and all(
+        getattr(a, f) == getattr(b, f) for f in scalars
+    )
 
 
 def random_state(rng: np.random.Generator, trial: int) -> UserState:
@@ -24,8 +25,12 @@ def random_state(rng: np.random.Generator, trial: int) -> UserState:
     catalog = 100_000 if trial % 3 == 0 else 50  # wide and narrow item indices
     span = int(rng.choice([1_000, 10**9, 10**11]))  # histories of seconds to years
     for _ in range(int(rng.integers(0, 120))):
-        state.record(int(rng.integers(catalog)), float(rng.choice([1.0, 2.0, -1.0, 0.3])),
-                     1_600_000_000_000 + int(rng.integers(span)), f"d{trial % 2}")
+        state.record(
+            int(rng.integers(catalog)),
+            float(rng.choice([1.0, 2.0, -1.0, 0.3])),
+            1_600_000_000_000 + int(rng.integers(span)),
+            f"d{trial % 2}",
+        )
     if trial % 5 == 0:
         state.hist_items[: length // 2] = -1  # a history cut by a drift
     state.recs = rng.integers(0, catalog, int(rng.integers(0, 21)))
@@ -46,8 +51,11 @@ def test_every_state_reads_back_equal_and_keeps_its_count_where_the_guard_looks(
 def test_batch_encoding_and_decoding_match_the_one_by_one_forms() -> None:
     rng = np.random.default_rng(3)
     states = [random_state(rng, trial) for trial in range(600)]
-    same_shape = [st for st in states if st.delta.size == states[0].delta.size
-                  and st.hist_items.size == states[0].hist_items.size]
+    same_shape = [
+        st
+        for st in states
+        if st.delta.size == states[0].delta.size and st.hist_items.size == states[0].hist_items.size
+    ]
     for batch in (states, same_shape, states[:1], []):
         blobs = encode_many(batch)
         assert blobs == [st.to_bytes() for st in batch]
@@ -62,10 +70,12 @@ def test_a_typical_state_is_compact() -> None:
     state = UserState.new(32, 50)
     ts = 1_700_000_000_000
     for _ in range(50):
-        ts += int(rng.integers(1_000, 120_000) if rng.random() < 0.8
-                  else rng.integers(3_600_000, 14 * 86_400_000))
-        state.record(int(rng.integers(1682)), float(rng.choice([1.0, 2.0, -1.0])), ts,
-                     "default")
+        ts += int(
+            rng.integers(1_000, 120_000)
+            if rng.random() < 0.8
+            else rng.integers(3_600_000, 14 * 86_400_000)
+        )
+        state.record(int(rng.integers(1682)), float(rng.choice([1.0, 2.0, -1.0])), ts, "default")
     state.recs = rng.integers(0, 1682, 20)
     state.delta = rng.standard_normal(32).astype(np.float32)
     assert len(state.to_bytes()) < 443  # MU3: 630 bytes; MU2: 1,246

@@ -31,10 +31,7 @@ def ml100k(tmp_path: Path) -> Path:
     # Two ratings share a timestamp (user 3 then user 1 in file order) and the file is not
     # in time order, so the loader's stable sort is visible.
     (folder / "u.data").write_text(
-        "3\t20\t5\t881250950\n"
-        "1\t10\t3\t881250949\n"
-        "1\t20\t4\t881250950\n"
-        "2\t30\t1\t881250900\n"
+        "3\t20\t5\t881250950\n1\t10\t3\t881250949\n1\t20\t4\t881250950\n2\t30\t1\t881250900\n"
     )
     (folder / "u.item").write_bytes(
         (
@@ -44,9 +41,7 @@ def ml100k(tmp_path: Path) -> Path:
             f"40|Never Rated (1977)|01-Jan-1977||http://x|{_flags('Sci-Fi')}\n"
         ).encode("latin-1")
     )
-    (folder / "u.user").write_text(
-        "1|24|M|technician|85711\n2|17|F|writer|T8H1N\n3|60|F|other|\n"
-    )
+    (folder / "u.user").write_text("1|24|M|technician|85711\n2|17|F|writer|T8H1N\n3|60|F|other|\n")
     (folder / "u.genre").write_text(
         "".join(f"{name}|{i}\n" for i, name in enumerate(ML100K_GENRES)) + "\n"
     )
@@ -77,8 +72,17 @@ def ml_csv(tmp_path: Path) -> Path:
 
 def test_rating_type_and_age_bucket() -> None:
     assert [rating_type(r) for r in (0.5, 3.5, 4.0, 5)] == ["click", "click", "like", "like"]
-    ages = {17: "age:<18", 18: "age:18-24", 24: "age:18-24", 25: "age:25-34",
-            35: "age:35-44", 45: "age:45-49", 50: "age:50-55", 55: "age:50-55", 56: "age:56+"}
+    ages = {
+        17: "age:<18",
+        18: "age:18-24",
+        24: "age:18-24",
+        25: "age:25-34",
+        35: "age:35-44",
+        45: "age:45-49",
+        50: "age:50-55",
+        55: "age:50-55",
+        56: "age:56+",
+    }
     assert {a: age_bucket(a) for a in ages} == ages
 
 

@@ -24,8 +24,10 @@ def test_movielens_paths(tmp_path: Path) -> None:
     old.mkdir()
     (old / "u.data").write_text("1\t2\t5\t10\n1\t3\t2\t11\n")
     ds = load_dataset(str(old))
-    assert [(e.item, e.type, e.ts) for e in ds.events] == [("2", "like", 10_000),
-                                                           ("3", "click", 11_000)]
+    assert [(e.item, e.type, e.ts) for e in ds.events] == [
+        ("2", "like", 10_000),
+        ("3", "click", 11_000),
+    ]
     new = tmp_path / "new"
     new.mkdir()
     (new / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,10\n1,3,1,11\n")

@@ -101,9 +101,11 @@ def test_items_and_users_arrive_over_time(small: tuple[Dataset, SyntheticTruth])
     assert 0.3 < len(late_items) / len(item_ts) < 0.7  # initial_item_fraction 0.5
     assert all(item_ts[e.item] <= e.ts and user_ts[e.user] <= e.ts for e in ds.events)
     # New items keep being consumed throughout, including in the last quarter of the stream.
-    last_quarter = ds.events[3 * len(ds.events) // 4:]
-    assert any(e.item in late_items and item_ts[e.item] > ds.events[len(ds.events) // 2].ts
-               for e in last_quarter)
+    last_quarter = ds.events[3 * len(ds.events) // 4 :]
+    assert any(
+        e.item in late_items and item_ts[e.item] > ds.events[len(ds.events) // 2].ts
+        for e in last_quarter
+    )
     # Users arrive over time too: some first act in the second half.
     first: dict[str, int] = {}
     for e in ds.events:
@@ -144,10 +146,15 @@ def test_abrupt_change_is_recorded_and_real(small: tuple[Dataset, SyntheticTruth
     vectors = dict(zip(truth.item_ids, truth.item_vectors, strict=True))
 
     def mean_affinity(users: set[str], after: bool) -> float:
-        return float(np.mean([
-            truth.taste(e.user, e.domain) @ vectors[e.item] for e in ds.events
-            if e.user in users and (e.ts >= change_ts) == after
-        ]))
+        return float(
+            np.mean(
+                [
+                    truth.taste(e.user, e.domain) @ vectors[e.item]
+                    for e in ds.events
+                    if e.user in users and (e.ts >= change_ts) == after
+                ]
+            )
+        )
 
     spanning = {u for u, t in per_user.items() if min(t) < change_ts <= max(t)}
     kept = spanning - set(changed)
@@ -169,9 +176,15 @@ def test_a_catalogue_change_moves_everyones_picks_at_once() -> None:
 
     def affinity(after: bool) -> float:
         # Items that existed before the change: those are the ones it reshuffles.
-        return float(np.mean([truth.taste(e.user, e.domain) @ vectors[e.item]
-                              for e in ds.events if (e.ts >= change_ts) == after
-                              and arrival[e.item] < change_ts]))
+        return float(
+            np.mean(
+                [
+                    truth.taste(e.user, e.domain) @ vectors[e.item]
+                    for e in ds.events
+                    if (e.ts >= change_ts) == after and arrival[e.item] < change_ts
+                ]
+            )
+        )
 
     # Picks follow the original item vectors (and popularity) before, not after.
     assert affinity(after=False) > 1.0 and abs(affinity(after=True)) < 0.3
@@ -179,8 +192,9 @@ def test_a_catalogue_change_moves_everyones_picks_at_once() -> None:
     assert np.mean([pop[i] for i, _ in top_before]) > np.mean(list(pop.values())) + 1.0
     # Every user active after the change is reached, not a share of them.
     assert len(ds.scenario["changed_users"]) == len(  # type: ignore[arg-type]
-        {e.user for e in ds.events if e.ts < change_ts} & {
-            e.user for e in ds.events if e.ts >= change_ts})
+        {e.user for e in ds.events if e.ts < change_ts}
+        & {e.user for e in ds.events if e.ts >= change_ts}
+    )
     # Same seed, same change.
     assert generate(config, seed=0).events == ds.events
 
@@ -200,8 +214,11 @@ def test_cross_domain_moves_match_events(small: tuple[Dataset, SyntheticTruth]) 
     assert all(len({d for _, d in v}) == 1 for u, v in by_user.items() if u not in moved)
     # In the new domain their picks follow the linearly mapped taste M_to z_u.
     vectors = dict(zip(truth.item_ids, truth.item_vectors, strict=True))
-    affinity = [truth.taste(e.user, e.domain) @ vectors[e.item]
-                for e in ds.events if e.user in moved and e.ts >= _move_ts(moves, e.user)]
+    affinity = [
+        truth.taste(e.user, e.domain) @ vectors[e.item]
+        for e in ds.events
+        if e.user in moved and e.ts >= _move_ts(moves, e.user)
+    ]
     assert np.mean(affinity) > 1.0  # random items average 0
     single = generate(dataclasses.replace(SMALL, domains=("only",)), seed=0)
     assert _moves(single) == []
@@ -214,15 +231,23 @@ def _move_ts(moves: list[dict[str, Any]], user: str) -> int:
 def test_profiles_carry_signal(small: tuple[Dataset, SyntheticTruth]) -> None:
     ds, _ = small
     topics = {r.item: {f for f in r.features if f.startswith("topic:")} for r in ds.items}
-    interests = {u.user: {"topic:" + f.split(":")[1] for f in u.features
-                          if f.startswith("interest:")} for u in ds.users}
+    interests = {
+        u.user: {"topic:" + f.split(":")[1] for f in u.features if f.startswith("interest:")}
+        for u in ds.users
+    }
     users = [e.user for e in ds.events]
     rng = np.random.default_rng(0)
     shuffled = rng.permutation(users)
-    hit = np.mean([bool(topics[e.item] & interests[e.user]) for e in ds.events
-                   if interests[e.user]])
-    base = np.mean([bool(topics[e.item] & interests[str(u)])
-                    for e, u in zip(ds.events, shuffled, strict=True) if interests[str(u)]])
+    hit = np.mean(
+        [bool(topics[e.item] & interests[e.user]) for e in ds.events if interests[e.user]]
+    )
+    base = np.mean(
+        [
+            bool(topics[e.item] & interests[str(u)])
+            for e, u in zip(ds.events, shuffled, strict=True)
+            if interests[str(u)]
+        ]
+    )
     assert hit > 1.5 * base
 
 

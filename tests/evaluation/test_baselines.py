@@ -35,18 +35,31 @@ def _stream(n: int = 300, seed: int = 0) -> list[Interaction]:
 
 def _encoded(n: int = 300, seed: int = 0) -> EncodedStream:
     rng = np.random.default_rng(seed)
-    events = [Event(f"u{int(rng.integers(0, 20))}", f"i{int(rng.integers(0, 30))}",
-                    str(rng.choice(["click", "like"])), t * 60_000)
-              for t in range(n)]
+    events = [
+        Event(
+            f"u{int(rng.integers(0, 20))}",
+            f"i{int(rng.integers(0, 30))}",
+            str(rng.choice(["click", "like"])),
+            t * 60_000,
+        )
+        for t in range(n)
+    ]
     # Profiles of 100 users, so that users who never acted (up to index 99) exist.
     users = [UserRecord(f"u{k}", (f"g:{k % 3}",)) for k in range(100)]
     return encode(Dataset("contract", events, users=users))
 
 
 def _interactions(s: EncodedStream) -> list[Interaction]:
-    return [Interaction(user=int(s.users[t]), item=int(s.items[t]), ts=int(s.ts[t]),
-                        domain=int(s.domains[t]), weight=float(s.weights[t]))
-            for t in range(s.n_events)]
+    return [
+        Interaction(
+            user=int(s.users[t]),
+            item=int(s.items[t]),
+            ts=int(s.ts[t]),
+            domain=int(s.domains[t]),
+            weight=float(s.weights[t]),
+        )
+        for t in range(s.n_events)
+    ]
 
 
 ALL: dict[str, Make] = {
@@ -214,18 +227,36 @@ def test_bprmf_seeds_differ() -> None:
 
 
 def test_hyperparameters_are_stored_under_their_names() -> None:
-    mf = OnlineBPRMF(n_factors=8, n_negatives=3, lr=0.1, l2=0.0, init_std=0.2, weighted=True,
-                     seed=5)
+    mf = OnlineBPRMF(
+        n_factors=8, n_negatives=3, lr=0.1, l2=0.0, init_std=0.2, weighted=True, seed=5
+    )
     assert (mf.n_factors, mf.n_negatives, mf.lr, mf.l2, mf.init_std, mf.weighted, mf.seed) == (
-        8, 3, 0.1, 0.0, 0.2, True, 5)
+        8,
+        3,
+        0.1,
+        0.0,
+        0.2,
+        True,
+        5,
+    )
     knn = ItemKNN(n_recent=5, decay=0.5, pop_weight=0.0, half_life_ms=10, seed=2)
     assert (knn.n_recent, knn.decay, knn.pop_weight, knn.half_life_ms, knn.seed) == (
-        5, 0.5, 0.0, 10, 2)
+        5,
+        0.5,
+        0.0,
+        10,
+        2,
+    )
     fp = FirstPop(first_events=2, seed=4)
     assert (fp.first_events, fp.seed) == (2, 4)
     ease = EASE(lambdas=(1.0, 2.0), refit_every=5, max_items=7, first_events=2, seed=3)
     assert (ease.lambdas, ease.refit_every, ease.max_items, ease.first_events, ease.seed) == (
-        (1.0, 2.0), 5, 7, 2, 3)
+        (1.0, 2.0),
+        5,
+        7,
+        2,
+        3,
+    )
 
 
 def test_baselines_registry_keeps_the_old_order_and_adds_the_new_ones() -> None:
@@ -238,9 +269,16 @@ def test_baselines_registry_keeps_the_old_order_and_adds_the_new_ones() -> None:
     assert isinstance(BASELINES["ease"](stream, 0), EASE)
 
 
-@pytest.mark.parametrize("kwargs", [{"lambdas": ()}, {"lambdas": (0.0, 1.0)},
-                                    {"refit_every": 0}, {"max_items": 0},
-                                    {"first_events": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lambdas": ()},
+        {"lambdas": (0.0, 1.0)},
+        {"refit_every": 0},
+        {"max_items": 0},
+        {"first_events": 0},
+    ],
+)
 def test_ease_rejects_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         EASE(**kwargs)  # type: ignore[arg-type]
@@ -252,11 +290,16 @@ def test_ease_rejects_bad_settings(kwargs: dict[str, object]) -> None:
 def test_firstpop_counts_each_users_first_positive_events_only() -> None:
     events = [
         (0, 5, -1.0),  # a dislike: neither counted nor numbered
-        (0, 0, 1.0), (0, 0, 2.0),  # a repeat is an event, but the item counts once
+        (0, 0, 1.0),
+        (0, 0, 2.0),  # a repeat is an event, but the item counts once
         (0, 1, 1.0),
         (0, 2, 1.0),  # user 0's 4th positive event: too late
-        (1, 1, 1.0), (1, 2, 1.0), (1, 3, 1.0), (1, 4, 1.0),
-        (2, 4, -1.0), (2, 1, 1.0),
+        (1, 1, 1.0),
+        (1, 2, 1.0),
+        (1, 3, 1.0),
+        (1, 4, 1.0),
+        (2, 4, -1.0),
+        (2, 1, 1.0),
     ]
     fp, first = FirstPop(), FirstPop(first_events=1)
     for user, item, w in events:
@@ -294,8 +337,12 @@ def _mixed_stream(n: int = 300, seed: int = 0) -> list[Interaction]:
     """Like :func:`_stream`, with one event in ten a dislike."""
     rng = np.random.default_rng(seed)
     return [
-        Interaction(user=int(rng.integers(0, 20)), item=int(rng.integers(0, 30)), ts=t,
-                    weight=-1.0 if rng.random() < 0.1 else 1.0)
+        Interaction(
+            user=int(rng.integers(0, 20)),
+            item=int(rng.integers(0, 30)),
+            ts=t,
+            weight=-1.0 if rng.random() < 0.1 else 1.0,
+        )
         for t in range(n)
     ]
 
@@ -356,8 +403,10 @@ def test_ease_chooses_lambda_on_the_past_like_the_textbook_computation(seed: int
     ease = EASE(lambdas=grid, refit_every=200)
     _replay(ease, events)
     assert len(ease.lambdas_chosen) == 2
-    assert ease.lambdas_chosen == [_reference_lambda(events[:200], grid),
-                                   _reference_lambda(events, grid)]
+    assert ease.lambdas_chosen == [
+        _reference_lambda(events[:200], grid),
+        _reference_lambda(events, grid),
+    ]
 
 
 def test_ease_lambda_ties_go_to_the_larger_value() -> None:
@@ -415,12 +464,14 @@ def test_ease_refits_every_refit_every_events_on_the_past_only() -> None:
     np.testing.assert_array_equal(ease._weights, at_fit._weights)
     # A user untouched since the fit keeps their scores, up to the popularity tie-breaker.
     quiet = next(u for u in range(20) if all(x.user != u for x in events[200:250]))
-    np.testing.assert_allclose(ease.score(quiet, 0, 0, 30), at_fit.score(quiet, 0, 0, 30),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        ease.score(quiet, 0, 0, 30), at_fit.score(quiet, 0, 0, 30), atol=1e-5
+    )
     # The user's own row moves at once: a new item adds its row of B.
     user = events[0].user
-    item = next(i for i in at_fit._fit_items.tolist()
-                if i not in _histories(events[:200]).get(user, []))
+    item = next(
+        i for i in at_fit._fit_items.tolist() if i not in _histories(events[:200]).get(user, [])
+    )
     before = at_fit.score(user, 0, 0, 30)
     at_fit.learn_one(Interaction(user=user, item=item, ts=0))
     row = np.zeros(30)

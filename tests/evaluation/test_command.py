@@ -13,13 +13,27 @@ pytest.importorskip("tensorflow")
 
 
 @pytest.mark.slow
-def test_eval_end_to_end_full_metarec_beats_popularity(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str],
-                                                        ) -> None:
+def test_eval_end_to_end_full_metarec_beats_popularity(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "out"
-    code = main(["eval", "--data", "synthetic-small", "--seeds", "1", "--methods",
-                 "pop,metarec", "--json", str(tmp_path / "r.json"), "--out", str(out),
-                 "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--data",
+            "synthetic-small",
+            "--seeds",
+            "1",
+            "--methods",
+            "pop,metarec",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| metarec" in printed
@@ -32,7 +46,8 @@ def test_eval_end_to_end_full_metarec_beats_popularity(tmp_path: Path,
     assert methods["metarec"]["all"]["hr10"] > methods["pop"]["all"]["hr10"]
     assert methods["metarec"]["all"]["ndcg10"] > methods["pop"]["all"]["ndcg10"]
     assert (out / "results.md").read_text().startswith("|") or "metarec" in (
-        out / "results.md").read_text()
+        out / "results.md"
+    ).read_text()
     assert (out / "hr_by_event.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -34,10 +34,14 @@ def _stream(n_events: int = 900, seed: int = 0) -> Dataset:
     return Dataset("toy", events, items, users)
 
 
-def _learner(stream, trainer: MetaTrainer | None = None,  # type: ignore[no-untyped-def]
-             **settings: int) -> OnlineMetarec:
-    trainer = trainer or MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
-                                     max_steps=30, min_steps=5)
+def _learner(
+    stream,
+    trainer: MetaTrainer | None = None,  # type: ignore[no-untyped-def]
+    **settings: int,
+) -> OnlineMetarec:
+    trainer = trainer or MetaTrainer(
+        dim=8, history_length=6, inner_events=2, batch_size=64, max_steps=30, min_steps=5
+    )
     s = dataclasses.replace(Settings.defaults(), history_length=6, **settings)
     return OnlineMetarec(stream, settings=s, trainer=trainer, seed=0)
 
@@ -77,8 +81,15 @@ def test_trains_on_schedule_only_on_past_events_and_folds_in_the_partial_sums() 
 
 def test_a_trained_model_ranks_a_users_taste_first() -> None:
     stream = encode(_stream(n_events=1500))
-    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
-                          max_steps=300, min_steps=300, learning_rate=0.05)
+    trainer = MetaTrainer(
+        dim=8,
+        history_length=6,
+        inner_events=2,
+        batch_size=64,
+        max_steps=300,
+        min_steps=300,
+        learning_rate=0.05,
+    )
     rec = _learner(stream, trainer, min_events_for_model=1400, retrain_events=10_000)
     feed(rec, stream, 0, 1400)
     assert rec.model is not None

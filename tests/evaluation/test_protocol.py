@@ -52,14 +52,20 @@ class Fixed:
 
 def _events(pairs: list[tuple[str, str]], types: list[str] | None = None) -> Dataset:
     kinds = types or ["click"] * len(pairs)
-    return Dataset("toy", [Event(u, i, kind, ts=1000 * t)
-                           for t, ((u, i), kind) in enumerate(zip(pairs, kinds, strict=True))])
+    return Dataset(
+        "toy",
+        [
+            Event(u, i, kind, ts=1000 * t)
+            for t, ((u, i), kind) in enumerate(zip(pairs, kinds, strict=True))
+        ],
+    )
 
 
 def _run(ds: Dataset, rec: Fixed, k: int = 2) -> PrequentialRecords:
     stream = encode(ds)
-    return prequential(stream, lambda s, seed: rec, seed=0,
-                       evaluated_users=select_evaluated_users(stream), k=k)
+    return prequential(
+        stream, lambda s, seed: rec, seed=0, evaluated_users=select_evaluated_users(stream), k=k
+    )
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -68,8 +74,11 @@ def _run(ds: Dataset, rec: Fixed, k: int = 2) -> PrequentialRecords:
 def test_encode_numbers_by_first_appearance_with_metadata() -> None:
     ds = Dataset(
         "toy",
-        [Event("a", "x", "like", 1, "books"), Event("b", "y", "click", 2, "films"),
-         Event("a", "y", "dislike", 3, "films")],
+        [
+            Event("a", "x", "like", 1, "books"),
+            Event("b", "y", "click", 2, "films"),
+            Event("a", "y", "dislike", 3, "films"),
+        ],
         items=[ItemRecord("y", "books", ("tag:1",)), ItemRecord("z", "music", ("tag:2",))],
         users=[UserRecord("b", ("age:30",)), UserRecord("c", ("new",))],
     )
@@ -106,8 +115,18 @@ def test_evaluated_users_start_in_the_second_half() -> None:
 
 def test_ranks_exclusion_misses_and_growing_candidates_by_hand() -> None:
     # a is in the first half (not evaluated); b starts at position 4 of 8.
-    ds = _events([("a", "x0"), ("a", "x1"), ("a", "x2"), ("a", "x3"),
-                  ("b", "x1"), ("b", "x3"), ("b", "x4"), ("b", "x0")])
+    ds = _events(
+        [
+            ("a", "x0"),
+            ("a", "x1"),
+            ("a", "x2"),
+            ("a", "x3"),
+            ("b", "x1"),
+            ("b", "x3"),
+            ("b", "x4"),
+            ("b", "x0"),
+        ]
+    )
     rec = Fixed([4.0, 3.0, 2.0, 1.0, 0.0])
     out = _run(ds, rec, k=2)
     assert out.n.tolist() == [1, 2, 3, 4]
@@ -123,7 +142,15 @@ def test_ranks_exclusion_misses_and_growing_candidates_by_hand() -> None:
     assert rec.calls == [(1, 4), (1, 4), (1, 5)]
     # Every event is learned, evaluated or not, in stream order.
     assert [(x.user, x.item) for x in rec.learned] == [
-        (0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 3), (1, 4), (1, 0)]
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 1),
+        (1, 3),
+        (1, 4),
+        (1, 0),
+    ]
 
 
 def test_ties_give_the_expected_metric_of_a_random_order() -> None:
@@ -138,8 +165,10 @@ def test_ties_give_the_expected_metric_of_a_random_order() -> None:
 
 
 def test_repeats_are_misses_and_dislikes_are_not_scored() -> None:
-    ds = _events([("a", "x"), ("a", "y"), ("a", "z"), ("b", "x"), ("b", "x"), ("b", "y")],
-                 types=["click"] * 4 + ["click", "dislike"])
+    ds = _events(
+        [("a", "x"), ("a", "y"), ("a", "z"), ("b", "x"), ("b", "x"), ("b", "y")],
+        types=["click"] * 4 + ["click", "dislike"],
+    )
     rec = Fixed([3.0, 2.0, 1.0])
     out = _run(ds, rec, k=10)
     assert out.n.tolist() == [1, 2]  # the dislike (event 3 of b) is learned, not scored
@@ -150,8 +179,7 @@ def test_repeats_are_misses_and_dislikes_are_not_scored() -> None:
 
 def test_wrong_score_shape_is_reported() -> None:
     class Short(Fixed):
-        def score(self, user: int, ts: int, domain: int,
-                  n_items: int) -> npt.NDArray[np.float64]:
+        def score(self, user: int, ts: int, domain: int, n_items: int) -> npt.NDArray[np.float64]:
             return np.zeros(1)
 
     with pytest.raises(ValueError, match="shape"):
@@ -163,8 +191,13 @@ def test_progress_counts_every_event_and_inputs_stay_untouched() -> None:
     stream = encode(ds)
     items = stream.items.copy()
     done: list[int] = []
-    prequential(stream, BASELINES["pop"], seed=0,
-                evaluated_users=select_evaluated_users(stream), progress=done.append)
+    prequential(
+        stream,
+        BASELINES["pop"],
+        seed=0,
+        evaluated_users=select_evaluated_users(stream),
+        progress=done.append,
+    )
     assert sum(done) == 5000
     np.testing.assert_array_equal(stream.items, items)
 
@@ -175,16 +208,30 @@ def test_progress_counts_every_event_and_inputs_stay_untouched() -> None:
 def _records(users: npt.ArrayLike, n: npt.ArrayLike, hr: npt.ArrayLike) -> PrequentialRecords:
     u = np.asarray(users, dtype=np.int32)
     h = np.asarray(hr, dtype=np.float64)
-    return PrequentialRecords(user=u, n=np.asarray(n, dtype=np.int32),
-                              event=np.arange(u.size), hr=h, ndcg=h / 2, rank=np.zeros(u.size))
+    return PrequentialRecords(
+        user=u,
+        n=np.asarray(n, dtype=np.int32),
+        event=np.arange(u.size),
+        hr=h,
+        ndcg=h / 2,
+        rank=np.zeros(u.size),
+    )
 
 
 def test_buckets_by_event_index() -> None:
     n = np.arange(1, 26)
     stats = aggregate([_records(np.zeros(25), n, (n <= 5).astype(float))], n_boot=20)
     events = {b: s.events for b, s in stats.items()}
-    assert events == {"1": 1, "2-5": 4, "6-10": 5, "11-20": 10, "21+": 5,
-                      "first5": 5, "first20": 20, "all": 25}
+    assert events == {
+        "1": 1,
+        "2-5": 4,
+        "6-10": 5,
+        "11-20": 10,
+        "21+": 5,
+        "first5": 5,
+        "first20": 20,
+        "all": 25,
+    }
     assert stats["2-5"].hr == 1.0 and stats["6-10"].hr == 0.0
     assert stats["first20"].hr == pytest.approx(0.25)
     assert stats["all"].ndcg == pytest.approx(0.1)
@@ -217,8 +264,10 @@ def test_bootstrap_interval_contains_mean_and_shrinks_with_more_users() -> None:
                 continue
             assert s.hr_ci[0] <= s.hr <= s.hr_ci[1]
             assert s.ndcg_ci[0] <= s.ndcg <= s.ndcg_ci[1]
-    width = {name: st["all"].hr_ci[1] - st["all"].hr_ci[0]
-             for name, st in (("small", small), ("large", large))}
+    width = {
+        name: st["all"].hr_ci[1] - st["all"].hr_ci[0]
+        for name, st in (("small", small), ("large", large))
+    }
     assert width["large"] < width["small"] / 2
     again = aggregate([_random_runs(40, seed=1)], seed=0)
     assert again["all"].hr_ci == small["all"].hr_ci  # seeded
@@ -235,10 +284,15 @@ def test_empty_bucket_is_nan_not_an_error() -> None:
 def _small_dataset() -> Dataset:
     rng = np.random.default_rng(0)
     # Users arrive over time (a window of the 10 newest), so the second half has new users.
-    events = [Event(f"u{int(rng.integers(max(0, t // 20 - 10), t // 20 + 1))}",
-                    f"i{int(rng.zipf(1.5)) % 40}",
-                    "like" if rng.random() < 0.3 else "click", ts=t * 3_600_000)
-              for t in range(1500)]
+    events = [
+        Event(
+            f"u{int(rng.integers(max(0, t // 20 - 10), t // 20 + 1))}",
+            f"i{int(rng.zipf(1.5)) % 40}",
+            "like" if rng.random() < 0.3 else "click",
+            ts=t * 3_600_000,
+        )
+        for t in range(1500)
+    ]
     return Dataset("small", events)
 
 
@@ -300,9 +354,13 @@ def test_any_recommender_fits_the_factory() -> None:
 def test_popularity_baselines_reproduce_the_reference_on_ml100k() -> None:
     from metarec.data.movielens import load_movielens
 
-    report = evaluate(load_movielens(ML100K),
-                      {"pop": BASELINES["pop"], "recent_pop": BASELINES["recent_pop"]},
-                      seeds=[0], progress=False, n_boot=50)
+    report = evaluate(
+        load_movielens(ML100K),
+        {"pop": BASELINES["pop"], "recent_pop": BASELINES["recent_pop"]},
+        seeds=[0],
+        progress=False,
+        n_boot=50,
+    )
     assert report.evaluated_users == 452
     reference = {"pop": (0.266, 0.147, 0.081), "recent_pop": (0.448, 0.192, 0.078)}
     for method, want in reference.items():
@@ -366,8 +424,14 @@ def test_deterministic_methods_run_once_and_stand_for_every_seed() -> None:
         a = prequential(stream, BASELINES[name], seed=0, evaluated_users=users)
         b = prequential(stream, BASELINES[name], seed=7, evaluated_users=users)
         np.testing.assert_array_equal(a.hr, b.hr, err_msg=f"{name} depends on the seed")
-    report = evaluate(_small_dataset(), {"pop": BASELINES["pop"]}, seeds=[0, 1, 2],
-                      progress=False, n_boot=20, deterministic=DETERMINISTIC)
+    report = evaluate(
+        _small_dataset(),
+        {"pop": BASELINES["pop"]},
+        seeds=[0, 1, 2],
+        progress=False,
+        n_boot=20,
+        deterministic=DETERMINISTIC,
+    )
     res = report.results["pop"]
     assert len(res.runs) == 3 and len(res.wall_time_s) == 1
     assert res.buckets["all"].events == 3 * len(res.runs[0])

@@ -42,10 +42,19 @@ def test_the_drift_curve_and_both_plots(tmp_path: Path) -> None:
     hits = [1.0] * 10 + [0.0] * 10
     curve = rolling_curve(hits, change=10, window=5, every=5)
     assert curve == [(-6, 1.0), (-1, 1.0), (4, 0.0), (9, 0.0)]
-    drift = {"scenario": "drift", "window": 5, "runs": [
-        {"seed": 0, "without": {"curve": curve}, "with": {"curve": curve}}]}
-    cross = {"scenario": "cross-domain", "events": 5, "methods": {
-        "a": {"hr10": 0.2, "hr10_ci": [0.1, 0.3]}, "b": {"hr10": 0.4, "hr10_ci": [0.3, 0.5]}}}
+    drift = {
+        "scenario": "drift",
+        "window": 5,
+        "runs": [{"seed": 0, "without": {"curve": curve}, "with": {"curve": curve}}],
+    }
+    cross = {
+        "scenario": "cross-domain",
+        "events": 5,
+        "methods": {
+            "a": {"hr10": 0.2, "hr10_ci": [0.1, 0.3]},
+            "b": {"hr10": 0.4, "hr10_ci": [0.3, 0.5]},
+        },
+    }
     for name, result in (("drift", drift), ("cross", cross)):
         plot_png(result, tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,13 +79,19 @@ def test_an_abrupt_change_is_detected_and_retrains_early() -> None:
     half = len(ds.events) // 2
     items = sorted({e.item for e in ds.events})
     swap = dict(zip(items, np.random.default_rng(0).permutation(items).tolist(), strict=True))
-    events = ds.events[:half] + [dataclasses.replace(e, item=swap[e.item])
-                                 for e in ds.events[half:]]
+    events = ds.events[:half] + [
+        dataclasses.replace(e, item=swap[e.item]) for e in ds.events[half:]
+    ]
     stream = encode(Dataset("changed", events))
-    settings = dataclasses.replace(Settings.defaults(), min_events_for_model=400,
-                                   retrain_events=10_000)
-    rec = OnlineMetarec(stream, settings=settings, trainer=MetaTrainer(
-        dim=8, min_steps=50, max_steps=80, learning_rate=0.05), seed=0)
+    settings = dataclasses.replace(
+        Settings.defaults(), min_events_for_model=400, retrain_events=10_000
+    )
+    rec = OnlineMetarec(
+        stream,
+        settings=settings,
+        trainer=MetaTrainer(dim=8, min_steps=50, max_steps=80, learning_rate=0.05),
+        seed=0,
+    )
     feed(rec, stream, 0, stream.n_events)
     reasons = [str(t["reason"]) for t in rec.trainings]
     assert reasons[0] == "first model"
@@ -95,10 +110,14 @@ def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
     assert isinstance(moves, list)
     move = next(m for m in moves if m["ts"] > stream.ts[1200])
     settings = dataclasses.replace(Settings.defaults(), min_events_for_model=1000)
-    rec = OnlineMetarec(stream, settings=settings,
-                        trainer=MetaTrainer(dim=16, min_steps=50, max_steps=60), seed=0)
-    first_new = int(np.flatnonzero((stream.ts >= move["ts"]) & (
-        stream.users == stream.user_ids.index(move["user"])))[0])
+    rec = OnlineMetarec(
+        stream, settings=settings, trainer=MetaTrainer(dim=16, min_steps=50, max_steps=60), seed=0
+    )
+    first_new = int(
+        np.flatnonzero(
+            (stream.ts >= move["ts"]) & (stream.users == stream.user_ids.index(move["user"]))
+        )[0]
+    )
     feed(rec, stream, 0, first_new)
     assert rec.model is not None
     user = stream.user_ids.index(move["user"])
@@ -112,7 +131,6 @@ def test_transfer_changes_a_movers_first_list_in_the_new_domain() -> None:
 
 
 def test_split_by_domain_makes_one_user_per_domain() -> None:
-    ds = Dataset("d", [Event("u", "a", "click", 1, "books"), Event("u", "b", "click", 2,
-                                                                   "music")])
+    ds = Dataset("d", [Event("u", "a", "click", 1, "books"), Event("u", "b", "click", 2, "music")])
     split = _split_by_domain(ds)
     assert [e.user for e in split.events] == ["u@books", "u@music"]

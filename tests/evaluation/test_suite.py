@@ -23,8 +23,15 @@ from metarec.evaluation.suite import (
 
 def _stream(n: int = 600) -> Dataset:
     rng = np.random.default_rng(0)
-    events = [Event(f"u{int(rng.integers(t // 20, t // 20 + 5))}", f"i{int(rng.zipf(1.4)) % 30}",
-                    "click", 1_000_000 + 60_000 * t) for t in range(n)]
+    events = [
+        Event(
+            f"u{int(rng.integers(t // 20, t // 20 + 5))}",
+            f"i{int(rng.zipf(1.4)) % 30}",
+            "click",
+            1_000_000 + 60_000 * t,
+        )
+        for t in range(n)
+    ]
     users = [UserRecord(f"u{u}", (f"g:{u % 2}",)) for u in range(40)]
     return Dataset("toy", events, users=users)
 
@@ -45,9 +52,13 @@ def test_variants_change_one_thing_each() -> None:
 
 
 def test_table_targets_and_plot(tmp_path: Path) -> None:
-    methods = {"pop": BASELINES["pop"], "itemknn": BASELINES["itemknn"],
-               # Stand-ins under the method names the checks look for.
-               "metarec": BASELINES["itemknn"], "metarec_no_meta": BASELINES["pop"]}
+    methods = {
+        "pop": BASELINES["pop"],
+        "itemknn": BASELINES["itemknn"],
+        # Stand-ins under the method names the checks look for.
+        "metarec": BASELINES["itemknn"],
+        "metarec_no_meta": BASELINES["pop"],
+    }
     report = evaluate(_stream(), methods, seeds=[0], progress=False, n_boot=20)
     suite = SuiteReport([report])
     table = to_markdown(suite)

@@ -38,24 +38,41 @@ def test_memory_phase_times_rise_per_user_and_end_now() -> None:
 
 
 def test_the_report_shows_every_measure_against_the_smallest_bound() -> None:
-    run = {"config": {"items": 1682, "dim": 32, "top_k": 20, "batch_size": 5000,
-                      "quick": True, "partitions": 4},
-           "bounds_per_s": {"kafka_consume_decode": 1e5, "redis_commit": 3e4,
-                            "numpy_score_topk": 5e4},
-           "bound_name": "redis_commit", "smallest_bound_per_s": 3e4,
-           "events_per_s": 7500.0, "ratio_to_smallest_bound": 0.25,
-           "freshness_1_consumers": {"offered_per_s": 5000, "p50_ms": 9, "p99_ms": 20,
-                                     "max_ms": 30},
-           "freshness_2_consumers": {"offered_per_s": 5000, "p50_ms": 8, "p99_ms": 15,
-                                     "max_ms": 25},
-           "memory": [{"users": 2000, "events_per_user": 50, "peak_rss_mib": 200.0,
-                       "redis_bytes_per_user": 1904.0}],
-           "big_catalog_events_per_s": 2500.0,
-           "big_catalog_quality": {"users": 1500, "events": 18000, "hr10_candidates": 0.099,
-                                   "hr10_exact": 0.1},
-           "big_catalog_hr_ratio": 0.99,
-           "reload_s": 0.065,
-           "training": [{"events": 100_000, "seconds": 10.1, "steps": 25, "device": "CPU:0"}]}
+    run = {
+        "config": {
+            "items": 1682,
+            "dim": 32,
+            "top_k": 20,
+            "batch_size": 5000,
+            "quick": True,
+            "partitions": 4,
+        },
+        "bounds_per_s": {"kafka_consume_decode": 1e5, "redis_commit": 3e4, "numpy_score_topk": 5e4},
+        "bound_name": "redis_commit",
+        "smallest_bound_per_s": 3e4,
+        "events_per_s": 7500.0,
+        "ratio_to_smallest_bound": 0.25,
+        "freshness_1_consumers": {"offered_per_s": 5000, "p50_ms": 9, "p99_ms": 20, "max_ms": 30},
+        "freshness_2_consumers": {"offered_per_s": 5000, "p50_ms": 8, "p99_ms": 15, "max_ms": 25},
+        "memory": [
+            {
+                "users": 2000,
+                "events_per_user": 50,
+                "peak_rss_mib": 200.0,
+                "redis_bytes_per_user": 1904.0,
+            }
+        ],
+        "big_catalog_events_per_s": 2500.0,
+        "big_catalog_quality": {
+            "users": 1500,
+            "events": 18000,
+            "hr10_candidates": 0.099,
+            "hr10_exact": 0.1,
+        },
+        "big_catalog_hr_ratio": 0.99,
+        "reload_s": 0.065,
+        "training": [{"events": 100_000, "seconds": 10.1, "steps": 25, "device": "CPU:0"}],
+    }
     text = to_markdown(run)
     assert "0.25 of the smallest bound (redis_commit)" in text
     assert "7,500 ev/s" in text and "1,904 B/user" in text and "median 65 ms, max 65 ms" in text

@@ -75,7 +75,9 @@ def _consume(consumer: Consumer, count: int, timeout: float = SETTLE_S) -> list[
 
 
 def test_topics_are_created_with_their_partition_counts(
-    kafka_bootstrap: str, kafka_admin: AdminClient, make_group_id: Callable[[], str],
+    kafka_bootstrap: str,
+    kafka_admin: AdminClient,
+    make_group_id: Callable[[], str],
 ) -> None:
     names = {f"{make_group_id()}-one": 1, f"{make_group_id()}-four": 4}
     assert create_topics(kafka_bootstrap, names) == names
@@ -89,15 +91,24 @@ def test_topics_are_created_with_their_partition_counts(
 
 
 def test_group_consumes_keyed_records_with_headers(
-    kafka_bootstrap: str, make_topic: Callable[..., str], consumer_config: dict[str, str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    consumer_config: dict[str, str],
 ) -> None:
     topic = make_topic(partitions=3)
-    producer = Producer({
-        "bootstrap.servers": kafka_bootstrap, "enable.idempotence": "true",
-        "partitioner": "murmur2_random", "linger.ms": "5",
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "enable.idempotence": "true",
+            "partitioner": "murmur2_random",
+            "linger.ms": "5",
+        }
+    )
     headers: list[tuple[str, str | bytes | None]] = [
-        ("error.class", b"InvalidEvent"), ("dup", b"1"), ("dup", b"2"), ("empty", b""),
+        ("error.class", b"InvalidEvent"),
+        ("dup", b"1"),
+        ("dup", b"2"),
+        ("empty", b""),
     ]
     sent: dict[bytes, str] = {}
     for i in range(30):
@@ -132,7 +143,9 @@ def test_group_consumes_keyed_records_with_headers(
 
 
 def test_two_members_of_a_group_split_the_partitions(
-    kafka_bootstrap: str, make_topic: Callable[..., str], consumer_config: dict[str, str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    consumer_config: dict[str, str],
 ) -> None:
     partitions = 4
     topic = make_topic(partitions=partitions)
@@ -177,7 +190,8 @@ def test_two_members_of_a_group_split_the_partitions(
 
 
 def test_a_foreign_client_produces_and_consumes(
-    kafka_bootstrap: str, make_topic: Callable[..., str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
 ) -> None:
     """kafka-python (pure Python, no librdkafka) speaks to the broker both ways."""
     from kafka import KafkaConsumer, KafkaProducer
@@ -185,15 +199,20 @@ def test_a_foreign_client_produces_and_consumes(
     topic = make_topic(partitions=2)
     event = {"user": "u-py", "item": "i-1", "type": "like", "ts": 1_700_000_000_123}
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    producer.send(topic, key=b"u-py", value=json.dumps(event).encode(),
-                  headers=[("source", b"kafka-python")]).get(timeout=30)
+    producer.send(
+        topic, key=b"u-py", value=json.dumps(event).encode(), headers=[("source", b"kafka-python")]
+    ).get(timeout=30)
     producer.close()
     msg = _the_one_record(kafka_bootstrap, topic, event, b"u-py", b"kafka-python")
     # Both clients hash keys with Java's murmur2: the same key lands on the same partition.
     probe = make_topic(partitions=2)
     assert msg.partition() == _java_partition(kafka_bootstrap, probe, b"u-py")
-    reader = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
-                           auto_offset_reset="earliest", consumer_timeout_ms=10_000)
+    reader = KafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
     try:
         read = [(m.key, json.loads(m.value)) for m in reader]
     finally:
@@ -201,8 +220,9 @@ def test_a_foreign_client_produces_and_consumes(
     assert read == [(b"u-py", event)]
 
 
-def _the_one_record(bootstrap: str, topic: str, event: dict[str, object], key: bytes,
-                    source: bytes) -> Message:
+def _the_one_record(
+    bootstrap: str, topic: str, event: dict[str, object], key: bytes, source: bytes
+) -> Message:
     """The single record of a 2-partition ``topic``, checked against what was sent."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused"})
     try:
@@ -220,16 +240,23 @@ def _java_partition(bootstrap: str, topic: str, key: bytes) -> int:
     """The partition librdkafka's Java-compatible partitioner picks for ``key``."""
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
     delivered: list[int] = []
-    producer.produce(topic, key=key, value=b"probe",
-                     on_delivery=lambda err, msg: delivered.append(msg.partition()))
+    producer.produce(
+        topic,
+        key=key,
+        value=b"probe",
+        on_delivery=lambda err, msg: delivered.append(msg.partition()),
+    )
     producer.flush(30)
     return delivered[0]
 
 
-@pytest.mark.skipif(shutil.which("kcat") is None,
-                    reason="kcat not installed (an extra check; CI installs it)")
+@pytest.mark.skipif(
+    shutil.which("kcat") is None, reason="kcat not installed (an extra check; CI installs it)"
+)
 def test_kcat_produces_to_the_broker(
-    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     kcat = shutil.which("kcat")
     assert kcat is not None
@@ -237,15 +264,33 @@ def test_kcat_produces_to_the_broker(
     env = kcat_env(tmp_path / "shim")
     event = {"user": "u-kcat", "item": "i-1", "type": "like", "ts": 1_700_000_000_123}
     subprocess.run(
-        [kcat, "-b", kafka_bootstrap, "-P", "-t", topic, "-k", "u-kcat",
-         "-H", "source=kcat", "-X", "partitioner=murmur2_random"],
-        input=json.dumps(event).encode(), env=env, check=True, timeout=30,
+        [
+            kcat,
+            "-b",
+            kafka_bootstrap,
+            "-P",
+            "-t",
+            topic,
+            "-k",
+            "u-kcat",
+            "-H",
+            "source=kcat",
+            "-X",
+            "partitioner=murmur2_random",
+        ],
+        input=json.dumps(event).encode(),
+        env=env,
+        check=True,
+        timeout=30,
     )
     _the_one_record(kafka_bootstrap, topic, event, b"u-kcat", b"kcat")
     # And kcat reads it back, so it also works as a foreign consumer.
     out = subprocess.run(
         [kcat, "-b", kafka_bootstrap, "-C", "-t", topic, "-e", "-q", "-f", "%k %s\\n"],
-        env=env, check=True, timeout=30, capture_output=True,
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
     )
     assert out.stdout.decode().strip() == f"u-kcat {json.dumps(event)}"
 
@@ -257,7 +302,10 @@ def test_start_broker_refuses_a_busy_port(kafka_bootstrap: str, tmp_path: Path) 
 
 
 def test_ensure_redis_reuses_a_live_redis(
-    redis_url: str, redis_client: redis.Redis[bytes], key_prefix: str, tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[bytes],
+    key_prefix: str,
+    tmp_path: Path,
 ) -> None:
     redis_client.set(f"{key_prefix}k", b"v")
     handle = ensure_redis(redis_url, work_dir=tmp_path)
@@ -287,7 +335,8 @@ def test_ensure_redis_starts_and_stops_a_private_server(which: str, tmp_path: Pa
 
 
 def test_dev_up_status_down_leave_the_machine_redis_alone(
-    redis_url: str, tmp_path: Path,
+    redis_url: str,
+    tmp_path: Path,
 ) -> None:
     topics = {"metarec.core.events": 2, "metarec.core.events.dlq": 1}
     state = up(tmp_path, broker_port=None, redis_url=redis_url, topics=topics)
@@ -306,7 +355,9 @@ def test_dev_up_status_down_leave_the_machine_redis_alone(
 
 
 def test_metarec_topics_creates_the_plan_with_its_configs(
-    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """What docker-compose.yml's kafka-init runs: partitions, compaction and retention from
     metarec/services/topics.py, and a second run leaves the topics alone."""
@@ -317,18 +368,26 @@ def test_metarec_topics_creates_the_plan_with_its_configs(
     from metarec.services.topics import topic_plan
 
     run = f"t{time.monotonic_ns()}"
-    env = {"METAREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "METAREC_PARTITIONS": "4",
-           "METAREC_EVENTS_RETENTION_HOURS": "48",
-           **{f"METAREC_{kind}_TOPIC": f"{run}.{kind.lower()}"
-              for kind in ("EVENTS", "ITEMS", "USERS", "DLQ", "MODEL")}}
+    env = {
+        "METAREC_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "METAREC_PARTITIONS": "4",
+        "METAREC_EVENTS_RETENTION_HOURS": "48",
+        **{
+            f"METAREC_{kind}_TOPIC": f"{run}.{kind.lower()}"
+            for kind in ("EVENTS", "ITEMS", "USERS", "DLQ", "MODEL")
+        },
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     plan = topic_plan(Settings.from_env(env))
     for _ in range(2):
         assert main(["topics"]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert report["topics"] == report["planned"] == {
-            name: spec.partitions for name, spec in plan.items()}
+        assert (
+            report["topics"]
+            == report["planned"]
+            == {name: spec.partitions for name, spec in plan.items()}
+        )
     assert report["topics"][f"{run}.events"] == 4
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     for name in (f"{run}.events", f"{run}.items"):

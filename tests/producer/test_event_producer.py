@@ -21,11 +21,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def topics(make_topic: Callable[..., str]) -> Settings:
     """Settings whose three input topics are fresh, with 3 partitions each."""
-    return Settings.from_env({}, {
-        "events_topic": make_topic(partitions=3),
-        "items_topic": make_topic(partitions=3),
-        "users_topic": make_topic(partitions=3),
-    })
+    return Settings.from_env(
+        {},
+        {
+            "events_topic": make_topic(partitions=3),
+            "items_topic": make_topic(partitions=3),
+            "users_topic": make_topic(partitions=3),
+        },
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,8 +45,10 @@ def topics(make_topic: Callable[..., str]) -> Settings:
     ],
 )
 def test_invalid_events_raise_before_anything_is_sent(
-    kafka_bootstrap: str, topics: Settings,
-    kwargs: dict[str, object], message: str,
+    kafka_bootstrap: str,
+    topics: Settings,
+    kwargs: dict[str, object],
+    message: str,
 ) -> None:
     producer = EventProducer(topics, bootstrap=kafka_bootstrap)
     with pytest.raises(InvalidEvent, match=message):
@@ -54,7 +59,9 @@ def test_invalid_events_raise_before_anything_is_sent(
 
 
 def test_invalid_records_of_every_kind_raise_before_sending(
-    kafka_bootstrap: str, make_group_id: Callable[[], str], topics: Settings,
+    kafka_bootstrap: str,
+    make_group_id: Callable[[], str],
+    topics: Settings,
 ) -> None:
     producer = EventProducer(topics, bootstrap=kafka_bootstrap)
     with pytest.raises(InvalidEvent, match="'user'"):
@@ -72,7 +79,8 @@ def test_invalid_records_of_every_kind_raise_before_sending(
 
 
 def test_configured_event_types_are_the_ones_accepted(
-    kafka_bootstrap: str, topics: Settings,
+    kafka_bootstrap: str,
+    topics: Settings,
 ) -> None:
     settings = topics.replace(event_types="buy:3,click:1")
     producer = EventProducer(settings, bootstrap=kafka_bootstrap)
@@ -83,8 +91,9 @@ def test_configured_event_types_are_the_ones_accepted(
 
 def test_undeliverable_records_make_flush_raise() -> None:
     # Nothing listens on port 1, so the record times out in the local queue.
-    producer = EventProducer(Settings.from_env({}), bootstrap="127.0.0.1:1",
-                             config={"message.timeout.ms": 300})
+    producer = EventProducer(
+        Settings.from_env({}), bootstrap="127.0.0.1:1", config={"message.timeout.ms": 300}
+    )
     producer.send("u1", "i1")
     with pytest.raises(DeliveryError, match=r"1 record.*failed.*'u1'"):
         producer.flush(timeout=10)
@@ -100,7 +109,9 @@ def test_flush_deadline_raises_with_the_count_left() -> None:
 
 @pytest.mark.integration
 def test_events_items_users_round_trip_with_contract_keys_and_values(
-    kafka_bootstrap: str, make_group_id: Callable[[], str], topics: Settings,
+    kafka_bootstrap: str,
+    make_group_id: Callable[[], str],
+    topics: Settings,
 ) -> None:
     ts = int(time.time() * 1000)
     with EventProducer(topics, bootstrap=kafka_bootstrap) as producer:
@@ -128,8 +139,7 @@ def test_events_items_users_round_trip_with_contract_keys_and_values(
         assert partition_of.setdefault(key, msg.partition() or 0) == (msg.partition() or 0)
         by_key.setdefault(key, []).append(body)
     assert by_key[b"u1"] == [
-        {"user": "u1", "item": "i1", "type": "like", "ts": ts, "domain": "books",
-         "event_id": "e1"},
+        {"user": "u1", "item": "i1", "type": "like", "ts": ts, "domain": "books", "event_id": "e1"},
         {"user": "u1", "item": "i3", "type": "dislike", "ts": ts + 1, "domain": "default"},
     ]  # one user's events arrive in the order sent
     assert by_key["ü-ser".encode()] == [sent[3].to_json()]
@@ -140,22 +150,32 @@ def test_events_items_users_round_trip_with_contract_keys_and_values(
     (item_msg,) = drain(kafka_bootstrap, topics.items_topic, make_group_id())
     assert item_msg.key() == b"i1"
     assert json.loads(item_msg.value() or b"") == {
-        "item": "i1", "domain": "books", "features": ["genre:sf", "lang:en"], "ts": ts}
+        "item": "i1",
+        "domain": "books",
+        "features": ["genre:sf", "lang:en"],
+        "ts": ts,
+    }
     assert item == ItemRecord("i1", "books", ("genre:sf", "lang:en"), ts)
     (user_msg,) = drain(kafka_bootstrap, topics.users_topic, make_group_id())
     assert user_msg.key() == b"u1"
     assert json.loads(user_msg.value() or b"") == {
-        "user": "u1", "features": ["age:25-34"], "ts": ts}
+        "user": "u1",
+        "features": ["age:25-34"],
+        "ts": ts,
+    }
     assert user.user == "u1"
 
 
 @pytest.mark.integration
 def test_a_full_local_queue_is_waited_out_not_dropped(
-    kafka_bootstrap: str, make_group_id: Callable[[], str], topics: Settings,
+    kafka_bootstrap: str,
+    make_group_id: Callable[[], str],
+    topics: Settings,
 ) -> None:
     n = 300
-    producer = EventProducer(topics, bootstrap=kafka_bootstrap,
-                             config={"queue.buffering.max.messages": 10})
+    producer = EventProducer(
+        topics, bootstrap=kafka_bootstrap, config={"queue.buffering.max.messages": 10}
+    )
     with producer:
         for i in range(n):
             producer.send(f"u{i % 17}", f"i{i}")

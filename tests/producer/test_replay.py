@@ -125,8 +125,19 @@ def test_env_typo_is_a_config_error(
 def test_send_with_an_invalid_event_exits_2_without_sending(
     clean_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status = main(["send", "--user", "u1", "--item", "i1", "--type", "purchase",
-                   "--kafka-bootstrap", "127.0.0.1:1"])
+    status = main(
+        [
+            "send",
+            "--user",
+            "u1",
+            "--item",
+            "i1",
+            "--type",
+            "purchase",
+            "--kafka-bootstrap",
+            "127.0.0.1:1",
+        ]
+    )
     assert status == 2
     assert "'type'" in capsys.readouterr().err
 
@@ -149,16 +160,30 @@ def test_rate_and_speedup_are_exclusive(clean_env: None) -> None:
 
 @pytest.mark.integration
 def test_cli_replays_metadata_then_events_stamped_now(
-    clean_env: None, topic_flags: dict[str, str], kafka_bootstrap: str,
-    make_group_id: Callable[[], str], capsys: pytest.CaptureFixture[str],
+    clean_env: None,
+    topic_flags: dict[str, str],
+    kafka_bootstrap: str,
+    make_group_id: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from metarec.data.registry import load_dataset
 
     limit = 300
     dataset = load_dataset("synthetic-small", seed=3)
     before = int(time.time() * 1000)
-    status = main(["replay", "--data", "synthetic-small", "--seed", "3",
-                   "--limit", str(limit), "--no-progress", *flags(topic_flags)])
+    status = main(
+        [
+            "replay",
+            "--data",
+            "synthetic-small",
+            "--seed",
+            "3",
+            "--limit",
+            str(limit),
+            "--no-progress",
+            *flags(topic_flags),
+        ]
+    )
     after = int(time.time() * 1000)
     assert status == 0
     out = capsys.readouterr().out
@@ -189,26 +214,44 @@ def test_cli_replays_metadata_then_events_stamped_now(
 
 @pytest.mark.integration
 def test_keep_ts_sends_the_original_timestamps(
-    kafka_bootstrap: str, make_topic: Callable[..., str], make_group_id: Callable[[], str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    make_group_id: Callable[[], str],
 ) -> None:
     dataset = tiny_dataset(40)
-    settings = Settings.from_env({}, {"kafka_bootstrap": kafka_bootstrap,
-                                      "events_topic": make_topic(partitions=2),
-                                      "items_topic": make_topic(), "users_topic": make_topic()})
+    settings = Settings.from_env(
+        {},
+        {
+            "kafka_bootstrap": kafka_bootstrap,
+            "events_topic": make_topic(partitions=2),
+            "items_topic": make_topic(),
+            "users_topic": make_topic(),
+        },
+    )
     report = replay(dataset, EventProducer(settings), rewrite_ts=False)
     assert (report.events, report.items, report.users) == (40, 7, 5)
-    got = sorted(values(drain(kafka_bootstrap, settings.events_topic, make_group_id())),
-                 key=lambda b: int(str(b["ts"])))
+    got = sorted(
+        values(drain(kafka_bootstrap, settings.events_topic, make_group_id())),
+        key=lambda b: int(str(b["ts"])),
+    )
     assert [b["ts"] for b in got] == [e.ts for e in dataset.events]
 
 
 @pytest.mark.integration
 def test_rate_limit_is_roughly_respected(
-    kafka_bootstrap: str, make_topic: Callable[..., str], make_group_id: Callable[[], str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    make_group_id: Callable[[], str],
 ) -> None:
-    settings = Settings.from_env({}, {"kafka_bootstrap": kafka_bootstrap,
-                                      "events_topic": make_topic(partitions=2),
-                                      "items_topic": make_topic(), "users_topic": make_topic()})
+    settings = Settings.from_env(
+        {},
+        {
+            "kafka_bootstrap": kafka_bootstrap,
+            "events_topic": make_topic(partitions=2),
+            "items_topic": make_topic(),
+            "users_topic": make_topic(),
+        },
+    )
     rate, n = 500.0, 400
     start = time.monotonic()
     report = replay(tiny_dataset(n), EventProducer(settings), rate=rate)
@@ -221,11 +264,18 @@ def test_rate_limit_is_roughly_respected(
 
 @pytest.mark.integration
 def test_speedup_follows_the_data_clock(
-    kafka_bootstrap: str, make_topic: Callable[..., str],
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
 ) -> None:
-    settings = Settings.from_env({}, {"kafka_bootstrap": kafka_bootstrap,
-                                      "events_topic": make_topic(),
-                                      "items_topic": make_topic(), "users_topic": make_topic()})
+    settings = Settings.from_env(
+        {},
+        {
+            "kafka_bootstrap": kafka_bootstrap,
+            "events_topic": make_topic(),
+            "items_topic": make_topic(),
+            "users_topic": make_topic(),
+        },
+    )
     dataset = tiny_dataset(5, gap_ms=1000)  # the data spans 4 s
     start = time.monotonic()
     report = replay(dataset, EventProducer(settings), speedup=8.0)

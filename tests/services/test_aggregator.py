@@ -44,8 +44,12 @@ HISTORY = 20
 EVENTS_PARTITIONS = 2
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str,
-               seen: Callable[[], object] | None = None) -> None:
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    seen: Callable[[], object] | None = None,
+) -> None:
     """Poll ``condition`` until it is true; fail naming ``what`` and the last ``seen``."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -63,23 +67,47 @@ def event_records(n: int, *, start: int = 0, seed: int = 0) -> list[tuple[str, d
     for k in range(start, start + n):
         user = f"u{int(rng.integers(12))}"
         domain = DOMAINS[int(user[1:]) % 2]
-        out.append((user, {"user": user, "item": f"{domain}-{int(rng.integers(15))}",
-                           "type": ["click", "like", "dislike"][k % 3], "ts": now + k,
-                           "domain": domain}))
+        out.append(
+            (
+                user,
+                {
+                    "user": user,
+                    "item": f"{domain}-{int(rng.integers(15))}",
+                    "type": ["click", "like", "dislike"][k % 3],
+                    "ts": now + k,
+                    "domain": domain,
+                },
+            )
+        )
     return out
 
 
 @pytest.fixture
-def settings(kafka_bootstrap: str, redis_url: str, key_prefix: str,
-             make_topic: Callable[..., str], make_group_id: Callable[[], str]) -> Settings:
+def settings(
+    kafka_bootstrap: str,
+    redis_url: str,
+    key_prefix: str,
+    make_topic: Callable[..., str],
+    make_group_id: Callable[[], str],
+) -> Settings:
     """Settings of a fresh deployment: its own topics, groups and key prefix."""
-    return Settings.from_env({}, {
-        "kafka_bootstrap": kafka_bootstrap, "redis_url": redis_url, "key_prefix": key_prefix,
-        "group_id": make_group_id(), "aggregator_group_id": make_group_id(),
-        "events_topic": make_topic(EVENTS_PARTITIONS), "items_topic": make_topic(1),
-        "users_topic": make_topic(1), "dlq_topic": make_topic(1), "model_topic": make_topic(1),
-        "history_length": HISTORY, "aggregate_interval_s": 3600,
-    })
+    return Settings.from_env(
+        {},
+        {
+            "kafka_bootstrap": kafka_bootstrap,
+            "redis_url": redis_url,
+            "key_prefix": key_prefix,
+            "group_id": make_group_id(),
+            "aggregator_group_id": make_group_id(),
+            "events_topic": make_topic(EVENTS_PARTITIONS),
+            "items_topic": make_topic(1),
+            "users_topic": make_topic(1),
+            "dlq_topic": make_topic(1),
+            "model_topic": make_topic(1),
+            "history_length": HISTORY,
+            "aggregate_interval_s": 3600,
+        },
+    )
 
 
 @pytest.fixture
@@ -88,8 +116,14 @@ def make_aggregator(settings: Settings) -> Iterator[Callable[..., Aggregator]]:
     made: list[Aggregator] = []
 
     def make(learning_rate: float = 0.02, **changes: object) -> Aggregator:
-        trainer = MetaTrainer(dim=DIM, history_length=HISTORY, max_steps=2, batch_size=64,
-                              learning_rate=learning_rate, seed=0)
+        trainer = MetaTrainer(
+            dim=DIM,
+            history_length=HISTORY,
+            max_steps=2,
+            batch_size=64,
+            learning_rate=learning_rate,
+            seed=0,
+        )
         agg = Aggregator(settings.replace(**changes) if changes else settings, trainer)
         made.append(agg)
         return agg
@@ -108,11 +142,17 @@ def store(settings: Settings, redis_client: redis.Redis[bytes]) -> RedisStore:
     return RedisStore(redis_client, settings.key_prefix)
 
 
-def publish(settings: Settings, records: Sequence[tuple[str, bytes]],
-            topic: str | None = None) -> None:
+def publish(
+    settings: Settings, records: Sequence[tuple[str, bytes]], topic: str | None = None
+) -> None:
     """Send ``(key, value)`` records keyed like every metarec producer (murmur2)."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "partitioner": "murmur2_random", "linger.ms": "5"})
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "partitioner": "murmur2_random",
+            "linger.ms": "5",
+        }
+    )
     failed: list[str] = []
 
     def done(err: Any, _msg: Any) -> None:
@@ -120,8 +160,9 @@ def publish(settings: Settings, records: Sequence[tuple[str, bytes]],
             failed.append(str(err))
 
     for key, value in records:
-        producer.produce(topic or settings.events_topic, key=key.encode(), value=value,
-                         on_delivery=done)
+        producer.produce(
+            topic or settings.events_topic, key=key.encode(), value=value, on_delivery=done
+        )
     assert producer.flush(30) == 0 and not failed, f"delivery failed: {failed[:3]}"
 
 
@@ -174,8 +215,8 @@ class Runner(threading.Thread):
 
 
 def test_a_cycle_folds_the_partial_sums_publishes_and_announces(
-        make_aggregator: Callable[..., Aggregator], settings: Settings,
-        store: RedisStore) -> None:
+    make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore
+) -> None:
     # Training with a zero learning rate leaves θ0 exactly where folding put it.
     agg = make_aggregator(learning_rate=0.0)
     records = event_records(200)
@@ -196,8 +237,9 @@ def test_a_cycle_folds_the_partial_sums_publishes_and_announces(
         deltas = rng.standard_normal((len(rows), DIM))
         p.add(rows, deltas, weights)
         parts.append(p)
-        store.commit_batch(settings.events_topic, partition, None, 5, states={}, recs={},
-                           recs_ttl_s=0, partials=p)
+        store.commit_batch(
+            settings.events_topic, partition, None, 5, states={}, recs={}, recs_ttl_s=0, partials=p
+        )
     total = parts[0].merge(parts[1])
     expected = theta0 + total.sums / total.weights[:, None]
 
@@ -207,8 +249,13 @@ def test_a_cycle_folds_the_partial_sums_publishes_and_announces(
     assert model.dim == DIM and len(model.item_ids) == len({e["item"] for _, e in records})
     for row, domain in enumerate(DOMAINS):
         got = model.theta0[model.domains.index(domain)]
-        np.testing.assert_allclose(got, expected[row], rtol=0, atol=1e-5,
-                                   err_msg=f"θ0[{domain}] is not θ0 + the weighted mean")
+        np.testing.assert_allclose(
+            got,
+            expected[row],
+            rtol=0,
+            atol=1e-5,
+            err_msg=f"θ0[{domain}] is not θ0 + the weighted mean",
+        )
     # The partial sums were taken: reset in Redis, not folded twice.
     assert store.take_partials(settings.events_topic) == []
     assert not list(store.client.scan_iter(match=store.key("partials", "*")))
@@ -224,8 +271,9 @@ def test_a_cycle_folds_the_partial_sums_publishes_and_announces(
 # --- when a cycle runs --------------------------------------------------------------------------
 
 
-def test_a_now_request_makes_a_cycle_due(make_aggregator: Callable[..., Aggregator],
-                                         settings: Settings, store: RedisStore) -> None:
+def test_a_now_request_makes_a_cycle_due(
+    make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore
+) -> None:
     agg = make_aggregator(min_events_for_model=50)
     records = event_records(60)
     publish_events(settings, records)
@@ -234,11 +282,21 @@ def test_a_now_request_makes_a_cycle_due(make_aggregator: Callable[..., Aggregat
     assert agg.due() is None, "a cycle is due with a model and the next one an hour away"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
-    env.update({"METAREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-                "METAREC_REDIS_URL": settings.redis_url,
-                "METAREC_KEY_PREFIX": settings.key_prefix})
-    out = subprocess.run([sys.executable, "-m", "metarec.cli", "aggregate", "--now"], env=env,
-                         cwd=REPO, capture_output=True, timeout=60, check=False)
+    env.update(
+        {
+            "METAREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "METAREC_REDIS_URL": settings.redis_url,
+            "METAREC_KEY_PREFIX": settings.key_prefix,
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "metarec.cli", "aggregate", "--now"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     reason = agg.due()
     assert reason == OPERATOR_REQUEST, "metarec aggregate --now did not make a cycle due"
@@ -250,19 +308,26 @@ def test_a_now_request_makes_a_cycle_due(make_aggregator: Callable[..., Aggregat
 
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
 def test_the_first_model_comes_as_soon_as_the_window_is_large_enough(
-        make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore,
-        assignor: str) -> None:
+    make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore, assignor: str
+) -> None:
     enough = 80
     fresh_topic = f"{settings.model_topic}-new"  # not created: the aggregator makes it
-    agg = make_aggregator(min_events_for_model=enough, model_topic=fresh_topic,
-                          kafka_options={"partition.assignment.strategy": assignor})
+    agg = make_aggregator(
+        min_events_for_model=enough,
+        model_topic=fresh_topic,
+        kafka_options={"partition.assignment.strategy": assignor},
+    )
     records = event_records(enough)
     publish_events(settings, records[:-1])
     runner = Runner(agg, max_cycles=1)
     runner.start()
     try:
-        wait_until(lambda: runner.running() and len(agg.window) == enough - 1, 30.0,
-                   f"the aggregator to read {enough - 1} events", lambda: len(agg.window))
+        wait_until(
+            lambda: runner.running() and len(agg.window) == enough - 1,
+            30.0,
+            f"the aggregator to read {enough - 1} events",
+            lambda: len(agg.window),
+        )
         time.sleep(1.0)  # several turns of its loop with one event too few
         assert store.current_model_version() is None, "a model came before the window was full"
         publish_events(settings, records[-1:])
@@ -274,13 +339,15 @@ def test_the_first_model_comes_as_soon_as_the_window_is_large_enough(
     model = MetaModel.from_bytes(store.load_model_blob(1))
     assert model.info["events"] == enough
     # With one partition, so that notices keep the versions' order.
-    topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(
-        timeout=10).topics
+    topics = (
+        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=10).topics
+    )
     assert len(topics[fresh_topic].partitions) == 1
 
 
 def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
-        make_aggregator: Callable[..., Aggregator], settings: Settings) -> None:
+    make_aggregator: Callable[..., Aggregator], settings: Settings
+) -> None:
     agg = make_aggregator(min_events_for_model=10**6)  # never trains: only the window counts
     records = event_records(100)
     publish_events(settings, records)
@@ -296,12 +363,20 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
     agg._rewind = recording  # type: ignore[method-assign]
     runner = Runner(agg, max_cycles=None)
     runner.start()
-    other = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                      "group.id": settings.aggregator_group_id, **LOCAL_GROUP_CONFIG})
+    other = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": settings.aggregator_group_id,
+            **LOCAL_GROUP_CONFIG,
+        }
+    )
     try:
-        wait_until(lambda: runner.running() and len(agg.window) == len(records), 30.0,
-                   "the window to fill",
-                   lambda: len(agg.window))
+        wait_until(
+            lambda: runner.running() and len(agg.window) == len(records),
+            30.0,
+            "the window to fill",
+            lambda: len(agg.window),
+        )
         # A second member joins the aggregator's group and leaves again: two rebalances,
         # after which the aggregator owns (and has re-read) every partition again.
         other.subscribe([settings.events_topic, settings.items_topic, settings.users_topic])
@@ -311,12 +386,18 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
             other.consume(10, 0.2)
         other.close()
         every = EVENTS_PARTITIONS + 2  # and the items and users topics
-        wait_until(lambda: runner.running() and len(assignments) >= 3
-                   and assignments[-1] == every, 30.0,
-                   "the aggregator to own every partition again", lambda: assignments)
-        wait_until(lambda: runner.running() and len(agg.window) >= len(records), 10.0,
-                   "the window to refill",
-                   lambda: len(agg.window))
+        wait_until(
+            lambda: runner.running() and len(assignments) >= 3 and assignments[-1] == every,
+            30.0,
+            "the aggregator to own every partition again",
+            lambda: assignments,
+        )
+        wait_until(
+            lambda: runner.running() and len(agg.window) >= len(records),
+            10.0,
+            "the window to refill",
+            lambda: len(agg.window),
+        )
         time.sleep(1.0)
         assert len(agg.window) == len(records), "the window holds events twice"
     finally:
@@ -325,7 +406,8 @@ def test_a_rebalance_rebuilds_the_window_instead_of_doubling_it(
 
 
 def test_a_drift_request_trains_only_on_the_events_since_the_change(
-        make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore) -> None:
+    make_aggregator: Callable[..., Aggregator], settings: Settings, store: RedisStore
+) -> None:
     agg = make_aggregator(min_events_for_model=40)
     old, new = event_records(60), event_records(50, start=60, seed=1)
     publish_events(settings, old + new[:30])

@@ -63,8 +63,7 @@ def store(cluster: LocalCluster) -> Iterator[ClusterStore]:
 # -- layout ----------------------------------------------------------------------------------
 
 
-def test_a_users_keys_share_a_slot_and_shared_groups_each_have_one(
-        store: ClusterStore) -> None:
+def test_a_users_keys_share_a_slot_and_shared_groups_each_have_one(store: ClusterStore) -> None:
     slot = RedisCluster.keyslot
     client: Any = store.cluster_client
     for user in ("alice", "}starts-with-a-brace", "a{b}c", "ünï"):
@@ -74,14 +73,27 @@ def test_a_users_keys_share_a_slot_and_shared_groups_each_have_one(
     spread = {slot(client, store.recs_key(f"user-{i}")) for i in range(200)}
     assert len(spread) > 150  # users spread over the slots
     groups = {
-        "stream": [store.key("offset", TOPIC, 0), store.key("offset", TOPIC, 7),
-                   store.key("topic-id", TOPIC), store.key("pending", TOPIC, 0),
-                   store.key("trend", "meta"), store.key("trend", "all"),
-                   store.key("partials", TOPIC, 3), store.key("partials", "index")],
-        "items": [store.key("items", "index"), store.key("items", "next"),
-                  store.key("items", "meta")],
-        "model": [store.key("model", "seq"), store.key("model", "current"),
-                  store.key("model", "versions"), store.key("model", 5, "chunk", 2)],
+        "stream": [
+            store.key("offset", TOPIC, 0),
+            store.key("offset", TOPIC, 7),
+            store.key("topic-id", TOPIC),
+            store.key("pending", TOPIC, 0),
+            store.key("trend", "meta"),
+            store.key("trend", "all"),
+            store.key("partials", TOPIC, 3),
+            store.key("partials", "index"),
+        ],
+        "items": [
+            store.key("items", "index"),
+            store.key("items", "next"),
+            store.key("items", "meta"),
+        ],
+        "model": [
+            store.key("model", "seq"),
+            store.key("model", "current"),
+            store.key("model", "versions"),
+            store.key("model", 5, "chunk", 2),
+        ],
         "consumers": [store.key("consumer", "g", "m1"), store.key("consumers", "g")],
         "aggregate": [store.key("aggregate", "request"), store.key("aggregate", "floor")],
     }
@@ -101,7 +113,8 @@ def test_an_unreachable_cluster_is_one_clear_error() -> None:
 
 
 def test_a_url_a_cluster_client_can_never_use_is_a_config_error_not_an_outage(
-        redis_url: str) -> None:
+    redis_url: str,
+) -> None:
     # A standalone Redis named as a cluster, and a database number: waiting cannot help.
     host_port = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
     for url in (f"redis+cluster://{host_port}", f"redis+cluster://{host_port}/1"):
@@ -114,13 +127,18 @@ def test_a_cluster_still_forming_is_waited_for_and_a_refusal_is_not() -> None:
 
     from metarec.services.cluster_store import _unreachable
 
-    forming = RedisClusterException("All slots are not covered after query all startup_nodes. "
-                                    "5461 of 16384 covered...")
-    down = RedisClusterException("Redis Cluster cannot be connected. Please provide at least "
-                                 "one reachable node: Error 111 connecting to 127.0.0.1:1.")
-    standalone = RedisClusterException("Redis Cluster cannot be connected. Please provide at "
-                                       "least one reachable node: Cluster mode is not enabled "
-                                       "on this node")
+    forming = RedisClusterException(
+        "All slots are not covered after query all startup_nodes. 5461 of 16384 covered..."
+    )
+    down = RedisClusterException(
+        "Redis Cluster cannot be connected. Please provide at least "
+        "one reachable node: Error 111 connecting to 127.0.0.1:1."
+    )
+    standalone = RedisClusterException(
+        "Redis Cluster cannot be connected. Please provide at "
+        "least one reachable node: Cluster mode is not enabled "
+        "on this node"
+    )
     assert _unreachable(forming) and _unreachable(down) and not _unreachable(standalone)
 
 
@@ -133,82 +151,188 @@ def partials_of(weights: dict[int, float]) -> PartialSums:
     return out
 
 
-def test_a_commit_writes_everything_and_a_zombie_changes_nothing(
-        store: ClusterStore) -> None:
+def test_a_commit_writes_everything_and_a_zombie_changes_nothing(store: ClusterStore) -> None:
     store.check_access()
     states = {f"u{i}": UserState.new(2, 3).to_bytes() for i in range(40)}
     recs = {u: json.dumps({"user": u}).encode() for u in states}
-    assert store.commit_batch(TOPIC, 0, None, 10, states=states, recs=recs, recs_ttl_s=60,
-                              partials=partials_of({0: 1.0}), events=10,
-                              trending=[{3: 1.0}], channels=CHANNELS, topic_id=LOG_ID) == 10
+    assert (
+        store.commit_batch(
+            TOPIC,
+            0,
+            None,
+            10,
+            states=states,
+            recs=recs,
+            recs_ttl_s=60,
+            partials=partials_of({0: 1.0}),
+            events=10,
+            trending=[{3: 1.0}],
+            channels=CHANNELS,
+            topic_id=LOG_ID,
+        )
+        == 10
+    )
     assert store.offsets(TOPIC, [0, 1]) == {0: 10, 1: None}
     assert store.read_recs("u7") == {"user": "u7"}
     assert store.cluster_client.ttl(store.recs_key("u7")) > 0
     assert store.applied_offsets(TOPIC, 0, ["u7", "nobody"], LOG_ID) == {"u7": 10, "nobody": 0}
     assert store.applied_offsets(TOPIC, 0, ["u7"], "another-log") == {"u7": 0}
-    before = {k: store.cluster_client.dump(k)
-              for k in store.cluster_client.scan_iter(match=f"{store.prefix}*")}
+    before = {
+        k: store.cluster_client.dump(k)
+        for k in store.cluster_client.scan_iter(match=f"{store.prefix}*")
+    }
     with pytest.raises(StaleOffset):
-        store.commit_batch(TOPIC, 0, 5, 20, states={"u1": b"zombie"}, recs={},
-                           recs_ttl_s=0, partials=partials_of({0: 9.0}), events=10,
-                           trending=[{3: 9.0}], channels=CHANNELS, topic_id=LOG_ID)
-    after = {k: store.cluster_client.dump(k)
-             for k in store.cluster_client.scan_iter(match=f"{store.prefix}*")}
+        store.commit_batch(
+            TOPIC,
+            0,
+            5,
+            20,
+            states={"u1": b"zombie"},
+            recs={},
+            recs_ttl_s=0,
+            partials=partials_of({0: 9.0}),
+            events=10,
+            trending=[{3: 9.0}],
+            channels=CHANNELS,
+            topic_id=LOG_ID,
+        )
+    after = {
+        k: store.cluster_client.dump(k)
+        for k in store.cluster_client.scan_iter(match=f"{store.prefix}*")
+    }
     assert after == before
     # A refresh rewrites lists without consuming, fenced by the offset as well.
-    store.commit_batch(TOPIC, 0, 10, 10, states={}, recs={"u1": b'{"v":2}'}, recs_ttl_s=0,
-                       partials=None, topic_id=LOG_ID)
+    store.commit_batch(
+        TOPIC,
+        0,
+        10,
+        10,
+        states={},
+        recs={"u1": b'{"v":2}'},
+        recs_ttl_s=0,
+        partials=None,
+        topic_id=LOG_ID,
+    )
     assert store.read_recs("u1") == {"v": 2}
     with pytest.raises(StaleOffset):
-        store.commit_batch(TOPIC, 0, 9, 9, states={}, recs={"u1": b"old"}, recs_ttl_s=0,
-                           partials=None, topic_id=LOG_ID)
+        store.commit_batch(
+            TOPIC,
+            0,
+            9,
+            9,
+            states={},
+            recs={"u1": b"old"},
+            recs_ttl_s=0,
+            partials=None,
+            topic_id=LOG_ID,
+        )
     assert store.read_recs("u1") == {"v": 2}
 
 
 def test_a_state_ttl_expires_a_users_state_and_applied_offsets_together(
-        store: ClusterStore) -> None:
+    store: ClusterStore,
+) -> None:
     client = store.cluster_client
     state = UserState.new(2, 3).to_bytes()
-    store.commit_batch(TOPIC, 0, None, 4, states={"u": state}, recs={"u": b"{}"},
-                       recs_ttl_s=0, state_ttl_s=86_400, partials=None, events=4,
-                       topic_id=LOG_ID)
+    store.commit_batch(
+        TOPIC,
+        0,
+        None,
+        4,
+        states={"u": state},
+        recs={"u": b"{}"},
+        recs_ttl_s=0,
+        state_ttl_s=86_400,
+        partials=None,
+        events=4,
+        topic_id=LOG_ID,
+    )
     assert 86_000 < client.ttl(store.key("user", "u")) <= 86_400
     # The applied offsets go with the state: a user seen again starts afresh, and a
     # replay within the TTL still finds them.
     assert 86_000 < client.ttl(store.key("done", "u")) <= 86_400
     assert client.ttl(store.recs_key("u")) == -1
-    store.commit_batch(TOPIC, 0, 4, 6, states={"u": state}, recs={}, recs_ttl_s=0,
-                       partials=None, events=2, topic_id=LOG_ID)
+    store.commit_batch(
+        TOPIC,
+        0,
+        4,
+        6,
+        states={"u": state},
+        recs={},
+        recs_ttl_s=0,
+        partials=None,
+        events=2,
+        topic_id=LOG_ID,
+    )
     assert client.ttl(store.key("user", "u")) == -1
 
 
-def test_a_failed_guard_writes_the_others_and_the_redo_skips_them(
-        store: ClusterStore) -> None:
+def test_a_failed_guard_writes_the_others_and_the_redo_skips_them(store: ClusterStore) -> None:
     loaded = {u: UserState.new(2, 3) for u in ("a", "b")}
-    store.commit_batch(TOPIC, 1, None, 5, states={u: s.to_bytes() for u, s in loaded.items()},
-                       recs={}, recs_ttl_s=0, partials=None, topic_id=LOG_ID)
+    store.commit_batch(
+        TOPIC,
+        1,
+        None,
+        5,
+        states={u: s.to_bytes() for u, s in loaded.items()},
+        recs={},
+        recs_ttl_s=0,
+        partials=None,
+        topic_id=LOG_ID,
+    )
     other = UserState.new(2, 3)
     other.n_events = 4
-    store.commit_batch(TOPIC, 2, None, 1, states={"b": other.to_bytes()}, recs={},
-                       recs_ttl_s=0, partials=None, guards={"b": count_guard(loaded["b"])},
-                       topic_id=LOG_ID)
+    store.commit_batch(
+        TOPIC,
+        2,
+        None,
+        1,
+        states={"b": other.to_bytes()},
+        recs={},
+        recs_ttl_s=0,
+        partials=None,
+        guards={"b": count_guard(loaded["b"])},
+        topic_id=LOG_ID,
+    )
     new = {u: UserState.new(2, 3) for u in ("a", "b")}
     for s in new.values():
         s.n_events = 1
     with pytest.raises(UserConflict) as info:
-        store.commit_batch(TOPIC, 1, 5, 9, states={u: s.to_bytes() for u, s in new.items()},
-                           recs={}, recs_ttl_s=0, partials=None, events=4,
-                           trending=[{1: 4.0}], channels=CHANNELS,
-                           guards={u: count_guard(s) for u, s in loaded.items()},
-                           topic_id=LOG_ID)
+        store.commit_batch(
+            TOPIC,
+            1,
+            5,
+            9,
+            states={u: s.to_bytes() for u, s in new.items()},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            events=4,
+            trending=[{1: 4.0}],
+            channels=CHANNELS,
+            guards={u: count_guard(s) for u, s in loaded.items()},
+            topic_id=LOG_ID,
+        )
     assert info.value.users == ["b"]
     assert store.applied_offsets(TOPIC, 1, ["a", "b"], LOG_ID) == {"a": 9, "b": 5}
     assert store.offsets(TOPIC, [1]) == {1: 5}  # not moved while a user is missing
     redo = UserState.new(2, 3)
     redo.n_events = 5
-    store.commit_batch(TOPIC, 1, 5, 9, states={"b": redo.to_bytes()}, recs={},
-                       recs_ttl_s=0, partials=None, events=4, trending=[{1: 4.0}],
-                       channels=CHANNELS, guards={"b": count_guard(other)}, topic_id=LOG_ID)
+    store.commit_batch(
+        TOPIC,
+        1,
+        5,
+        9,
+        states={"b": redo.to_bytes()},
+        recs={},
+        recs_ttl_s=0,
+        partials=None,
+        events=4,
+        trending=[{1: 4.0}],
+        channels=CHANNELS,
+        guards={"b": count_guard(other)},
+        topic_id=LOG_ID,
+    )
     assert store.offsets(TOPIC, [1]) == {1: 9}
     # The redo added the batch's trending counts once, not twice.
     assert store.trending(2, CHANNELS).counts(2)[0].tolist() == pytest.approx([0.0, 4.0])
@@ -219,9 +343,15 @@ class Replayer:
     the applied offsets; adapt each user to its events at or past its mark (here: count
     them); commit; on :class:`PendingBatch` return where the batch must end."""
 
-    def __init__(self, store: ClusterStore, events: list[tuple[str, int]], *,
-                 topic: str = TOPIC, log_id: str = LOG_ID,
-                 new_state: Callable[[], UserState] = lambda: UserState.new(2, 3)) -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        events: list[tuple[str, int]],
+        *,
+        topic: str = TOPIC,
+        log_id: str = LOG_ID,
+        new_state: Callable[[], UserState] = lambda: UserState.new(2, 3),
+    ) -> None:
         self.store = store
         self.events = events
         self.topic = topic
@@ -237,8 +367,10 @@ class Replayer:
         while True:
             raw, _ = store.load_users(users)
             marks = store.applied_offsets(self.topic, 0, users, self.log_id)
-            loaded = {u: None if b is None else UserState.from_bytes(b)
-                      for u, b in zip(users, raw, strict=True)}
+            loaded = {
+                u: None if b is None else UserState.from_bytes(b)
+                for u, b in zip(users, raw, strict=True)
+            }
             guards = {u: count_guard(s) for u, s in loaded.items()}
             new: dict[str, UserState] = {}
             trend: Counter[int] = Counter()
@@ -252,17 +384,30 @@ class Replayer:
                 applied[user] += 1
             partials = PartialSums.zeros(1, 2)
             if applied:
-                partials.add([0] * len(applied), [[1.0, 0.0]] * len(applied),
-                             [float(n) for n in applied.values()])
+                partials.add(
+                    [0] * len(applied),
+                    [[1.0, 0.0]] * len(applied),
+                    [float(n) for n in applied.values()],
+                )
             try:
                 store.commit_batch(
-                    self.topic, 0, expected, hi,
+                    self.topic,
+                    0,
+                    expected,
+                    hi,
                     states={u: s.to_bytes() for u, s in new.items()},
-                    recs={u: json.dumps({"user": u, "events": s.n_events}).encode()
-                          for u, s in new.items()},
-                    recs_ttl_s=0, partials=partials if applied else None,
-                    events=sum(applied.values()), trending=[dict(trend)], channels=CHANNELS,
-                    guards=guards, topic_id=self.log_id)
+                    recs={
+                        u: json.dumps({"user": u, "events": s.n_events}).encode()
+                        for u, s in new.items()
+                    },
+                    recs_ttl_s=0,
+                    partials=partials if applied else None,
+                    events=sum(applied.values()),
+                    trending=[dict(trend)],
+                    channels=CHANNELS,
+                    guards=guards,
+                    topic_id=self.log_id,
+                )
             except PendingBatch as exc:
                 return exc.pending
             except UserConflict:
@@ -290,6 +435,7 @@ def crash_at(store: ClusterStore, step: str) -> None:
     def point(at: str) -> None:
         if at == step:
             raise Crash(step)
+
     store.steps.crash_point = point
 
 
@@ -299,12 +445,14 @@ def crash_after_half_the_users(store: ClusterStore) -> None:
     def half(calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         run(calls[: len(calls) // 2])
         raise Crash("users")
+
     store.steps._run_users = half  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("where", ["begun", "half the users", "users", "end (reply lost)"])
 def test_a_crash_between_steps_neither_loses_nor_doubles_an_event(
-        store: ClusterStore, where: str) -> None:
+    store: ClusterStore, where: str
+) -> None:
     rng = random.Random(where)
     users = [f"u{i}" for i in range(25)]
     events = [(rng.choice(users), rng.randrange(50)) for _ in range(300)]
@@ -321,9 +469,20 @@ def test_a_crash_between_steps_neither_loses_nor_doubles_an_event(
         # The commit went through and its reply was lost: the retry finds the offset moved
         # to its own end, which the consumer reads as "already written".
         with pytest.raises(StaleOffset) as info:
-            store.commit_batch(TOPIC, 0, 40, 130, states={}, recs={}, recs_ttl_s=0,
-                               partials=None, events=90, trending=[{1: 90.0}],
-                               channels=CHANNELS, topic_id=LOG_ID)
+            store.commit_batch(
+                TOPIC,
+                0,
+                40,
+                130,
+                states={},
+                recs={},
+                recs_ttl_s=0,
+                partials=None,
+                events=90,
+                trending=[{1: 90.0}],
+                channels=CHANNELS,
+                topic_id=LOG_ID,
+            )
         assert info.value.stored == 130
     # A new owner: a fresh store (no crash points), other batch sizes.
     again = ClusterStore(store.cluster_client, store.prefix)
@@ -332,22 +491,23 @@ def test_a_crash_between_steps_neither_loses_nor_doubles_an_event(
     assert again.offsets(TOPIC, [0]) == {0: len(events)}
     per_user = Counter(u for u, _ in events)
     raw, _ = again.load_users(users)
-    counts = {u: UserState.from_bytes(b).n_events for u, b in zip(users, raw, strict=True)
-              if b is not None}
+    counts = {
+        u: UserState.from_bytes(b).n_events
+        for u, b in zip(users, raw, strict=True)
+        if b is not None
+    }
     assert counts == {u: per_user[u] for u in users if per_user[u]}
     for u in users:
         rec = again.read_recs(u)
         assert rec is not None and rec["events"] == per_user[u]
     trend = again.trending(50, CHANNELS).counts(50)[0]
-    assert trend.tolist() == pytest.approx([sum(1 for _, i in events if i == k)
-                                            for k in range(50)])
+    assert trend.tolist() == pytest.approx([sum(1 for _, i in events if i == k) for k in range(50)])
     [partials] = again.take_partials(TOPIC)
     assert float(partials.weights.sum()) == pytest.approx(len(events))
     assert again.cluster_client.get(again.key("pending", TOPIC, 0)) is None
 
 
-def test_a_rebase_clears_the_pending_batch_and_old_marks_mean_nothing(
-        store: ClusterStore) -> None:
+def test_a_rebase_clears_the_pending_batch_and_old_marks_mean_nothing(store: ClusterStore) -> None:
     events = [("u1", 1)] * 10
     crash_at(store, "users")
     with pytest.raises(Crash):
@@ -363,8 +523,12 @@ def test_a_rebase_clears_the_pending_batch_and_old_marks_mean_nothing(
 
 
 def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
-        tmp_path: Path, kafka_bootstrap: str, kafka_admin: Any,
-        make_topic: Callable[..., str], store: ClusterStore) -> None:
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_admin: Any,
+    make_topic: Callable[..., str],
+    store: ClusterStore,
+) -> None:
     from confluent_kafka import TopicCollection
 
     from tests.consumer.system import Publisher, System, check_exactly_once
@@ -372,18 +536,25 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     cluster_url = store.cluster_client.get_default_node()
-    system = System(bootstrap=kafka_bootstrap,
-                    redis_url=f"redis+cluster://{cluster_url.host}:{cluster_url.port}",
-                    prefix=store.prefix, group=f"g-{uuid.uuid4().hex[:8]}",
-                    events=make_topic(1), items=make_topic(1), users=make_topic(1),
-                    dlq=make_topic(1), model=make_topic(1), partitions=1, store=store,
-                    log_dir=log_dir)
+    system = System(
+        bootstrap=kafka_bootstrap,
+        redis_url=f"redis+cluster://{cluster_url.host}:{cluster_url.port}",
+        prefix=store.prefix,
+        group=f"g-{uuid.uuid4().hex[:8]}",
+        events=make_topic(1),
+        items=make_topic(1),
+        users=make_topic(1),
+        dlq=make_topic(1),
+        model=make_topic(1),
+        partitions=1,
+        store=store,
+        log_dir=log_dir,
+    )
     pub = Publisher(kafka_bootstrap)
     users = [f"u{i}" for i in range(30)]
     events = [(users[n % 30], n % 7) for n in range(300)]
     for user, item in events:
-        pub.send_event(system.events, Event(user, f"i{item}", "click",
-                                            int(time.time() * 1000)))
+        pub.send_event(system.events, Event(user, f"i{item}", "click", int(time.time() * 1000)))
     pub.flush()
     # A consumer died half-way through writing the users of the batch [0, 120): the
     # shared effects are written, half the users are, the offset is not.
@@ -393,8 +564,13 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
     store.item_indices([f"i{k}" for k in range(7)], ["default"] * 7)
     crash_after_half_the_users(store)
     with pytest.raises(Crash):
-        Replayer(store, events, topic=system.events, log_id=log_id,
-                 new_state=Learner.from_settings(system.settings()).new_state).batch(0, 120)
+        Replayer(
+            store,
+            events,
+            topic=system.events,
+            log_id=log_id,
+            new_state=Learner.from_settings(system.settings()).new_state,
+        ).batch(0, 120)
     assert store.offsets(system.events, [0]) == {0: None}
     try:
         proc = system.start()
@@ -407,20 +583,28 @@ def test_a_consumer_finishes_a_batch_a_crashed_one_left_half_written(
         system.close()
 
 
-
 def test_a_consumer_started_before_its_cluster_waits_for_it(
-        tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
+    tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]
+) -> None:
     from tests.consumer.system import Publisher, System, check_exactly_once
 
     ports = free_ports(3)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    system = System(bootstrap=kafka_bootstrap, redis_url=f"redis+cluster://127.0.0.1:{ports[0]}",
-                    prefix=f"t{uuid.uuid4().hex[:6]}:", group=f"g-{uuid.uuid4().hex[:8]}",
-                    events=make_topic(2), items=make_topic(1), users=make_topic(1),
-                    dlq=make_topic(1), model=make_topic(1), partitions=2,
-                    store=None,  # type: ignore[arg-type]  # set once the cluster is up
-                    log_dir=log_dir)
+    system = System(
+        bootstrap=kafka_bootstrap,
+        redis_url=f"redis+cluster://127.0.0.1:{ports[0]}",
+        prefix=f"t{uuid.uuid4().hex[:6]}:",
+        group=f"g-{uuid.uuid4().hex[:8]}",
+        events=make_topic(2),
+        items=make_topic(1),
+        users=make_topic(1),
+        dlq=make_topic(1),
+        model=make_topic(1),
+        partitions=2,
+        store=None,  # type: ignore[arg-type]  # set once the cluster is up
+        log_dir=log_dir,
+    )
     pub = Publisher(kafka_bootstrap)
     events = [(f"u{n % 20}", n % 9) for n in range(200)]
     for user, item in events:
@@ -440,8 +624,7 @@ def test_a_consumer_started_before_its_cluster_waits_for_it(
         system.store = RedisStore.connect(cluster.url, system.prefix)
         system.wait_applied(pub.ends(system.events), timeout=60)
         check_exactly_once(system, Counter(u for u, _ in events))
-        lines = [json.loads(line) for line in log.read_text().splitlines()
-                 if line.startswith("{")]
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         errors = [x for x in lines if x.get("level") == "ERROR"]
         assert len(errors) == 1 and "METAREC_REDIS_URL" in json.dumps(errors[0]), errors
         assert any("answers again" in x.get("msg", "") for x in lines), system.logs()
@@ -453,8 +636,8 @@ def test_a_consumer_started_before_its_cluster_waits_for_it(
 
 
 def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
-        tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str],
-        store: ClusterStore) -> None:
+    tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str], store: ClusterStore
+) -> None:
     from tests.consumer.system import (
         FAST_GROUP,
         Background,
@@ -468,15 +651,26 @@ def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
     )
 
     node = store.cluster_client.get_default_node()
-    system = System(bootstrap=kafka_bootstrap, redis_url=f"redis+cluster://{node.host}:"
-                    f"{node.port}", prefix=store.prefix, group=f"g-{uuid.uuid4().hex[:8]}",
-                    events=make_topic(2), items=make_topic(1), users=make_topic(1),
-                    dlq=make_topic(1), model=make_topic(1), partitions=2, store=store,
-                    log_dir=tmp_path, extra_env=dict(FAST_GROUP))
+    system = System(
+        bootstrap=kafka_bootstrap,
+        redis_url=f"redis+cluster://{node.host}:{node.port}",
+        prefix=store.prefix,
+        group=f"g-{uuid.uuid4().hex[:8]}",
+        events=make_topic(2),
+        items=make_topic(1),
+        users=make_topic(1),
+        dlq=make_topic(1),
+        model=make_topic(1),
+        partitions=2,
+        store=store,
+        log_dir=tmp_path,
+        extra_env=dict(FAST_GROUP),
+    )
     events = stream(seed=13, limit=1500)
     # A model first, so that every applied event also lands in the partial sums.
-    store.publish_model(make_model(sorted({e.item for e in events}),
-                                   sorted({e.domain for e in events})).to_bytes())
+    store.publish_model(
+        make_model(sorted({e.item for e in events}), sorted({e.domain for e in events})).to_bytes()
+    )
     pub = Publisher(kafka_bootstrap)
     replay = Background(lambda: publish_paced(pub, system.events, events, rate=150.0))
     rng = random.Random(7)
@@ -485,9 +679,14 @@ def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
         for kill in range(3):
             proc = system.start()
             before = system.applied()
-            wait_until(lambda before=before: system.applied() > before, 60.0,
-                       f"consumer {kill + 1} to apply events", system.logs, interval=0.05,
-                       procs=[proc])
+            wait_until(
+                lambda before=before: system.applied() > before,
+                60.0,
+                f"consumer {kill + 1} to apply events",
+                system.logs,
+                interval=0.05,
+                procs=[proc],
+            )
             time.sleep(rng.uniform(0.0, 0.5))  # a random moment of its work
             system.kill(proc)
         final = system.start()
@@ -505,7 +704,8 @@ def test_sigkilled_consumers_on_a_cluster_apply_every_event_exactly_once(
 
 
 def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_dead_master_is_reported(  # noqa: E501
-        tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
+    tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]
+) -> None:
     from tests.consumer.system import (
         Publisher,
         System,
@@ -521,33 +721,50 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
     store = RedisStore.connect(cluster.url, prefix)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    system = System(bootstrap=kafka_bootstrap, redis_url=cluster.url, prefix=prefix,
-                    group=f"g-{uuid.uuid4().hex[:8]}", events=make_topic(2),
-                    items=make_topic(1), users=make_topic(1), dlq=make_topic(1),
-                    model=make_topic(1), partitions=2, store=store, log_dir=log_dir,
-                    extra_env={"METAREC_REDIS_RETRY_S": "4",
-                               "METAREC_MIN_EVENTS_FOR_MODEL": "600"})
+    system = System(
+        bootstrap=kafka_bootstrap,
+        redis_url=cluster.url,
+        prefix=prefix,
+        group=f"g-{uuid.uuid4().hex[:8]}",
+        events=make_topic(2),
+        items=make_topic(1),
+        users=make_topic(1),
+        dlq=make_topic(1),
+        model=make_topic(1),
+        partitions=2,
+        store=store,
+        log_dir=log_dir,
+        extra_env={"METAREC_REDIS_RETRY_S": "4", "METAREC_MIN_EVENTS_FOR_MODEL": "600"},
+    )
     events = stream(seed=5, limit=1500)
     first, second = events[:1000], events[1000:]
     try:
         consumers = [system.start(), system.start()]
         aggregator = system.start(["-m", "metarec.cli", "aggregate"])
         procs = [*consumers, aggregator]
-        wait_until(lambda: owned(system, consumers) == [0, 1], 40.0,
-                   "two consumers to own the two partitions",
-                   lambda: f"{system.heartbeat_partitions(consumers)}{system.logs()}",
-                   procs=procs)
+        wait_until(
+            lambda: owned(system, consumers) == [0, 1],
+            40.0,
+            "two consumers to own the two partitions",
+            lambda: f"{system.heartbeat_partitions(consumers)}{system.logs()}",
+            procs=procs,
+        )
         pub = Publisher(kafka_bootstrap)
         for e in first:
             pub.send_event(system.events, e)
         pub.flush()
         system.wait_applied(pub.ends(system.events), timeout=60)
         check_exactly_once(system, pub.per_user(system.events))
-        wait_until(lambda: all(b.get("model_version") for b in
-                               system.store.heartbeats(system.group).values())
-                   and len(system.store.heartbeats(system.group)) == 2, 60.0,
-                   "a model version published and loaded by both consumers",
-                   system.logs, procs=procs)
+        wait_until(
+            lambda: (
+                all(b.get("model_version") for b in system.store.heartbeats(system.group).values())
+                and len(system.store.heartbeats(system.group)) == 2
+            ),
+            60.0,
+            "a model version published and loaded by both consumers",
+            system.logs,
+            procs=procs,
+        )
         now = int(time.time() * 1000)
         for n, e in enumerate(second):
             pub.send_event(system.events, Event(e.user, e.item, e.type, now + n, e.domain))
@@ -557,33 +774,45 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
         check_exactly_once(system, per_user)
         catalog = {e.item for e in events}
         for user in sorted({e.user for e in second})[:50]:
-            check_list(system, user, events=per_user[user], catalog=catalog,
-                       consumed={e.item for e in events if e.user == user}, top_k=20)
+            check_list(
+                system,
+                user,
+                events=per_user[user],
+                catalog=catalog,
+                consumed={e.item for e in events if e.user == user},
+                top_k=20,
+            )
         assert system.store.current_model_version() is not None
         # The operator commands work on the cluster as they do on one Redis.
         from tests.services.test_operations import metarec
+
         user = second[0].user
         seen = metarec(system, "recs", user)
         assert seen["key"] == f"{prefix}recs:{{u:{user}}}" == store.recs_key(user)
         assert seen["recs"]["user"] == user and seen["state"]["events"] == per_user[user]
         assert metarec(system, "model", "list")[0]["current"]
         assert metarec(system, "user", "reset", "nobody-at-all") == {
-            "user": "nobody-at-all", "reset": False}
-        assert all(key.startswith(prefix.encode()) for key in
-                   store.cluster_client.scan_iter(match=f"{prefix}*"))
+            "user": "nobody-at-all",
+            "reset": False,
+        }
+        assert all(
+            key.startswith(prefix.encode())
+            for key in store.cluster_client.scan_iter(match=f"{prefix}*")
+        )
 
         # One master dies (no replica to take over): the cluster stops taking commands.
         cluster.kill(2)
         for n in range(200):
-            pub.send_event(system.events, Event(f"late-{n % 20}", "late-item", "click",
-                                                int(time.time() * 1000)))
+            pub.send_event(
+                system.events,
+                Event(f"late-{n % 20}", "late-item", "click", int(time.time() * 1000)),
+            )
         pub.flush()
         for c in consumers:
             try:
                 c.wait(timeout=40)
             except Exception:
-                pytest.fail(f"consumer {c.pid} still runs 40 s after a master died"
-                            f"{system.logs()}")
+                pytest.fail(f"consumer {c.pid} still runs 40 s after a master died{system.logs()}")
         for c in consumers:
             assert c.returncode == 1, system.logs()
             text = (log_dir / f"proc-{system.procs.index(c)}.log").read_text()
@@ -591,8 +820,10 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
             fatal = [r for r in lines if r["level"] == "CRITICAL"]
             assert len(fatal) == 1, lines[-5:]
             assert "METAREC_REDIS_URL" in fatal[0]["error"], fatal[0]
-            assert any(cause in fatal[0]["error"] for cause in
-                       ("ClusterDownError", "ConnectionError", "SlotNotCovered")), fatal[0]
+            assert any(
+                cause in fatal[0]["error"]
+                for cause in ("ClusterDownError", "ConnectionError", "SlotNotCovered")
+            ), fatal[0]
         # No state is corrupt: every one the live masters hold decodes, and none counts
         # more events than were published for its user.
         per_user = pub.per_user(system.events)
@@ -602,7 +833,7 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
         for node in live:
             client: Any = reader.get_redis_connection(node)
             for key in client.scan_iter(match=f"{prefix}user:*", count=500):
-                user = key.decode()[len(prefix) + len("user:{u:"):-1]
+                user = key.decode()[len(prefix) + len("user:{u:") : -1]
                 state = UserState.from_bytes(client.get(key))
                 assert 0 < state.n_events <= per_user[user], (user, state.n_events)
                 checked += 1
@@ -612,19 +843,39 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
         cluster.stop()
 
 
-
 def test_the_read_client_finds_lists_and_fallbacks_across_the_cluster(
-        store: ClusterStore, cluster: LocalCluster) -> None:
+    store: ClusterStore, cluster: LocalCluster
+) -> None:
     from metarec.client import Recommendations
 
     users = [f"reader-{i}" for i in range(30)]  # spread over all three masters' slots
     for i, user in enumerate(users[:20]):
-        store.cluster_client.set(store.recs_key(user), json.dumps(
-            {"user": user, "items": [f"i{i}"], "scores": [1.0], "model_version": 1,
-             "events": 1, "updated_ms": 5}).encode())
-    store.write_fallbacks({"default": json.dumps(
-        {"domain": "default", "items": ["top"], "scores": [0.5], "model_version": 1,
-         "updated_ms": 6}).encode()})
+        store.cluster_client.set(
+            store.recs_key(user),
+            json.dumps(
+                {
+                    "user": user,
+                    "items": [f"i{i}"],
+                    "scores": [1.0],
+                    "model_version": 1,
+                    "events": 1,
+                    "updated_ms": 5,
+                }
+            ).encode(),
+        )
+    store.write_fallbacks(
+        {
+            "default": json.dumps(
+                {
+                    "domain": "default",
+                    "items": ["top"],
+                    "scores": [0.5],
+                    "model_version": 1,
+                    "updated_ms": 6,
+                }
+            ).encode()
+        }
+    )
     recs = Recommendations.from_url(cluster.url, prefix=store.prefix)
     assert recs.cluster
     got = {u: r for u, r in recs.get_many(users).items() if r is not None}

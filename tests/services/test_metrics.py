@@ -54,14 +54,18 @@ def free_port() -> int:
 
 
 def metric(text: str, name: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name) and not line.startswith("#")]
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    ]
     return sum(values)
 
 
 @pytest.mark.slow
 def test_a_consumer_exports_what_it_applied_and_its_groups_lag(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(2)
     port = free_port()
     proc = system.start(METAREC_METRICS_PORT=str(port))
@@ -76,14 +80,21 @@ def test_a_consumer_exports_what_it_applied_and_its_groups_lag(
 
     def exported() -> bool:
         text = get(port, "/metrics")[1].decode()
-        return (metric(text, "metarec_events_applied_total") == 300
-                and metric(text, "metarec_events_consumed_total") == 301
-                and metric(text, 'metarec_dead_letters_total{reason="not-json"}') == 1
-                and metric(text, "metarec_lag{") == 0
-                and metric(text, "metarec_freshness_seconds_count") > 0)
+        return (
+            metric(text, "metarec_events_applied_total") == 300
+            and metric(text, "metarec_events_consumed_total") == 301
+            and metric(text, 'metarec_dead_letters_total{reason="not-json"}') == 1
+            and metric(text, "metarec_lag{") == 0
+            and metric(text, "metarec_freshness_seconds_count") > 0
+        )
 
-    wait_until(exported, 20.0, "the counters to show the batch",
-               lambda: get(port, "/metrics")[1].decode()[-2000:], procs=[proc])
+    wait_until(
+        exported,
+        20.0,
+        "the counters to show the batch",
+        lambda: get(port, "/metrics")[1].decode()[-2000:],
+        procs=[proc],
+    )
     assert get(port, "/healthz")[0] == 200
     assert get(port, "/readyz") == (200, b'{"ready": true, "missing": []}')
     assert system.terminate(proc) == 0

@@ -29,14 +29,20 @@ __all__ = ["make_system"]
 
 
 def metarec(system: System, *argv: str) -> Any:
-    proc = subprocess.run([sys.executable, "-m", "metarec.cli", *argv], env=system.env(),
-                          cwd=REPO, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metarec.cli", *argv],
+        env=system.env(),
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     return json.loads(proc.stdout)
 
 
 def test_an_operator_inspects_resets_replays_and_rolls_back(
-        make_system: Callable[..., System], kafka_bootstrap: str) -> None:
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
     system = make_system(2)
     items = [f"i{n}" for n in range(40)]
     v1 = system.store.publish_model(make_model(items, ["default"], seed=1).to_bytes())
@@ -50,8 +56,7 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
     # and a record keyed by another user.
     bad = json.dumps({"user": "u9", "item": "i1", "type": "share", "ts": now}).encode()
     pub.send(system.events, b"u9", bad)
-    pub.send(system.events, b"u1", json.dumps(Event("u2", "i2", "click", now).to_json())
-             .encode())
+    pub.send(system.events, b"u1", json.dumps(Event("u2", "i2", "click", now).to_json()).encode())
     pub.flush()
     system.wait_applied(pub.ends(system.events))
 
@@ -68,10 +73,18 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
     system.terminate(proc)
     fixed = system.start(METAREC_EVENT_TYPES="click:1,like:2,dislike:-1,share:1")
     assert metarec(system, "dlq", "replay", "--matching", "'share'") == {
-        "replayed": 1, "skipped": 0, "not_matching": 1}
+        "replayed": 1,
+        "skipped": 0,
+        "not_matching": 1,
+    }
     assert metarec(system, "dlq", "replay")["replayed"] == 0  # checkpointed
-    wait_until(lambda: system.state("u9") is not None, 30.0, "the replayed event",
-               system.logs, procs=[fixed])
+    wait_until(
+        lambda: system.state("u9") is not None,
+        30.0,
+        "the replayed event",
+        system.logs,
+        procs=[fixed],
+    )
     check_exactly_once(system, {"u9": 1, "u1": 10})
 
     assert metarec(system, "user", "reset", "u1") == {"user": "u1", "reset": True}
@@ -84,6 +97,10 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
     assert system.store.load_model_blob(back["published"]) == system.store.load_model_blob(v1)
     pub.send_event(system.events, Event("u3", "i7", "like", now + 99))
     pub.flush()
-    wait_until(lambda: (system.recs("u3") or {}).get("model_version") == back["published"],
-               30.0, "the consumer to serve the rolled-back model", system.logs,
-               procs=[fixed])
+    wait_until(
+        lambda: (system.recs("u3") or {}).get("model_version") == back["published"],
+        30.0,
+        "the consumer to serve the rolled-back model",
+        system.logs,
+        procs=[fixed],
+    )

@@ -32,20 +32,28 @@ def store(redis_client: redis.Redis[bytes], key_prefix: str) -> RedisStore:
 
 def snapshot(client: redis.Redis[bytes], prefix: str) -> dict[bytes, tuple[bytes | None, bool]]:
     """Every key under ``prefix``: its DUMP (type and content) and whether it has a TTL."""
-    return {key: (client.dump(key), client.ttl(key) > 0)
-            for key in client.scan_iter(match=f"{prefix}*")}
+    return {
+        key: (client.dump(key), client.ttl(key) > 0) for key in client.scan_iter(match=f"{prefix}*")
+    }
 
 
-def commit(store: RedisStore, expected: int | None, nxt: int, tag: str, *,
-           partition: int = 0, ttl: int = 0) -> int:
+def commit(
+    store: RedisStore, expected: int | None, nxt: int, tag: str, *, partition: int = 0, ttl: int = 0
+) -> int:
     """A batch touching every key type: states, recs, trending, partial sums, offset."""
     partials = PartialSums.zeros(2, 3)
     partials.add([1], [[0.5, -0.25, 2.0]], [2.0])
     return store.commit_batch(
-        TOPIC, partition, expected, nxt,
+        TOPIC,
+        partition,
+        expected,
+        nxt,
         states={"u1": f"state-{tag}".encode(), "u2": b"\x00\xff" + tag.encode()},
         recs={"u1": json.dumps({"user": "u1", "items": [tag]}).encode()},
-        recs_ttl_s=ttl, partials=partials, events=2, trending=[{3: 1.5, 7: 0.25}] * 2,
+        recs_ttl_s=ttl,
+        partials=partials,
+        events=2,
+        trending=[{3: 1.5, 7: 0.25}] * 2,
         channels=CHANNELS,
     )
 
@@ -54,7 +62,8 @@ def commit(store: RedisStore, expected: int | None, nxt: int, tag: str, *,
 
 
 def test_commit_applies_everything_and_moves_the_offset(
-        store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     assert commit(store, None, 10, "a") == 2  # the trending clock: two events so far
     assert store.offsets(TOPIC, [0, 1]) == {0: 10, 1: None}
     states, profiles = store.load_users(["u1", "u2", "nobody"])
@@ -70,11 +79,12 @@ def test_commit_applies_everything_and_moves_the_offset(
 
 
 def test_a_zombie_batch_raises_and_changes_nothing(
-        store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     commit(store, None, 10, "old-owner")
     commit(store, 10, 20, "new-owner", ttl=60)
     before = snapshot(redis_client, key_prefix)
-    kinds = {k[len(key_prefix):].split(b":")[0] for k in before}
+    kinds = {k[len(key_prefix) :].split(b":")[0] for k in before}
     assert {b"user", b"recs", b"trend", b"partials", b"offset"} <= kinds
     with pytest.raises(StaleOffset) as info:
         commit(store, 10, 15, "zombie")
@@ -96,8 +106,9 @@ def test_offsets_must_not_go_back_and_refresh_keeps_the_offset(store: RedisStore
     commit(store, None, 10, "a")
     with pytest.raises(ValueError, match="before expected_offset"):
         commit(store, 10, 9, "b")
-    store.commit_batch(TOPIC, 0, 10, 10, states={}, recs={"u1": b'{"v":2}'}, recs_ttl_s=0,
-                       partials=None)
+    store.commit_batch(
+        TOPIC, 0, 10, 10, states={}, recs={"u1": b'{"v":2}'}, recs_ttl_s=0, partials=None
+    )
     assert store.offsets(TOPIC, [0]) == {0: 10}
     assert store.read_recs("u1") == {"v": 2}
     commit(store, 10, 11, "c")  # the refresh did not move the fence
@@ -110,96 +121,194 @@ def user_state(n_events: int) -> UserState:
 
 
 def test_a_users_state_written_meanwhile_refuses_the_whole_unit(
-        store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     # Two consumers load u1 at 3 events; the one on partition 1 writes first.
     loaded = user_state(3)
-    store.commit_batch(TOPIC, 0, None, 5, states={"u1": loaded.to_bytes()}, recs={},
-                       recs_ttl_s=0, partials=None)
-    store.commit_batch(TOPIC, 1, None, 7, states={"u1": user_state(4).to_bytes()},
-                       recs={"u1": b"list-1"}, recs_ttl_s=0, partials=None,
-                       guards={"u1": count_guard(loaded)})
+    store.commit_batch(
+        TOPIC, 0, None, 5, states={"u1": loaded.to_bytes()}, recs={}, recs_ttl_s=0, partials=None
+    )
+    store.commit_batch(
+        TOPIC,
+        1,
+        None,
+        7,
+        states={"u1": user_state(4).to_bytes()},
+        recs={"u1": b"list-1"},
+        recs_ttl_s=0,
+        partials=None,
+        guards={"u1": count_guard(loaded)},
+    )
     before = snapshot(redis_client, key_prefix)
     with pytest.raises(UserConflict) as caught:
-        store.commit_batch(TOPIC, 0, 5, 9, states={"u0": b"new", "u1": b"stale"},
-                           recs={"u1": b"stale-list"}, recs_ttl_s=0, partials=None, events=2,
-                           guards={"u0": count_guard(None), "u1": count_guard(loaded)})
+        store.commit_batch(
+            TOPIC,
+            0,
+            5,
+            9,
+            states={"u0": b"new", "u1": b"stale"},
+            recs={"u1": b"stale-list"},
+            recs_ttl_s=0,
+            partials=None,
+            events=2,
+            guards={"u0": count_guard(None), "u1": count_guard(loaded)},
+        )
     assert caught.value.users == ["u1"]
     assert snapshot(redis_client, key_prefix) == before  # not even the offset moved
     # Redone from the stored state, it lands; a user that appeared meanwhile conflicts too.
     redis_client.set(store.key("user", "u0"), user_state(1).to_bytes())
     with pytest.raises(UserConflict) as caught:
-        store.commit_batch(TOPIC, 0, 5, 9, states={"u0": b"x", "u1": b"y"}, recs={},
-                           recs_ttl_s=0, partials=None,
-                           guards={"u0": count_guard(None), "u1": count_guard(user_state(4))})
+        store.commit_batch(
+            TOPIC,
+            0,
+            5,
+            9,
+            states={"u0": b"x", "u1": b"y"},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            guards={"u0": count_guard(None), "u1": count_guard(user_state(4))},
+        )
     assert caught.value.users == ["u0"]
-    store.commit_batch(TOPIC, 0, 5, 9, states={"u0": b"x", "u1": b"y"}, recs={},
-                       recs_ttl_s=0, partials=None,
-                       guards={"u0": count_guard(user_state(1)),
-                               "u1": count_guard(user_state(4))})
+    store.commit_batch(
+        TOPIC,
+        0,
+        5,
+        9,
+        states={"u0": b"x", "u1": b"y"},
+        recs={},
+        recs_ttl_s=0,
+        partials=None,
+        guards={"u0": count_guard(user_state(1)), "u1": count_guard(user_state(4))},
+    )
     assert store.load_users(["u0", "u1"])[0] == [b"x", b"y"]
     assert store.offsets(TOPIC, [0, 1]) == {0: 9, 1: 7}
 
 
 def test_a_refresh_skips_only_the_users_written_meanwhile(store: RedisStore) -> None:
-    store.commit_batch(TOPIC, 0, None, 5,
-                       states={"a": user_state(2).to_bytes(), "b": user_state(6).to_bytes()},
-                       recs={"a": b"old-a", "b": b"old-b"}, recs_ttl_s=0, partials=None)
-    store.commit_batch(TOPIC, 0, 5, 5, states={"a": b"fresh-a", "b": b"fresh-b"},
-                       recs={"a": b"new-a", "b": b"new-b"}, recs_ttl_s=0, partials=None,
-                       guards={"a": count_guard(user_state(2)),
-                               "b": count_guard(user_state(5))},
-                       skip_conflicts=True)
+    store.commit_batch(
+        TOPIC,
+        0,
+        None,
+        5,
+        states={"a": user_state(2).to_bytes(), "b": user_state(6).to_bytes()},
+        recs={"a": b"old-a", "b": b"old-b"},
+        recs_ttl_s=0,
+        partials=None,
+    )
+    store.commit_batch(
+        TOPIC,
+        0,
+        5,
+        5,
+        states={"a": b"fresh-a", "b": b"fresh-b"},
+        recs={"a": b"new-a", "b": b"new-b"},
+        recs_ttl_s=0,
+        partials=None,
+        guards={"a": count_guard(user_state(2)), "b": count_guard(user_state(5))},
+        skip_conflicts=True,
+    )
     assert store.load_users(["a", "b"])[0] == [b"fresh-a", user_state(6).to_bytes()]
     assert store.client.get(store.recs_key("a")) == b"new-a"
     assert store.client.get(store.recs_key("b")) == b"old-b"
 
 
 def test_recs_are_byte_exact_and_get_their_ttl(
-        store: RedisStore, redis_client: redis.Redis[bytes]) -> None:
-    value = json.dumps({"user": "ü", "items": ["x"], "scores": [0.1]},
-                       ensure_ascii=False).encode()
-    store.commit_batch(TOPIC, 0, None, 1, states={"ü": b"s"}, recs={"ü": value},
-                       recs_ttl_s=30, partials=None)
+    store: RedisStore, redis_client: redis.Redis[bytes]
+) -> None:
+    value = json.dumps({"user": "ü", "items": ["x"], "scores": [0.1]}, ensure_ascii=False).encode()
+    store.commit_batch(
+        TOPIC, 0, None, 1, states={"ü": b"s"}, recs={"ü": value}, recs_ttl_s=30, partials=None
+    )
     assert redis_client.get(store.recs_key("ü")) == value
     assert 0 < redis_client.ttl(store.recs_key("ü")) <= 30
     assert redis_client.ttl(f"{store.prefix}user:ü") == -1  # states: no TTL unless asked
-    store.commit_batch(TOPIC, 0, 1, 2, states={}, recs={"ü": value}, recs_ttl_s=0,
-                       partials=None)
+    store.commit_batch(TOPIC, 0, 1, 2, states={}, recs={"ü": value}, recs_ttl_s=0, partials=None)
     assert redis_client.ttl(store.recs_key("ü")) == -1
 
 
 def test_a_state_ttl_expires_inactive_users_and_each_write_renews_it(
-        store: RedisStore, redis_client: redis.Redis[bytes]) -> None:
+    store: RedisStore, redis_client: redis.Redis[bytes]
+) -> None:
     state_key = f"{store.prefix}user:u"
-    store.commit_batch(TOPIC, 0, None, 1, states={"u": b"s1"}, recs={"u": b"l1"},
-                       recs_ttl_s=0, state_ttl_s=86_400, partials=None)
+    store.commit_batch(
+        TOPIC,
+        0,
+        None,
+        1,
+        states={"u": b"s1"},
+        recs={"u": b"l1"},
+        recs_ttl_s=0,
+        state_ttl_s=86_400,
+        partials=None,
+    )
     assert 86_000 < redis_client.ttl(state_key) <= 86_400
     assert redis_client.ttl(store.recs_key("u")) == -1  # lists follow recs_ttl_s alone
     redis_client.expire(state_key, 5)  # as if the user had been away for a day
-    store.commit_batch(TOPIC, 0, 1, 2, states={"u": b"s2"}, recs={}, recs_ttl_s=0,
-                       state_ttl_s=86_400, partials=None)
+    store.commit_batch(
+        TOPIC,
+        0,
+        1,
+        2,
+        states={"u": b"s2"},
+        recs={},
+        recs_ttl_s=0,
+        state_ttl_s=86_400,
+        partials=None,
+    )
     assert 86_000 < redis_client.ttl(state_key) <= 86_400  # their next event renews it
-    store.commit_batch(TOPIC, 0, 2, 3, states={"u": b"s3"}, recs={}, recs_ttl_s=0,
-                       partials=None)
+    store.commit_batch(TOPIC, 0, 2, 3, states={"u": b"s3"}, recs={}, recs_ttl_s=0, partials=None)
     assert redis_client.ttl(state_key) == -1  # 0: never expires
     with pytest.raises(ValueError, match="state_ttl_s"):
-        store.commit_batch(TOPIC, 0, 3, 4, states={}, recs={}, recs_ttl_s=0,
-                           state_ttl_s=-1, partials=None)
+        store.commit_batch(
+            TOPIC, 0, 3, 4, states={}, recs={}, recs_ttl_s=0, state_ttl_s=-1, partials=None
+        )
 
 
 def test_bad_numbers_are_refused_before_anything_is_written(
-        store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    store: RedisStore, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     with pytest.raises(ValueError, match="finite"):
-        store.commit_batch(TOPIC, 0, None, 1, states={"u": b"s"}, recs={}, recs_ttl_s=0,
-                           partials=None, events=1, trending=[{1: float("nan")}] * 2,
-                           channels=CHANNELS)
+        store.commit_batch(
+            TOPIC,
+            0,
+            None,
+            1,
+            states={"u": b"s"},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            events=1,
+            trending=[{1: float("nan")}] * 2,
+            channels=CHANNELS,
+        )
     with pytest.raises(ValueError, match="channels"):
-        store.commit_batch(TOPIC, 0, None, 1, states={}, recs={}, recs_ttl_s=0,
-                           partials=None, events=1, trending=[{1: 1.0}])
+        store.commit_batch(
+            TOPIC,
+            0,
+            None,
+            1,
+            states={},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            events=1,
+            trending=[{1: 1.0}],
+        )
     with pytest.raises(ValueError, match="half-life"):
-        store.commit_batch(TOPIC, 0, None, 1, states={}, recs={}, recs_ttl_s=0,
-                           partials=None, events=1, trending=[{1: 1.0}],
-                           channels=[Channel("zero", 0.0)])
+        store.commit_batch(
+            TOPIC,
+            0,
+            None,
+            1,
+            states={},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            events=1,
+            trending=[{1: 1.0}],
+            channels=[Channel("zero", 0.0)],
+        )
     assert snapshot(redis_client, key_prefix) == {}
 
 
@@ -208,8 +317,9 @@ def test_bad_numbers_are_refused_before_anything_is_written(
 
 def test_profiles_and_states_load_together(store: RedisStore) -> None:
     store.set_profiles([UserRecord("u1", ("age:30", "city:x")), UserRecord("u3")])
-    store.commit_batch(TOPIC, 0, None, 1, states={"u1": b"s1"}, recs={}, recs_ttl_s=0,
-                       partials=None)
+    store.commit_batch(
+        TOPIC, 0, None, 1, states={"u1": b"s1"}, recs={}, recs_ttl_s=0, partials=None
+    )
     states, profiles = store.load_users(["u1", "u2", "u3"])
     assert states == [b"s1", None, None]
     assert profiles == [["age:30", "city:x"], None, []]
@@ -221,23 +331,28 @@ def test_profiles_and_states_load_together(store: RedisStore) -> None:
 
 def test_item_indices_are_dense_idempotent_and_keep_richer_meta(store: RedisStore) -> None:
     assert store.item_indices(["a", "b", "a"], ["d1", "d2", "d1"]).tolist() == [0, 1, 0]
-    assert store.describe_items([ItemRecord("c", "d3", ("t:1",)),
-                                 ItemRecord("a", "d9", ("t:2", "t:3"))]).tolist() == [2, 0]
+    assert store.describe_items(
+        [ItemRecord("c", "d3", ("t:1",)), ItemRecord("a", "d9", ("t:2", "t:3"))]
+    ).tolist() == [2, 0]
     assert store.item_indices(["c", "a", "e"], ["zz", "zz", "d5"]).tolist() == [2, 0, 3]
     assert store.catalog_size() == 4
     assert store.catalog_since(0) == [
-        (0, "a", "d9", ("t:2", "t:3")), (1, "b", "d2", ()), (2, "c", "d3", ("t:1",)),
+        (0, "a", "d9", ("t:2", "t:3")),
+        (1, "b", "d2", ()),
+        (2, "c", "d3", ("t:1",)),
         (3, "e", "d5", ()),
     ]
     store.describe_items([ItemRecord("c", "d3", ("t:4",)), ItemRecord("f", "d1")])
-    assert store.catalog_since(2) == [(2, "c", "d3", ("t:4",)), (3, "e", "d5", ()),
-                                      (4, "f", "d1", ())]
+    assert store.catalog_since(2) == [
+        (2, "c", "d3", ("t:4",)),
+        (3, "e", "d5", ()),
+        (4, "f", "d1", ()),
+    ]
     assert store.catalog_since(5) == []
     assert store.item_indices([], []).tolist() == []
 
 
-def test_concurrent_registration_agrees_and_leaves_no_gaps(
-        redis_url: str, key_prefix: str) -> None:
+def test_concurrent_registration_agrees_and_leaves_no_gaps(redis_url: str, key_prefix: str) -> None:
     ids = [f"item-{i}" for i in range(400)]
     results: list[dict[str, int]] = []
     errors: list[BaseException] = []
@@ -250,7 +365,7 @@ def test_concurrent_registration_agrees_and_leaves_no_gaps(
         try:
             worker = RedisStore(client, prefix=key_prefix)
             for lo in range(0, len(mine), 20):
-                batch = mine[lo:lo + 20]
+                batch = mine[lo : lo + 20]
                 got = worker.item_indices(batch, ["d"] * len(batch)).tolist()
                 seen.update(zip(batch, got, strict=True))
         except BaseException as exc:  # reported by the main thread
@@ -303,24 +418,42 @@ def test_trending_follows_the_shared_clock_like_the_learners_copy(store: RedisSt
     assert store.trending(3, CHANNELS).clock == 0
     local = Trending(CHANNELS)
     for partition, items in ((0, [1, 1, 2]), (1, [0]), (0, [2, 2])):
-        clock = store.commit_batch(TOPIC, partition, store.offsets(TOPIC, [partition])[
-            partition], 10 + partition + local.clock, states={}, recs={}, recs_ttl_s=0,
-            partials=None, events=len(items), trending=local.increments(items),
-            channels=CHANNELS)
+        clock = store.commit_batch(
+            TOPIC,
+            partition,
+            store.offsets(TOPIC, [partition])[partition],
+            10 + partition + local.clock,
+            states={},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            events=len(items),
+            trending=local.increments(items),
+            channels=CHANNELS,
+        )
         assert clock == local.learn_many(items)
     shared = store.trending(4, CHANNELS)
     assert shared.clock == local.clock == 6
     np.testing.assert_allclose(shared.counts(4), local.counts(4), rtol=1e-12)
 
 
-def test_a_scale_is_rebased_in_the_commit_once_its_factor_grows_large(
-        store: RedisStore) -> None:
+def test_a_scale_is_rebased_in_the_commit_once_its_factor_grows_large(store: RedisStore) -> None:
     local = Trending(CHANNELS)
     offset = None
     for step in range(70):  # 70 half-lives of the 1-event channel: one rebase on the way
-        clock = store.commit_batch(TOPIC, 0, offset, step + 1, states={}, recs={},
-                                   recs_ttl_s=0, partials=None, events=1,
-                                   trending=[{step % 3: 1.0}] * 2, channels=CHANNELS)
+        clock = store.commit_batch(
+            TOPIC,
+            0,
+            offset,
+            step + 1,
+            states={},
+            recs={},
+            recs_ttl_s=0,
+            partials=None,
+            events=1,
+            trending=[{step % 3: 1.0}] * 2,
+            channels=CHANNELS,
+        )
         offset = step + 1
         local.learn_many([step % 3])
         assert clock == local.clock
@@ -333,11 +466,13 @@ def test_a_scale_is_rebased_in_the_commit_once_its_factor_grows_large(
 
 
 def test_models_round_trip_in_chunks_and_old_versions_are_pruned(
-        redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     store = RedisStore(redis_client, prefix=key_prefix, chunk_bytes=10, keep_models=3)
     assert store.current_model_version() is None
-    blobs = {store.publish_model(bytes(range(v, v + 35))): bytes(range(v, v + 35))
-             for v in range(5)}
+    blobs = {
+        store.publish_model(bytes(range(v, v + 35))): bytes(range(v, v + 35)) for v in range(5)
+    }
     assert list(blobs) == [1, 2, 3, 4, 5]
     assert store.current_model_version() == 5
     assert json.loads(redis_client.get(f"{key_prefix}model:5:meta") or b"")["n_chunks"] == 4
@@ -355,7 +490,8 @@ def test_models_round_trip_in_chunks_and_old_versions_are_pruned(
 
 
 def test_a_corrupt_or_missing_chunk_is_a_model_error(
-        redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     store = RedisStore(redis_client, prefix=key_prefix, chunk_bytes=4)
     v = store.publish_model(b"0123456789")
     redis_client.set(f"{key_prefix}model:{v}:chunk:1", b"4567!")
@@ -367,7 +503,8 @@ def test_a_corrupt_or_missing_chunk_is_a_model_error(
 
 
 def test_readers_of_the_current_version_never_see_half_a_model(
-        redis_url: str, redis_client: redis.Redis[bytes], key_prefix: str) -> None:
+    redis_url: str, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
     writer = RedisStore(redis_client, prefix=key_prefix, chunk_bytes=64)
     stop = threading.Event()
     problems: list[str] = []
@@ -402,8 +539,9 @@ def test_readers_of_the_current_version_never_see_half_a_model(
 # -- misc --------------------------------------------------------------------------------
 
 
-def test_heartbeats_are_listed_per_group(store: RedisStore,
-                                         redis_client: redis.Redis[bytes]) -> None:
+def test_heartbeats_are_listed_per_group(
+    store: RedisStore, redis_client: redis.Redis[bytes]
+) -> None:
     store.heartbeat("g", "m1", {"events": 5}, ttl_s=30)
     store.heartbeat("g", "m2", {"events": 7}, ttl_s=30)
     store.heartbeat("h", "m1", {"events": 1}, ttl_s=30)

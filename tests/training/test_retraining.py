@@ -30,8 +30,7 @@ def test_a_drift_request_waits_for_the_new_regime_and_holds_the_schedule_back() 
     # Plenty of new events, but too few since the change: no schedule either.
     assert s.due(new_events=5000, events_since_floor=99, **wait) is None  # type: ignore[arg-type]
     assert s.due(new_events=100, events_since_floor=100, **wait) == "drift in 'g'"  # type: ignore[arg-type]
-    assert s.due(new_events=0, events_since_floor=None, immediate=True,
-                 **wait) == "drift in 'g'"  # type: ignore[arg-type]
+    assert s.due(new_events=0, events_since_floor=None, immediate=True, **wait) == "drift in 'g'"  # type: ignore[arg-type]
 
 
 def _window(n: int, start_ts: int = 0) -> EventWindow:
@@ -43,8 +42,7 @@ def _window(n: int, start_ts: int = 0) -> EventWindow:
 
 
 def _retrainer() -> Retrainer:
-    return Retrainer(MetaTrainer(dim=4, history_length=5, batch_size=32, min_steps=3,
-                                 max_steps=3))
+    return Retrainer(MetaTrainer(dim=4, history_length=5, batch_size=32, min_steps=3, max_steps=3))
 
 
 def test_a_floor_trains_on_the_events_since_it_from_scratch() -> None:

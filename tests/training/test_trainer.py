@@ -21,7 +21,6 @@ tf = pytest.importorskip("tensorflow")
 _data = tiny_training_data
 
 
-
 def test_trend_snapshots_are_the_learners_trending_counts_one_event_at_a_time() -> None:
     rng = np.random.default_rng(0)
     items = rng.integers(0, 5, 50)
@@ -38,8 +37,14 @@ def test_trend_snapshots_are_the_learners_trending_counts_one_event_at_a_time() 
 
 def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> None:
     data = _data()
-    b = TrainingBatches(data, history_length=5, inner_events=2, query_length=3, negatives=2,
-                        rng=np.random.default_rng(0))
+    b = TrainingBatches(
+        data,
+        history_length=5,
+        inner_events=2,
+        query_length=3,
+        negatives=2,
+        rng=np.random.default_rng(0),
+    )
     batch = b.sample(64)
     for row in range(64):
         user = batch["users"][row]
@@ -50,18 +55,27 @@ def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> N
         # The support is the newest part of what the user consumed before the query.
         np.testing.assert_array_equal(hist, own[:n_before][-5:])
         query = batch["query"][row]
-        np.testing.assert_array_equal(query[query >= 0], own[n_before:n_before + 3])
+        np.testing.assert_array_equal(query[query >= 0], own[n_before : n_before + 3])
 
 
 def _graph(meta: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
     from metarec.training.meta_graph import MetaGraph
 
     data = _data()
-    cfg = MetaTrainer(dim=8, history_length=6, inner_events=3, batch_size=32, negatives=2,
-                      meta=meta, seed=seed, cold_item_rate=0.0)
+    cfg = MetaTrainer(
+        dim=8,
+        history_length=6,
+        inner_events=3,
+        batch_size=32,
+        negatives=2,
+        meta=meta,
+        seed=seed,
+        cold_item_rate=0.0,
+    )
     rng = np.random.default_rng(seed)
-    batches = TrainingBatches(data, cfg.history_length, cfg.inner_events, cfg.query_length,
-                              cfg.negatives, rng)
+    batches = TrainingBatches(
+        data, cfg.history_length, cfg.inner_events, cfg.query_length, cfg.negatives, rng
+    )
     return MetaGraph(cfg, data, batches, None, rng), batches, data
 
 
@@ -80,9 +94,13 @@ def test_exported_model_serves_exactly_what_the_graph_trained() -> None:
     vec_tf, bias_tf, ctx_tf = (t.numpy() for t in graph.item_tables(b["own_weight"]))
     np.testing.assert_allclose(tables.vectors, vec_tf, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(tables.bias, bias_tf, rtol=1e-4, atol=1e-5)
-    users = UserBatch(np.zeros((16, 8), np.float32), raw["hist_items"], raw["hist_weights"],
-                      raw["domains"], model.profile_vectors(
-                          [data.user_features[u] for u in raw["users"]]))
+    users = UserBatch(
+        np.zeros((16, 8), np.float32),
+        raw["hist_items"],
+        raw["hist_weights"],
+        raw["domains"],
+        model.profile_vectors([data.user_features[u] for u in raw["users"]]),
+    )
     theta0 = prior(model, tables, users)
     theta0_tf = graph._prior(b, tf.constant(ctx_tf)).numpy()
     np.testing.assert_allclose(theta0, theta0_tf, rtol=1e-4, atol=1e-5)
@@ -92,11 +110,19 @@ def test_exported_model_serves_exactly_what_the_graph_trained() -> None:
         col = -3 + j
         pos = raw["hist_items"][:, col]
         ok = pos >= 0
-        stepped = adapt(model, tables, theta0, delta, np.maximum(pos, 0),
-                        raw["hist_weights"][:, col], raw["negatives"][:, j, :])
+        stepped = adapt(
+            model,
+            tables,
+            theta0,
+            delta,
+            np.maximum(pos, 0),
+            raw["hist_weights"][:, col],
+            raw["negatives"][:, j, :],
+        )
         delta = np.where(ok[:, None], stepped, delta)
-    delta_tf = graph._inner_loop(b, tf.constant(theta0_tf), tf.constant(vec_tf),
-                                 tf.constant(bias_tf)).numpy()
+    delta_tf = graph._inner_loop(
+        b, tf.constant(theta0_tf), tf.constant(vec_tf), tf.constant(bias_tf)
+    ).numpy()
     np.testing.assert_allclose(delta, delta_tf, rtol=1e-3, atol=1e-5)
 
 
@@ -109,29 +135,30 @@ def test_training_lowers_the_query_loss() -> None:
 
 def test_seeded_fits_repeat_exactly_and_log_the_device() -> None:
     data = _data()
-    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,
-                          max_steps=15, seed=3)
+    trainer = MetaTrainer(
+        dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=15, seed=3
+    )
     a = trainer.fit(data)
     b = trainer.fit(data)
     np.testing.assert_array_equal(a.item_emb, b.item_emb)
     np.testing.assert_array_equal(a.step, b.step)
     assert a.info["device"] in {"CPU:0", "GPU:0"}
-    c = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=15,
-                    seed=4).fit(data)
+    c = MetaTrainer(
+        dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=15, seed=4
+    ).fit(data)
     assert not np.array_equal(a.item_emb, c.item_emb)
 
 
 def test_warm_start_keeps_items_by_id_and_ablation_has_no_mappings() -> None:
     data = _data()
-    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,
-                          max_steps=5)
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=5)
     first = trainer.fit(data)
-    second = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=1,
-                         learning_rate=1e-9).fit(data, init=first, version=2)
+    second = MetaTrainer(
+        dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=1, learning_rate=1e-9
+    ).fit(data, init=first, version=2)
     np.testing.assert_allclose(second.item_emb, first.item_emb, atol=1e-5)
     assert second.version == 2
-    plain = MetaTrainer(dim=8, history_length=6, batch_size=32, max_steps=5,
-                        meta=False).fit(data)
+    plain = MetaTrainer(dim=8, history_length=6, batch_size=32, max_steps=5, meta=False).fit(data)
     assert not plain.meta and plain.feat_emb.size == 0 and not plain.theta0.any()
     assert np.allclose(plain.step, plain.step[0])
 
@@ -139,11 +166,18 @@ def test_warm_start_keeps_items_by_id_and_ablation_has_no_mappings() -> None:
 def _domain_data(domains: list[int]) -> TrainingData:
     n = len(domains)
     return TrainingData(
-        users=np.zeros(n, np.int64), items=np.arange(n, dtype=np.int64),
-        ts=np.arange(n, dtype=np.int64), weights=np.ones(n, np.float32),
-        domains=np.asarray(domains, np.int64), item_ids=[f"i{j}" for j in range(n)],
-        item_features=[() for _ in range(n)], item_domains=np.asarray(domains, np.int64),
-        user_ids=["u"], user_features=[()], domain_names=["a", "b"])
+        users=np.zeros(n, np.int64),
+        items=np.arange(n, dtype=np.int64),
+        ts=np.arange(n, dtype=np.int64),
+        weights=np.ones(n, np.float32),
+        domains=np.asarray(domains, np.int64),
+        item_ids=[f"i{j}" for j in range(n)],
+        item_features=[() for _ in range(n)],
+        item_domains=np.asarray(domains, np.int64),
+        user_ids=["u"],
+        user_features=[()],
+        domain_names=["a", "b"],
+    )
 
 
 def test_domain_switches_are_drawn_more_often() -> None:
@@ -153,8 +187,10 @@ def test_domain_switches_are_drawn_more_often() -> None:
 
 
 def test_one_domain_keeps_uniform_sampling() -> None:
-    assert TrainingBatches(_domain_data([0] * 10), 4, 1, 1, 1, np.random.default_rng(0)).switch_p \
+    assert (
+        TrainingBatches(_domain_data([0] * 10), 4, 1, 1, 1, np.random.default_rng(0)).switch_p
         is None
+    )
 
 
 def test_held_out_users_never_train_and_are_the_same_in_every_version() -> None:
@@ -175,14 +211,23 @@ def test_held_out_users_never_train_and_are_the_same_in_every_version() -> None:
 
 def test_training_stops_when_held_out_users_stop_improving() -> None:
     data = _data(n_events=4000, n_users=400)
-    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64,
-                          check_every=5, patience=2, max_steps=300, learning_rate=0.1)
+    trainer = MetaTrainer(
+        dim=8,
+        history_length=6,
+        inner_events=2,
+        batch_size=64,
+        check_every=5,
+        patience=2,
+        max_steps=300,
+        learning_rate=0.1,
+    )
     model = trainer.fit(data)
     assert model.info["validated"]
     assert 0 < model.info["steps"] < 300  # it stopped on its own, at a best checkpoint
     assert model.info["steps"] % 5 == 0
-    few = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64, min_steps=7,
-                      max_steps=7).fit(_data(n_events=300, n_users=20))
+    few = MetaTrainer(
+        dim=8, history_length=6, inner_events=2, batch_size=64, min_steps=7, max_steps=7
+    ).fit(_data(n_events=300, n_users=20))
     assert not few.info["validated"] and few.info["steps"] == 7
 
 
@@ -201,11 +246,18 @@ def test_a_fit_in_a_fresh_process_writes_only_json_lines() -> None:
         "from metarec.training.trainer import MetaTrainer\n"
         "MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32,"
         " max_steps=3).fit(tiny_training_data())\n"
-        "import logging; logging.getLogger('t').info('fitted')\n")
+        "import logging; logging.getLogger('t').info('fitted')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, cwd=Path(__file__).resolve().parents[2], timeout=300,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert json.loads(lines[-1])["msg"] == "fitted"
@@ -219,6 +271,12 @@ def test_a_fit_in_a_fresh_process_writes_only_json_lines() -> None:
 def test_every_training_step_reports_progress() -> None:
     """What keeps the aggregator's liveness probe green through a long cycle."""
     ticks: list[int] = []
-    model = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=32, max_steps=7,
-                        on_step=lambda: ticks.append(1)).fit(_data())
+    model = MetaTrainer(
+        dim=8,
+        history_length=6,
+        inner_events=2,
+        batch_size=32,
+        max_steps=7,
+        on_step=lambda: ticks.append(1),
+    ).fit(_data())
     assert len(ticks) >= model.info["steps"] > 0  # steps: those that reached the best
