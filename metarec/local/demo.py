@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from metarec.client import Recommendations
 from metarec.config import Settings
 from metarec.core.live_quality import ALL
 from metarec.data.registry import load_dataset
@@ -136,6 +137,7 @@ def run_demo(settings: Settings, *, data: str, rate: float, state_dir: Path) -> 
         if all(_wait_list_version(store, user, version) for user in shown):
             _say(f"consumers hot-reloaded version {version}: lists now come from the model")
         _show(store, *shown)
+        _show_newcomer(store, dataset.events[-1].domain)
         time.sleep(STATS_INTERVAL_S + 1)  # one more stats line, written after the reload
         for member, beat in sorted(store.heartbeats(demo.group_id).items()):
             stats = beat.get("stats", beat)
@@ -193,6 +195,23 @@ def _wait_list_version(store: RedisStore, user: str, version: int, timeout: floa
             return True
         time.sleep(0.5)
     return False
+
+
+def _show_newcomer(store: RedisStore, domain: str) -> None:
+    """What an app shows a user with no list yet: the domain's fallback (metarec.client)."""
+    reader = Recommendations(store.client, prefix=store.prefix)
+    deadline = time.monotonic() + 15.0  # the consumers refresh fallbacks every 5 s
+    shown = reader.get("someone-new", domain)
+    while (shown is None or shown.model_version != store.current_model_version()) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+        shown = reader.get("someone-new", domain)
+    if shown is not None:
+        _say(
+            f"a newcomer to {domain!r} is shown the fallback (model v{shown.model_version}): "
+            f"{', '.join(shown.items[:8])}, ..."
+        )
 
 
 def _show(store: RedisStore, *users: str) -> None:
