@@ -188,15 +188,15 @@ class DeadLetterQueue:
     >>> from confluent_kafka import Message, Producer
     >>> producer = Producer({"bootstrap.servers": "127.0.0.1:9", "message.timeout.ms": 100,
     ...                      "log_level": 0})
-    >>> dlq = DeadLetterQueue(producer, "metarec.core.events.dlq", group_id="metarec-consumer")
-    >>> record = Message(topic="metarec.core.events", partition=0, offset=7, value=b"\\xff{")
+    >>> dlq = DeadLetterQueue(producer, "metarec.events.dlq", group_id="metarec-consumer")
+    >>> record = Message(topic="metarec.events", partition=0, offset=7, value=b"\\xff{")
     >>> dlq.send(record, ValueError("not UTF-8"))
     >>> dlq.sent
     1
     >>> dlq.flush(timeout=5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    metarec.errors.MetarecError: 1 dead letter(s) to 'metarec.core.events.dlq' failed; first: ...
+    metarec.errors.MetarecError: 1 dead letter(s) to 'metarec.events.dlq' failed; first: ...
     """
 
     def __init__(

@@ -17,7 +17,7 @@ Secrets never reach logs: ``repr`` and :meth:`Settings.redacted` mask them.
 
 >>> s = Settings.from_env({"METAREC_TOP_K": "50"}, overrides={"group_id": "g1"})
 >>> s.top_k, s.group_id, s.events_topic
-(50, 'g1', 'metarec.core.events')
+(50, 'g1', 'metarec.events')
 """
 
 from __future__ import annotations
@@ -433,15 +433,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "metarec-aggregator",
         "Kafka consumer group of the aggregator's replay window.",
     ),
-    _topic_spec("events_topic", "metarec.core.events", "Topic of user events (key: user id)."),
+    _topic_spec("events_topic", "metarec.events", "Topic of user events (key: user id)."),
     _topic_spec("items_topic", "metarec.items", "Topic of item metadata (key: item id)."),
     _topic_spec("users_topic", "metarec.users", "Topic of user profiles (key: user id)."),
     _topic_spec(
         "dlq_topic",
-        "metarec.core.events.dlq",
+        "metarec.events.dlq",
         "Dead-letter topic for records that could not be processed.",
     ),
-    _topic_spec("model_topic", "metarec.core.model", "Topic announcing new model versions."),
+    _topic_spec("model_topic", "metarec.model", "Topic announcing new model versions."),
     SettingSpec(
         "log_reset_policy",
         "policy",

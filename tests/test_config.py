@@ -24,11 +24,11 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.key_prefix == "metarec:"
     assert (s.events_topic, s.items_topic, s.users_topic) == (
-        "metarec.core.events",
+        "metarec.events",
         "metarec.items",
         "metarec.users",
     )
-    assert s.dlq_topic == "metarec.core.events.dlq"
+    assert s.dlq_topic == "metarec.events.dlq"
     assert s.top_k == 20
     assert dict(s.event_types) == {"click": 1.0, "like": 2.0, "dislike": -1.0}
     assert s.kafka_options == {}

@@ -87,7 +87,7 @@ LIMITS = Limits()
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One user-item interaction: the value of a record on ``metarec.core.events``."""
+    """One user-item interaction: the value of a record on ``metarec.events``."""
 
     user: str
     item: str
@@ -274,7 +274,7 @@ def decode_event(
     now_ms: int | None = None,
     limits: Limits = LIMITS,
 ) -> Event:
-    """Parse one ``metarec.core.events`` record value; raises :class:`InvalidEvent` if it is bad."""
+    """Parse one ``metarec.events`` record value; raises :class:`InvalidEvent` if it is bad."""
     return validate_event(
         _load_object(raw, limits),
         event_types=event_types,

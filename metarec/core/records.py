@@ -7,7 +7,7 @@ about what happened. Both call :meth:`RecordDecoder.decode`.
 
 >>> from metarec.config import Settings
 >>> decoder = RecordDecoder.from_settings(Settings.from_env({}))
->>> decoder.decode("metarec.core.events", b"u1", b'{"user": "u1", "item": "i", "type": "like"}',
+>>> decoder.decode("metarec.events", b"u1", b'{"user": "u1", "item": "i", "type": "like"}',
 ...                timestamp_ms=1_700_000_000_000, now_ms=1_700_000_000_000)
 Event(user='u1', item='i', type='like', ts=1700000000000, domain='default', event_id=None)
 >>> decoder.decode("elsewhere", None, b"{}", timestamp_ms=0, now_ms=0) is None

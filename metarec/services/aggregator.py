@@ -43,7 +43,7 @@ from metarec.training.trainer import MetaTrainer
 
 __all__ = ["OPERATOR_REQUEST", "Aggregator"]
 
-log = logging.getLogger("metarec.services.aggregator")
+log = logging.getLogger("metarec.aggregator")
 
 #: The reason ``metarec aggregate --now`` stores: served at once, without new events.
 OPERATOR_REQUEST = "requested by an operator"

@@ -333,12 +333,12 @@ class RedisStore:
     >>> store = RedisStore(redis.Redis.from_url("redis://127.0.0.1:6379/0"), prefix="demo:")
     >>> store.recs_key("u1")
     'demo:recs:u1'
-    >>> store.commit_batch("metarec.core.events", 0, None, 10,  # doctest: +SKIP
+    >>> store.commit_batch("metarec.events", 0, None, 10,  # doctest: +SKIP
     ...                    states={"u1": b"state"}, recs={"u1": b'{"user":"u1"}'},
     ...                    recs_ttl_s=0, partials=None)
-    >>> store.offsets("metarec.core.events", [0, 1])  # doctest: +SKIP
+    >>> store.offsets("metarec.events", [0, 1])  # doctest: +SKIP
     {0: 10, 1: None}
-    >>> store.commit_batch("metarec.core.events", 0, None, 20, states={}, recs={},  # doctest: +SKIP
+    >>> store.commit_batch("metarec.events", 0, None, 20, states={}, recs={},  # doctest: +SKIP
     ...                    recs_ttl_s=0, partials=None)
     Traceback (most recent call last):
     metarec.errors.StaleOffset: ...

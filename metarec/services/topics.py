@@ -16,7 +16,7 @@ what each topic needs comes from its role:
 >>> from metarec.config import Settings
 >>> plan = topic_plan(Settings.from_env({}))
 >>> {name: spec.partitions for name, spec in plan.items()}
-{'metarec.core.events': 6, 'metarec.items': 3, 'metarec.users': 3, 'metarec.core.events.dlq': 1, 'metarec.core.model': 1}
+{'metarec.events': 6, 'metarec.items': 3, 'metarec.users': 3, 'metarec.events.dlq': 1, 'metarec.model': 1}
 >>> plan["metarec.items"].config
 {'cleanup.policy': 'compact'}
 """  # noqa: E501

@@ -338,7 +338,7 @@ def test_dev_up_status_down_leave_the_machine_redis_alone(
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    topics = {"metarec.core.events": 2, "metarec.core.events.dlq": 1}
+    topics = {"metarec.events": 2, "metarec.events.dlq": 1}
     state = up(tmp_path, broker_port=None, redis_url=redis_url, topics=topics)
     try:
         assert state.topics == topics

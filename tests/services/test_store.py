@@ -21,7 +21,7 @@ from metarec.core.user_state import UserState, count_guard
 from metarec.errors import ConfigError, ModelError, StaleOffset, UserConflict
 from metarec.services.store import RedisStore
 
-TOPIC = "metarec.core.events"
+TOPIC = "metarec.events"
 CHANNELS = (Channel("1", 1.0), Channel("1000", 1000.0))
 
 
