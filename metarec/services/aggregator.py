@@ -39,6 +39,7 @@ from metarec.services.metrics import HealthServer, Metrics
 from metarec.services.outage import Outage, Stopped, retrying
 from metarec.services.store import RedisStore
 from metarec.training.retraining import Retrainer, RetrainSchedule
+from metarec.training.tensorflow_import import require_tensorflow
 from metarec.training.trainer import MetaTrainer
 
 __all__ = ["OPERATOR_REQUEST", "Aggregator"]
@@ -53,6 +54,7 @@ class Aggregator:
     """The aggregator process. ``run()`` until :meth:`stop`; :meth:`cycle` runs one cycle."""
 
     def __init__(self, settings: Settings, trainer: MetaTrainer | None = None) -> None:
+        require_tensorflow()  # at start, in one line, not at the first cycle
         self.settings = settings
         # Training ticks the liveness probe at every step: a long cycle is not a hang.
         self.retrainer = Retrainer(

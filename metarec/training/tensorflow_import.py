@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -22,11 +23,24 @@ import sys
 import tempfile
 from types import ModuleType
 
+from metarec.errors import ConfigError
 from metarec.logs import TF_CPP_MIN_LOG_LEVEL
 
-__all__ = ["import_tensorflow"]
+__all__ = ["import_tensorflow", "require_tensorflow"]
 
 log = logging.getLogger(__name__)
+
+
+def require_tensorflow() -> None:
+    """Refuse to start a process that will train when TensorFlow is not installed: the
+    consumer's install leaves it out, and the aggregator would otherwise fail only at its
+    first cycle, minutes or hours later."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ConfigError(
+            "TensorFlow is not installed: meta-training (the aggregator, and "
+            "metarec eval of metarec) needs the `train` extra: "
+            "pip install 'metarec[train]'"
+        )
 
 
 def import_tensorflow() -> ModuleType:
@@ -34,6 +48,7 @@ def import_tensorflow() -> ModuleType:
     loaded = sys.modules.get("tensorflow")
     if loaded is not None:
         return loaded
+    require_tensorflow()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_CPP_MIN_LOG_LEVEL)
     sys.stderr.flush()
     saved = os.dup(2)
