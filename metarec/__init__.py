@@ -1,4 +1,8 @@
-"""metarec: a streaming meta-learning recommender."""
+"""metarec: a streaming meta-learning recommender.
+
+The design (components, the path of one event and of one model version, where state
+lives, how quality is measured, the package layout) is docs/ARCHITECTURE.md.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
