@@ -82,8 +82,7 @@ from metarec.errors import (
 )
 from metarec.logs import Throttle, kafka_logger
 from metarec.services.metrics import HealthServer, Metrics
-from metarec.services.outage import Outage, Stopped, retrying
-from metarec.services.store import RedisStore
+from metarec.services.outage import Stopped, redis_outage, retrying_store
 
 __all__ = ["ConsumerApp", "incremental_rebalancing"]
 
@@ -130,20 +129,14 @@ class ConsumerApp:
         # stops meanwhile, because the loop is inside the call.
         self._health: HealthServer | None = None
         self.metrics = Metrics("consumer")
-        self.outage = Outage(
-            "redis",
-            settings.redis_retry_s,
+        self.outage = redis_outage(
+            settings,
             log,
+            self.metrics,
             should_stop=lambda: self._stopping,
             on_wait=self._alive,
-            on_retry=self.metrics.redis_errors.inc,
-            on_outage=self.metrics.redis_outages.inc,
         )
-        # A cluster client connects when it is made: that too waits out an outage.
-        self.store = retrying(
-            self.outage.call(lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)),
-            self.outage,
-        )
+        self.store = retrying_store(settings, self.outage)
         # The learner also keeps the live quality of the lists apps were shown, and what it
         # says about drift.
         self.learner = Learner.from_settings(settings)

@@ -36,8 +36,7 @@ from metarec.core.window import EventWindow
 from metarec.errors import ModelError
 from metarec.logs import kafka_logger
 from metarec.services.metrics import HealthServer, Metrics
-from metarec.services.outage import Outage, Stopped, retrying
-from metarec.services.store import RedisStore
+from metarec.services.outage import Stopped, redis_outage, retrying_store
 from metarec.training.retraining import Retrainer, RetrainSchedule
 from metarec.training.tensorflow_import import require_tensorflow
 from metarec.training.trainer import MetaTrainer
@@ -64,20 +63,14 @@ class Aggregator:
         self._stopping = False
         self._health: HealthServer | None = None
         self.metrics = Metrics("aggregator")
-        self.outage = Outage(
-            "redis",
-            settings.redis_retry_s,
+        self.outage = redis_outage(
+            settings,
             log,
+            self.metrics,
             should_stop=lambda: self._stopping,
             on_wait=self._alive,
-            on_retry=self.metrics.redis_errors.inc,
-            on_outage=self.metrics.redis_outages.inc,
         )
-        # A cluster client connects when it is made: that too waits out an outage.
-        self.store = retrying(
-            self.outage.call(lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)),
-            self.outage,
-        )
+        self.store = retrying_store(settings, self.outage)
         self.window = EventWindow(settings.window_events)
         self.decoder = RecordDecoder.from_settings(settings)
         self._published_ms: int | None = None

@@ -35,13 +35,25 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import redis
 
 from metarec.errors import MetarecError
+from metarec.services.store import RedisStore
 
-__all__ = ["TRANSIENT_REDIS_ERRORS", "Outage", "RedisUnavailable", "retrying"]
+if TYPE_CHECKING:
+    from metarec.config import Settings
+    from metarec.services.metrics import Metrics
+
+__all__ = [
+    "TRANSIENT_REDIS_ERRORS",
+    "Outage",
+    "RedisUnavailable",
+    "redis_outage",
+    "retrying",
+    "retrying_store",
+]
 
 T = TypeVar("T")
 
@@ -217,3 +229,31 @@ def retrying(target: T, outage: Outage) -> T:
     module docstring).
     """
     return cast(T, _Retrying(target, outage))
+
+
+def redis_outage(
+    settings: Settings,
+    log: logging.Logger,
+    metrics: Metrics,
+    *,
+    should_stop: Callable[[], bool],
+    on_wait: Callable[[], None],
+) -> Outage:
+    """A service's Redis outage policy: ``METAREC_REDIS_RETRY_S``, counted in its metrics."""
+    return Outage(
+        "redis",
+        settings.redis_retry_s,
+        log,
+        should_stop=should_stop,
+        on_wait=on_wait,
+        on_retry=metrics.redis_errors.inc,
+        on_outage=metrics.redis_outages.inc,
+    )
+
+
+def retrying_store(settings: Settings, outage: Outage) -> RedisStore:
+    """The settings' store, every call of it retried through ``outage``; connecting too,
+    since a cluster client connects when it is made."""
+    return retrying(
+        outage.call(lambda: RedisStore.connect(settings.redis_url, settings.key_prefix)), outage
+    )
