@@ -39,8 +39,8 @@ demo: $(STAMP) ## the whole loop on the local broker and Redis, on a bundled syn
 eval: $(STAMP) ## the ml-100k prequential comparison (about 5 minutes)
 	$(BIN)/metarec eval --data ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/ml100k.json
 
-suite: $(STAMP) ## the robustness suite: ml-100k, its variants and the synthetic stream (about 20 minutes)
-	$(BIN)/metarec eval --suite ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/suite.json
+suite: $(STAMP) ## the robustness suite: ml-100k, its variants, ml-latest-small and the synthetic stream
+	$(BIN)/metarec eval --suite ../shared/data/movielens --seeds 3 --json eval-out/suite.json
 
 bench: $(STAMP) ## the consumer against this machine's bounds, quick mode (under 3 minutes; metarec bench for all)
 	$(BIN)/metarec bench --quick --json eval-out/bench-quick.json

@@ -254,6 +254,12 @@ class DriftMonitor:
         drifting = self.live.drifting_domains()
         return RetrainRequest(f"recovering from drift in {drifting}") if drifting else None
 
+    def refuted(self) -> None:
+        """A retraining judged the open changes to be dips, not new regimes: forget them
+        (no more recovery requests, no user is cut back to them)."""
+        self.live.close_episodes()
+        self.since.clear()
+
     def drifting_domains(self) -> list[str]:
         return self.live.drifting_domains()
 

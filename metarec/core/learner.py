@@ -34,7 +34,7 @@ list the user had before it: that is the live HR@K, which also drives drift dete
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,7 @@ from metarec.core.ranking import top_k
 from metarec.core.reptile import PartialSums
 from metarec.core.trending import CHANNELS, FIRST_EVENTS, Channel, Trending
 from metarec.core.user_state import UserState
+from metarec.errors import ConfigError
 
 if TYPE_CHECKING:
     from metarec.config import Settings
@@ -79,6 +80,7 @@ __all__ = [
     "EventBatch",
     "Learner",
     "RankedList",
+    "score_components",
 ]
 
 I64 = npt.NDArray[np.int64]
@@ -92,6 +94,17 @@ STATE_DIM = 32
 #: others get a fresh list with their next event.
 RECENT_USERS = 20_000
 REFRESH_BATCH = 500
+
+
+def score_components(channels: Sequence[Channel] = CHANNELS) -> tuple[str, ...]:
+    """The names of the score's terms: the adapted user vector (``user``), the item bias
+    (``bias``), the neighbours' votes (``knn``) and one popularity term per trending
+    channel (``pop-NAME``).
+
+    >>> score_components()[:3]
+    ('user', 'bias', 'knn')
+    """
+    return ("user", "bias", "knn", *(f"pop-{c.name}" for c in channels))
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,10 @@ class Learner:
     exact_max_items
         Catalogues up to this size are scored exactly; bigger ones score each user's
         candidates only (:mod:`metarec.core.candidates`).
+    components
+        The terms of the score that rank lists (:func:`score_components`; all by default).
+        Everything else runs as always: a subset shows what one part of the blend does
+        alone (``metarec eval --methods metarec:knn``).
     """
 
     def __init__(
@@ -171,6 +188,7 @@ class Learner:
         channels: Sequence[Channel] = CHANNELS,
         handle_drift: bool = True,
         exact_max_items: int = EXACT_MAX_ITEMS,
+        components: Collection[str] | None = None,
     ) -> None:
         self.top_k = top_k
         self.history_length = history_length
@@ -179,6 +197,17 @@ class Learner:
         self.channels = tuple(channels)
         self.handle_drift = handle_drift
         self.exact_max_items = exact_max_items
+        known = score_components(channels)
+        self.components = tuple(known if components is None else components)
+        unknown = sorted(set(self.components) - set(known))
+        if unknown or not self.components:
+            raise ConfigError(
+                f"unknown score component(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(known)}"
+            )
+        self._channel_mask = np.array(
+            [f"pop-{c.name}" in self.components for c in channels], np.float32
+        )
         self.catalog = Catalog()
         self.model: MetaModel | None = None
         self.tables: ItemTables | None = None
@@ -192,7 +221,13 @@ class Learner:
         self._shared: tuple[tuple[object, ...], F32, I64] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, handle_drift: bool = True) -> Learner:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        handle_drift: bool = True,
+        components: Collection[str] | None = None,
+    ) -> Learner:
         """The learner a consumer runs under ``settings``."""
         return cls(
             top_k=settings.top_k,
@@ -200,6 +235,7 @@ class Learner:
             seed=settings.seed,
             handle_drift=handle_drift,
             exact_max_items=settings.exact_max_items,
+            components=components,
         )
 
     @property
@@ -259,7 +295,11 @@ class Learner:
             )
         self.model = model
         self.tables = model.item_tables(self.catalog)
-        return self.drift.after_reload() if self.handle_drift else None
+        if not self.handle_drift:
+            return None
+        if model.info.get("drift") == "refuted":
+            self.drift.refuted()
+        return self.drift.after_reload()
 
     # -- the step ---------------------------------------------------------------------
 
@@ -312,7 +352,9 @@ class Learner:
                         users[r],
                         bool(hit_rank[pos] >= 0),
                         hist_ts[r],
-                        self.drift.since.get(g),
+                        # Users are cut back to a change only once a model of the new
+                        # regime has shown it is one (metarec.training.retraining).
+                        self.drift.since.get(g) if model.info.get("floor_ts") is not None else None,
                         self.drift.live.baseline(g),
                         loaded[users[r]].n_events,
                     ):
@@ -528,11 +570,15 @@ class Learner:
             bucket = history_buckets(
                 self._history_in([self.catalog.domains.get(g) for g in names], ub.hist_items)
             )
-            out: F32 = theta @ self.tables.vectors.T
-            out += self.tables.bias
-            out += model.trend_weights[bucket] @ feats
+            use = self.components
+            out: F32 = (
+                (theta * self._user_weights(bucket)[:, None]) @ self.tables.vectors.T
+            ).astype(np.float32, copy=False)
+            if "bias" in use:
+                out += model.bias_weights[bucket][:, None] * self.tables.bias
+            out += (model.trend_weights[bucket] * self._channel_mask) @ feats
             nb = self.tables.neighbors
-            if nb is not None and model.knn_weights.any():
+            if nb is not None and model.knn_weights.any() and "knn" in use:
                 v = min(model.knn_age_logits.size, ub.hist_items.shape[1])
                 index, value = nb.votes(
                     ub.hist_items[:, -v:],
@@ -542,12 +588,18 @@ class Learner:
                 out += model.knn_weights[bucket][:, None] * votes(index, value, out.shape[1])
             return out.astype(np.float32, copy=False)
         # No model yet: what is trending within the domain of the user's event.
-        pop = feats.mean(axis=0)
+        pop = self._channel_mask @ feats / max(1.0, float(self._channel_mask.sum()))
         out = np.tile(pop, (len(users), 1))
         names = domains if domains is not None else [states[u].domain for u in users]
         for r, g in enumerate(names):
             out[r, self._item_domain[: out.shape[1]] != self.catalog.domains.get(g)] = -np.inf
         return out
+
+    def _user_weights(self, bucket: I64) -> F32:
+        """The weight of each row's adapted vector in its score (0: not a component)."""
+        assert self.model is not None
+        weights: F32 = self.model.user_weights[bucket]
+        return weights if "user" in self.components else np.zeros_like(weights)
 
     def _history_in(self, domains: Sequence[int], hist_items: I64) -> I64:
         """How many of each row's history items belong to the domain it acts in: the
@@ -598,7 +650,7 @@ class Learner:
         parts = [self._item_index().search(theta, PERSONAL_CANDIDATES), popular[bucket]]
         knn = None
         nb = tables.neighbors
-        if nb is not None and model.knn_weights.any():
+        if nb is not None and model.knn_weights.any() and "knn" in self.components:
             v = min(model.knn_age_logits.size, ub.hist_items.shape[1])
             index, value = nb.votes(
                 ub.hist_items[:, -v:],
@@ -609,7 +661,7 @@ class Learner:
             parts.append(index[:, :, :NEIGHBOR_CANDIDATES].reshape(len(theta), -1))
         candidates = np.hstack(parts)
         return rank_candidates(
-            theta,
+            theta * self._user_weights(bucket)[:, None],
             bucket,
             tables.vectors,
             shared,
@@ -630,7 +682,10 @@ class Learner:
         key = (int(self.trending.clock), len(self.catalog), model, tables, self.trending)
         cached = self._shared
         if cached is None or not _same(cached[0], key):
-            shared = (model.trend_weights @ self._trend_features() + tables.bias).astype(np.float32)
+            blend = (model.trend_weights * self._channel_mask) @ self._trend_features()
+            if "bias" in self.components:
+                blend += model.bias_weights[:, None] * tables.bias
+            shared: F32 = blend.astype(np.float32)
             cached = self._shared = (key, shared, trending_candidates(shared, TRENDING_CANDIDATES))
         return cached[1], cached[2]
 

@@ -204,6 +204,11 @@ class LiveQuality:
         track.since, track.before, track.episode_events = since, track.suspect_before, 0
         return since
 
+    def close_episodes(self) -> None:
+        """End every open drift episode (a retraining found no new regime behind it)."""
+        for track in self._tracks.values():
+            track.since = None
+
     def drifting_domains(self) -> list[str]:
         """The domains in a drift episode, whose lists have not recovered yet (not
         :data:`ALL`)."""

@@ -60,8 +60,11 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 #: Bumped when the artifact layout changes; loading an artifact of another format fails
-#: loudly instead of serving garbage.
-FORMAT_VERSION = 3
+#: loudly instead of serving garbage, except the older formats listed in READS.
+FORMAT_VERSION = 4
+#: Formats this code reads, and the arrays each lacks with the value that scores as it did:
+#: format 3 weighed the user vector and the item bias by 1 whatever the history length.
+READS: dict[int, tuple[str, ...]] = {4: (), 3: ("user_weights", "bias_weights")}
 #: History buckets of the per-user weights: 0, 1, 2-3, 4-7, 8-15, 16-31 and 32+ events.
 HISTORY_BUCKETS = 7
 
@@ -84,6 +87,8 @@ _ARRAYS = (
     "knn_weight",
     "knn_age_logits",
     "knn_weights",
+    "user_weights",
+    "bias_weights",
 )
 
 
@@ -158,6 +163,8 @@ class MetaModel:
     knn_weight: F32
     knn_age_logits: F32
     knn_weights: F32
+    user_weights: F32
+    bias_weights: F32
     prox: float = 0.1
     inner_steps: int = 1
     negatives: int = 4
@@ -218,6 +225,8 @@ class MetaModel:
             knn_weight=z((0, N_NEIGHBORS), np.float32),
             knn_age_logits=z(VOTERS, np.float32),
             knn_weights=z(HISTORY_BUCKETS, np.float32),
+            user_weights=np.ones(HISTORY_BUCKETS, np.float32),
+            bias_weights=np.ones(HISTORY_BUCKETS, np.float32),
         )
 
     @property
@@ -379,12 +388,14 @@ class MetaModel:
         try:
             with np.load(file, allow_pickle=False) as z:
                 header = json.loads(z["header"].tobytes().decode())
-                if header.get("format") != FORMAT_VERSION:
+                missing = READS.get(header.get("format", -1))
+                if missing is None:
                     raise ModelError(
                         f"model artifact has format {header.get('format')}, "
-                        f"this code reads format {FORMAT_VERSION}"
+                        f"this code reads formats {', '.join(map(str, sorted(READS)))}"
                     )
-                arrays = {name: z[name] for name in _ARRAYS}
+                arrays = {name: z[name] for name in _ARRAYS if name not in missing}
+                arrays |= {name: np.ones(HISTORY_BUCKETS, np.float32) for name in missing}
                 ids = [str(s) for s in z["item_ids"].tolist()]
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"cannot read model artifact: {exc}") from exc

@@ -13,6 +13,8 @@ EASE, and are skipped there; BPR-MF turns them into a pairwise loss that pushes 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import numpy.typing as npt
 
@@ -412,11 +414,13 @@ class EASE:
     the last fit have no row or column in ``B`` and get nothing from it.
 
     The model is refitted after every ``refit_every`` learned events (dislikes included in
-    the count), on everything learned so far. Each refit chooses λ from ``lambdas`` on the
-    past alone: every user with at least two distinct items holds out their most recent
-    new item, ``B`` is fitted on the rest, and the λ with the best HR@10 of the held-out
-    items (the user's other items excluded) wins, ties going to the larger λ. The choice of
-    every refit is appended to ``lambdas_chosen``.
+    the count), on everything learned so far. λ is chosen from ``lambdas`` on the past
+    alone: every user with at least two distinct items holds out their most recent new
+    item, ``B`` is fitted on the rest, and the λ with the best HR@10 of the held-out items
+    (the user's other items excluded) wins, ties going to the larger λ. The choice costs
+    an eigendecomposition, three times a fit's inversion, so it is made at the first refit
+    and again whenever the past has doubled since the last choice; the other refits keep
+    the last λ. The λ of every refit is appended to ``lambdas_chosen``.
 
     Fallbacks: ``1e-6 · log1p(global count)`` is added to every score so that items EASE
     leaves tied (at zero: before the first fit, unknown to ``B``, or unrelated to the
@@ -474,8 +478,10 @@ class EASE:
         self.max_items = max_items
         self.first_events = first_events
         self.seed = seed
-        #: λ chosen at each refit, in order.
+        #: λ chosen at each refit, in order, and the seconds each refit took.
         self.lambdas_chosen: list[float] = []
+        self.fit_seconds: list[float] = []
+        self._chosen_at = 0  # events learned when λ was last chosen
         self._first_pop = FirstPop(first_events)
         self._counts: FloatArray = np.zeros(_INITIAL)  # positive events per item
         self._n_known = 0  # items seen so far: indices 0 .. _n_known-1
@@ -532,10 +538,11 @@ class EASE:
             self._refit()
 
     def _refit(self) -> None:
-        """Choose λ on a leave-last-out split of the past, then fit ``B`` on all of it."""
+        """Fit ``B`` on all of the past, with λ chosen again when the past has doubled."""
         histories = [buf[:length] for buf, length in self._hist.values()]
         if not histories:
             return
+        started = time.perf_counter()
         users_per_item = np.bincount(np.concatenate(histories), minlength=self._n_known)
         # A fit inverts a dense n × n matrix, O(n³) time and O(n²) memory: capping n keeps a
         # refit within seconds. The rarely consumed items left out carry little signal.
@@ -546,9 +553,23 @@ class EASE:
         row_of[fit_items] = np.arange(m)
         rows = [r[r != _NO_ROW] for r in (row_of[h] for h in histories)]
         gram = _gram(rows, m)
+        if not self.lambdas_chosen or self._n_learned >= 2 * self._chosen_at:
+            lam = self._validated_lambda(gram, histories, rows, row_of)
+            self._chosen_at = self._n_learned
+        else:
+            lam = self.lambdas_chosen[-1]
+        self.lambdas_chosen.append(lam)
+        self._weights = _ease_weights(gram, lam)
+        self._fit_items = fit_items
+        self._row_of = row_of
+        self.fit_seconds.append(round(time.perf_counter() - started, 3))
 
-        # Validation: users whose most recent new item is in the fit hold it out. Users
-        # whose held-out item is not in the fit miss it whatever λ, so they are left out.
+    def _validated_lambda(
+        self, gram: FloatArray, histories: list[IntArray], rows: list[IntArray], row_of: IntArray
+    ) -> float:
+        """λ chosen on a leave-last-out split of the past (see the class docstring)."""
+        # Users whose most recent new item is in the fit hold it out. Users whose held-out
+        # item is not in the fit miss it whatever λ, so they are left out.
         held: list[int] = []
         rest: list[IntArray] = []
         for h, r in zip(histories, rows, strict=True):
@@ -564,14 +585,7 @@ class EASE:
             np.subtract.at(train, (a, b), 1.0)
             np.subtract.at(train, (b, a), 1.0)
             np.subtract.at(train, (target, target), 1.0)
-        lam = self._choose_lambda(train, rest, held)
-        del train
-        self.lambdas_chosen.append(lam)
-        eigvals, eigvecs = np.linalg.eigh(gram)
-        del gram
-        self._weights = _ease_weights(eigvals, eigvecs, lam)
-        self._fit_items = fit_items
-        self._row_of = row_of
+        return self._choose_lambda(train, rest, held)
 
     def _choose_lambda(self, train: FloatArray, rest: list[IntArray], held: list[int]) -> float:
         """The λ of the grid with the best HR@10 of ``held`` given ``rest``; ties: larger λ."""
@@ -624,9 +638,10 @@ def _gram(rows: list[IntArray], m: int) -> FloatArray:
     return gram
 
 
-def _ease_weights(eigvals: FloatArray, eigvecs: FloatArray, lam: float) -> FloatArray:
-    """EASE's ``B = I − P·diag(1/diag(P))`` with ``P = (G + λI)⁻¹`` from ``G``'s eigh."""
-    p = (eigvecs * (1.0 / (eigvals + lam))) @ eigvecs.T
+def _ease_weights(gram: FloatArray, lam: float) -> FloatArray:
+    """EASE's ``B = I − P·diag(1/diag(P))`` with ``P = (G + λI)⁻¹``."""
+    regularized = gram + lam * np.eye(gram.shape[0])
+    p = np.linalg.inv(regularized)
     weights = p / -np.diag(p)
     np.fill_diagonal(weights, 0.0)
     return weights

@@ -12,11 +12,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from metarec.config import Settings
+from metarec.core.learner import score_components
 from metarec.data.registry import load_dataset
-from metarec.errors import ConfigError
+from metarec.errors import ConfigError, DataError
 from metarec.evaluation import suite
 from metarec.evaluation.online import metarec_factory, metarec_no_meta_factory
 from metarec.evaluation.protocol import (
@@ -31,39 +33,68 @@ from metarec.evaluation.protocol import (
 from metarec.evaluation.scenarios import SCENARIOS
 from metarec.evaluation.scenarios import plot_png as plot_scenario
 
-__all__ = ["METHODS", "add_eval_arguments", "methods_for", "run_eval"]
+__all__ = ["COMPONENT_PREFIX", "METHODS", "add_eval_arguments", "methods_for", "run_eval"]
 
-#: Every method ``metarec eval`` compares, in report order.
+#: Every method ``metarec eval`` compares by default, in report order.
 METHODS: tuple[str, ...] = (*BASELINES, "metarec", "metarec_no_meta")
+#: How a method naming part of metarec's score starts: ``metarec:knn``, ``metarec:user+bias``.
+COMPONENT_PREFIX = "metarec:"
 
 
-def methods_for(settings: Settings) -> dict[str, Factory]:
-    """The factories of :data:`METHODS`; metarec runs under ``settings``, as the services."""
-    return {
+def methods_for(settings: Settings, names: Sequence[str] = METHODS) -> dict[str, Factory]:
+    """The factories of ``names``: :data:`METHODS`, or ``metarec:`` followed by terms of
+    metarec's score joined by ``+`` (:func:`metarec.core.learner.score_components`), which
+    rank by those terms alone with everything else as the services run it. metarec runs
+    under ``settings``, as the services do. Raises :class:`ConfigError` on an unknown name."""
+    known: dict[str, Factory] = {
         **BASELINES,
         "metarec": functools.partial(metarec_factory, settings=settings),
         "metarec_no_meta": functools.partial(metarec_no_meta_factory, settings=settings),
     }
+    components = score_components()
+    out: dict[str, Factory] = {}
+    for name in names:
+        if name in known:
+            out[name] = known[name]
+            continue
+        parts = name.removeprefix(COMPONENT_PREFIX).split("+")
+        if not name.startswith(COMPONENT_PREFIX) or not set(parts) <= set(components):
+            raise ConfigError(
+                f"unknown method {name!r}; choose from {', '.join(METHODS)}, or "
+                f"{COMPONENT_PREFIX}PART[+PART...] with PART one of {', '.join(components)}"
+            )
+        out[name] = functools.partial(metarec_factory, settings=settings, components=parts)
+    return out
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--data",
-        help="a MovieLens folder (ml-100k or a CSV release), 'synthetic' or 'synthetic-small'",
+        help="a MovieLens folder (ml-100k or a CSV release), 'synthetic' or "
+        "'synthetic-small', or an event log file: JSON lines as published to the events "
+        "topic (item and user records may be mixed in), or a CSV with the header "
+        "user,item,type,ts[,domain] (ts in epoch milliseconds)",
     )
     what.add_argument(
         "--suite",
-        metavar="ML100K_DIR",
+        metavar="MOVIELENS_DIR",
         type=Path,
-        help="the robustness suite on the MovieLens 100K folder given and its "
-        "variants (no profiles, timestamps x30, a third of the users) and "
-        "the synthetic stream",
+        help="the robustness suite: the folder holding ml-100k/ and ml-latest-small/ "
+        "(or the ml-100k folder, with ml-latest-small beside it); runs MovieLens 100K, "
+        "its variants (no profiles, timestamps x30, a third of the users), "
+        "ml-latest-small and the synthetic stream",
     )
     what.add_argument(
         "--scenario",
         choices=sorted(SCENARIOS),
         help="a named synthetic scenario instead: drift or cross-domain",
+    )
+    parser.add_argument(
+        "--items", type=Path, help="with --data FILE: item records, JSON lines (optional)"
+    )
+    parser.add_argument(
+        "--users", type=Path, help="with --data FILE: user records, JSON lines (optional)"
     )
     parser.add_argument(
         "--small", action="store_true", help="with --scenario: a small stream (for a quick look)"
@@ -72,7 +103,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help="comma-separated subset of: " + ", ".join(METHODS),
+        help="comma-separated methods (default: all of them): "
+        + ", ".join(METHODS)
+        + f"; or one part of metarec's score alone, {COMPONENT_PREFIX}PART "
+        + f"(PART: {', '.join(score_components())}; several joined by +)",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument(
@@ -91,14 +125,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(METHODS))
-    if unknown:
-        print(
-            f"metarec eval: unknown method(s) {', '.join(unknown)}; choose from "
-            f"{', '.join(METHODS)}",
-            file=sys.stderr,
-        )
+    names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    if not names:
+        print("metarec eval: --methods names no method", file=sys.stderr)
         return 2
     if args.seeds < 1 or args.workers < 1:
         print("metarec eval: --seeds and --workers must be at least 1", file=sys.stderr)
@@ -111,11 +140,18 @@ def run_eval(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"metarec eval: configuration error: {exc}", file=sys.stderr)
         return 2
-    factories = methods_for(settings)
-    chosen = {n: factories[n] for n in names}
+    try:
+        chosen = methods_for(settings, names)
+    except ConfigError as exc:
+        print(f"metarec eval: {exc}", file=sys.stderr)
+        return 2
     if args.suite:
         return _run_suite(args, chosen)
-    dataset = load_dataset(args.data)
+    try:
+        dataset = load_dataset(args.data, items=args.items, users=args.users)
+    except DataError as exc:
+        print(f"metarec eval: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     report = evaluate(
         dataset,
@@ -146,7 +182,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_suite(args: argparse.Namespace, methods: dict[str, Factory]) -> int:
     started = time.perf_counter()
-    datasets = suite.suite_datasets(args.suite)
+    try:
+        datasets = suite.suite_datasets(args.suite)
+    except DataError as exc:
+        print(f"metarec eval: {exc}", file=sys.stderr)
+        return 2
     result = suite.run_suite(
         datasets,
         methods,

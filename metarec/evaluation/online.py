@@ -59,6 +59,9 @@ class OnlineMetarec:
     handle_drift
         React to drops of the live hit rate (the services always do; off for the drift
         scenario's comparison).
+    components
+        The score's terms that rank lists (all by default, as the services; a subset runs
+        one part of the blend alone, :func:`metarec.core.learner.score_components`).
     """
 
     def __init__(
@@ -69,11 +72,12 @@ class OnlineMetarec:
         trainer: MetaTrainer | None = None,
         seed: int = 0,
         handle_drift: bool = True,
+        components: Sequence[str] | None = None,
     ) -> None:
         s = dataclasses.replace(settings or Settings.defaults(), seed=seed)
         self.stream = stream
         self.settings = s
-        self.learner = Learner.from_settings(s, handle_drift=handle_drift)
+        self.learner = Learner.from_settings(s, handle_drift=handle_drift, components=components)
         self.window = EventWindow(s.window_events)
         self.schedule = RetrainSchedule.from_settings(s)
         self.retrainer = Retrainer(
@@ -178,6 +182,8 @@ class OnlineMetarec:
         model = self.retrainer.train(self.window, current, floor=self.floor, version=version)
         if model is None:
             return
+        if model.info.get("drift") == "refuted":
+            self.floor = None
         model, folded = self.retrainer.fold(model, current, [self.partials])
         self.partials = PartialSums.zeros(1, 1)
         self.new_events = 0
@@ -213,10 +219,14 @@ class OnlineMetarec:
 
 
 def metarec_factory(
-    stream: EncodedStream, seed: int, settings: Settings | None = None
+    stream: EncodedStream,
+    seed: int,
+    settings: Settings | None = None,
+    components: Sequence[str] | None = None,
 ) -> OnlineMetarec:
-    """Full metarec, as the services run it (under ``settings``, default: the defaults)."""
-    return OnlineMetarec(stream, settings=settings, seed=seed)
+    """Full metarec, as the services run it (under ``settings``, default: the defaults);
+    with ``components``, ranking by those terms of its score alone."""
+    return OnlineMetarec(stream, settings=settings, seed=seed, components=components)
 
 
 def metarec_no_meta_factory(

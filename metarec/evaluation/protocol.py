@@ -280,6 +280,8 @@ class PrequentialRecords:
     ndcg: FloatArray
     rank: FloatArray
     k: int = 10
+    #: Seconds of each refit, for methods that refit on a schedule (EASE, SASRec).
+    refit_seconds: tuple[float, ...] = ()
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -412,6 +414,7 @@ def prequential(
         ndcg=np.array(out_ndcg, dtype=np.float64),
         rank=np.array(out_rank, dtype=np.float64),
         k=k,
+        refit_seconds=tuple(float(x) for x in getattr(rec, "fit_seconds", ())),
     )
 
 
@@ -733,7 +736,30 @@ def to_markdown(report: EvaluationReport) -> str:
         first = next(iter(report.results.values()))
         counts = ", ".join(f"{b}: {first.buckets[b].events}" for b in BUCKETS)
         lines.append(f"Events per bucket (all seeds): {counts}.")
+    refits = _refit_costs(report)
+    if refits:
+        lines.append(
+            "Refits per run and their cost: "
+            + "; ".join(
+                f"{name} {len(r) / max(1, n_runs):.0f}, {sum(r) / len(r):.1f} s each "
+                f"(longest {max(r):.1f} s)"
+                for name, (r, n_runs) in refits.items()
+            )
+            + "."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _refit_costs(report: EvaluationReport) -> dict[str, tuple[list[float], int]]:
+    """Per method that refits: the seconds of all its refits and the runs they came from
+    (a deterministic method ran once, its record standing for every seed)."""
+    out: dict[str, tuple[list[float], int]] = {}
+    for name, res in report.results.items():
+        runs = res.runs[: max(1, len(res.wall_time_s))]
+        seconds = [x for r in runs for x in r.refit_seconds]
+        if seconds:
+            out[name] = (seconds, len(runs))
+    return out
 
 
 def _finite(x: float) -> float | None:
@@ -766,6 +792,7 @@ def to_json(report: EvaluationReport) -> dict[str, Any]:
             "n_events": report.n_events,
             "evaluated_users": report.evaluated_users,
             "wall_time_s": {name: list(res.wall_time_s) for name, res in report.results.items()},
+            "refit_seconds": {name: r for name, (r, _) in _refit_costs(report).items()},
         },
     }
     json.dumps(out, allow_nan=False)  # fail here, not in the writer, if a NaN slipped in
@@ -820,6 +847,12 @@ def _ease(stream: EncodedStream, seed: int) -> Recommender:
     return EASE(seed=seed)
 
 
+def _sasrec(stream: EncodedStream, seed: int) -> Recommender:
+    from metarec.evaluation.sasrec import SASRec  # TensorFlow trains it: imported on use
+
+    return SASRec(seed=seed)
+
+
 #: Factories of the baselines under their report keys.
 BASELINES: dict[str, Factory] = {
     "pop": _pop,
@@ -828,6 +861,7 @@ BASELINES: dict[str, Factory] = {
     "itemknn": _itemknn,
     "firstpop": _firstpop,
     "ease": _ease,
+    "sasrec": _sasrec,
 }
 #: Methods whose records do not depend on the seed (see :func:`evaluate`); checked by
 #: ``tests/evaluation/test_baselines.py``.

@@ -248,6 +248,8 @@ class Aggregator:
         )
         if model is None:
             return None
+        if model.info.get("drift") == "refuted" and floor is not None:
+            self.store.clear_training_floor(floor)
         model, folded = self.retrainer.fold(
             model, init, self.store.take_partials(self.settings.events_topic)
         )

@@ -989,6 +989,11 @@ class RedisStore:
         score = self.client.zscore(self.key("aggregate", "floor"), "since")
         return None if score is None else int(score)
 
+    def clear_training_floor(self, floor: int) -> None:
+        """Forget the floor ``floor`` (a retraining found no new regime behind it); a later
+        floor reported meanwhile stays."""
+        self.client.zremrangebyscore(self.key("aggregate", "floor"), floor, floor)
+
     def aggregation_request(self) -> str | None:
         """The pending request's reason, or None."""
         raw = self.client.get(self.key("aggregate", "request"))

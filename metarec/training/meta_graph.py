@@ -76,8 +76,19 @@ _META_PARAMS = (
     "domain_map",
     "knn_age",
     "knn_weights",
+    "user_w",
+    "bias_w",
 )
-_PLAIN_PARAMS = ("emb", "bias", "free_users", "trend", "knn_age", "knn_weights")
+_PLAIN_PARAMS = (
+    "emb",
+    "bias",
+    "free_users",
+    "trend",
+    "knn_age",
+    "knn_weights",
+    "user_w",
+    "bias_w",
+)
 _ALL_PARAMS = (*_META_PARAMS, "free_users")
 
 
@@ -146,6 +157,8 @@ class MetaGraph:
         self.voters = batches.voters
         knn_age = (np.log(0.9) * np.arange(VOTERS)).astype(np.float32)
         knn_weights = np.full(HISTORY_BUCKETS, _KNN_INIT, np.float32)
+        user_w = np.ones(HISTORY_BUCKETS, np.float32)
+        bias_w = np.ones(HISTORY_BUCKETS, np.float32)
         if init is not None and init.dim == d and init.age_logits.shape == age.shape:
             emb = _rows_by_name(self.item_ids, init.item_ids, init.item_emb, emb)
             ctx = _rows_by_name(self.item_ids, init.item_ids, init.item_ctx, ctx)
@@ -176,6 +189,7 @@ class MetaGraph:
                 trend = init.trend_weights.copy()
             if init.knn_age_logits.shape == knn_age.shape:
                 knn_age, knn_weights = init.knn_age_logits.copy(), init.knn_weights.copy()
+            user_w, bias_w = init.user_weights.copy(), init.bias_weights.copy()
         self.neighbors = batches.neighbors
         self.params: dict[str, tf.Tensor] = {
             name: tf.constant(value)
@@ -196,6 +210,8 @@ class MetaGraph:
                 "domain_map": domain_map,
                 "knn_age": knn_age,
                 "knn_weights": knn_weights,
+                "user_w": user_w,
+                "bias_w": bias_w,
                 "free_users": normal((len(data.user_ids), d)),
             }.items()
         }
@@ -356,6 +372,12 @@ class MetaGraph:
             knn_weights=p["knn_weights"]
             if meta
             else np.full(HISTORY_BUCKETS, p["knn_weights"][0], np.float32),
+            user_weights=p["user_w"]
+            if meta
+            else np.full(HISTORY_BUCKETS, p["user_w"][0], np.float32),
+            bias_weights=p["bias_w"]
+            if meta
+            else np.full(HISTORY_BUCKETS, p["bias_w"][0], np.float32),
             inner_steps=1,
             negatives=cfg.negatives,
             blend=cfg.blend,
@@ -588,7 +610,9 @@ def _query_loss(
     beta = tf.gather(p["trend"], bucket)
     n = tf.shape(vectors, out_type=tf.int64)[0]
     logits = (
-        theta @ tf.transpose(vectors) + bias + tf.einsum("bs,bsn->bn", beta, tf.math.log1p(pop))
+        tf.gather(p["user_w"], bucket)[:, None] * (theta @ tf.transpose(vectors))
+        + tf.gather(p["bias_w"], bucket)[:, None] * bias
+        + tf.einsum("bs,bsn->bn", beta, tf.math.log1p(pop))
     )
     logits += tf.gather(p["knn_weights"], bucket)[:, None] * _votes(shape, p, b, n)
     masked = tf.fill(tf.shape(b["consumed"])[:1], tf.constant(_MASKED, tf.float32))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from metarec.config import DEFAULT_MIN_EVENTS_FOR_MODEL, DEFAULT_RETRAIN_EVENTS, Settings
 from metarec.core.model import MetaModel
 from metarec.core.reptile import PartialSums, reptile_update
-from metarec.core.window import EventWindow
+from metarec.core.window import EventWindow, TrainingData
 from metarec.training.trainer import MetaTrainer
 
 __all__ = ["REPTILE_EPSILON", "RetrainSchedule", "Retrainer"]
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 #: Reptile step: 1.0 is the seed's plain average of the adapted users.
 REPTILE_EPSILON = 1.0
+
+
+def _described(model: MetaModel, data: TrainingData) -> MetaModel:
+    model.info.update({"users": len(data.user_ids), "items": len(data.item_ids)})
+    return model
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,12 @@ class Retrainer:
     @staticmethod
     def trainer_for(settings: Settings, *, meta: bool = True) -> MetaTrainer:
         """The meta-trainer the aggregator runs under ``settings``."""
-        return MetaTrainer(history_length=settings.history_length, seed=settings.seed, meta=meta)
+        return MetaTrainer(
+            history_length=settings.history_length,
+            seed=settings.seed,
+            meta=meta,
+            retrain_events=settings.retrain_events,
+        )
 
     def train(
         self, window: EventWindow, current: MetaModel | None, *, floor: int | None, version: int
@@ -121,16 +131,40 @@ class Retrainer:
             log.info("too few events to train", extra={"events": len(data), "floor_ts": floor})
             return None
         fresh = current is not None and floor is not None and current.info.get("floor_ts") != floor
-        model = self.trainer.fit(data, init=None if fresh else current, version=version)
-        model.info.update(
-            {
-                "floor_ts": floor,
-                "fresh_start": fresh,
-                "users": len(data.user_ids),
-                "items": len(data.item_ids),
-            }
+        if not fresh:
+            model = self.trainer.fit(data, init=current, version=version)
+            model.info.update({"floor_ts": floor, "fresh_start": False})
+            return _described(model, data)
+        # A new floor: a model of the new regime alone, judged against the current one on
+        # the same held-out events of it. Kept only if it predicts them better; otherwise
+        # the change was a dip of the live rate, not a new regime, and the cycle is an
+        # ordinary one on the whole window.
+        model = self.trainer.fit(data, init=None, version=version, judge_against=current)
+        judged = model.info.get("judged_loss")
+        verdict = {"candidate_loss": model.info.get("loss"), "current_loss": judged}
+        if judged is not None and not model.info["loss"] < judged:
+            log.info(
+                "drift refuted: the current model predicts the new events better",
+                extra={"floor_ts": floor, **verdict},
+            )
+            data = window.training_data()
+            model = self.trainer.fit(data, init=current, version=version)
+            model.info.update(
+                {
+                    "floor_ts": None,
+                    "fresh_start": False,
+                    "drift": "refuted",
+                    "refuted_floor": floor,
+                    **verdict,
+                }
+            )
+            return _described(model, data)
+        log.info(
+            "drift confirmed: a model of the new regime alone predicts it better",
+            extra={"floor_ts": floor, **verdict},
         )
-        return model
+        model.info.update({"floor_ts": floor, "fresh_start": True, "drift": "confirmed", **verdict})
+        return _described(model, data)
 
     def fold(
         self, model: MetaModel, current: MetaModel | None, partials: Sequence[PartialSums]

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from metarec.config import DEFAULT_RETRAIN_EVENTS
 from metarec.core.adaptation import user_keys
 from metarec.core.model import MetaModel, history_buckets
-from metarec.core.neighbors import VOTERS, ItemNeighbors
+from metarec.core.neighbors import N_NEIGHBORS, VOTERS, ItemNeighbors
 from metarec.core.trending import CHANNELS, Channel
 from metarec.core.window import TrainingData
 
@@ -44,9 +45,10 @@ log = logging.getLogger(__name__)
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 
-#: Prefixes of the window whose neighbours the training examples vote with (see
-#: TrainingBatches): the first quarter votes with none, as a system without history.
-KNN_SNAPSHOTS = 4
+#: Most prefixes of the window whose neighbours the training examples vote with (see
+#: TrainingBatches), and the memory their neighbour lists may take.
+MAX_KNN_SNAPSHOTS = 32
+KNN_SNAPSHOT_BYTES = 400_000_000
 #: A window with fewer held-out users or events than these trains without validation.
 MIN_VALIDATION_USERS = 10
 MIN_VALIDATION_EVENTS = 200
@@ -120,6 +122,9 @@ class TrainingBatches:
     #: snapshots stay within about 200 MB.
     snapshot_every: int = 50
     holdout: float = 0.1
+    #: Events between two neighbour snapshots: as often as serving gets new neighbours
+    #: (every retraining), so an example votes with neighbours as stale as a list's are.
+    knn_every: int = DEFAULT_RETRAIN_EVENTS
 
     def __post_init__(self) -> None:
         d = self.data
@@ -163,13 +168,19 @@ class TrainingBatches:
         )
         # The neighbours shipped with the model come from the whole window; each training
         # example votes with neighbours computed from the events before it (the latest of
-        # KNN_SNAPSHOTS prefixes of the window), as serving votes with those of the last
-        # training: neighbours that know what comes next would teach the model to trust
-        # them more than serving can.
+        # the prefixes of the window that end every knn_every events), as serving votes
+        # with those of the last training: neighbours that know what comes next would
+        # teach the model to trust them more than serving can, and staler ones less.
         positive = d.weights > 0
         n_items = len(d.item_ids)
         self.neighbors = ItemNeighbors.from_events(d.users[positive], d.items[positive], n_items)
-        self.knn_bounds = (np.arange(KNN_SNAPSHOTS) * len(d)) // KNN_SNAPSHOTS
+        per_snapshot = max(1, n_items * N_NEIGHBORS * 8)
+        count = min(
+            MAX_KNN_SNAPSHOTS,
+            max(1, KNN_SNAPSHOT_BYTES // per_snapshot),
+            max(1, math.ceil(len(d) / max(1, self.knn_every))),
+        )
+        self.knn_bounds = (np.arange(count) * len(d)) // count
         prefixes = [
             ItemNeighbors.from_events(d.users[:b][positive[:b]], d.items[:b][positive[:b]], n_items)
             for b in self.knn_bounds
@@ -296,6 +307,8 @@ class MetaTrainer:
     cold_item_rate: float = 0.1
     channels: tuple[Channel, ...] = CHANNELS
     step_init: float = 0.05
+    #: Events between two retrainings of the service (see TrainingBatches.knn_every).
+    retrain_events: int = DEFAULT_RETRAIN_EVENTS
     meta: bool = True
     seed: int = 0
     deterministic: bool = True
@@ -303,8 +316,20 @@ class MetaTrainer:
     #: through a long training, and goes red if a step hangs.
     on_step: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
-    def fit(self, data: TrainingData, init: MetaModel | None = None, version: int = 1) -> MetaModel:
-        """Train on ``data`` (warm-starting from ``init`` if given); returns a new model."""
+    def fit(
+        self,
+        data: TrainingData,
+        init: MetaModel | None = None,
+        version: int = 1,
+        *,
+        judge_against: MetaModel | None = None,
+    ) -> MetaModel:
+        """Train on ``data`` (warm-starting from ``init`` if given); returns a new model.
+
+        With ``judge_against``, that model's loss on the same held-out examples is recorded
+        too (``info["judged_loss"]``, None without held-out users): whether the new model
+        predicts this data better than the one it would replace.
+        """
         from metarec.training.meta_graph import MetaGraph
         from metarec.training.tensorflow_import import import_tensorflow
 
@@ -325,13 +350,15 @@ class MetaTrainer:
             rng,
             self.channels,
             holdout=self.holdout,
+            knn_every=self.retrain_events,
         )
         with tf.device(device):
             graph = MetaGraph(self, data, batches, init, rng)
+            held_out = batches.validation(VALIDATION_EXAMPLES) if batches.has_validation else {}
             if batches.has_validation:
                 loss, steps = graph.train_until_best(
                     batches,
-                    batches.validation(VALIDATION_EXAMPLES),
+                    held_out,
                     self.max_steps,
                     self.check_every,
                     self.patience,
@@ -345,6 +372,10 @@ class MetaTrainer:
                 )
                 loss = graph.train(batches, steps)
             model = graph.export(version)
+            judged = None
+            if judge_against is not None and batches.has_validation:
+                other = MetaGraph(self, data, batches, judge_against, rng)
+                judged = other.validation_loss(held_out)
         elapsed = time.perf_counter() - started
         model.info.update(
             {
@@ -357,6 +388,8 @@ class MetaTrainer:
                 "seed": self.seed,
             }
         )
+        if judge_against is not None:
+            model.info["judged_loss"] = judged
         log.info(
             "meta-training done",
             extra={

@@ -9,6 +9,7 @@ from metarec.core.drift import (
     BOOST,
     KEEP_AFTER_DRIFT,
     MAX_BOOST_EVENTS,
+    DriftMonitor,
     UserDrift,
     cut_history,
     respond,
@@ -71,3 +72,17 @@ def test_a_domain_change_cuts_a_missing_user_back_to_the_change() -> None:
     # Without a domain change a miss is just a miss.
     assert not respond(d, users, 1, "u1", False, hist_ts, since=None, baseline=0.3)
     assert users.hist_items[1].tolist() == list(range(HISTORY))
+
+
+def test_a_refuted_change_is_forgotten_and_asks_for_no_recovery() -> None:
+    m = DriftMonitor(k=10, window=50)
+    users = [f"u{i % 40}" for i in range(400)]
+    m.observe(["g"] * 400, [0] * 200 + [-1] * 200, list(range(400)), users)
+    assert m.drifting_domains() == ["g"] and "g" in m.since
+    assert m.after_reload() is not None  # recovering: the next version at once
+    m.refuted()
+    assert m.drifting_domains() == [] and m.since == {}
+    assert m.after_reload() is None
+    # A later drop is a change again.
+    more = m.observe(["g"] * 400, [0] * 200 + [-1] * 200, list(range(400, 800)), users)
+    assert len(more) == 1 and "g" in m.since

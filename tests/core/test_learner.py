@@ -11,6 +11,7 @@ from metarec.core.learner import EventBatch, Learner
 from metarec.core.model import MetaModel
 from metarec.core.trending import Channel
 from metarec.core.user_state import UserState
+from metarec.errors import ConfigError
 
 
 def _learner(with_model: bool, version: int = 3) -> Learner:
@@ -130,3 +131,28 @@ def test_an_unknown_trending_scale_count_is_refused() -> None:
     learner = Learner(channels=[Channel("10", 10.0), Channel("100", 100.0)])
     with pytest.raises(ValueError, match="trending channels"):
         learner.load(_model(1))
+
+
+def _lists_with(components: tuple[str, ...] | None, model: MetaModel) -> list[str]:
+    learner = Learner(top_k=4, history_length=5, seed=0, components=components)
+    learner.add_items([(j, f"i{j}", "books", (f"f{j % 2}",)) for j in range(10)])
+    learner.load(model)
+    out = learner.learn_many(_batch([("a", 1, 1.0, 10)]), {}, {})
+    return list(json.loads(learner.list_records(out.lists, out.states, now_ms=1)["a"])["items"])
+
+
+def test_each_part_of_the_score_ranks_alone() -> None:
+    model = _model(3)
+    model.item_bias = np.linspace(1.0, 0.0, 10).astype(np.float32)  # i0 first, i9 last
+    # The item bias alone: its order, the consumed i1 left out.
+    assert _lists_with(("bias",), model) == ["i0", "i2", "i3", "i4"]
+    # The adapted vector alone is the full score with the bias and trending taken out.
+    plain = _model(3)
+    assert _lists_with(("user",), model) == _lists_with(None, plain)
+    assert _lists_with(("user", "bias"), model) == _lists_with(None, model)
+
+
+@pytest.mark.parametrize("components", [(), ("bias", "popularity"), ("pop-42",)])
+def test_an_unknown_part_of_the_score_is_a_config_error(components: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError, match="score component"):
+        Learner(components=components)

@@ -65,7 +65,15 @@ def test_save_load_round_trip_keeps_every_array() -> None:
     m.info["device"] = "CPU:0"
     back = MetaModel.from_bytes(m.to_bytes())
     assert back.version == 7 and back.item_ids == ["a", "b"] and back.info == m.info
-    for name in ("item_emb", "feat_emb", "theta0", "hist_map", "age_logits", "step"):
+    for name in (
+        "item_emb",
+        "feat_emb",
+        "theta0",
+        "hist_map",
+        "age_logits",
+        "step",
+        "user_weights",
+    ):
         np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
 
 
@@ -86,3 +94,26 @@ def test_100k_item_artifact_round_trips() -> None:
     back = MetaModel.from_bytes(m.to_bytes())
     assert back.item_index("item-99999") == 99_999
     np.testing.assert_array_equal(back.item_emb, m.item_emb)
+
+
+def _artifact(model: MetaModel, fmt: int, drop: tuple[str, ...] = ()) -> bytes:
+    """``model`` saved as an artifact of format ``fmt`` without the arrays ``drop``."""
+    import io
+    import json
+
+    with np.load(io.BytesIO(model.to_bytes()), allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files if name not in drop}
+    header = json.loads(arrays["header"].tobytes().decode()) | {"format": fmt}
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_a_format_3_artifact_loads_and_scores_as_it_did() -> None:
+    m = MetaModel.initial(4, history_length=5)
+    old = MetaModel.from_bytes(_artifact(m, 3, drop=("user_weights", "bias_weights")))
+    # Format 3 weighed the user vector and the item bias by 1 at every history length.
+    assert old.user_weights.tolist() == [1.0] * 7 == old.bias_weights.tolist()
+    with pytest.raises(ModelError, match="format 2, this code reads formats 3, 4"):
+        MetaModel.from_bytes(_artifact(m, 2))

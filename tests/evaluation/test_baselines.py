@@ -24,6 +24,7 @@ from metarec.evaluation.command import METHODS
 from metarec.evaluation.online import metarec_factory, metarec_no_meta_factory
 from metarec.evaluation.protocol import BASELINES, EncodedStream, encode
 from metarec.evaluation.recommender import Interaction, Recommender
+from metarec.evaluation.sasrec import SASRec
 
 Make = Callable[[int], Recommender]
 
@@ -70,6 +71,10 @@ ALL: dict[str, Make] = {
     "firstpop": lambda seed: FirstPop(seed=seed),
     # Refits a few times on the 300-event stream, so the contract covers the fitted model.
     "ease": lambda seed: EASE(refit_every=70, seed=seed),
+    # Small enough to fit in a second, refitted twice on the 300-event stream.
+    "sasrec": lambda seed: SASRec(
+        dim=8, blocks=1, max_len=8, negatives=16, refit_every=120, min_steps=5, seed=seed
+    ),
     # metarec as the services run it, and its ablation: what `metarec eval` compares.
     "metarec": lambda seed: metarec_factory(_encoded(), seed),
     "metarec_no_meta": lambda seed: metarec_no_meta_factory(_encoded(), seed),
@@ -260,7 +265,15 @@ def test_hyperparameters_are_stored_under_their_names() -> None:
 
 
 def test_baselines_registry_keeps_the_old_order_and_adds_the_new_ones() -> None:
-    assert list(BASELINES) == ["pop", "recent_pop", "bprmf", "itemknn", "firstpop", "ease"]
+    assert list(BASELINES) == [
+        "pop",
+        "recent_pop",
+        "bprmf",
+        "itemknn",
+        "firstpop",
+        "ease",
+        "sasrec",
+    ]
     from metarec.core.events import Event
     from metarec.data.dataset import Dataset
 
@@ -488,3 +501,13 @@ def test_ease_is_deterministic() -> None:
     np.testing.assert_array_equal(a._weights, b._weights)
     for user in (0, 7, 99):
         np.testing.assert_array_equal(a.score(user, 0, 0, 30), b.score(user, 0, 0, 30))
+
+
+def test_ease_chooses_lambda_again_only_when_the_past_has_doubled() -> None:
+    grid = (0.3, 1.0, 3.0, 10.0, 30.0)
+    events = _mixed_stream(700, seed=1)
+    ease = EASE(lambdas=grid, refit_every=100)
+    _replay(ease, events)
+    at = {n: _reference_lambda(events[:n], grid) for n in (100, 200, 400)}
+    # Chosen at 100, 200 and 400 events; the refits between keep the last choice.
+    assert ease.lambdas_chosen == [at[100], at[200], at[200], at[400], at[400], at[400], at[400]]

@@ -435,3 +435,16 @@ def test_deterministic_methods_run_once_and_stand_for_every_seed() -> None:
     res = report.results["pop"]
     assert len(res.runs) == 3 and len(res.wall_time_s) == 1
     assert res.buckets["all"].events == 3 * len(res.runs[0])
+
+
+def test_the_cost_of_each_refit_is_reported() -> None:
+    from metarec.evaluation.baselines import EASE
+
+    ds = _small_dataset()
+    n = encode(ds).n_events
+    methods = {"ease": lambda stream, seed: EASE(refit_every=n // 4), "pop": BASELINES["pop"]}
+    report = evaluate(ds, methods, seeds=[0, 1], progress=False, n_boot=10)
+    refits = to_json(report)["meta"]["refit_seconds"]
+    assert list(refits) == ["ease"] and len(refits["ease"]) == 8  # 4 per seed
+    assert all(s >= 0 for s in refits["ease"])
+    assert "Refits per run and their cost: ease 4," in to_markdown(report)

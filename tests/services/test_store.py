@@ -555,3 +555,16 @@ def test_a_decoding_client_is_refused(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     with pytest.raises(ConfigError, match="decode_responses"):
         RedisStore(client)  # type: ignore[arg-type]
+
+
+def test_a_refuted_floor_is_forgotten_but_a_later_one_stays(store: RedisStore) -> None:
+    assert store.training_floor() is None
+    store.request_aggregation("drift in 'books'", since_ts=1_000)
+    store.request_aggregation("drift in 'music'", since_ts=900)  # an earlier report: kept out
+    assert store.training_floor() == 1_000
+    store.clear_training_floor(1_000)
+    assert store.training_floor() is None
+    # A consumer reported a newer change while the cycle trained: that one survives.
+    store.request_aggregation("drift in 'books'", since_ts=2_000)
+    store.clear_training_floor(1_000)
+    assert store.training_floor() == 2_000

@@ -70,3 +70,44 @@ def test_the_fold_moves_theta0_to_the_weighted_mean_by_domain_name() -> None:
     model.info["fresh_start"] = True
     assert Retrainer().fold(model, current, [p]) == (model, 0.0)
     assert Retrainer().fold(model, None, [p])[1] == 0.0
+
+
+def _regimes(n_a: int, n_b: int) -> EventWindow:
+    """``n_a`` events of 200 users on items i0-i24, then ``n_b`` on items i25-i49; each
+    user keeps to one group of five items (what a trained model can learn)."""
+    rng = np.random.default_rng(1)
+    w = EventWindow(100_000)
+    for k in range(n_a + n_b):
+        user = int(rng.integers(200))
+        first = 0 if k < n_a else 25
+        item = first + 5 * (user % 5) + int(rng.integers(5))
+        w.append(f"u{user}", f"i{item}", k, 1.0, "default")
+    return w
+
+
+def _trainer(steps: int) -> MetaTrainer:
+    return MetaTrainer(dim=8, history_length=5, batch_size=64, min_steps=steps, max_steps=steps)
+
+
+def test_a_new_floor_is_refuted_when_the_current_model_predicts_the_new_events_better() -> None:
+    pytest.importorskip("tensorflow")
+    w = _regimes(6000, 0)
+    current = _trainer(150).fit(w.training_data(), version=1)
+    # Three steps from scratch cannot beat 150 on the same kind of events.
+    got = Retrainer(_trainer(3)).train(w, current, floor=3000, version=2)
+    assert got is not None and got.info["drift"] == "refuted"
+    assert got.info["current_loss"] <= got.info["candidate_loss"]
+    # An ordinary warm cycle on the whole window, with no floor left behind.
+    assert got.info["events"] == 6000 and got.info["floor_ts"] is None
+    assert got.info["refuted_floor"] == 3000 and not got.info["fresh_start"]
+
+
+def test_a_new_floor_is_confirmed_when_a_model_of_the_new_regime_predicts_it_better() -> None:
+    pytest.importorskip("tensorflow")
+    w = _regimes(3000, 3000)
+    # The same draws: the first 3000 events of ``w``, the regime before the change.
+    current = _trainer(150).fit(_regimes(3000, 0).training_data(), version=1)
+    got = Retrainer(_trainer(150)).train(w, current, floor=3000, version=2)
+    assert got is not None and got.info["drift"] == "confirmed"
+    assert got.info["candidate_loss"] < got.info["current_loss"]
+    assert got.info["fresh_start"] and got.info["floor_ts"] == 3000 and got.info["events"] == 3000
