@@ -36,10 +36,10 @@ test-fast: $(STAMP) ## the tests not marked slow (no processes, brokers or train
 demo: $(STAMP) ## the whole loop on the local broker and Redis, on a bundled synthetic stream
 	$(BIN)/metarec demo
 
-eval: $(STAMP) ## the ml-100k prequential comparison (about 5 minutes)
+eval: $(STAMP) ## the ml-100k prequential comparison (about 12 minutes on 2 cores)
 	$(BIN)/metarec eval --data ../shared/data/movielens/ml-100k --seeds 3 --json eval-out/ml100k.json
 
-suite: $(STAMP) ## the robustness suite: ml-100k, its variants, ml-latest-small and the synthetic stream
+suite: $(STAMP) ## the robustness suite: ml-100k, its variants, ml-latest-small and the synthetic stream (about 70 minutes on 2 cores)
 	$(BIN)/metarec eval --suite ../shared/data/movielens --seeds 3 --json eval-out/suite.json
 
 bench: $(STAMP) ## the consumer against this machine's bounds, quick mode (under 3 minutes; metarec bench for all)

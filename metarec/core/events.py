@@ -43,6 +43,7 @@ __all__ = [
     "encode_event",
     "encode_item",
     "encode_user",
+    "load_record",
     "validate_event",
 ]
 
@@ -139,7 +140,9 @@ class UserRecord:
         return {"user": self.user, "features": list(self.features), "ts": self.ts}
 
 
-def _load_object(raw: bytes | str, limits: Limits) -> dict[str, Any]:
+def load_record(raw: bytes | str, limits: Limits = LIMITS) -> dict[str, Any]:
+    """One record's JSON object, checked for size, encoding and shape as the consumer
+    checks every record (:class:`InvalidEvent` otherwise)."""
     cap = limits.max_record_bytes
     if isinstance(raw, bytes | bytearray | memoryview):
         if len(raw) > cap:
@@ -276,7 +279,7 @@ def decode_event(
 ) -> Event:
     """Parse one ``metarec.events`` record value; raises :class:`InvalidEvent` if it is bad."""
     return validate_event(
-        _load_object(raw, limits),
+        load_record(raw, limits),
         event_types=event_types,
         default_ts=default_ts,
         now_ms=now_ms,
@@ -299,7 +302,7 @@ def decode_item(
     raw: bytes | str, *, default_ts: int | None = None, limits: Limits = LIMITS
 ) -> ItemRecord:
     """Parse one ``metarec.items`` record value."""
-    obj = _load_object(raw, limits)
+    obj = load_record(raw, limits)
     _check_version(obj)
     domain = _id(obj, "domain", limits) if "domain" in obj else DEFAULT_DOMAIN
     return ItemRecord(
@@ -311,7 +314,7 @@ def decode_user(
     raw: bytes | str, *, default_ts: int | None = None, limits: Limits = LIMITS
 ) -> UserRecord:
     """Parse one ``metarec.users`` record value."""
-    obj = _load_object(raw, limits)
+    obj = load_record(raw, limits)
     _check_version(obj)
     return UserRecord(
         _id(obj, "user", limits), _features(obj, limits), _ts(obj, default_ts or 0, None)

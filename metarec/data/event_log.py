@@ -36,7 +36,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from operator import attrgetter
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from metarec.core.events import (
     DEFAULT_EVENT_WEIGHTS,
@@ -47,6 +47,7 @@ from metarec.core.events import (
     UserRecord,
     decode_item,
     decode_user,
+    load_record,
     validate_event,
 )
 from metarec.data.dataset import Dataset
@@ -161,22 +162,13 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             raise DataError(f"{path}:{number + 1}: cannot read on: {exc}") from None
 
 
-def _json_lines(path: Path, limits: Limits) -> Iterator[tuple[str, dict[str, object]]]:
+def _json_lines(path: Path, limits: Limits) -> Iterator[tuple[str, dict[str, Any]]]:
     for number, line in _lines(path):
         text = line.strip()
         if not text:
             continue
         where = f"{path}:{number}"
-        if len(text.encode("utf-8")) > limits.max_record_bytes:
-            raise DataError(f"{where}: record is over the {limits.max_record_bytes}-byte limit")
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+        obj = _checked(where, functools.partial(load_record, text, limits))
         yield where, obj
 
 

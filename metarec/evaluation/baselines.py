@@ -30,6 +30,7 @@ __all__ = [
     "OnlineBPRMF",
     "Popularity",
     "RecentPopularity",
+    "tie_breaker",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -404,6 +405,30 @@ _BLOCK_CELLS = 1 << 22
 _NO_ROW = -1
 
 
+def tie_breaker(
+    counts: FloatArray,
+    first_pop: FirstPop,
+    user: int,
+    ts: int,
+    domain: int,
+    n_items: int,
+    newcomer: bool,
+) -> FloatArray:
+    """What a periodically refitted model (EASE, SASRec) adds under its scores: global
+    popularity, scaled down so that it orders only the items the model leaves tied; for a
+    ``newcomer`` (no positive event yet), first-event popularity with global popularity
+    breaking its ties, scaled the same way: what a deployment would show a new user."""
+    out = _head(counts, n_items)
+    np.log1p(out, out=out)
+    if newcomer:
+        # First-event counts are integers and the popularity term lies in [0, 1).
+        if n_items:
+            out /= 1.0 + out.max()
+        out += first_pop.score(user, ts, domain, n_items)
+    out *= _TIE_SCALE
+    return out
+
+
 class EASE:
     """EASE (Steck 2019): a closed-form item-item model, refitted periodically on the past.
 
@@ -495,19 +520,9 @@ class EASE:
         self._row_of: IntArray = np.zeros(0, dtype=np.int64)  # item -> row of B or _NO_ROW
 
     def score(self, user: int, ts: int, domain: int, n_items: int) -> FloatArray:
-        out = _head(self._counts, n_items)
-        np.log1p(out, out=out)
         hist = self._hist.get(user)
-        if hist is None:
-            # First-event counts are integers and the popularity term lies in [0, 1): the
-            # order is FirstPop's, ties broken by global popularity.
-            if n_items:
-                out /= 1.0 + out.max()
-            out += self._first_pop.score(user, ts, domain, n_items)
-            out *= _TIE_SCALE
-            return out
-        out *= _TIE_SCALE
-        if self._fit_items.size == 0:
+        out = tie_breaker(self._counts, self._first_pop, user, ts, domain, n_items, hist is None)
+        if hist is None or self._fit_items.size == 0:
             return out
         buf, length = hist
         items = buf[:length]

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from metarec.errors import ConfigError
-from metarec.evaluation.baselines import FirstPop
+from metarec.evaluation.baselines import FirstPop, tie_breaker
 from metarec.evaluation.recommender import Interaction
 
 __all__ = ["SASRec"]
@@ -41,8 +41,6 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-#: Scale of the popularity fallback: only orders items the model leaves tied (as EASE's).
-_TIE_SCALE = 1e-6
 #: Added to masked attention logits (not -inf: a row with every key masked stays finite).
 _MASKED = -1e9
 _LN_EPS = 1e-6
@@ -138,19 +136,9 @@ class SASRec:
     # -- Recommender protocol -------------------------------------------------------------
 
     def score(self, user: int, ts: int, domain: int, n_items: int) -> F64:
-        out = np.zeros(n_items)
-        m = min(n_items, self._counts.size)
-        np.log1p(self._counts[:m], out=out[:m])
         hist = self._hist.get(user)
-        if hist is None:
-            # First-event counts are integers, the popularity term lies in [0, 1).
-            if n_items:
-                out /= 1.0 + out.max()
-            out += self._first_pop.score(user, ts, domain, n_items)
-            out *= _TIE_SCALE
-            return out
-        out *= _TIE_SCALE
-        if not self._params:
+        out = tie_breaker(self._counts, self._first_pop, user, ts, domain, n_items, hist is None)
+        if hist is None or not self._params:
             return out
         state = self._cache.get(user)
         if state is None:

@@ -78,11 +78,11 @@ def test_item_and_user_files_beside_the_events(tmp_path: Path) -> None:
     [
         (
             '{"user":"u","item":"a","type":"click","ts":1700000000001}\n{"user":"u","item":',
-            r"e\.jsonl:2: not JSON",
+            r"e\.jsonl:2: record is not JSON",
         ),
         (
             '{"user":"u","item":"a","type":"click","ts":1700000000001}\n\n[1, 2]\n',
-            r"e\.jsonl:3: a record must be a JSON object",
+            r"e\.jsonl:3: record must be a JSON object",
         ),
         ('{"user":"u","item":"a","type":"explode","ts":1700000000001}\n', r"e\.jsonl:1: .*explode"),
         ('{"user":"u","item":"a","type":"click"}\n', r"e\.jsonl:1: .*ts"),
