@@ -339,6 +339,10 @@ class Learner:
         hit_rank = _ranks_in_lists([loaded[u].recs for u in users], rows_all, batch.items)
         drifted: list[str] = []
         model, tables = self.model, self.tables
+        # Users are cut back to a change only once a model of the new regime has shown it
+        # is one (metarec.training.retraining): until then, no change dates their history.
+        confirmed = model is not None and model.info.get("floor_ts") is not None
+        since = self.drift.since if confirmed else {}
         for wave in waves(rows_all):
             rows, its, w = rows_all[wave], batch.items[wave], batch.weights[wave]
             if model is not None and tables is not None:
@@ -352,9 +356,7 @@ class Learner:
                         users[r],
                         bool(hit_rank[pos] >= 0),
                         hist_ts[r],
-                        # Users are cut back to a change only once a model of the new
-                        # regime has shown it is one (metarec.training.retraining).
-                        self.drift.since.get(g) if model.info.get("floor_ts") is not None else None,
+                        since.get(g),
                         self.drift.live.baseline(g),
                         loaded[users[r]].n_events,
                     ):
