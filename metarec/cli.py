@@ -18,13 +18,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+import redis
+from confluent_kafka import KafkaException
+
 from metarec import __version__
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
 from metarec.errors import ConfigError, MetarecError
 from metarec.logs import configure_logging, fatal
 from metarec.services.topics import topic_plan
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_UNAVAILABLE", "build_parser", "main"]
+
+#: Exit statuses of every command (docs/OPERATIONS.md, "Exit statuses"): 0 done; a job
+#: that failed; a setting or argument that is wrong (the same again will fail again); Redis
+#: or the broker could not be reached (the same again may work once they answer).
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
 
 DEV_STATE_DIR = Path(".metarec")
 #: Entry-point group of the services a command runs (``metarec consume``).
@@ -107,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the last replay ended.",
     )
     letters.add_argument("action", choices=["inspect", "replay"])
-    letters.add_argument("--limit", type=int, default=100, help="inspect: most letters shown")
     letters.add_argument(
-        "--matching", default=None, help="replay: only letters whose error message contains this"
+        "--limit", type=_positive_int, default=100, help="inspect: most letters shown (>= 1)"
+    )
+    letters.add_argument(
+        "--matching", default=None, help="only letters whose error message contains this"
     )
     letters.add_argument(
         "--dry-run",
@@ -126,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "consumers reload it within a second.",
     )
     models.add_argument("action", choices=["list", "rollback"])
-    models.add_argument("version", nargs="?", type=int)
+    models.add_argument("version", nargs="?", type=_positive_int)
     add_arguments(models)
 
     bench = sub.add_parser(
@@ -232,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(settings, data=args.data, rate=args.rate, state_dir=args.state_dir)
     except ConfigError as exc:
         fatal("configuration error", service=f"metarec-{args.command}", error=str(exc))
-        return 2
+        return EXIT_CONFIG
     except MetarecError as exc:
         fatal(
             f"{args.command} failed",
@@ -240,9 +252,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             error=str(exc),
             kind=type(exc).__name__,
         )
-        return 1
+        return EXIT_FAILED
+    except (redis.RedisError, KafkaException) as exc:
+        # What the services retry through (docs/OPERATIONS.md) a one-shot command reports.
+        refused = isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError)
+        fatal(
+            f"{args.command} failed: {_dependency_failure(exc, refused=refused)}",
+            service=f"metarec-{args.command}",
+            error=str(exc),
+            kind=type(exc).__name__,
+        )
+        return EXIT_CONFIG if refused else EXIT_UNAVAILABLE
     parser.error(f"unknown command {args.command}")
-    return 2
+    return EXIT_CONFIG
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse's one-line error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _dependency_failure(exc: Exception, *, refused: bool) -> str:
+    """What went wrong, naming the setting that points at it."""
+    if isinstance(exc, KafkaException):
+        return "the broker at METAREC_KAFKA_BOOTSTRAP did not answer"
+    if refused:
+        return "Redis at METAREC_REDIS_URL refused these credentials or this ACL user"
+    return "Redis at METAREC_REDIS_URL did not answer"
 
 
 class Service(Protocol):
@@ -284,13 +326,17 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 
 def _aggregate(settings: Settings, *, once: bool, now: bool) -> int:
-    from metarec.services.aggregator import Aggregator
+    from metarec.services.aggregator import OPERATOR_REQUEST, Aggregator
+    from metarec.services.store import RedisStore
 
-    agg = Aggregator(settings)
     if now:
-        agg.request()
+        # A request, not a service: one try, no outage retries (exit 3 if Redis is down).
+        RedisStore.connect(settings.redis_url, settings.key_prefix).request_aggregation(
+            OPERATOR_REQUEST
+        )
         print("requested an aggregation cycle")
         return 0
+    agg = Aggregator(settings)
     _stop_on_signals(agg.stop)
     return agg.run(max_cycles=1 if once else None)
 
@@ -342,6 +388,9 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
     from metarec.services import operations
     from metarec.services.store import RedisStore
 
+    # librdkafka's connection chatter: a one-shot command reports a failure in one line.
+    logging.getLogger("metarec.kafka.operations").setLevel(logging.CRITICAL)
+
     store = RedisStore.connect(settings.redis_url, settings.key_prefix)
     result: object
     if args.command == "recs":
@@ -349,7 +398,7 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
     elif args.command == "user":
         result = {"user": args.user, "reset": operations.reset_user(store, args.user)}
     elif args.command == "dlq" and args.action == "inspect":
-        result = operations.inspect_dead_letters(settings, limit=args.limit)
+        result = operations.inspect_dead_letters(settings, limit=args.limit, matching=args.matching)
     elif args.command == "dlq":
         result = operations.replay_dead_letters(
             settings, store, dry_run=args.dry_run, matching=args.matching

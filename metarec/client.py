@@ -1,7 +1,8 @@
 """Reading lists, as apps do: a user's own list, else their domain's fallback, in one trip.
 
 The read rule (docs/ARCHITECTURE.md, "Reading lists"): ``GET recs:{user}``; when the user
-has none yet (no event applied, or their list expired), the fallback list of the domain
+has none yet (no event applied, or their list expired) or it holds no items (a list ranked
+before there was anything to rank), the fallback list of the domain
 the app is showing, ``fallback:{domain}``, which the consumers refresh every few seconds
 with what a newcomer to that domain would be served. :class:`Recommendations` asks for
 both in one pipelined round trip (``MGET`` of the users' keys for many users) and returns
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 import redis
 
-from metarec.config import CLUSTER_SCHEMES, Settings
+from metarec.config import CLUSTER_SCHEMES, Settings, setting_from_env
 from metarec.core.events import DEFAULT_DOMAIN
 from metarec.services.cluster_store import cluster_key
 from metarec.services.store import DEFAULT_PREFIX, plain_key
@@ -77,7 +78,8 @@ class Recommendations:
     client
         A ``redis.Redis`` (or ``redis.RedisCluster``) client of the deployment's Redis.
     prefix
-        ``METAREC_KEY_PREFIX`` of the deployment.
+        ``METAREC_KEY_PREFIX`` of the deployment (``from_url`` reads it from the
+        environment, as the services do, unless given).
     cluster
         Whether ``client`` talks to a Redis Cluster, whose keys carry hash tags.
 
@@ -97,10 +99,17 @@ class Recommendations:
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0
+        cls, url: str, *, prefix: str | None = None, timeout_s: float = 2.0
     ) -> Recommendations:
         """A reader on a new client for ``url`` (``redis+cluster://`` for a Cluster), with
-        timeouts, so that a stalled Redis fails a read instead of hanging the app."""
+        timeouts, so that a stalled Redis fails a read instead of hanging the app.
+
+        ``prefix`` defaults to ``METAREC_KEY_PREFIX`` (validated like the services', a
+        :class:`~metarec.errors.ConfigError` if invalid), else ``metarec:``: an app
+        configured like its deployment reads that deployment's keys.
+        """
+        if prefix is None:
+            prefix = str(setting_from_env("key_prefix"))
         scheme, sep, rest = url.partition("://")
         if scheme in CLUSTER_SCHEMES:
             client: Any = redis.RedisCluster.from_url(
@@ -154,15 +163,19 @@ class Recommendations:
         own = replies[:-1] if self.cluster else replies[0]
         fallback = replies[-1]
         parsed_fallback = parse_list(fallback, "fallback") if fallback else None
-        return {
-            u: parse_list(raw, "user") if raw else parsed_fallback
-            for u, raw in zip(users, own, strict=True)
-        }
+        out: dict[str, RecList | None] = {}
+        for user, raw in zip(users, own, strict=True):
+            mine = parse_list(raw, "user") if raw else None
+            out[user] = mine if mine is not None and mine.items else parsed_fallback or mine
+        return out
 
     def _pick(self, own: bytes | None, fallback: bytes | None) -> RecList | None:
-        if own:
-            return parse_list(own, "user")
-        return parse_list(fallback, "fallback") if fallback else None
+        """The user's list unless it is missing or empty, else the fallback; an empty
+        list of the user's when there is no fallback; None when there is neither."""
+        mine = parse_list(own, "user") if own else None
+        if mine is not None and mine.items:
+            return mine
+        return parse_list(fallback, "fallback") if fallback else mine
 
     def _key(self, *parts: object) -> str:
         return cluster_key(self.prefix, parts) if self.cluster else plain_key(self.prefix, parts)

@@ -63,6 +63,7 @@ __all__ = [
     "incremental_rebalancing",
     "markdown_table",
     "redact_url",
+    "setting_from_env",
     "settings_from_args",
 ]
 
@@ -776,6 +777,21 @@ class Settings:
         values["event_types"] = dict(self.event_types)
         values["kafka_options"] = dict(self.kafka_options)
         return (_from_values, (values,))
+
+
+def setting_from_env(name: str, environ: Mapping[str, str] | None = None) -> object:
+    """One setting as the services read it: from its ``METAREC_*`` variable, validated,
+    else its default. For code that needs one value, not a whole deployment's (an app's
+    read client needs the key prefix, not the broker).
+
+    >>> setting_from_env("key_prefix", {"METAREC_KEY_PREFIX": "shop:"})
+    'shop:'
+    >>> setting_from_env("key_prefix", {})
+    'metarec:'
+    """
+    spec = _BY_NAME[name]
+    env = os.environ if environ is None else environ
+    return _parse(spec, env[spec.env], spec.env) if spec.env in env else spec.default
 
 
 def _from_values(values: dict[str, object]) -> Settings:

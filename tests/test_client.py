@@ -11,6 +11,7 @@ import redis
 from metarec.client import Recommendations, parse_list
 from metarec.core.learner import Learner, RankedList
 from metarec.core.user_state import UserState
+from metarec.errors import ConfigError
 from metarec.services.store import RedisStore
 
 
@@ -80,3 +81,35 @@ def test_from_url_reads_the_same(
     _written(store)
     got = Recommendations.from_url(redis_url, prefix=key_prefix).get("alice")
     assert got is not None and got.items == ["b2"]
+
+
+def test_an_empty_list_of_the_user_falls_back(
+    redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix)
+    _, fallbacks = _written(store)
+    empty = {"user": "carol", "items": [], "scores": [], "model_version": None, "events": 1}
+    store.client.set(store.recs_key("carol"), json.dumps(empty))
+    recs = Recommendations(redis_client, prefix=key_prefix)
+    got = recs.get("carol", domain="books")
+    assert got == parse_list(fallbacks["books"], "fallback") and got.items
+    assert recs.get_many(["carol"], domain="books")["carol"] == got
+    # With no fallback to serve instead, the user's own (empty) list says what exists.
+    alone = recs.get("carol", domain="no-such-domain")
+    assert alone is not None and alone.source == "user" and alone.items == []
+    assert recs.get_many(["carol"], domain="no-such-domain")["carol"] == alone
+
+
+def test_from_url_reads_the_deployments_key_prefix_from_the_environment(
+    redis_url: str,
+    redis_client: redis.Redis[bytes],
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _written(RedisStore(redis_client, prefix=key_prefix))
+    monkeypatch.setenv("METAREC_KEY_PREFIX", key_prefix)
+    got = Recommendations.from_url(redis_url).get("alice")
+    assert got is not None and got.items == ["b2"]
+    monkeypatch.setenv("METAREC_KEY_PREFIX", "has space")
+    with pytest.raises(ConfigError, match="METAREC_KEY_PREFIX"):
+        Recommendations.from_url(redis_url)

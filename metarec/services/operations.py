@@ -11,7 +11,8 @@ CLI prints it as JSON), so that scripts and runbooks can use them too:
 * :func:`inspect_dead_letters` (``metarec dlq inspect``) — the dead letters with why;
 * :func:`replay_dead_letters` (``metarec dlq replay``) — publish them again to their
   original topic, key and value unchanged, after the producer or the consumer was fixed. A
-  checkpoint in Redis (``dlq:replayed:{topic}:{partition}``) makes a second replay start
+  checkpoint in Redis (``dlq:replayed:{topic}:{partition}``, and ``dlq:replayed-after:…``
+  for letters handled past one a ``--matching`` passed over) makes a second replay start
   where the first one ended, so nothing is published twice;
 * :func:`list_models` and :func:`rollback_model` (``metarec model list|rollback V``) — a
   rollback publishes a copy of version V as the newest version, so that versions only grow
@@ -36,7 +37,7 @@ from confluent_kafka import (
 
 from metarec.config import Settings
 from metarec.core.user_state import UserState
-from metarec.errors import MetarecError
+from metarec.errors import ConfigError, MetarecError, ModelError
 from metarec.logs import kafka_logger
 from metarec.services import dead_letters as dlq
 from metarec.services.store import RedisStore
@@ -106,12 +107,22 @@ def list_models(store: RedisStore) -> list[dict[str, Any]]:
 
 def rollback_model(store: RedisStore, version: int) -> int:
     """Serve what ``version`` served, as a new version; returns the new version number."""
-    blob = store.load_model_blob(version)  # raises ModelError if it was pruned
+    try:
+        blob = store.load_model_blob(version)
+    except ModelError:
+        stored = ", ".join(str(v["version"]) for v in list_models(store)) or "none"
+        raise ModelError(
+            f"model version {version} is not stored (pruned, or never published); "
+            f"stored versions: {stored}"
+        ) from None
     return store.publish_model(blob)
 
 
-def _dead_letters(settings: Settings, group: str) -> Iterator[Message]:
-    """Every record of the dead-letter topic, oldest first per partition, then stop."""
+def _dead_letters(
+    settings: Settings, group: str, ends: dict[int, int] | None = None
+) -> Iterator[Message]:
+    """Every record of the dead-letter topic, oldest first per partition, then stop; with
+    ``ends``, only those before each partition's end offset there."""
     consumer = Consumer(
         settings.kafka_config(
             **{"group.id": group, "enable.auto.commit": "false", "enable.partition.eof": "true"}
@@ -131,10 +142,14 @@ def _dead_letters(settings: Settings, group: str) -> Iterator[Message]:
         deadline = time.monotonic() + KAFKA_TIMEOUT_S
         while pending and time.monotonic() < deadline:
             for msg in consumer.consume(500, 0.5):
+                p = int(msg.partition() or 0)
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(int(msg.partition() or 0))
+                        pending.discard(p)
+                    continue
+                if ends is not None and int(msg.offset() or 0) >= ends.get(p, 0):
+                    pending.discard(p)
                     continue
                 yield msg
                 deadline = time.monotonic() + KAFKA_TIMEOUT_S
@@ -150,11 +165,18 @@ def _headers(msg: Message) -> dict[str, str]:
     return out
 
 
-def inspect_dead_letters(settings: Settings, limit: int = 100) -> list[dict[str, Any]]:
-    """Up to ``limit`` dead letters: where they came from, why, and the start of each."""
+def inspect_dead_letters(
+    settings: Settings, limit: int = 100, matching: str | None = None
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` dead letters (those whose error message contains ``matching``, if
+    given): where they came from, why, and the start of each."""
+    if limit < 1:
+        raise ConfigError(f"limit must be at least 1, not {limit}")
     out = []
     for msg in _dead_letters(settings, f"{settings.group_id}-dlq-inspect"):
         h = _headers(msg)
+        if matching is not None and matching not in (h.get(dlq.ERROR_MESSAGE) or ""):
+            continue
         value = msg.value() or b""
         out.append(
             {
@@ -176,39 +198,48 @@ def inspect_dead_letters(settings: Settings, limit: int = 100) -> list[dict[str,
 
 def replay_dead_letters(
     settings: Settings, store: RedisStore, *, dry_run: bool = False, matching: str | None = None
-) -> dict[str, int]:
+) -> dict[str, int | bool]:
     """Publish dead letters again to their original topic, key and value unchanged.
 
-    Only letters after the last replay's checkpoint; ``matching`` keeps those whose error
-    message contains it (the others are passed over for good). Cut-down letters (too large
-    to keep whole) cannot be replayed and are counted as skipped.
+    Each letter is replayed at most once. Redis remembers which were handled (replayed, or
+    cut down and so never replayable): per partition, the offset up to which all were, and
+    the handled ones after it. A letter that ``matching`` passes over is not handled, so a
+    later replay with another ``matching`` still finds it. A replay reads the topic up to
+    where it ended when the replay started: a letter that fails again while it runs is
+    dead-lettered anew and left to the next replay, not replayed twice in one run.
     """
     producer = Producer(
         settings.kafka_config(**{"enable.idempotence": "true", "partitioner": "murmur2_random"}),
         logger=kafka_logger("producer"),
     )
     counts = {"replayed": 0, "skipped": 0, "not_matching": 0}
-    done: dict[int, int] = {}
-    for msg in _dead_letters(settings, f"{settings.group_id}-dlq-replay"):
+    marks: dict[int, _ReplayMarks] = {}
+    # Where the topic ends before anything is published, read to the end rather than asked
+    # (not every broker reports high watermarks exactly: Tansu 0.6 counts batches).
+    group = f"{settings.group_id}-dlq-replay"
+    ends = {
+        int(m.partition() or 0): int(m.offset() or 0) + 1 for m in _dead_letters(settings, group)
+    }
+    for msg in _dead_letters(settings, group, ends):
         p, off = int(msg.partition() or 0), int(msg.offset() or 0)
-        key = store.key("dlq", "replayed", settings.dlq_topic, p)
-        if p not in done:
-            raw = store.client.get(key)
-            done[p] = -1 if raw is None else int(raw)
-        if off <= done[p]:
+        if p not in marks:
+            marks[p] = _ReplayMarks.load(store, settings.dlq_topic, p)
+        mark = marks[p]
+        if mark.handled(off):
             continue
         h = _headers(msg)
         if dlq.VALUE_TRUNCATED in h or dlq.KEY_TRUNCATED in h or not h.get(dlq.ORIGINAL_TOPIC):
             counts["skipped"] += 1
         elif matching is not None and matching not in h.get(dlq.ERROR_MESSAGE, ""):
             counts["not_matching"] += 1
+            mark.pass_over()
+            continue
         else:
             counts["replayed"] += 1
             if not dry_run:
                 producer.produce(h[dlq.ORIGINAL_TOPIC], key=msg.key(), value=msg.value())
                 producer.poll(0)
-        if not dry_run:
-            done[p] = off
+        mark.handle(off)
     if not dry_run:
         left = producer.flush(KAFKA_TIMEOUT_S * 3)
         if left:
@@ -216,6 +247,45 @@ def replay_dead_letters(
                 f"{left} replayed records were not delivered; nothing was "
                 "checkpointed, so the next replay sends them again"
             )
-        for p, off in done.items():
-            store.client.set(store.key("dlq", "replayed", settings.dlq_topic, p), str(off))
-    return counts
+        for mark in marks.values():
+            mark.save(store)
+    return {**counts, "dry_run": dry_run}
+
+
+class _ReplayMarks:
+    """Which letters of one dead-letter partition a replay has handled (see
+    :func:`replay_dead_letters`): all up to ``upto``, and those in ``after``."""
+
+    def __init__(self, topic: str, partition: int, upto: int, after: set[int]) -> None:
+        self.topic, self.partition = topic, partition
+        self.upto, self.after = upto, after
+        self._contiguous = True  # no letter passed over yet in this run
+
+    @classmethod
+    def load(cls, store: RedisStore, topic: str, partition: int) -> _ReplayMarks:
+        raw = store.client.get(store.key("dlq", "replayed", topic, partition))
+        after = store.client.zrange(store.key("dlq", "replayed-after", topic, partition), 0, -1)
+        return cls(topic, partition, -1 if raw is None else int(raw), {int(x) for x in after})
+
+    def handled(self, offset: int) -> bool:
+        return offset <= self.upto or offset in self.after
+
+    def pass_over(self) -> None:
+        self._contiguous = False
+
+    def handle(self, offset: int) -> None:
+        if self._contiguous:
+            self.upto = offset
+        else:
+            self.after.add(offset)
+
+    def save(self, store: RedisStore) -> None:
+        """The marks, in an order where a failure part way only leaves extra marks of
+        handled letters (the keys may sit in different Cluster slots: no transaction)."""
+        upto_key = store.key("dlq", "replayed", self.topic, self.partition)
+        after_key = store.key("dlq", "replayed-after", self.topic, self.partition)
+        later: dict[str | bytes, float] = {str(o): o for o in self.after if o > self.upto}
+        if later:
+            store.client.zadd(after_key, later)
+        store.client.set(upto_key, str(self.upto))
+        store.client.zremrangebyscore(after_key, "-inf", self.upto)

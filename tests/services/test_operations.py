@@ -68,6 +68,32 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
     assert len(letters) == 2
     assert {bool("'type' is 'share'" in x["error"]) for x in letters} == {True, False}
     assert all(x["origin"].startswith(system.events) for x in letters)
+    share = metarec(system, "dlq", "inspect", "--matching", "'share'")
+    assert [x["error"] for x in share] == [x["error"] for x in letters if "'share'" in x["error"]]
+    assert metarec(system, "dlq", "inspect", "--matching", "no such reason") == []
+    assert len(metarec(system, "dlq", "inspect", "--limit", "1")) == 1
+
+    # Replaying the mis-keyed letter, unfixed: it fails again and is dead-lettered anew,
+    # but not replayed a second time by the same run; the letter passed over stays.
+    assert metarec(system, "dlq", "replay", "--matching", "record key") == {
+        "replayed": 1,
+        "skipped": 0,
+        "not_matching": 1,
+        "dry_run": False,
+    }
+    wait_until(
+        lambda: len(metarec(system, "dlq", "inspect")) == 3,
+        30.0,
+        "the replayed letter to fail again",
+        system.logs,
+        procs=[proc],
+    )
+    assert metarec(system, "dlq", "replay", "--dry-run") == {
+        "replayed": 2,  # the 'share' letter and the new mis-keyed one
+        "skipped": 0,
+        "not_matching": 0,
+        "dry_run": True,
+    }
 
     # The fix: the consumer now accepts "share"; replay only that letter, once.
     system.terminate(proc)
@@ -76,8 +102,10 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
         "replayed": 1,
         "skipped": 0,
         "not_matching": 1,
+        "dry_run": False,
     }
-    assert metarec(system, "dlq", "replay")["replayed"] == 0  # checkpointed
+    again = metarec(system, "dlq", "replay", "--matching", "'share'")
+    assert (again["replayed"], again["not_matching"]) == (0, 1)  # remembered
     wait_until(
         lambda: system.state("u9") is not None,
         30.0,

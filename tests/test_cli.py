@@ -1,0 +1,128 @@
+"""The ``metarec`` command as an operator meets it when something is wrong: one line, and
+an exit status that says whether to fix a setting (2) or wait for Redis or the broker (3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from metarec.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
+from metarec.services.store import RedisStore
+from tests.consumer.system import make_model
+
+# Processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
+ONE_SHOT = [
+    ["recs", "u1"],
+    ["user", "reset", "u1"],
+    ["model", "list"],
+    ["model", "rollback", "1"],
+    ["dlq", "replay", "--dry-run"],
+    ["aggregate", "--now"],
+]
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _run(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
+    return subprocess.run(
+        [sys.executable, "-m", "metarec.cli", *argv],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def _one_critical_line(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    line: dict[str, str] = json.loads(lines[0])
+    assert line["level"] == "CRITICAL"
+    return line
+
+
+@pytest.mark.parametrize("argv", ONE_SHOT, ids=" ".join)
+def test_an_unreachable_redis_is_one_line_and_exit_3(argv: list[str]) -> None:
+    port = _closed_port()
+    started = time.monotonic()
+    proc = _run(
+        *argv,
+        METAREC_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        METAREC_KAFKA_BOOTSTRAP=f"127.0.0.1:{_closed_port()}",
+    )
+    assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr[-2000:]
+    line = _one_critical_line(proc)
+    if argv[0] == "dlq":  # reads the dead-letter topic before it touches Redis
+        assert "METAREC_KAFKA_BOOTSTRAP did not answer" in line["msg"]
+    else:
+        assert "METAREC_REDIS_URL did not answer" in line["msg"] and str(port) in line["error"]
+    assert proc.stdout == ""
+    assert time.monotonic() - started < 30  # no retrying like a service (120 s)
+
+
+def test_refused_credentials_are_one_line_and_exit_2(redis_url: str) -> None:
+    host = redis_url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    url = f"redis://metarec-no-such-user:not-the-password@{host}/0"
+    proc = _run("model", "list", METAREC_REDIS_URL=url)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    line = _one_critical_line(proc)
+    assert "refused" in line["msg"] and "not-the-password" not in proc.stderr
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_3(redis_url: str) -> None:
+    port = _closed_port()
+    proc = _run(
+        "dlq", "inspect", METAREC_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}", METAREC_REDIS_URL=redis_url
+    )
+    assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr[-2000:]
+    assert "METAREC_KAFKA_BOOTSTRAP did not answer" in _one_critical_line(proc)["msg"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["model", "rollback", "0"], "0 is not at least 1"),
+        (["model", "rollback", "-3"], "-3 is not at least 1"),
+        (["model", "rollback", "two"], "'two' is not a whole number"),
+        (["dlq", "inspect", "--limit", "0"], "0 is not at least 1"),
+        (["dlq", "inspect", "--limit", "-1"], "-1 is not at least 1"),
+    ],
+)
+def test_invalid_arguments_exit_2_naming_the_argument(argv: list[str], says: str) -> None:
+    proc = _run(*argv)
+    assert proc.returncode == EXIT_CONFIG
+    assert proc.stderr.strip().splitlines()[-1].endswith(says)
+
+
+def test_rolling_back_to_a_missing_version_names_the_stored_ones(
+    redis_url: str, redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix)
+    version = store.publish_model(make_model(["a", "b"], ["default"], seed=1).to_bytes())
+    proc = _run(
+        "model",
+        "rollback",
+        str(version + 5),
+        METAREC_REDIS_URL=redis_url,
+        METAREC_KEY_PREFIX=key_prefix,
+    )
+    assert proc.returncode == EXIT_FAILED
+    error = _one_critical_line(proc)["error"]
+    assert error.endswith(f"stored versions: {version}") and "()" not in error
