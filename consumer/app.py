@@ -103,6 +103,9 @@ FRESHNESS_SAMPLES = 64
 STARVED_WARN_S = 30.0
 #: At most one warning per this many seconds for each kind of repeated problem.
 WARN_EVERY_S = 60.0
+#: Dead letters of one batch that get a log line each; the rest share one summary line,
+#: so a flood of hostile records cannot flood the logs.
+DEAD_LETTER_LINES = 5
 
 #: The consumers' fetch settings, on top of the group defaults (metarec.config); anything
 #: passed through METAREC_KAFKA_* overrides them.
@@ -259,6 +262,7 @@ class ConsumerApp:
         meta_offsets: dict[tuple[str, int], int] = {}
         beyond: set[int] = set()
         n_dlq = n_consumed = 0
+        reasons: dict[str, int] = {}  # dead letters of this batch by reason
         for msg in records:
             err = msg.error()
             if err is not None:
@@ -308,9 +312,27 @@ class ConsumerApp:
                         },
                     )
                 self.dlq.send(msg, exc)
-                self.metrics.dead_letters.labels(reason=dead_letter_reason(exc)).inc()
+                reason = dead_letter_reason(exc)
+                self.metrics.dead_letters.labels(reason=reason).inc()
                 n_dlq += 1
+                reasons[reason] = reasons.get(reason, 0) + 1
+                if n_dlq <= DEAD_LETTER_LINES:
+                    log.warning(
+                        "dead-lettered a record",
+                        extra={
+                            "reason": reason,
+                            "error": str(exc)[:200],
+                            "topic": topic,
+                            "partition": part,
+                            "offset": offset,
+                        },
+                    )
         if n_dlq:
+            if n_dlq > DEAD_LETTER_LINES:
+                log.warning(
+                    "dead-lettered more records in this batch",
+                    extra={"more": n_dlq - DEAD_LETTER_LINES, "reasons": reasons},
+                )
             self.dlq.flush(30.0)  # raises if a dead letter could not be written
         if items:
             self.store.describe_items(items)

@@ -23,6 +23,7 @@ from confluent_kafka import KafkaException
 
 from metarec import __version__
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
+from metarec.core.events import DEFAULT_DOMAIN
 from metarec.errors import ConfigError, MetarecError
 from metarec.logs import configure_logging, fatal
 from metarec.services.topics import topic_plan
@@ -92,10 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     recs = sub.add_parser(
         "recs",
         help="show a user's list and the state behind it",
-        description="Print, as JSON, the list apps read for USER, their "
+        description="Print, as JSON, what an app showing DOMAIN is served for USER "
+        "and from where (their own list, else the domain's fallback), their "
         "profile and a summary of their state.",
     )
     recs.add_argument("user")
+    recs.add_argument(
+        "--domain", default=DEFAULT_DOMAIN, help=f"the app's domain (default {DEFAULT_DOMAIN!r})"
+    )
     add_arguments(recs)
 
     user = sub.add_parser(
@@ -394,7 +399,7 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
     store = RedisStore.connect(settings.redis_url, settings.key_prefix)
     result: object
     if args.command == "recs":
-        result = operations.user_summary(store, args.user)
+        result = operations.user_summary(store, args.user, args.domain)
     elif args.command == "user":
         result = {"user": args.user, "reset": operations.reset_user(store, args.user)}
     elif args.command == "dlq" and args.action == "inspect":
@@ -461,9 +466,13 @@ def _dev(settings: Settings, action: str, state_dir: Path) -> int:
         return 0
     if action == "down":
         result = devservices.down(state_dir)
-        print(
-            json.dumps({"stopped": list(result.stopped), "left_running": list(result.left_running)})
-        )
+        # Text, like `dev up` and `dev status`: one line per service.
+        for what in result.stopped:
+            print(f"stopped       {what}")
+        for what in result.left_running:
+            print(f"left running  {what} (not started by metarec dev up)")
+        if not result.stopped and not result.left_running:
+            print(f"nothing to stop (no services started from {state_dir})")
         return 0
     st = devservices.status(state_dir)
     for svc in (st.broker, st.redis):

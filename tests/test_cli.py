@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -126,3 +127,24 @@ def test_rolling_back_to_a_missing_version_names_the_stored_ones(
     assert proc.returncode == EXIT_FAILED
     error = _one_critical_line(proc)["error"]
     assert error.endswith(f"stored versions: {version}") and "()" not in error
+
+
+def test_dev_up_status_down_all_speak_text(redis_url: str, tmp_path: Path) -> None:
+    env = {
+        "METAREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{_closed_port()}",
+        "METAREC_REDIS_URL": redis_url,
+    }
+    state = str(tmp_path / "dev")
+    try:
+        up = _run("dev", "up", "--state-dir", state, **env)
+        assert up.returncode == 0, up.stderr[-2000:]
+        assert up.stdout.startswith("broker  127.0.0.1:")
+        status = _run("dev", "status", "--state-dir", state, **env)
+        assert status.returncode == 0 and status.stdout.strip().endswith("healthy")
+    finally:
+        down = _run("dev", "down", "--state-dir", state, **env)
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert down.stdout.startswith("stopped       broker 127.0.0.1:"), down.stdout
+    assert not down.stdout.lstrip().startswith("{")
+    again = _run("dev", "down", "--state-dir", state, **env)
+    assert again.stdout.startswith("nothing to stop")

@@ -23,6 +23,7 @@ True
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -106,9 +107,11 @@ class Metrics:
         )
         self.model_age_seconds = Gauge(
             "metarec_model_age_seconds",
-            "Seconds since the served model version was published.",
+            "Seconds since the served model version was published (NaN before the first).",
             registry=r,
         )
+        # Not 0: "no model yet" must not read as "a model published just now".
+        self.model_age_seconds.set(math.nan)
         self.live_hr = Gauge(
             "metarec_live_hr",
             'Live HR@K of the lists users were shown, per domain ("all": every domain).',

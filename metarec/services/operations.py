@@ -36,6 +36,7 @@ from confluent_kafka import (
 )
 
 from metarec.config import Settings
+from metarec.core.events import DEFAULT_DOMAIN
 from metarec.core.user_state import UserState
 from metarec.errors import ConfigError, MetarecError, ModelError
 from metarec.logs import kafka_logger
@@ -57,16 +58,40 @@ KAFKA_TIMEOUT_S: Final = 10.0
 PREVIEW_BYTES: Final = 200
 
 
-def user_summary(store: RedisStore, user: str) -> dict[str, Any]:
-    """The list ``user``'s apps read, and a summary of the state it came from."""
+def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> dict[str, Any]:
+    """What an app showing ``domain`` is served for ``user`` and from where (the read rule
+    of :mod:`metarec.client`), the user's own stored list, and a summary of their state."""
+    from metarec.client import Recommendations  # the apps' reader, so the rule is one
+    from metarec.services.cluster_store import ClusterStore
+
+    cluster = isinstance(store, ClusterStore)
+    reader = Recommendations(store.client, prefix=store.prefix, cluster=cluster)
+    shown = reader.get(user, domain)
     raw_states, profiles = store.load_users([user])
     state = None if raw_states[0] is None else UserState.from_bytes(raw_states[0])
     out: dict[str, Any] = {
         "user": user,
+        "domain": domain,
+        "served": {
+            "source": None if shown is None else shown.source,
+            "key": None
+            if shown is None
+            else reader.recs_key(user)
+            if shown.source == "user"
+            else reader.fallback_key(domain),
+            "items": [] if shown is None else shown.items,
+            "scores": [] if shown is None else shown.scores,
+            "model_version": None if shown is None else shown.model_version,
+        },
         "key": store.recs_key(user),
         "recs": store.read_recs(user),
         "profile": profiles[0],
     }
+    if shown is None:
+        out["served"]["why"] = (
+            f"no list of the user's and no fallback of domain {domain!r} yet: no consumer "
+            "has applied an event (of this domain) under this key prefix"
+        )
     if state is not None:
         out["state"] = {
             "events": state.n_events,

@@ -119,6 +119,21 @@ def test_bad_records_go_to_the_dlq_unchanged_and_good_ones_are_applied(
         else:
             assert msg.value() == value, f"record {key} changed on its way to the DLQ"
             assert dlq.VALUE_TRUNCATED not in headers
+    # Each dead letter is in the log with its reason (a batch's beyond the first few, in
+    # one summary line), so an operator sees why without reading the topic.
+    lines = [
+        json.loads(line)
+        for path in sorted(system.log_dir.glob("proc-*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if line.startswith("{")
+    ]
+    each = [x for x in lines if x["msg"] == "dead-lettered a record"]
+    more = [x for x in lines if x["msg"] == "dead-lettered more records in this batch"]
+    assert len(each) + sum(x["more"] for x in more) == len(bad), system.logs()
+    assert all(x["reason"] and x["error"] and x["topic"] == system.events for x in each)
+    assert {(x["partition"], x["offset"]) for x in each} <= {
+        (d.partition, d.offset) for d in sent.values()
+    }
     wait_until(
         lambda: (
             sum(b["total_dlq"] for b in system.store.heartbeats(system.group).values()) == len(bad)

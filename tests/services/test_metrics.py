@@ -86,6 +86,8 @@ def test_a_consumer_exports_what_it_applied_and_its_groups_lag(
             and metric(text, 'metarec_dead_letters_total{reason="not-json"}') == 1
             and metric(text, "metarec_lag{") == 0
             and metric(text, "metarec_freshness_seconds_count") > 0
+            # No model published: its age is unknown, not zero.
+            and "\nmetarec_model_age_seconds NaN\n" in text
         )
 
     wait_until(

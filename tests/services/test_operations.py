@@ -63,6 +63,20 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
     seen = metarec(system, "recs", "u1")
     assert seen["recs"]["user"] == "u1" and seen["state"]["events"] == 10
     assert seen["recs"]["model_version"] == v2
+    assert seen["served"]["source"] == "user" and seen["served"]["items"] == seen["recs"]["items"]
+    # A newcomer is shown what an app would serve them, and from where.
+    wait_until(
+        lambda: metarec(system, "recs", "newbie")["served"]["source"] == "fallback",
+        30.0,
+        "a fallback list",
+        system.logs,
+        procs=[proc],
+    )
+    newbie = metarec(system, "recs", "newbie", "--domain", "default")
+    assert newbie["served"]["key"].endswith("fallback:default") and newbie["served"]["items"]
+    assert newbie["recs"] is None and newbie["state"] is None
+    nowhere = metarec(system, "recs", "newbie", "--domain", "podcasts")["served"]
+    assert (nowhere["source"], nowhere["items"]) == (None, []) and "podcasts" in nowhere["why"]
 
     letters = metarec(system, "dlq", "inspect")
     assert len(letters) == 2
