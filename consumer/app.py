@@ -681,11 +681,16 @@ class ConsumerApp:
 
     def _write_fallbacks(self) -> None:
         """Every domain's fallback list (``fallback:{domain}``): what a newcomer to it is
-        served now, for apps to show users who have no list yet (metarec.client)."""
+        served now, for apps to show users who have no list yet (metarec.client); and the
+        best of them together (``fallback``), for a domain that has none."""
         if not len(self.learner.catalog):
             return
         lists = self.learner.newcomer_lists()
-        self.store.write_fallbacks(self.learner.fallback_records(lists, int(time.time() * 1000)))
+        now_ms = int(time.time() * 1000)
+        self.store.write_fallbacks(
+            self.learner.fallback_records(lists, now_ms),
+            self.learner.global_fallback_record(lists, now_ms),
+        )
 
     def _refresh_stale_lists(self) -> None:
         """Re-rank recently active users after a model change, a few hundred at a time."""

@@ -2,7 +2,8 @@
 
 The read rule (docs/ARCHITECTURE.md, "Reading lists"): ``GET recs:{user}``; when the user
 has none yet (no event applied, or their list expired) or it holds no items (a list ranked
-before there was anything to rank), the fallback list of the domain
+before there was anything to rank), the fallback list of the domain (and when that domain
+has no fallback with items yet, the global one, ``fallback``, the best of every domain's)
 the app is showing, ``fallback:{domain}``, which the consumers refresh every few seconds
 with what a newcomer to that domain would be served. :class:`Recommendations` asks for
 both in one pipelined round trip (``MGET`` of the users' keys for many users) and returns
@@ -88,7 +89,7 @@ class Recommendations:
     In an app (it needs the deployment's Redis, so it is not run as a doctest)::
 
         recs = Recommendations.from_url("redis://redis:6379/0")
-        shown = recs.get("u42", domain="books")      # RecList, or None before any event
+        shown = recs.get("u42", domain="books")      # RecList; None before any event
         page = recs.get_many(["u1", "u2"], domain="books")
     """
 
@@ -134,13 +135,18 @@ class Recommendations:
     def fallback_key(self, domain: str) -> str:
         return self._key("fallback", domain)
 
+    def global_fallback_key(self) -> str:
+        return self._key("fallback")
+
     def get(self, user: str, domain: str = DEFAULT_DOMAIN) -> RecList | None:
-        """``user``'s list, else ``domain``'s fallback; None when neither exists yet."""
+        """``user``'s list, else ``domain``'s fallback, else the global fallback; None only
+        before any consumer has applied an event."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.recs_key(user))
         pipe.get(self.fallback_key(domain))
-        own, fallback = pipe.execute()
-        return self._pick(own, fallback)
+        pipe.get(self.global_fallback_key())
+        own, fallback, everywhere = pipe.execute()
+        return self._pick(own, self._fallback(fallback, everywhere))
 
     def get_many(
         self,
@@ -159,23 +165,28 @@ class Recommendations:
         else:
             pipe.mget([self.recs_key(u) for u in users])
         pipe.get(self.fallback_key(domain))
+        pipe.get(self.global_fallback_key())
         replies = pipe.execute()
-        own = replies[:-1] if self.cluster else replies[0]
-        fallback = replies[-1]
-        parsed_fallback = parse_list(fallback, "fallback") if fallback else None
-        out: dict[str, RecList | None] = {}
-        for user, raw in zip(users, own, strict=True):
-            mine = parse_list(raw, "user") if raw else None
-            out[user] = mine if mine is not None and mine.items else parsed_fallback or mine
-        return out
+        own = replies[:-2] if self.cluster else replies[0]
+        fallback = self._fallback(replies[-2], replies[-1])
+        return {user: self._pick(raw, fallback) for user, raw in zip(users, own, strict=True)}
 
-    def _pick(self, own: bytes | None, fallback: bytes | None) -> RecList | None:
+    @staticmethod
+    def _fallback(domain: bytes | None, everywhere: bytes | None) -> RecList | None:
+        """The domain's fallback unless it is missing or empty, else the global one."""
+        mine = parse_list(domain, "fallback") if domain else None
+        if mine is not None and mine.items:
+            return mine
+        return parse_list(everywhere, "fallback") if everywhere else mine
+
+    @staticmethod
+    def _pick(own: bytes | None, fallback: RecList | None) -> RecList | None:
         """The user's list unless it is missing or empty, else the fallback; an empty
         list of the user's when there is no fallback; None when there is neither."""
         mine = parse_list(own, "user") if own else None
         if mine is not None and mine.items:
             return mine
-        return parse_list(fallback, "fallback") if fallback else mine
+        return fallback if fallback is not None else mine
 
     def _key(self, *parts: object) -> str:
         return cluster_key(self.prefix, parts) if self.cluster else plain_key(self.prefix, parts)

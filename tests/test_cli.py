@@ -148,3 +148,20 @@ def test_dev_up_status_down_all_speak_text(redis_url: str, tmp_path: Path) -> No
     assert not down.stdout.lstrip().startswith("{")
     again = _run("dev", "down", "--state-dir", state, **env)
     assert again.stdout.startswith("nothing to stop")
+
+
+def test_recs_before_any_event_says_nothing_is_served_and_why(
+    redis_url: str, key_prefix: str
+) -> None:
+    proc = _run(
+        "recs",
+        "nobody",
+        "--domain",
+        "books",
+        METAREC_REDIS_URL=redis_url,
+        METAREC_KEY_PREFIX=key_prefix,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = json.loads(proc.stdout)["served"]
+    assert (served["source"], served["items"]) == (None, [])
+    assert "no consumer has applied an event" in served["why"]

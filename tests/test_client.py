@@ -26,9 +26,10 @@ def _written(store: RedisStore) -> tuple[dict[str, bytes], dict[str, bytes]]:
         {"alice": state},
         now_ms=10,
     )
-    fallbacks = learner.fallback_records(learner.newcomer_lists(), now_ms=11)
+    lists = learner.newcomer_lists()
+    fallbacks = learner.fallback_records(lists, now_ms=11)
     store.client.set(store.recs_key("alice"), own["alice"])
-    store.write_fallbacks(fallbacks)
+    store.write_fallbacks(fallbacks, learner.global_fallback_record(lists, now_ms=11))
     return own, fallbacks
 
 
@@ -47,7 +48,10 @@ def test_a_user_with_a_list_gets_it_and_others_their_domains_fallback(
     assert new is not None and new.source == "fallback" and new.user is None
     assert new.domain == "books" and new.items == json.loads(fallbacks["books"])["items"]
     assert set(new.items) <= {"b1", "b2"}  # a newcomer to books sees books
-    assert recs.get("bob", domain="no-such-domain") is None
+    # A domain with no fallback yet: the best of every domain's, never nothing.
+    anywhere = recs.get("bob", domain="no-such-domain")
+    assert anywhere is not None and anywhere.source == "fallback" and anywhere.domain is None
+    assert len(anywhere.items) == 2 and set(anywhere.items) <= {"b1", "b2", "m1"}
     many = recs.get_many(["alice", "bob", "alice"], domain="music")
     assert list(many) == ["alice", "bob"]
     assert many["alice"] == mine
@@ -71,7 +75,7 @@ def test_reads_take_one_round_trip(
     monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
     recs.get("alice")
     recs.get_many([f"u{i}" for i in range(100)], domain="books")
-    assert sent == [2, 2]  # GET + GET; MGET of 100 keys + GET: one pipeline each
+    assert sent == [3, 3]  # GET x 3; MGET of 100 keys + GET x 2: one pipeline each
 
 
 def test_from_url_reads_the_same(
@@ -95,9 +99,24 @@ def test_an_empty_list_of_the_user_falls_back(
     assert got == parse_list(fallbacks["books"], "fallback") and got.items
     assert recs.get_many(["carol"], domain="books")["carol"] == got
     # With no fallback to serve instead, the user's own (empty) list says what exists.
+    store.client.delete(store.global_fallback_key())
     alone = recs.get("carol", domain="no-such-domain")
     assert alone is not None and alone.source == "user" and alone.items == []
     assert recs.get_many(["carol"], domain="no-such-domain")["carol"] == alone
+
+
+def test_an_empty_domain_fallback_gives_way_to_the_global_one(
+    redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
+    """Every event carries a domain, so the default domain's fallback is empty: a read
+    without a domain still gets items."""
+    store = RedisStore(redis_client, prefix=key_prefix)
+    _, fallbacks = _written(store)
+    assert json.loads(fallbacks["default"])["items"] == []
+    recs = Recommendations(redis_client, prefix=key_prefix)
+    got = recs.get("dave")
+    assert got is not None and got.domain is None and len(got.items) == 2
+    assert got == recs.get_many(["dave"])["dave"]
 
 
 def test_from_url_reads_the_deployments_key_prefix_from_the_environment(

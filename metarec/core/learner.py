@@ -536,6 +536,25 @@ class Learner:
             ).encode()
         return out
 
+    def global_fallback_record(self, lists: Mapping[str, RankedList], now_ms: int) -> bytes:
+        """The JSON of the fallback of every domain together (``"domain": null``): the
+        best of the domains' newcomer lists by score (every list is scored alike), for an
+        app whose domain has no fallback yet.
+
+        >>> learner = Learner(top_k=2)
+        >>> learner.add_items([(0, "a", "books", ()), (1, "b", "music", ())])
+        >>> learner.global_fallback_record(learner.newcomer_lists(), now_ms=5)
+        b'{"domain":null,"items":["a","b"],"scores":[0.0,0.0],"model_version":0,"updated_ms":5}'
+        """
+        ranked = [r for r in lists.values() if r.items.size]
+        items = np.concatenate([r.items for r in ranked]) if ranked else np.zeros(0, np.int64)
+        scores = (
+            np.concatenate([r.scores for r in ranked]) if ranked else np.zeros(0, np.float32)
+        )
+        best = np.argsort(-scores, kind="stable")[: self.top_k]
+        record = self.fallback_records({"": RankedList(items[best], scores[best])}, now_ms)[""]
+        return record.replace(b'{"domain":""', b'{"domain":null', 1)
+
     # -- internals ----------------------------------------------------------------------
 
     def new_state(self) -> UserState:

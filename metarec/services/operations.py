@@ -78,7 +78,9 @@ def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> 
             if shown is None
             else reader.recs_key(user)
             if shown.source == "user"
-            else reader.fallback_key(domain),
+            else reader.fallback_key(domain)
+            if shown.domain is not None
+            else reader.global_fallback_key(),
             "items": [] if shown is None else shown.items,
             "scores": [] if shown is None else shown.scores,
             "model_version": None if shown is None else shown.model_version,

@@ -466,17 +466,27 @@ class RedisStore:
         """The key of ``domain``'s fallback list: what apps show a user without a list."""
         return self._k("fallback", domain)
 
-    def write_fallbacks(self, records: Mapping[str, bytes]) -> None:
-        """Replace the fallback lists of the given domains (one pipelined round trip).
+    def global_fallback_key(self) -> str:
+        """The key of the fallback of every domain together, for a domain without one
+        (no ``:`` after it, so no domain's key can be it)."""
+        return self._k("fallback")
+
+    def write_fallbacks(
+        self, records: Mapping[str, bytes], everywhere: bytes | None = None
+    ) -> None:
+        """Replace the fallback lists of the given domains, and the global one if given
+        (one pipelined round trip).
 
         Plain SETs, outside the batch commit: each consumer writes the same ranking of a
         newcomer's list as it sees it, every few seconds, and the last write wins.
         """
-        if not records:
+        if not records and everywhere is None:
             return
         pipe = self.client.pipeline(transaction=False)
         for domain, value in records.items():
             pipe.set(self.fallback_key(domain), value)
+        if everywhere is not None:
+            pipe.set(self.global_fallback_key(), everywhere)
         pipe.execute()
 
     def delete_user(self, user: str) -> bool:

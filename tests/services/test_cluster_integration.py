@@ -874,7 +874,8 @@ def test_the_read_client_finds_lists_and_fallbacks_across_the_cluster(
                     "updated_ms": 6,
                 }
             ).encode()
-        }
+        },
+        b'{"domain":null,"items":["anywhere"],"scores":[0.5],"model_version":1,"updated_ms":6}',
     )
     recs = Recommendations.from_url(cluster.url, prefix=store.prefix)
     assert recs.cluster
@@ -884,3 +885,5 @@ def test_the_read_client_finds_lists_and_fallbacks_across_the_cluster(
     assert {got[u].source for u in users[20:]} == {"fallback"}
     one = recs.get(users[3])
     assert one is not None and one.user == users[3] and one.source == "user"
+    elsewhere = recs.get(users[25], domain="nowhere")
+    assert elsewhere is not None and (elsewhere.items, elsewhere.domain) == (["anywhere"], None)
