@@ -152,6 +152,7 @@ class ConsumerApp:
         self._refresh_queue: list[str] = []
         self._lag: dict[int, int] = {}  # every partition's, from the last topic check
         self._next_model_poll = 0.0
+        self._withdrawn_version = 0  # the withdrawn set's version the learner has
         self._next_trend_refresh = 0.0
         self._conflict_log = Throttle(WARN_EVERY_S)
         self._starved_log = Throttle(WARN_EVERY_S)
@@ -336,6 +337,8 @@ class ConsumerApp:
             self.dlq.flush(30.0)  # raises if a dead letter could not be written
         if items:
             self.store.describe_items(items)
+            # Last record per item wins; a change shows in every consumer at its next poll.
+            self.store.set_availability({r.item: r.available for r in items})
         if users:
             self.store.set_profiles(users)
         n_events = 0
@@ -638,6 +641,7 @@ class ConsumerApp:
     def _maybe_reload(self, now: float) -> None:
         if now >= self._next_model_poll:
             self._poll_model()
+            self._poll_withdrawn()
             self._next_model_poll = now + MODEL_POLL_S
         if now >= self._next_trend_refresh:
             self._refresh_trending()
@@ -673,6 +677,17 @@ class ConsumerApp:
         )
         if request is not None:
             self._ask(request)
+
+    def _poll_withdrawn(self) -> None:
+        """Stop recommending items their records withdrew (any consumer may have read the
+        record), and rewrite the fallbacks at once: apps show them to newcomers."""
+        if self.store.withdrawn_version() == self._withdrawn_version:
+            return
+        self._withdrawn_version, items = self.store.withdrawn_items()
+        self.learner.withdraw(items)
+        log.info("withdrawn items changed", extra={"withdrawn": len(items)})
+        self._sync_catalog()
+        self._write_fallbacks()
 
     def _refresh_trending(self) -> None:
         self.learner.trending = self.store.trending(

@@ -3,7 +3,9 @@
 The read rule (docs/ARCHITECTURE.md, "Reading lists"): ``GET recs:{user}``; when the user
 has none yet (no event applied, or their list expired) or it holds no items (a list ranked
 before there was anything to rank), the fallback list of the domain (and when that domain
-has no fallback with items yet, the global one, ``fallback``, the best of every domain's)
+has no fallback with items yet, the global one, ``fallback``, the best of every domain's).
+Withdrawn items (``"available": false`` in their item record) are left out of whatever is
+read, at once: a stored list may be older than the withdrawal
 the app is showing, ``fallback:{domain}``, which the consumers refresh every few seconds
 with what a newcomer to that domain would be served. :class:`Recommendations` asks for
 both in one pipelined round trip (``MGET`` of the users' keys for many users) and returns
@@ -21,6 +23,7 @@ This module needs only ``redis``; it imports nothing of the consumer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +74,16 @@ def parse_list(raw: bytes, source: Source) -> RecList:
     )
 
 
+def _available(recs: RecList, gone: frozenset[str]) -> RecList:
+    """``recs`` without the withdrawn items (a stored list may predate a withdrawal)."""
+    if not gone or gone.isdisjoint(recs.items):
+        return recs
+    keep = [i for i, item in enumerate(recs.items) if item not in gone]
+    return dataclasses.replace(
+        recs, items=[recs.items[i] for i in keep], scores=[recs.scores[i] for i in keep]
+    )
+
+
 class Recommendations:
     """Lists for apps: each user's own, else the domain's fallback, in one round trip.
 
@@ -97,6 +110,8 @@ class Recommendations:
         self.client = client
         self.prefix = prefix
         self.cluster = cluster
+        # The withdrawn items as last read, and the version of the set they are.
+        self._withdrawn: tuple[int, frozenset[str]] = (0, frozenset())
 
     @classmethod
     def from_url(
@@ -145,8 +160,10 @@ class Recommendations:
         pipe.get(self.recs_key(user))
         pipe.get(self.fallback_key(domain))
         pipe.get(self.global_fallback_key())
-        own, fallback, everywhere = pipe.execute()
-        return self._pick(own, self._fallback(fallback, everywhere))
+        pipe.get(self._key("withdrawn", "version"))
+        own, fallback, everywhere, version = pipe.execute()
+        gone = self._withdrawn_items(version)
+        return self._pick(own, self._fallback(fallback, everywhere, gone), gone)
 
     def get_many(
         self,
@@ -166,24 +183,36 @@ class Recommendations:
             pipe.mget([self.recs_key(u) for u in users])
         pipe.get(self.fallback_key(domain))
         pipe.get(self.global_fallback_key())
+        pipe.get(self._key("withdrawn", "version"))
         replies = pipe.execute()
-        own = replies[:-2] if self.cluster else replies[0]
-        fallback = self._fallback(replies[-2], replies[-1])
-        return {user: self._pick(raw, fallback) for user, raw in zip(users, own, strict=True)}
+        own = replies[:-3] if self.cluster else replies[0]
+        gone = self._withdrawn_items(replies[-1])
+        fallback = self._fallback(replies[-3], replies[-2], gone)
+        return {user: self._pick(raw, fallback, gone) for user, raw in zip(users, own, strict=True)}
+
+    def _withdrawn_items(self, version: bytes | None) -> frozenset[str]:
+        """The withdrawn item ids, read again only when their version has moved on."""
+        number = 0 if version is None else int(version)
+        if number != self._withdrawn[0]:
+            members = self.client.smembers(self._key("withdrawn"))
+            self._withdrawn = (number, frozenset(m.decode() for m in members))
+        return self._withdrawn[1]
 
     @staticmethod
-    def _fallback(domain: bytes | None, everywhere: bytes | None) -> RecList | None:
+    def _fallback(
+        domain: bytes | None, everywhere: bytes | None, gone: frozenset[str]
+    ) -> RecList | None:
         """The domain's fallback unless it is missing or empty, else the global one."""
-        mine = parse_list(domain, "fallback") if domain else None
+        mine = _available(parse_list(domain, "fallback"), gone) if domain else None
         if mine is not None and mine.items:
             return mine
-        return parse_list(everywhere, "fallback") if everywhere else mine
+        return _available(parse_list(everywhere, "fallback"), gone) if everywhere else mine
 
     @staticmethod
-    def _pick(own: bytes | None, fallback: RecList | None) -> RecList | None:
+    def _pick(own: bytes | None, fallback: RecList | None, gone: frozenset[str]) -> RecList | None:
         """The user's list unless it is missing or empty, else the fallback; an empty
         list of the user's when there is no fallback; None when there is neither."""
-        mine = parse_list(own, "user") if own else None
+        mine = _available(parse_list(own, "user"), gone) if own else None
         if mine is not None and mine.items:
             return mine
         return fallback if fallback is not None else mine

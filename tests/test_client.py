@@ -75,7 +75,7 @@ def test_reads_take_one_round_trip(
     monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
     recs.get("alice")
     recs.get_many([f"u{i}" for i in range(100)], domain="books")
-    assert sent == [3, 3]  # GET x 3; MGET of 100 keys + GET x 2: one pipeline each
+    assert sent == [4, 4]  # GET x 4; MGET of 100 keys + GET x 3: one pipeline each
 
 
 def test_from_url_reads_the_same(

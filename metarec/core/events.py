@@ -118,14 +118,20 @@ class ItemRecord:
     domain: str = DEFAULT_DOMAIN
     features: tuple[str, ...] = ()
     ts: int = 0
+    #: False withdraws the item (out of stock, expired, removed): it leaves every list
+    #: apps read within seconds and is not recommended until a record makes it True again.
+    available: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "item": self.item,
             "domain": self.domain,
             "features": list(self.features),
             "ts": self.ts,
         }
+        if not self.available:
+            out["available"] = False
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,8 +311,15 @@ def decode_item(
     obj = load_record(raw, limits)
     _check_version(obj)
     domain = _id(obj, "domain", limits) if "domain" in obj else DEFAULT_DOMAIN
+    available = obj.get("available", True)
+    if not isinstance(available, bool):
+        raise InvalidEvent(f"field 'available' must be true or false, not {available!r:.40}")
     return ItemRecord(
-        _id(obj, "item", limits), domain, _features(obj, limits), _ts(obj, default_ts or 0, None)
+        _id(obj, "item", limits),
+        domain,
+        _features(obj, limits),
+        _ts(obj, default_ts or 0, None),
+        available,
     )
 
 

@@ -219,6 +219,9 @@ class Learner:
         # part per history bucket and its best items, cached per trending clock.
         self._index: tuple[MetaModel, ItemIndex] | None = None
         self._shared: tuple[tuple[object, ...], F32, I64] | None = None
+        # Withdrawn item ids, and their catalog indices for the catalogue's size.
+        self._withdrawn: frozenset[str] = frozenset()
+        self._withdrawn_at: tuple[int, I64] | None = None
 
     @classmethod
     def from_settings(
@@ -281,6 +284,19 @@ class Learner:
             self.tables = self.model.item_tables(self.catalog)
         elif len(self.catalog) > start:
             self.tables = self.tables.extend(self.model.item_tables(self.catalog, start))
+
+    def withdraw(self, items: Collection[str]) -> None:
+        """Recommend none of ``items`` (ids; replaces the last call's set): items their
+        item records withdrew. Ids not in the catalogue yet count once registered.
+
+        >>> learner = Learner(top_k=3)
+        >>> learner.add_items([(0, "a", "books", ()), (1, "b", "books", ())])
+        >>> learner.withdraw({"a"})
+        >>> learner.newcomer_lists(["books"])["books"].items.tolist()
+        [1]
+        """
+        self._withdrawn = frozenset(items)
+        self._withdrawn_at = None
 
     def load(self, model: MetaModel) -> RetrainRequest | None:
         """Serve ``model`` from now on (a hot reload rebuilds the item tables once).
@@ -548,9 +564,7 @@ class Learner:
         """
         ranked = [r for r in lists.values() if r.items.size]
         items = np.concatenate([r.items for r in ranked]) if ranked else np.zeros(0, np.int64)
-        scores = (
-            np.concatenate([r.scores for r in ranked]) if ranked else np.zeros(0, np.float32)
-        )
+        scores = np.concatenate([r.scores for r in ranked]) if ranked else np.zeros(0, np.float32)
         best = np.argsort(-scores, kind="stable")[: self.top_k]
         record = self.fallback_records({"": RankedList(items[best], scores[best])}, now_ms)[""]
         return record.replace(b'{"domain":""', b'{"domain":null', 1)
@@ -631,6 +645,14 @@ class Learner:
         counted: I64 = (valid & (item_domain == np.asarray(domains)[:, None])).sum(1)
         return counted
 
+    def _withdrawn_indices(self) -> I64:
+        """Catalog indices of the withdrawn items (cached until the catalogue grows)."""
+        cached = self._withdrawn_at
+        if cached is None or cached[0] != len(self.catalog):
+            found = np.fromiter((self.catalog.get(i) for i in self._withdrawn), np.int64)
+            cached = self._withdrawn_at = (len(self.catalog), np.sort(found[found >= 0]))
+        return cached[1]
+
     def _big(self) -> bool:
         """Whether lists are chosen among candidates (a model and a big catalogue)."""
         return self.model is not None and len(self.catalog) > self.exact_max_items
@@ -639,6 +661,9 @@ class Learner:
         self, users: Sequence[str], states: Mapping[str, UserState], ub: UserBatch
     ) -> dict[str, RankedList]:
         exclude = [states[u].seen for u in users]
+        withdrawn = self._withdrawn_indices()
+        if withdrawn.size:
+            exclude = [np.concatenate([seen, withdrawn]) for seen in exclude]
         if self._big():
             idx, vals = self._rank_candidates(
                 ub, [states[u].domain for u in users], exclude, self.top_k

@@ -466,6 +466,43 @@ class RedisStore:
         """The key of ``domain``'s fallback list: what apps show a user without a list."""
         return self._k("fallback", domain)
 
+    def withdrawn_key(self) -> str:
+        """The set of withdrawn item ids (item records with ``"available": false``)."""
+        return self._k("withdrawn")
+
+    def withdrawn_version_key(self) -> str:
+        """A counter that moves on whenever the withdrawn set changes: readers keep the
+        set and read it again only then."""
+        return self._k("withdrawn", "version")
+
+    def set_availability(self, available: Mapping[str, bool]) -> bool:
+        """Withdraw (False) or restore (True) items; True if that changed the withdrawn
+        set, in which case its version moves on after the change."""
+        gone = [item for item, ok in available.items() if not ok]
+        back = [item for item, ok in available.items() if ok]
+        pipe = self.client.pipeline(transaction=False)
+        if gone:
+            pipe.sadd(self.withdrawn_key(), *gone)
+        if back:
+            pipe.srem(self.withdrawn_key(), *back)
+        changed = any(pipe.execute()) if gone or back else False
+        if changed:
+            self.client.incr(self.withdrawn_version_key())
+        return changed
+
+    def withdrawn_version(self) -> int:
+        raw = self.client.get(self.withdrawn_version_key())
+        return 0 if raw is None else int(raw)
+
+    def withdrawn_items(self) -> tuple[int, set[str]]:
+        """The withdrawn set's version, then the set (read after it: a change in between
+        shows as a newer version next time)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.withdrawn_version_key())
+        pipe.smembers(self.withdrawn_key())
+        version, members = pipe.execute()
+        return (0 if version is None else int(version)), {m.decode() for m in members}
+
     def global_fallback_key(self) -> str:
         """The key of the fallback of every domain together, for a domain without one
         (no ``:`` after it, so no domain's key can be it)."""

@@ -141,6 +141,7 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
             "features": FEATURES,
             "ts": TIMESTAMPS,
             "schema_version": VERSIONS,
+            "available": st.sampled_from([True, False, None, 0, 1, "false"]),
         },
     )
 
