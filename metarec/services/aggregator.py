@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
@@ -34,19 +35,39 @@ from metarec.core.model import MetaModel
 from metarec.core.records import RecordDecoder
 from metarec.core.window import EventWindow
 from metarec.errors import ModelError
-from metarec.logs import kafka_logger
+from metarec.logs import Throttle, kafka_logger
 from metarec.services.metrics import HealthServer, Metrics
 from metarec.services.outage import Stopped, redis_outage, retrying_store
 from metarec.training.retraining import Retrainer, RetrainSchedule
 from metarec.training.tensorflow_import import require_tensorflow
 from metarec.training.trainer import MetaTrainer
 
-__all__ = ["OPERATOR_REQUEST", "Aggregator"]
+__all__ = ["OPERATOR_REQUEST", "Aggregator", "reason_kind"]
 
 log = logging.getLogger("metarec.aggregator")
 
 #: The reason ``metarec aggregate --now`` stores: served at once, without new events.
 OPERATOR_REQUEST = "requested by an operator"
+#: How often "aggregation requested; waiting" is logged while a request waits.
+WAITING_LOG_EVERY_S = 30.0
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a cycle's reason, for a metric label (reasons carry numbers and names).
+
+    >>> [reason_kind(r) for r in ("first model", "schedule", "600 s since the last cycle",
+    ...                           OPERATOR_REQUEST, "drift in domain 'books': live HR@20 dropped")]
+    ['first', 'schedule', 'interval', 'operator', 'drift']
+    """
+    if reason == "first model":
+        return "first"
+    if reason == "schedule":
+        return "schedule"
+    if reason.endswith("since the last cycle"):
+        return "interval"
+    if reason == OPERATOR_REQUEST:
+        return "operator"
+    return "drift" if "drift" in reason else "other"
 
 
 class Aggregator:
@@ -76,6 +97,10 @@ class Aggregator:
         self._published_ms: int | None = None
         self._events_since = 0
         self._next_cycle = self._interval_deadline()
+        self._next_stats = 0.0
+        self._cycles = 0
+        self._last_cycle: dict[str, object] | None = None
+        self._waiting_log = Throttle(WAITING_LOG_EVERY_S)
         config = settings.group_config(settings.aggregator_group_id, enable_auto_commit="true")
         self._incremental = incremental_rebalancing(config)
         self.consumer = Consumer(config, logger=kafka_logger("aggregator"))
@@ -106,6 +131,7 @@ class Aggregator:
                 if reason is not None and self.cycle(reason=reason) is not None:
                     cycles += 1
                 self._set_model_age()
+                self.report(time.monotonic())
                 if health is not None:
                     health.tick()
         except Stopped:
@@ -120,6 +146,26 @@ class Aggregator:
     def _set_model_age(self) -> None:
         if self._published_ms is not None:
             self.metrics.model_age_seconds.set(max(0.0, time.time() - self._published_ms / 1000))
+
+    def report(self, now: float) -> None:
+        """The window's gauges, and every ``METAREC_STATS_INTERVAL_S`` one stats line: what
+        the aggregator holds, what it published last, and how its last cycle went."""
+        self.metrics.window_events.set(len(self.window))
+        self.metrics.events_since_cycle.set(self._events_since)
+        if now < self._next_stats:
+            return
+        self._next_stats = now + self.settings.stats_interval_s
+        age = None if self._published_ms is None else time.time() - self._published_ms / 1000
+        log.info(
+            "aggregator stats",
+            extra={
+                "window_events": len(self.window),
+                "events_since_cycle": self._events_since,
+                "cycles": self._cycles,
+                "last_cycle": self._last_cycle,
+                "model_age_s": None if age is None else round(age, 1),
+            },
+        )
 
     def _alive(self) -> None:
         """Waiting for Redis, or training, is being alive: keep ``/healthz`` green."""
@@ -210,6 +256,20 @@ class Aggregator:
             and time.monotonic() >= self._next_cycle
         ):
             reason = f"{self.settings.aggregate_interval_s} s since the last cycle"
+        if reason is None and request is not None and self._waiting_log.allow(time.monotonic()):
+            log.info(
+                "aggregation requested; waiting",
+                extra={
+                    "request": request,
+                    "why": self.schedule.waiting_for(
+                        window_events=len(self.window),
+                        new_events=self._events_since,
+                        events_since_floor=None
+                        if floor is None
+                        else self.window.count_since(floor),
+                    ),
+                },
+            )
         return reason
 
     def _interval_deadline(self) -> float:
@@ -235,7 +295,33 @@ class Aggregator:
 
     def cycle(self, reason: str = "requested") -> int | None:
         """Meta-train on the window, fold the partial sums in, publish. Returns the new
-        version (None if there was too little to train on)."""
+        version (None if there was too little to train on). Counted and timed by why it
+        ran and how it ended (``metarec_aggregator_cycles_total``)."""
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            version = self._cycle(reason)
+            outcome = "skipped" if version is None else "published"
+            return version
+        finally:
+            seconds = time.perf_counter() - started
+            self._cycles += 1
+            self._last_cycle = {
+                "reason": reason,
+                "outcome": outcome,
+                "seconds": round(seconds, 2),
+            }
+            self.metrics.cycles.labels(reason=reason_kind(reason), outcome=outcome).inc()
+            self.metrics.cycle_seconds.observe(seconds)
+            if outcome == "published":
+                self.metrics.last_success.set(time.time())
+            elif outcome == "skipped":
+                log.info(
+                    "cycle skipped: too little to train on",
+                    extra={"reason": reason, "window_events": len(self.window)},
+                )
+
+    def _cycle(self, reason: str) -> int | None:
         self.store.clear_aggregation_request()
         self._next_cycle = self._interval_deadline()
         started = time.perf_counter()
@@ -248,6 +334,9 @@ class Aggregator:
         )
         if model is None:
             return None
+        self.metrics.training_seconds.set(float(model.info.get("seconds") or 0.0))
+        loss = model.info.get("loss")
+        self.metrics.training_loss.set(float(loss) if isinstance(loss, int | float) else math.nan)
         if model.info.get("drift") == "refuted" and floor is not None:
             self.store.clear_training_floor(floor)
         model, folded = self.retrainer.fold(

@@ -46,6 +46,39 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.service = service
+        self.redis_errors = Counter(
+            "metarec_redis_errors", "Redis calls that failed and were retried.", registry=r
+        )
+        self.redis_outages = Counter(
+            "metarec_redis_outages",
+            "Redis outages ridden out (each may have many failed calls).",
+            registry=r,
+        )
+        self.kafka_errors = Counter(
+            "metarec_kafka_errors", "Errors librdkafka reported.", registry=r
+        )
+        self.model_version = Gauge(
+            "metarec_model_version", "The model version served (0 before the first).", registry=r
+        )
+        self.model_age_seconds = Gauge(
+            "metarec_model_age_seconds",
+            "Seconds since the served model version was published (NaN before the first).",
+            registry=r,
+        )
+        # Not 0: "no model yet" must not read as "a model published just now".
+        self.model_age_seconds.set(math.nan)
+        self.last_loop = Gauge(
+            "metarec_last_loop_timestamp_seconds",
+            "When the process loop last ticked (Unix time).",
+            registry=r,
+        )
+        # Each process's own series: /metrics shows only what that process does.
+        if service == "consumer":
+            self._consumer_series(r)
+        if service == "aggregator":
+            self._aggregator_series(r)
+
+    def _consumer_series(self, r: CollectorRegistry) -> None:
         self.events_consumed = Counter(
             "metarec_events_consumed",
             "Records consumed from the events topic, valid or not.",
@@ -81,17 +114,6 @@ class Metrics:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self.redis_errors = Counter(
-            "metarec_redis_errors", "Redis calls that failed and were retried.", registry=r
-        )
-        self.redis_outages = Counter(
-            "metarec_redis_outages",
-            "Redis outages ridden out (each may have many failed calls).",
-            registry=r,
-        )
-        self.kafka_errors = Counter(
-            "metarec_kafka_errors", "Errors librdkafka reported.", registry=r
-        )
         self.offset_resets = Counter(
             "metarec_offset_resets",
             "Times the events log was found replaced or truncated under the stored offsets.",
@@ -102,16 +124,6 @@ class Metrics:
             "Users whose batch was redone because another consumer wrote them meanwhile.",
             registry=r,
         )
-        self.model_version = Gauge(
-            "metarec_model_version", "The model version served (0 before the first).", registry=r
-        )
-        self.model_age_seconds = Gauge(
-            "metarec_model_age_seconds",
-            "Seconds since the served model version was published (NaN before the first).",
-            registry=r,
-        )
-        # Not 0: "no model yet" must not read as "a model published just now".
-        self.model_age_seconds.set(math.nan)
         self.live_hr = Gauge(
             "metarec_live_hr",
             'Live HR@K of the lists users were shown, per domain ("all": every domain).',
@@ -121,9 +133,44 @@ class Metrics:
         self.live_ndcg = Gauge(
             "metarec_live_ndcg", "Live NDCG@K, per domain.", ["domain"], registry=r
         )
-        self.last_loop = Gauge(
-            "metarec_last_loop_timestamp_seconds",
-            "When the process loop last ticked (Unix time).",
+
+    def _aggregator_series(self, r: CollectorRegistry) -> None:
+        self.window_events = Gauge(
+            "metarec_aggregator_window_events",
+            "Events in the training window (the retained log, up to METAREC_WINDOW_EVENTS).",
+            registry=r,
+        )
+        self.events_since_cycle = Gauge(
+            "metarec_aggregator_events_since_cycle",
+            "Events ingested since the last published version.",
+            registry=r,
+        )
+        self.cycles = Counter(
+            "metarec_aggregator_cycles",
+            "Aggregation cycles, by why they ran (first, schedule, interval, operator, drift) "
+            "and how they ended (published, skipped: too little to train on, failed).",
+            ["reason", "outcome"],
+            registry=r,
+        )
+        self.cycle_seconds = Histogram(
+            "metarec_aggregator_cycle_seconds",
+            "Wall time of one cycle: train, fold, publish.",
+            registry=r,
+            buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+        )
+        self.training_seconds = Gauge(
+            "metarec_aggregator_training_seconds", "Training time of the last cycle.", registry=r
+        )
+        self.training_loss = Gauge(
+            "metarec_aggregator_training_loss",
+            "Held-out query loss of the last version trained (lower is better; NaN before "
+            "the first).",
+            registry=r,
+        )
+        self.training_loss.set(math.nan)
+        self.last_success = Gauge(
+            "metarec_aggregator_last_success_timestamp_seconds",
+            "When a cycle last published a version (Unix time; 0 before the first).",
             registry=r,
         )
 

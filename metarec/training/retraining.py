@@ -93,6 +93,25 @@ class RetrainSchedule:
             return request if immediate or ready else None
         return "schedule" if new_events >= self.every_events else None
 
+    def waiting_for(
+        self, *, window_events: int, new_events: int, events_since_floor: int | None = None
+    ) -> str:
+        """Why a requested cycle is not due yet (:meth:`due` said None), for the log.
+
+        >>> RetrainSchedule(every_events=100, min_events=50).waiting_for(
+        ...     window_events=20, new_events=20)
+        'the window holds 20 events; a model needs 50 (METAREC_MIN_EVENTS_FOR_MODEL)'
+        """
+        need = max(self.min_events, 1)
+        if window_events < need:
+            return (
+                f"the window holds {window_events} events; a model needs {need} "
+                "(METAREC_MIN_EVENTS_FOR_MODEL)"
+            )
+        if events_since_floor is not None and events_since_floor < need:
+            return f"{events_since_floor} events of the new regime since the change; needs {need}"
+        return f"{new_events} events since the last cycle; needs {need}"
+
 
 @dataclass
 class Retrainer:

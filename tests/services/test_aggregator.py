@@ -10,6 +10,7 @@ waiting for a schedule. Training runs for real, but tiny (dimension 8, two steps
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from metarec.config import Settings
 from metarec.core.model import MetaModel
 from metarec.core.reptile import PartialSums
 from metarec.local.devservices import LOCAL_GROUP_CONFIG
+from metarec.services import aggregator as aggregator_module
 from metarec.services.aggregator import OPERATOR_REQUEST, Aggregator
 from metarec.services.store import RedisStore
 from metarec.training.trainer import MetaTrainer
@@ -304,6 +306,46 @@ def test_a_now_request_makes_a_cycle_due(
     version = agg.cycle(reason=reason)
     assert version == 2 == store.current_model_version()
     assert agg.due() is None, "the request must be used up by the cycle it asked for"
+
+
+def test_an_operator_can_watch_the_aggregator(
+    make_aggregator: Callable[..., Aggregator],
+    settings: Settings,
+    store: RedisStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agg = make_aggregator(min_events_for_model=50)
+    records = event_records(60)
+    publish_events(settings, records)
+    agg.ingest(read_all(settings, settings.events_topic, EVENTS_PARTITIONS, len(records))[:30])
+    store.request_aggregation(OPERATOR_REQUEST)
+    with caplog.at_level(logging.INFO, logger=aggregator_module.log.name):
+        assert agg.due() is None
+        agg.report(time.monotonic())
+    # A request that cannot run yet says why, in a log line.
+    waiting = [r for r in caplog.records if r.getMessage() == "aggregation requested; waiting"]
+    assert len(waiting) == 1
+    assert waiting[0].why == (
+        "the window holds 30 events; a model needs 50 (METAREC_MIN_EVENTS_FOR_MODEL)"
+    )
+    stats = [r for r in caplog.records if r.getMessage() == "aggregator stats"]
+    assert [(r.window_events, r.cycles, r.last_cycle) for r in stats] == [(30, 0, None)]
+
+    agg.ingest(read_all(settings, settings.events_topic, EVENTS_PARTITIONS, len(records))[30:])
+    reason = agg.due()
+    assert reason == "first model" and agg.cycle(reason=reason) == 1
+    agg.report(time.monotonic())
+    text = agg.metrics.exposition().decode()
+    # Its own series, not the consumer's.
+    assert "metarec_events_applied_total" not in text and "metarec_lag" not in text
+    assert 'metarec_aggregator_cycles_total{outcome="published",reason="first"} 1.0' in text
+    assert "\nmetarec_aggregator_window_events 60.0\n" in text
+    assert "\nmetarec_aggregator_events_since_cycle 0.0\n" in text
+    assert "\nmetarec_aggregator_cycle_seconds_count 1.0\n" in text
+    assert "\nmetarec_aggregator_training_loss NaN\n" not in text
+    assert (
+        float(text.split("\nmetarec_aggregator_last_success_timestamp_seconds ")[1].split()[0]) > 0
+    )
 
 
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])

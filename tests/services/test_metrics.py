@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -13,7 +14,7 @@ import pytest
 
 from metarec.core.events import Event
 from metarec.services.metrics import HealthServer, Metrics
-from tests.consumer.system import Publisher, System, make_system, wait_until
+from tests.consumer.system import REPO, Publisher, System, make_system, wait_until
 
 __all__ = ["make_system"]
 
@@ -107,3 +108,27 @@ def _answers(port: int) -> bool:
         return get(port, "/healthz")[0] == 200
     except OSError:
         return False
+
+
+def test_every_series_docs_operations_names_is_exported_by_its_process() -> None:
+    """docs/OPERATIONS.md's metric table and alerts name only series that exist, and each
+    process exports its own: the aggregator none of the consumer's, and the reverse."""
+    doc = (REPO / "docs" / "OPERATIONS.md").read_text()
+    named = set(re.findall(r"`(metarec_[a-z_]+)", doc))
+
+    def family(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+    exported = {
+        service: {
+            family(line.split()[2])
+            for line in Metrics(service).exposition().decode().splitlines()
+            if line.startswith("# HELP ")
+        }
+        for service in ("consumer", "aggregator")
+    }
+
+    everything = exported["consumer"] | exported["aggregator"]
+    assert named and {family(n) for n in named} <= everything
+    assert not {n for n in exported["aggregator"] if n.startswith("metarec_events")}
+    assert not {n for n in exported["consumer"] if n.startswith("metarec_aggregator")}
