@@ -294,10 +294,17 @@ def decode_event(
 
 
 def check_key(key: bytes | None, user: str) -> None:
-    """Refuse an event whose record key is not its user: keyed by something else, it may
-    land on another partition than the user's other events. A record without a key passes
-    (the consumers guard each user's state, so it is applied correctly, only later)."""
-    if key is not None and key != user.encode("utf-8"):
+    """Refuse an event whose record key is not its user: keyed by something else, or by
+    nothing (a producer's partitioner then spreads it anywhere), it may land on another
+    partition than the user's other events and be applied out of their order. Such a
+    record is dead-lettered as ``key-mismatch``; ``metarec dlq replay`` keys a letter
+    without a key by its user."""
+    if key is None:
+        raise InvalidEvent(
+            f"record key is missing; key events by user id (here {user[:64]!r}), so that a "
+            "user's events share a partition"
+        )
+    if key != user.encode("utf-8"):
         shown = key[:64].decode("utf-8", "replace")
         raise InvalidEvent(
             f"record key {shown!r} is not the event's user {user[:64]!r}; key events by user id"

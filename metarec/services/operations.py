@@ -226,7 +226,8 @@ def inspect_dead_letters(
 def replay_dead_letters(
     settings: Settings, store: RedisStore, *, dry_run: bool = False, matching: str | None = None
 ) -> dict[str, int | bool]:
-    """Publish dead letters again to their original topic, key and value unchanged.
+    """Publish dead letters again to their original topic, key and value unchanged (an
+    event dead-lettered for having no key is keyed by its user).
 
     Each letter is replayed at most once. Redis remembers which were handled (replayed, or
     cut down and so never replayable): per partition, the offset up to which all were, and
@@ -264,7 +265,10 @@ def replay_dead_letters(
         else:
             counts["replayed"] += 1
             if not dry_run:
-                producer.produce(h[dlq.ORIGINAL_TOPIC], key=msg.key(), value=msg.value())
+                key = msg.key()
+                if key is None and h[dlq.ORIGINAL_TOPIC] == settings.events_topic:
+                    key = _user_of(msg.value())  # dead-lettered for want of a key
+                producer.produce(h[dlq.ORIGINAL_TOPIC], key=key, value=msg.value())
                 producer.poll(0)
         mark.handle(off)
     if not dry_run:
@@ -277,6 +281,15 @@ def replay_dead_letters(
         for mark in marks.values():
             mark.save(store)
     return {**counts, "dry_run": dry_run}
+
+
+def _user_of(value: bytes | None) -> bytes | None:
+    """The user id of an event's JSON, as its record key (None if there is none)."""
+    try:
+        user = json.loads(value or b"").get("user")
+    except (ValueError, AttributeError):
+        return None
+    return user.encode("utf-8") if isinstance(user, str) else None
 
 
 class _ReplayMarks:

@@ -121,7 +121,8 @@ def test_the_limits_are_enforced() -> None:
 
 
 def test_a_key_that_is_not_the_user_is_refused() -> None:
-    check_key(None, "u1")  # no key: allowed (the state guard keeps it safe)
+    with pytest.raises(InvalidEvent, match="record key is missing"):
+        check_key(None, "u1")  # no key: it could land on any partition
     try:
         check_key(b"u2", "u1")
         raise AssertionError("a mismatched key was accepted")
