@@ -38,6 +38,26 @@ EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 
 DEV_STATE_DIR = Path(".metarec")
+#: The settings each one-shot command reads, so that its flags and ``--help`` are those
+#: (the services and the demo take every setting).
+_REDIS_SETTINGS = ("redis_url", "key_prefix", "log_level")
+_TOPIC_SETTINGS = (
+    "events_topic",
+    "items_topic",
+    "users_topic",
+    "dlq_topic",
+    "model_topic",
+    "partitions",
+    "events_retention_hours",
+)
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "recs": _REDIS_SETTINGS,
+    "user": _REDIS_SETTINGS,
+    "model": _REDIS_SETTINGS,
+    "dlq": (*_REDIS_SETTINGS, "kafka_bootstrap", "group_id", "events_topic", "dlq_topic"),
+    "topics": ("kafka_bootstrap", "log_level", *_TOPIC_SETTINGS),
+    "dev": ("kafka_bootstrap", "redis_url", "log_level", *_TOPIC_SETTINGS),
+}
 #: Entry-point group of the services a command runs (``metarec consume``).
 SERVICES_GROUP = "metarec.services"
 log = logging.getLogger("metarec")
@@ -101,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     recs.add_argument(
         "--domain", default=DEFAULT_DOMAIN, help=f"the app's domain (default {DEFAULT_DOMAIN!r})"
     )
-    add_arguments(recs)
+    add_arguments(recs, COMMAND_SETTINGS["recs"])
 
     user = sub.add_parser(
         "user",
@@ -111,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     user.add_argument("action", choices=["reset"])
     user.add_argument("user")
-    add_arguments(user)
+    add_arguments(user, COMMAND_SETTINGS["user"])
 
     letters = sub.add_parser(
         "dlq",
@@ -133,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replay: count what would be replayed, publish nothing",
     )
-    add_arguments(letters)
+    add_arguments(letters, COMMAND_SETTINGS["dlq"])
 
     models = sub.add_parser(
         "model",
@@ -144,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument("action", choices=["list", "rollback"])
     models.add_argument("version", nargs="?", type=_positive_int)
-    add_arguments(models)
+    add_arguments(models, COMMAND_SETTINGS["model"])
 
     bench = sub.add_parser(
         "bench",
@@ -188,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "retention); existing topics are left as they are. "
         "Prints each topic's partition count as JSON.",
     )
-    add_arguments(topics)
+    add_arguments(topics, COMMAND_SETTINGS["topics"])
 
     dev = sub.add_parser(
         "dev",
@@ -202,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEV_STATE_DIR,
         help="where the state file and logs live (default: .metarec)",
     )
-    add_arguments(dev)
+    add_arguments(dev, COMMAND_SETTINGS["dev"])
 
     demo = sub.add_parser(
         "demo",

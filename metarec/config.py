@@ -29,7 +29,7 @@ import math
 import os
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -857,15 +857,25 @@ def _kafka_options_from_env(environ: Mapping[str, str]) -> dict[str, str]:
     return options
 
 
-def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add one ``--flag`` per setting (default ``None``: unset flags leave env/default).
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    only: Collection[str] | None = None,
+) -> None:
+    """Add one ``--flag`` per setting (default ``None``: unset flags leave env/default);
+    with ``only``, for those settings alone (a command's ``--help`` shows what it reads;
+    the environment still configures everything, validated as always).
 
     >>> p = argparse.ArgumentParser()
     >>> add_arguments(p)
     >>> settings_from_args(p.parse_args(["--top-k", "3"]), environ={}).top_k
     3
     """
+    unknown = set(only or ()) - set(_BY_NAME)
+    if unknown:
+        raise ValueError(f"no settings named {sorted(unknown)}")
     for spec in SETTINGS:
+        if only is not None and spec.name not in only:
+            continue
         help_ = f"{spec.help} Env {spec.env}; default {spec.display(spec.default)}."
         parser.add_argument(
             spec.flag,
@@ -874,6 +884,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
             default=None,
             help=help_.replace("%", "%%"),
         )
+    if only is not None and "kafka_bootstrap" not in only:
+        return
     parser.add_argument(
         KAFKA_OPTIONS_FLAG,
         dest="kafka_options",

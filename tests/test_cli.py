@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from metarec.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
+from metarec.cli import COMMAND_SETTINGS, EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
 from metarec.services.store import RedisStore
 from tests.consumer.system import make_model
 
@@ -165,3 +165,30 @@ def test_recs_before_any_event_says_nothing_is_served_and_why(
     served = json.loads(proc.stdout)["served"]
     assert (served["source"], served["items"]) == (None, [])
     assert "no consumer has applied an event" in served["why"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["recs", "u1"],
+        ["user", "reset", "u1"],
+        ["model", "list"],
+        ["dlq", "inspect"],
+        ["topics"],
+        ["dev", "status"],
+    ],
+    ids=" ".join,
+)
+def test_a_one_shot_commands_help_shows_only_the_settings_it_reads(argv: list[str]) -> None:
+    shown = _run(argv[0], "--help").stdout
+    assert "--top-k" not in shown and "--history-length" not in shown
+    assert all(f"--{name.replace('_', '-')}" in shown for name in COMMAND_SETTINGS[argv[0]])
+    refused = _run(*argv, "--top-k", "3")
+    assert refused.returncode == EXIT_CONFIG and "unrecognized arguments: --top-k" in (
+        refused.stderr
+    )
+
+
+def test_the_services_still_take_every_setting() -> None:
+    shown = _run("consume", "--help").stdout
+    assert "--top-k" in shown and "--history-length" in shown and "--kafka-option" in shown
