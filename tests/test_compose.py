@@ -50,7 +50,12 @@ AGGREGATORS = ("aggregator", "aggregator-gpu")
 #: Services that run a loop with a heartbeat, probed by a healthcheck.
 LOOPS = ("consumer", *AGGREGATORS)
 #: The optional services and their profile; every other service starts by default.
-PROFILES = {"aggregator-gpu": ["gpu"], "demo-producer": ["demo"]}
+PROFILES = {
+    "aggregator-gpu": ["gpu"],
+    "demo-producer": ["demo"],
+    "prometheus": ["monitoring"],
+    "grafana": ["monitoring"],
+}
 KAFKA, KAFKA_INIT, REDIS = "kafka", "kafka-init", "redis"
 #: Compose's restart policies; an unquoted ``restart: no`` is YAML 1.1's ``False``.
 RESTART_POLICIES = frozenset({"no", "always", "on-failure", "unless-stopped"})

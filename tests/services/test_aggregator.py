@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from metarec.services.aggregator import OPERATOR_REQUEST, Aggregator
 from metarec.services.store import RedisStore
 from metarec.training.trainer import MetaTrainer
 from tests.kafka_read import read_records
+from tests.monitoring_series import expected_of, exported
 
 # Processes, brokers or training: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -346,6 +349,33 @@ def test_an_operator_can_watch_the_aggregator(
     assert (
         float(text.split("\nmetarec_aggregator_last_success_timestamp_seconds ")[1].split()[0]) > 0
     )
+
+
+def test_a_running_aggregator_serves_what_the_dashboard_and_alerts_query(
+    make_aggregator: Callable[..., Aggregator],
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agg = make_aggregator(metrics_port=port, min_events_for_model=10_000)
+    runner = Runner(agg, max_cycles=None)
+    runner.start()
+
+    def page() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                return str(r.read().decode())
+        except OSError:
+            return ""
+
+    try:
+        wait_until(lambda: runner.running() and bool(page()), 30.0, "/metrics", lambda: "")
+        text = page()
+    finally:
+        agg.stop()
+        runner.join(10)
+    assert expected_of("aggregator") <= exported(text), expected_of("aggregator") - exported(text)
+    assert not {n for n in exported(text) if n.startswith("metarec_events")}
 
 
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])

@@ -14,6 +14,7 @@ import pytest
 
 from metarec.core.events import Event
 from metarec.services.metrics import HealthServer, Metrics
+from tests import monitoring_series as monitoring
 from tests.consumer.system import REPO, Publisher, System, make_system, wait_until
 
 __all__ = ["make_system"]
@@ -100,6 +101,9 @@ def test_a_consumer_exports_what_it_applied_and_its_groups_lag(
     )
     assert get(port, "/healthz")[0] == 200
     assert get(port, "/readyz") == (200, b'{"ready": true, "missing": []}')
+    # What the shipped dashboard and alert rules query of a consumer, it exports.
+    served = monitoring.exported(get(port, "/metrics")[1].decode())
+    assert monitoring.expected_of("consumer") <= served, monitoring.expected_of("consumer") - served
     assert system.terminate(proc) == 0
 
 
@@ -115,18 +119,11 @@ def test_every_series_docs_operations_names_is_exported_by_its_process() -> None
     process exports its own: the aggregator none of the consumer's, and the reverse."""
     doc = (REPO / "docs" / "OPERATIONS.md").read_text()
     named = set(re.findall(r"`(metarec_[a-z_]+)", doc))
-
-    def family(name: str) -> str:
-        return re.sub(r"_(total|bucket|count|sum)$", "", name)
-
     exported = {
-        service: {
-            family(line.split()[2])
-            for line in Metrics(service).exposition().decode().splitlines()
-            if line.startswith("# HELP ")
-        }
+        service: monitoring.exported(Metrics(service).exposition().decode())
         for service in ("consumer", "aggregator")
     }
+    family = monitoring.family
 
     everything = exported["consumer"] | exported["aggregator"]
     assert named and {family(n) for n in named} <= everything
