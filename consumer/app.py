@@ -649,7 +649,7 @@ class ConsumerApp:
             self._next_trend_refresh = now + TRENDING_REFRESH_S
 
     def _poll_model(self) -> None:
-        version = self.store.current_model_version()
+        version = self.store.served_model_version()  # pinned, else newest
         if version is None or version == self.learner.version:
             return
         try:

@@ -157,12 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser(
         "model",
-        help="list model versions or roll back to one",
-        description="list: stored versions, newest first. rollback V: "
-        "publish a copy of version V as the newest version; "
-        "consumers reload it within a second.",
+        help="list model versions, roll back to one, pin one",
+        description="list: stored versions, newest first, with their history "
+        "(parent, reason, window, training time, validation loss) and which is "
+        "current, pinned and served. rollback V: publish a copy of version V as the "
+        "newest version (the next cycle publishes over it). pin V: consumers serve V "
+        "whatever is published after it, while the aggregator goes on training. "
+        "unpin: serve the newest again. Consumers reload within a second.",
     )
-    models.add_argument("action", choices=["list", "rollback"])
+    models.add_argument("action", choices=["list", "rollback", "pin", "unpin"])
     models.add_argument("version", nargs="?", type=_positive_int)
     add_arguments(models, COMMAND_SETTINGS["model"])
 
@@ -430,13 +433,18 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
         )
     elif args.action == "list":
         result = operations.list_models(store)
+    elif args.action == "unpin":
+        result = operations.pin_model(store, None)
     else:
         if args.version is None:
-            raise ConfigError("metarec model rollback needs the VERSION to serve again")
-        result = {
-            "rolled_back_to": args.version,
-            "published": operations.rollback_model(store, args.version),
-        }
+            raise ConfigError(f"metarec model {args.action} needs the VERSION to serve")
+        if args.action == "pin":
+            result = operations.pin_model(store, args.version)
+        else:
+            result = {
+                "rolled_back_to": args.version,
+                "published": operations.rollback_model(store, args.version),
+            }
     print(json.dumps(result, indent=2))
     return 0
 

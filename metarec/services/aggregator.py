@@ -342,7 +342,25 @@ class Aggregator:
         model, folded = self.retrainer.fold(
             model, init, self.store.take_partials(self.settings.events_topic)
         )
-        version = self.store.publish_model(model.to_bytes())
+        data = model.info
+        version = self.store.publish_model(
+            model.to_bytes(),
+            history={
+                "parent": None if init is None else init.version,
+                "reason": reason,
+                "kind": reason_kind(reason),
+                "window": {
+                    "events": data.get("events"),
+                    "first_ts": data.get("first_ts"),
+                    "last_ts": data.get("last_ts"),
+                    "floor_ts": floor,
+                },
+                "training_seconds": data.get("seconds"),
+                "validation_loss": data.get("loss") if data.get("validated") else None,
+                "steps": data.get("steps"),
+                "folded_weight": folded,
+            },
+        )
         self.metrics.model_version.set(version)
         self._published_ms = int(time.time() * 1000)
         notice = {

@@ -46,6 +46,7 @@ from metarec.services.store import RedisStore
 __all__ = [
     "inspect_dead_letters",
     "list_models",
+    "pin_model",
     "replay_dead_letters",
     "reset_user",
     "rollback_model",
@@ -114,35 +115,72 @@ def reset_user(store: RedisStore, user: str) -> bool:
 
 
 def list_models(store: RedisStore) -> list[dict[str, Any]]:
-    """Stored model versions, newest first, with their meta and which one is served."""
-    current = store.current_model_version()
+    """Stored model versions, newest first: which one is current (newest), pinned and
+    served, and each one's history (where it comes from, what it was trained on and how
+    well; see :meth:`RedisStore.publish_model`)."""
+    current, pinned = store.current_model_version(), store.pinned_model_version()
+    served = pinned if pinned is not None else current
     versions = [int(v) for v in store.client.zrevrange(store.key("model", "versions"), 0, -1)]
     out = []
     for v in versions:
-        raw = store.client.get(store.key("model", v, "meta"))
-        meta = {} if raw is None else json.loads(raw)
+        meta = store.model_meta(v) or {}
         out.append(
             {
                 "version": v,
                 "current": v == current,
+                "pinned": v == pinned,
+                "served": v == served,
                 "created_ms": meta.get("created_ms"),
                 "bytes": meta.get("size"),
+                "reason": meta.get("reason"),
+                "parent": meta.get("parent"),
+                "window": meta.get("window"),
+                "training_seconds": meta.get("training_seconds"),
+                "validation_loss": meta.get("validation_loss"),
             }
         )
     return out
 
 
 def rollback_model(store: RedisStore, version: int) -> int:
-    """Serve what ``version`` served, as a new version; returns the new version number."""
+    """Serve what ``version`` served, as a new version; returns the new version number.
+    The next cycle publishes a newer one over it: :func:`pin_model` holds a version."""
     try:
         blob = store.load_model_blob(version)
     except ModelError:
-        stored = ", ".join(str(v["version"]) for v in list_models(store)) or "none"
         raise ModelError(
             f"model version {version} is not stored (pruned, or never published); "
-            f"stored versions: {stored}"
+            f"stored versions: {_stored(store)}"
         ) from None
-    return store.publish_model(blob)
+    meta = store.model_meta(version) or {}
+    return store.publish_model(
+        blob,
+        history={
+            "parent": version,
+            "reason": f"rollback to version {version}",
+            "kind": "rollback",
+            "window": meta.get("window"),
+            "training_seconds": None,
+            "validation_loss": meta.get("validation_loss"),
+        },
+    )
+
+
+def pin_model(store: RedisStore, version: int | None) -> dict[str, Any]:
+    """Serve ``version`` (None: unpin, serve the newest again). The aggregator goes on
+    training and publishing; consumers load the pinned version until it is unpinned."""
+    try:
+        store.pin_model(version)
+    except ModelError:
+        raise ModelError(
+            f"model version {version} is not stored (pruned, or never published); "
+            f"stored versions: {_stored(store)}"
+        ) from None
+    return {"pinned": version, "served": store.served_model_version()}
+
+
+def _stored(store: RedisStore) -> str:
+    return ", ".join(str(v["version"]) for v in list_models(store)) or "none"
 
 
 def _dead_letters(

@@ -914,11 +914,15 @@ class RedisStore:
 
     # -- model versions --------------------------------------------------------------
 
-    def publish_model(self, blob: bytes, version: int | None = None) -> int:
+    def publish_model(
+        self, blob: bytes, version: int | None = None, history: Mapping[str, object] | None = None
+    ) -> int:
         """Store a model and make it current; returns its version.
 
         Chunks and meta are written first and ``model:current`` flips last, so a reader
-        never sees half a model. Versions beyond the newest ``keep_models`` are deleted.
+        never sees half a model. Versions beyond the newest ``keep_models`` are deleted,
+        except a pinned one. ``history`` joins the meta: where the version comes from
+        (``parent``, ``reason``), what it was trained on and how well (``model list``).
         """
         if version is None:
             version = int(self.client.incr(self._k("model", "seq")))
@@ -942,6 +946,7 @@ class RedisStore:
             "n_chunks": len(chunks),
             "size": len(blob),
             "sha256": hashlib.sha256(blob).hexdigest(),
+            **(history or {}),
         }
         pipe = self.client.pipeline(transaction=False)
         for i, chunk in enumerate(chunks):
@@ -967,7 +972,12 @@ class RedisStore:
         return version
 
     def _delete_models(self, versions: Sequence[int]) -> None:
-        """Delete versions' chunks and meta in one DEL (meta last in the list)."""
+        """Delete versions' chunks and meta in one DEL (meta last in the list); a pinned
+        version is kept, and stays listed."""
+        pinned = self.pinned_model_version()
+        if pinned is not None and pinned in versions:
+            self.client.zadd(self._k("model", "versions"), {str(pinned): pinned})
+            versions = [v for v in versions if v != pinned]
         if not versions:
             return
         metas = self.client.mget([self._k("model", v, "meta") for v in versions])
@@ -979,9 +989,38 @@ class RedisStore:
         self.client.delete(*doomed)
 
     def current_model_version(self) -> int | None:
-        """The version readers should load (None before the first publish)."""
+        """The newest published version (None before the first publish): what the
+        aggregator trains on from, and what consumers serve unless a version is pinned."""
         raw = self.client.get(self._k("model", "current"))
         return None if raw is None else int(raw)
+
+    def served_model_version(self) -> int | None:
+        """The version consumers load: the pinned one if any, else the current one."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self._k("model", "pinned"))
+        pipe.get(self._k("model", "current"))
+        pinned, current = pipe.execute()
+        raw = pinned if pinned is not None else current
+        return None if raw is None else int(raw)
+
+    def pinned_model_version(self) -> int | None:
+        raw = self.client.get(self._k("model", "pinned"))
+        return None if raw is None else int(raw)
+
+    def pin_model(self, version: int | None) -> None:
+        """Serve ``version`` whatever is published after it (None: unpin). Raises
+        :class:`ModelError` for a version that is not stored."""
+        if version is None:
+            self.client.delete(self._k("model", "pinned"))
+            return
+        if not self.client.exists(self._k("model", version, "meta")):
+            raise ModelError(f"model version {version} is not stored (pruned, or never published)")
+        self.client.set(self._k("model", "pinned"), str(version))
+
+    def model_meta(self, version: int) -> dict[str, Any] | None:
+        """What is recorded of ``version`` (size, time, history), or None if not stored."""
+        raw = self.client.get(self._k("model", version, "meta"))
+        return None if raw is None else dict(json.loads(raw))
 
     def model_created_ms(self, version: int) -> int | None:
         """When ``version`` was published (epoch ms), or None if it is not stored."""

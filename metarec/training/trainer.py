@@ -384,6 +384,9 @@ class MetaTrainer:
                 "loss": loss,
                 "validated": batches.has_validation,
                 "events": len(data),
+                # The span of the window trained on (event times, epoch ms).
+                "first_ts": int(data.ts.min()) if len(data) else None,
+                "last_ts": int(data.ts.max()) if len(data) else None,
                 "seconds": round(elapsed, 3),
                 "seed": self.seed,
             }

@@ -271,6 +271,12 @@ def test_a_cycle_folds_the_partial_sums_publishes_and_announces(
     assert notice["version"] == version and notice["reason"] == "test"
     assert notice["events"] == len(records)
     assert notice["folded_weight"] == pytest.approx(float(total.weights.sum()))
+    # The version's history, as `metarec model list` shows it.
+    history = store.model_meta(version) or {}
+    assert (history["reason"], history["parent"]) == ("test", version - 1)
+    window = history["window"]
+    assert window["events"] == len(records) and window["first_ts"] <= window["last_ts"]
+    assert history["training_seconds"] > 0 and history["steps"] >= 0
 
 
 # --- when a cycle runs --------------------------------------------------------------------------

@@ -148,3 +148,33 @@ def test_an_operator_inspects_resets_replays_and_rolls_back(
         system.logs,
         procs=[fixed],
     )
+    listed = {m["version"]: m for m in metarec(system, "model", "list")}
+    copy = listed[back["published"]]
+    assert (copy["parent"], copy["reason"]) == (v1, f"rollback to version {v1}")
+    assert copy["current"] and copy["served"] and not copy["pinned"]
+
+    # Pinned: consumers serve v2 while newer versions are published over it.
+    assert metarec(system, "model", "pin", str(v2)) == {"pinned": v2, "served": v2}
+    newer = system.store.publish_model(make_model(items, ["default"], seed=3).to_bytes())
+    pub.send_event(system.events, Event("u4", "i8", "like", now + 100))
+    pub.flush()
+    wait_until(
+        lambda: (system.recs("u4") or {}).get("model_version") == v2,
+        30.0,
+        "the consumer to serve the pinned model",
+        system.logs,
+        procs=[fixed],
+    )
+    listed = {m["version"]: m for m in metarec(system, "model", "list")}
+    assert listed[v2]["pinned"] and listed[v2]["served"] and listed[newer]["current"]
+    assert not listed[newer]["served"]
+    assert metarec(system, "model", "unpin") == {"pinned": None, "served": newer}
+    pub.send_event(system.events, Event("u5", "i9", "like", now + 101))
+    pub.flush()
+    wait_until(
+        lambda: (system.recs("u5") or {}).get("model_version") == newer,
+        30.0,
+        "the consumer to serve the newest model again",
+        system.logs,
+        procs=[fixed],
+    )

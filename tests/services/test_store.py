@@ -465,6 +465,27 @@ def test_a_scale_is_rebased_in_the_commit_once_its_factor_grows_large(store: Red
 # -- models ------------------------------------------------------------------------------
 
 
+def test_a_pinned_version_is_served_and_kept_whatever_is_published_after_it(
+    redis_client: redis.Redis[bytes], key_prefix: str
+) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix, keep_models=2)
+    first = store.publish_model(b"v1", history={"reason": "first model", "parent": None})
+    assert store.model_meta(first) is not None
+    assert (store.model_meta(first) or {})["reason"] == "first model"
+    store.pin_model(first)
+    for n in range(4):  # far past keep_models: the pinned version is not pruned
+        store.publish_model(f"v{n + 2}".encode())
+    assert store.current_model_version() == 5 and store.served_model_version() == first
+    assert store.load_model_blob(first) == b"v1"
+    listed = [int(v) for v in redis_client.zrevrange(f"{key_prefix}model:versions", 0, -1)]
+    assert first in listed and 2 not in listed
+    store.pin_model(None)
+    assert store.served_model_version() == 5 and store.pinned_model_version() is None
+    with pytest.raises(ModelError, match="not stored"):
+        store.pin_model(2)
+    assert store.pinned_model_version() is None
+
+
 def test_models_round_trip_in_chunks_and_old_versions_are_pruned(
     redis_client: redis.Redis[bytes], key_prefix: str
 ) -> None:
