@@ -1,15 +1,15 @@
-"""Reading lists, as apps do: a user's own list, else their domain's fallback, in one trip.
+"""Reading lists, as apps do: a user's own list, else a fallback, in one round trip.
 
 The read rule (docs/ARCHITECTURE.md, "Reading lists"): ``GET recs:{user}``; when the user
 has none yet (no event applied, or their list expired) or it holds no items (a list ranked
-before there was anything to rank), the fallback list of the domain (and when that domain
-has no fallback with items yet, the global one, ``fallback``, the best of every domain's).
-Withdrawn items (``"available": false`` in their item record) are left out of whatever is
-read, at once: a stored list may be older than the withdrawal
-the app is showing, ``fallback:{domain}``, which the consumers refresh every few seconds
-with what a newcomer to that domain would be served. :class:`Recommendations` asks for
-both in one pipelined round trip (``MGET`` of the users' keys for many users) and returns
-typed results, so an app never needs to know the key layout, single Redis or Cluster.
+before there was anything to rank), the fallback list of the domain the app is showing,
+``fallback:{domain}``, which the consumers refresh every few seconds with what a newcomer
+to that domain would be served; when that domain has no fallback with items yet, the
+global one, ``fallback``, the best of every domain's. Withdrawn items (``"available":
+false`` in their item record) are left out of whatever is read, at once: a stored list
+may be older than the withdrawal. :class:`Recommendations` asks for all of it in one
+pipelined round trip (``MGET`` of the users' keys for many users) and returns typed
+results, so an app never needs to know the key layout, single Redis or Cluster.
 
 This module needs only ``redis``; it imports nothing of the consumer.
 

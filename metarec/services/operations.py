@@ -14,9 +14,10 @@ CLI prints it as JSON), so that scripts and runbooks can use them too:
   checkpoint in Redis (``dlq:replayed:{topic}:{partition}``, and ``dlq:replayed-after:…``
   for letters handled past one a ``--matching`` passed over) makes a second replay start
   where the first one ended, so nothing is published twice;
-* :func:`list_models` and :func:`rollback_model` (``metarec model list|rollback V``) — a
-  rollback publishes a copy of version V as the newest version, so that versions only grow
-  and every consumer reloads it within a second.
+* :func:`list_models`, :func:`rollback_model` and :func:`pin_model` (``metarec model
+  list|rollback V|pin V|unpin``) — versions with their history; a rollback publishes a
+  copy of version V as the newest version, so that versions only grow and every consumer
+  reloads it within a second; a pin makes consumers serve V whatever is published after.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -42,6 +43,9 @@ from metarec.errors import ConfigError, MetarecError, ModelError
 from metarec.logs import kafka_logger
 from metarec.services import dead_letters as dlq
 from metarec.services.store import RedisStore
+
+if TYPE_CHECKING:
+    from metarec.client import RecList, Recommendations
 
 __all__ = [
     "inspect_dead_letters",
@@ -75,13 +79,7 @@ def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> 
         "domain": domain,
         "served": {
             "source": None if shown is None else shown.source,
-            "key": None
-            if shown is None
-            else reader.recs_key(user)
-            if shown.source == "user"
-            else reader.fallback_key(domain)
-            if shown.domain is not None
-            else reader.global_fallback_key(),
+            "key": _source_key(reader, shown, user, domain),
             "items": [] if shown is None else shown.items,
             "scores": [] if shown is None else shown.scores,
             "model_version": None if shown is None else shown.model_version,
@@ -107,6 +105,17 @@ def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> 
     else:
         out["state"] = None
     return out
+
+
+def _source_key(
+    reader: Recommendations, shown: RecList | None, user: str, domain: str
+) -> str | None:
+    """The key a read list came from: the user's, the domain's fallback or the global one."""
+    if shown is None:
+        return None
+    if shown.source == "user":
+        return reader.recs_key(user)
+    return reader.fallback_key(domain) if shown.domain is not None else reader.global_fallback_key()
 
 
 def reset_user(store: RedisStore, user: str) -> bool:
