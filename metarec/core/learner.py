@@ -540,17 +540,7 @@ class Learner:
         >>> learner.fallback_records(learner.newcomer_lists(["books"]), now_ms=5)["books"]
         b'{"domain":"books","items":["a"],"scores":[0.0],"model_version":0,"updated_ms":5}'
         """
-        version = "null" if self.version is None else str(int(self.version))
-        out: dict[str, bytes] = {}
-        for domain, ranked in lists.items():
-            scores = significant(ranked.scores.astype(np.float64), 4).tolist()
-            out[domain] = (
-                f'{{"domain":{json.dumps(domain, ensure_ascii=False)},'
-                f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
-                f'"scores":[{",".join(map(repr, scores))}],'
-                f'"model_version":{version},"updated_ms":{int(now_ms)}}}'
-            ).encode()
-        return out
+        return {domain: self._fallback_json(domain, r, now_ms) for domain, r in lists.items()}
 
     def global_fallback_record(self, lists: Mapping[str, RankedList], now_ms: int) -> bytes:
         """The JSON of the fallback of every domain together (``"domain": null``): the
@@ -566,8 +556,17 @@ class Learner:
         items = np.concatenate([r.items for r in ranked]) if ranked else np.zeros(0, np.int64)
         scores = np.concatenate([r.scores for r in ranked]) if ranked else np.zeros(0, np.float32)
         best = np.argsort(-scores, kind="stable")[: self.top_k]
-        record = self.fallback_records({"": RankedList(items[best], scores[best])}, now_ms)[""]
-        return record.replace(b'{"domain":""', b'{"domain":null', 1)
+        return self._fallback_json(None, RankedList(items[best], scores[best]), now_ms)
+
+    def _fallback_json(self, domain: str | None, ranked: RankedList, now_ms: int) -> bytes:
+        version = "null" if self.version is None else str(int(self.version))
+        scores = significant(ranked.scores.astype(np.float64), 4).tolist()
+        return (
+            f'{{"domain":{json.dumps(domain, ensure_ascii=False)},'
+            f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
+            f'"scores":[{",".join(map(repr, scores))}],'
+            f'"model_version":{version},"updated_ms":{int(now_ms)}}}'
+        ).encode()
 
     # -- internals ----------------------------------------------------------------------
 

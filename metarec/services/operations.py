@@ -157,10 +157,7 @@ def rollback_model(store: RedisStore, version: int) -> int:
     try:
         blob = store.load_model_blob(version)
     except ModelError:
-        raise ModelError(
-            f"model version {version} is not stored (pruned, or never published); "
-            f"stored versions: {_stored(store)}"
-        ) from None
+        raise _not_stored(store, version) from None
     meta = store.model_meta(version) or {}
     return store.publish_model(
         blob,
@@ -181,15 +178,17 @@ def pin_model(store: RedisStore, version: int | None) -> dict[str, Any]:
     try:
         store.pin_model(version)
     except ModelError:
-        raise ModelError(
-            f"model version {version} is not stored (pruned, or never published); "
-            f"stored versions: {_stored(store)}"
-        ) from None
+        raise _not_stored(store, version) from None
     return {"pinned": version, "served": store.served_model_version()}
 
 
-def _stored(store: RedisStore) -> str:
-    return ", ".join(str(v["version"]) for v in list_models(store)) or "none"
+def _not_stored(store: RedisStore, version: int | None) -> ModelError:
+    """The error for a version that is not stored, naming the ones that are."""
+    stored = ", ".join(str(v["version"]) for v in list_models(store)) or "none"
+    return ModelError(
+        f"model version {version} is not stored (pruned, or never published); "
+        f"stored versions: {stored}"
+    )
 
 
 def _dead_letters(
