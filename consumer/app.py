@@ -63,6 +63,7 @@ from threadpoolctl import threadpool_limits
 
 from consumer.dlq import DeadLetterQueue, dead_letter_reason
 from consumer.stats import ConsumerStats, format_line
+from consumer.stuck_group import StuckGroup
 from consumer.topic_log import TopicLog
 from metarec.config import Settings, incremental_rebalancing
 from metarec.core.drift import RetrainRequest
@@ -99,8 +100,6 @@ TRENDING_REFRESH_S = 5.0
 CONFLICT_BACKOFF_S = 0.005
 #: Freshness values observed per batch by the Prometheus histogram (a sample).
 FRESHNESS_SAMPLES = 64
-#: A member that owns nothing this long while events wait says so.
-STARVED_WARN_S = 30.0
 #: At most one warning per this many seconds for each kind of repeated problem.
 WARN_EVERY_S = 60.0
 #: Dead letters of one batch that get a log line each; the rest share one summary line,
@@ -155,11 +154,12 @@ class ConsumerApp:
         self._withdrawn_version = 0  # the withdrawn set's version the learner has
         self._next_trend_refresh = 0.0
         self._conflict_log = Throttle(WARN_EVERY_S)
-        self._starved_log = Throttle(WARN_EVERY_S)
-        self._starved_since: float | None = None
+        self._stuck = StuckGroup()
+        self._applied = 0  # the stored offsets' sum at the last topic check
+        self._group_due = False  # a topic check happened: look at the group's health
         self._model_created_ms: int | None = None
         # The pass-through, inside group_config, overrides FETCH_DEFAULTS too.
-        config = {
+        self._kafka_config = {
             **FETCH_DEFAULTS,
             **settings.group_config(
                 settings.group_id,
@@ -167,10 +167,9 @@ class ConsumerApp:
                 client_id=f"metarec-consumer-{self.member}",
             ),
         }
-        self._incremental = incremental_rebalancing(config)
-        self.consumer = Consumer(
-            config, error_cb=self._on_kafka_error, logger=kafka_logger("consumer")
-        )
+        self._incremental = incremental_rebalancing(self._kafka_config)
+        self._generation = self.store.group_generation(settings.group_id)
+        self.consumer = self._new_kafka_consumer()
         admin_config: dict[str, str | int | float | bool] = {**settings.kafka_config()}
         admin = AdminClient(admin_config, logger=kafka_logger("admin"))
         self.topic_log = TopicLog(
@@ -205,12 +204,7 @@ class ConsumerApp:
         self._sync_catalog()
         self._poll_model()
         self._refresh_trending()
-        self.consumer.subscribe(
-            [s.events_topic, s.items_topic, s.users_topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
-        )
+        self._subscribe()
         log.info(
             "consumer started",
             extra={"member": self.member, "group": s.group_id, "settings": s.redacted()},
@@ -241,6 +235,47 @@ class ConsumerApp:
             )
         return 0
 
+    @property
+    def kafka_group(self) -> str:
+        """The Kafka group id the members use now: ``METAREC_GROUP_ID``, then
+        ``{METAREC_GROUP_ID}.{n}`` once they moved on from a stuck group ``n`` times.
+        Offsets live in Redis, so a new Kafka group resumes exactly where the old one was."""
+        group = self.settings.group_id
+        return group if self._generation == 0 else f"{group}.{self._generation}"
+
+    def _new_kafka_consumer(self) -> Consumer:
+        return Consumer(
+            {**self._kafka_config, "group.id": self.kafka_group},
+            error_cb=self._on_kafka_error,
+            logger=kafka_logger("consumer"),
+        )
+
+    def _subscribe(self) -> None:
+        s = self.settings
+        self.consumer.subscribe(
+            [s.events_topic, s.items_topic, s.users_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+
+    def _rejoin(self, generation: int) -> None:
+        """Leave the Kafka group and join the group's ``generation`` with a new Kafka
+        consumer: a group the broker no longer assigns anything to (on Tansu, after all
+        its members left at once) stays stuck under its id, while a new id works."""
+        self.metrics.group_rejoins.inc()
+        self._generation = generation
+        self._stuck.moved(time.monotonic())
+        try:
+            self.consumer.close()  # leaves the group; the revoke callback forgets partitions
+        except Exception as exc:
+            log.debug("closing the kafka consumer failed", extra={"error": str(exc)})
+        self._expected.clear()
+        self._cut.clear()
+        self.consumer = self._new_kafka_consumer()
+        self.topic_log.consumer = self.consumer
+        self._subscribe()
+
     # -- one batch --------------------------------------------------------------------
 
     def process(self, records: Sequence[Message]) -> None:
@@ -248,6 +283,9 @@ class ConsumerApp:
         s = self.settings
         self._maybe_reload(time.monotonic())
         rebased = self._check_log()
+        if self._group_due:  # outside librdkafka's callbacks: this may replace the consumer
+            self._group_due = False
+            self._watch_group(time.monotonic())
         if rebased:  # their records come again from the new offsets
             records = [
                 m for m in records if not (m.topic() == s.events_topic and m.partition() in rebased)
@@ -772,7 +810,8 @@ class ConsumerApp:
             return set()
         self._lag = found.lag
         self.metrics.offset_resets.inc(found.resets)
-        self._warn_if_starved(time.monotonic())
+        self._applied = found.applied
+        self._group_due = True
         for p, n in found.lag.items():
             self.metrics.lag.labels(partition=str(p)).set(n)
         self.stats.set_offset_resets(self.topic_log.resets)
@@ -785,22 +824,33 @@ class ConsumerApp:
                 log.debug("seek failed", extra={"partition": p, "error": str(exc)})
         return moved
 
-    def _warn_if_starved(self, now: float) -> None:
-        """Say so when this member owns nothing while the group's events wait: the group
-        may be stuck (on the local Tansu broker, after all members left at once)."""
-        waiting = sum(self._lag.values())
-        if self._expected or not waiting:
-            self._starved_since = None
-            return
-        if self._starved_since is None:
-            self._starved_since = now
-        if now - self._starved_since >= STARVED_WARN_S and self._starved_log.allow(now):
+    def _watch_group(self, now: float) -> None:
+        """Move the group to a new Kafka group id when it is stuck
+        (:mod:`consumer.stuck_group`), or follow another member that did."""
+        generation = self.store.group_generation(self.settings.group_id)
+        if generation != self._generation:
             log.warning(
-                "this member owns no partition while events wait; if no member "
-                "owns them, the group is stuck: restart the consumers with a new "
-                "METAREC_GROUP_ID (offsets are kept in Redis, so nothing is lost)",
-                extra={"lag": waiting, "seconds": round(now - self._starved_since, 1)},
+                "the group moved to a new Kafka group id; following it",
+                extra={"kafka_group": f"{self.settings.group_id}.{generation}"},
             )
+            self._rejoin(generation)
+            return
+        waiting = sum(self._lag.values())
+        if not self._stuck.observe(
+            now, owns=bool(self._expected), waiting=waiting, applied=self._applied
+        ):
+            return
+        generation = self.store.advance_group_generation(self.settings.group_id, generation)
+        log.warning(
+            "this member owned no partition while events waited and no member applied "
+            "any: the group is stuck; moving the group to a new Kafka group id",
+            extra={
+                "lag": waiting,
+                "seconds": round(self._stuck.stuck_for(now), 1),
+                "kafka_group": f"{self.settings.group_id}.{generation}",
+            },
+        )
+        self._rejoin(generation)
 
     def _set_model_age(self) -> None:
         if self._model_created_ms is not None:
@@ -818,11 +868,8 @@ class ConsumerApp:
         out = []
         if self.outage.down:
             out.append("redis unavailable")
-        if (
-            self._starved_since is not None
-            and time.monotonic() - self._starved_since >= STARVED_WARN_S
-        ):
-            out.append("no partition owned while events wait")
+        if self._stuck.stuck_for(time.monotonic()) >= self._stuck.after_s:
+            out.append("no partition owned while events wait and none are applied")
         if self.learner.model is None and self.learner.trending.clock == 0:
             out.append("no model and no popularity to serve yet")
         return out

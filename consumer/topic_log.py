@@ -51,6 +51,8 @@ class LogCheck:
     rebased: dict[int, int] = field(default_factory=dict)
     lag: dict[int, int] = field(default_factory=dict)
     lost: dict[int, int] = field(default_factory=dict)
+    #: The stored offsets' sum: it moves while any member applies events.
+    applied: int = 0
     #: Log replacements and truncations this check found (and reported).
     resets: int = 0
 
@@ -169,6 +171,7 @@ class TopicLog:
                 )
             out.lag[p] = max(0, high - max(low, at if at is not None else low))
         out.resets = self.resets - resets_before
+        out.applied = sum(o for o in stored.values() if o is not None)
         return out
 
     def _rebase(

@@ -119,6 +119,12 @@ class Metrics:
             "Times the events log was found replaced or truncated under the stored offsets.",
             registry=r,
         )
+        self.group_rejoins = Counter(
+            "metarec_group_rejoins",
+            "Times this member left the group and joined again because it owned no "
+            "partition while events waited and none were applied.",
+            registry=r,
+        )
         self.user_conflicts = Counter(
             "metarec_user_conflicts",
             "Users whose batch was redone because another consumer wrote them meanwhile.",

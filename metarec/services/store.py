@@ -234,6 +234,14 @@ end
 return {1}
 """
 
+# KEYS: group-generation:{group}. ARGV: the generation the caller saw. Replies the
+# generation now, one more than seen when the caller moved it.
+_ADVANCE_GENERATION_LUA: Final = """#!lua
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now == tonumber(ARGV[1]) then now = redis.call('INCR', KEYS[1]) end
+return now
+"""
+
 # KEYS: items:index, items:next, items:meta. ARGV: overwrite ('1' = replace the meta of
 # known items), then n ids, then their n meta JSON strings. Replies the n indices.
 _REGISTER_LUA: Final = """#!lua
@@ -370,6 +378,7 @@ class RedisStore:
         self._take = client.register_script(_TAKE_LUA)
         self._flip = client.register_script(_FLIP_LUA)
         self._rebase = client.register_script(_REBASE_LUA)
+        self._advance_generation = client.register_script(_ADVANCE_GENERATION_LUA)
 
     @staticmethod
     def _connection_kwargs(client: Any) -> dict[str, Any]:
@@ -1087,6 +1096,19 @@ class RedisStore:
 
     def clear_aggregation_request(self) -> None:
         self.client.delete(self.key("aggregate", "request"))
+
+    # -- the group's generation ------------------------------------------------------
+
+    def group_generation(self, group: str) -> int:
+        """How many times ``group``'s members moved to a new Kafka group (0: never)."""
+        raw = self.client.get(self._k("group-generation", group))
+        return 0 if raw is None else int(raw)
+
+    def advance_group_generation(self, group: str, seen: int) -> int:
+        """Move ``group`` to its next generation if it is still at ``seen`` (members that
+        find the group stuck at once move it one step, not one each); returns the
+        generation now."""
+        return int(self._advance_generation(keys=[self._k("group-generation", group)], args=[seen]))
 
     def heartbeat(self, group: str, member: str, payload: Mapping[str, Any], ttl_s: int) -> None:
         """Record a consumer's stats; they vanish ``ttl_s`` seconds after its last beat."""

@@ -289,6 +289,16 @@ class System:
             parts.append(f"\n--- pid {proc.pid} (exit {proc.poll()}) ---\n" + "\n".join(lines))
         return "".join(parts)
 
+    def warnings(self, limit: int = 30) -> str:
+        """The processes' first WARNING and ERROR lines (dead letters with their reasons,
+        conflicts, fencing), which say why a count is off."""
+        found: list[str] = []
+        for path in sorted(self.log_dir.glob("proc-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if '"level": "WARNING"' in line or '"level": "ERROR"' in line:
+                    found.append(f"{path.name}: {line[:400]}")
+        return "\n".join(found[:limit])
+
     # -- state --
 
     def offsets(self) -> dict[int, int | None]:
@@ -414,6 +424,7 @@ def check_exactly_once(system: System, per_user: Mapping[str, int]) -> None:
             wrong[user] = (got, n)
     assert not wrong, (
         f"(applied, published) differ for {len(wrong)} users: {dict(list(wrong.items())[:10])}"
+        f"; the processes' warnings:\n{system.warnings()}"
     )
 
 

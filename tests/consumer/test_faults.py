@@ -49,6 +49,9 @@ pytestmark = pytest.mark.slow
 __all__ = ["make_system"]  # the fixture, re-exported for this module's tests
 
 CATCH_UP_S = 120.0
+#: How soon members that own nothing while events wait must have joined again and applied
+#: them (issue: within a minute; the margin is for a busy test machine).
+REJOIN_WITHIN_S = 75.0
 
 
 def free_port() -> int:
@@ -217,6 +220,36 @@ def test_a_broker_reset_is_detected_and_nothing_still_in_the_log_is_lost(
     finally:
         system.close()
         broker.stop()
+
+
+def test_a_group_whose_members_all_left_at_once_recovers_without_an_operator(
+    make_system: Callable[..., System], kafka_bootstrap: str
+) -> None:
+    """Every member leaves within a moment (a node drained, a deploy): on Tansu the next
+    members of the same group get no partition for minutes. They must notice and get
+    the events applied within a minute, with no new group id from an operator."""
+    system = make_system(2)
+    first = [system.start(), system.start()]
+    wait_until(
+        lambda: owned(system, first) == [0, 1],
+        40.0,
+        "two consumers to share the 2 partitions",
+        procs=first,
+    )
+    for proc in first:
+        proc.send_signal(signal.SIGTERM)
+    for proc in first:
+        proc.wait(timeout=20)
+    second = [system.start(), system.start()]
+    pub = Publisher(kafka_bootstrap)
+    users = [f"user-{i}" for i in range(40)]
+    for n in range(10):
+        for user in users:
+            pub.send_event(system.events, Event(user, f"item-{n}", "click", now_ms()))
+    pub.flush()
+    system.wait_applied(pub.ends(system.events), timeout=REJOIN_WITHIN_S)
+    check_exactly_once(system, {u: 10 for u in users})
+    assert all(p.poll() is None for p in second), system.logs()
 
 
 # --- 3. Redis stalls and restarts ---------------------------------------------------------

@@ -589,3 +589,14 @@ def test_a_refuted_floor_is_forgotten_but_a_later_one_stays(store: RedisStore) -
     store.request_aggregation("drift in 'books'", since_ts=2_000)
     store.clear_training_floor(1_000)
     assert store.training_floor() == 2_000
+
+
+def test_members_finding_the_group_stuck_at_once_move_it_one_generation(
+    store: RedisStore,
+) -> None:
+    assert store.group_generation("g") == 0
+    assert store.advance_group_generation("g", 0) == 1
+    assert store.advance_group_generation("g", 0) == 1  # another member, same finding
+    assert store.group_generation("g") == 1
+    assert store.advance_group_generation("g", 1) == 2
+    assert store.group_generation("other") == 0
