@@ -8,6 +8,7 @@ The servers keep nothing on disk (``--save ''``, no AOF) and live in the test's 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -72,8 +73,18 @@ class LocalCluster:
         self.procs[i].kill()
         self.procs[i].wait(10)
 
+    def pause(self, i: int) -> None:
+        """SIGSTOP master ``i``: it holds its connections and answers nothing (a stall)."""
+        self.procs[i].send_signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused process cannot die otherwise
+
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)

@@ -38,8 +38,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 
 from metarec.core.reptile import PartialSums
 from metarec.core.trending import Channel
@@ -506,6 +508,28 @@ class ClusterUnreachable(MetarecError, redis.ConnectionError):
     services wait for the cluster as for any Redis outage)."""
 
 
+#: Quick retries the cluster client makes itself, for answers that come at once (a
+#: refused connection to a failed master, ``CLUSTERDOWN`` while a cluster forms or fails
+#: over): about a second in all, before the services' outage policy takes over.
+CLIENT_RETRIES: Final = 4
+
+
+class _OutageVisibleCluster(RedisCluster):  # type: ignore[type-arg]
+    """A cluster client that does not retry a timeout itself. Its default retries (10,
+    each waiting out the socket timeout) rode out a stalled master for 50 s without a
+    word; a timeout now reaches the services' outage policy at once, which logs it,
+    keeps ``/readyz`` honest and retries (the client re-reads the slots meanwhile)."""
+
+    ERRORS_ALLOW_RETRY = cast(
+        Any,
+        (
+            redis.ConnectionError,
+            redis.exceptions.ClusterDownError,
+            redis.exceptions.SlotNotCoveredError,
+        ),
+    )
+
+
 class ClusterStore(RedisStore):
     """:class:`~metarec.services.store.RedisStore` on a Redis Cluster: the same methods and
     guarantees, with the cluster key layout and the batch commit in steps.
@@ -558,10 +582,11 @@ class ClusterStore(RedisStore):
         """
         scheme, sep, rest = url.partition("://")
         try:
-            client: RedisCluster[bytes] = RedisCluster.from_url(
+            client: RedisCluster[bytes] = _OutageVisibleCluster.from_url(
                 scheme.partition("+")[0] + sep + rest,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 socket_connect_timeout=SOCKET_TIMEOUT_S,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), CLIENT_RETRIES),
             )
         except (redis.RedisError, RedisClusterException) as exc:
             if (

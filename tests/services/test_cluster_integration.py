@@ -16,8 +16,9 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.cluster import RedisCluster
@@ -32,12 +33,20 @@ from metarec.services.cluster_store import ClusterStore
 from metarec.services.store import RedisStore
 from tests.redis_cluster import LocalCluster, free_ports, start_cluster
 
+if TYPE_CHECKING:
+    from tests.consumer.system import System
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOPIC = "ev"
 LOG_ID = "log-1"
 #: A half-life so long that the counts do not decay within a test: each event adds 1.
 CHANNELS = (Channel("all", 1e12),)
+#: How long the stall test keeps a master stopped, and how soon a consumer must say so
+#: (a single Redis's ERROR comes after the 5 s socket timeout; the margin is for a busy
+#: machine and the cluster's own failure detection).
+STALL_S = 20.0
+REPORTED_WITHIN_S = 12.0
 
 
 @pytest.fixture(scope="module")
@@ -708,7 +717,6 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
 ) -> None:
     from tests.consumer.system import (
         Publisher,
-        System,
         check_exactly_once,
         check_list,
         owned,
@@ -717,25 +725,15 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
     )
 
     cluster = start_cluster(tmp_path / "cluster")  # its own: a master of it is killed
-    prefix = f"sys-{uuid.uuid4().hex[:6]}:"
-    store = RedisStore.connect(cluster.url, prefix)
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    system = System(
-        bootstrap=kafka_bootstrap,
-        redis_url=cluster.url,
-        prefix=prefix,
-        group=f"g-{uuid.uuid4().hex[:8]}",
-        events=make_topic(2),
-        items=make_topic(1),
-        users=make_topic(1),
-        dlq=make_topic(1),
-        model=make_topic(1),
-        partitions=2,
-        store=store,
-        log_dir=log_dir,
-        extra_env={"METAREC_REDIS_RETRY_S": "4", "METAREC_MIN_EVENTS_FOR_MODEL": "600"},
+    system = _system_on_cluster(
+        cluster,
+        tmp_path,
+        kafka_bootstrap,
+        make_topic,
+        METAREC_REDIS_RETRY_S="4",
+        METAREC_MIN_EVENTS_FOR_MODEL="600",
     )
+    store, prefix, log_dir = system.store, system.prefix, system.log_dir
     events = stream(seed=5, limit=1500)
     first, second = events[:1000], events[1000:]
     try:
@@ -841,6 +839,98 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
     finally:
         system.close()
         cluster.stop()
+
+
+def test_a_stalled_master_is_reported_like_a_redis_outage_and_nothing_is_lost(
+    tmp_path: Path, kafka_bootstrap: str, make_topic: Callable[..., str]
+) -> None:
+    """A master stops answering (SIGSTOP) for 20 s: each consumer says so with an ERROR
+    within seconds, as on a single Redis, says when it is back, and applies every event
+    exactly once."""
+    from tests.consumer.system import (
+        Publisher,
+        check_exactly_once,
+        owned,
+        stream,
+        wait_until,
+    )
+
+    cluster = start_cluster(tmp_path / "cluster")  # its own: a master of it is stalled
+    system = _system_on_cluster(cluster, tmp_path, kafka_bootstrap, make_topic)
+    log_dir = system.log_dir
+    events = stream(seed=6, limit=1200)
+    try:
+        consumers = [system.start(), system.start()]
+        wait_until(
+            lambda: owned(system, consumers) == [0, 1],
+            40.0,
+            "two consumers to own the two partitions",
+            procs=consumers,
+        )
+        pub = Publisher(kafka_bootstrap)
+        for e in events[:600]:
+            pub.send_event(system.events, e)
+        pub.flush()
+        system.wait_applied(pub.ends(system.events), timeout=60)
+        cluster.pause(2)
+        stalled = time.time()
+        try:
+            for e in events[600:]:
+                pub.send_event(system.events, e)
+            pub.flush()
+            time.sleep(STALL_S)
+        finally:
+            cluster.resume(2)
+        system.wait_applied(pub.ends(system.events), timeout=90)
+        check_exactly_once(system, pub.per_user(system.events))
+        assert all(c.poll() is None for c in consumers), system.logs()
+        for c in consumers:
+            text = (log_dir / f"proc-{system.procs.index(c)}.log").read_text()
+            lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+            down = [r for r in lines if r["level"] == "ERROR" and "unavailable" in r["msg"].lower()]
+            assert down, [r["msg"] for r in lines if r["level"] != "INFO"][-10:]
+            said = _seconds(down[0]["ts"]) - stalled
+            assert said < REPORTED_WITHIN_S, f"the outage was reported {said:.1f} s after the stall"
+            back = [r for r in lines if r["level"] == "WARNING" and "again" in r["msg"]]
+            assert back and _seconds(back[-1]["ts"]) > _seconds(down[0]["ts"]), lines[-5:]
+    finally:
+        system.close()
+        cluster.stop()
+
+
+def _system_on_cluster(
+    cluster: LocalCluster,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    make_topic: Callable[..., str],
+    **extra_env: str,
+) -> System:
+    """A deployment on ``cluster`` with topics of its own (2 event partitions)."""
+    from tests.consumer.system import System
+
+    prefix = f"sys-{uuid.uuid4().hex[:6]}:"
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    return System(
+        bootstrap=kafka_bootstrap,
+        redis_url=cluster.url,
+        prefix=prefix,
+        group=f"g-{uuid.uuid4().hex[:8]}",
+        events=make_topic(2),
+        items=make_topic(1),
+        users=make_topic(1),
+        dlq=make_topic(1),
+        model=make_topic(1),
+        partitions=2,
+        store=RedisStore.connect(cluster.url, prefix),
+        log_dir=log_dir,
+        extra_env=extra_env,
+    )
+
+
+def _seconds(ts: str) -> float:
+    """A log line's ``ts`` (ISO 8601, UTC) as a Unix time."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def test_the_read_client_finds_lists_and_fallbacks_across_the_cluster(
