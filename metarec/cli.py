@@ -23,7 +23,6 @@ from confluent_kafka import KafkaException
 
 from metarec import __version__
 from metarec.config import Settings, add_arguments, redact_url, settings_from_args
-from metarec.core.events import DEFAULT_DOMAIN
 from metarec.errors import ConfigError, MetarecError
 from metarec.logs import configure_logging, fatal
 from metarec.services.topics import topic_plan
@@ -119,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recs.add_argument("user")
     recs.add_argument(
-        "--domain", default=DEFAULT_DOMAIN, help=f"the app's domain (default {DEFAULT_DOMAIN!r})"
+        "--domain",
+        default=None,
+        help="the app's domain: the user's list of its items (default: of every domain)",
     )
     add_arguments(recs, COMMAND_SETTINGS["recs"])
 

@@ -59,17 +59,29 @@ class RecList:
     events: int = 0
 
 
-def parse_list(raw: bytes, source: Source) -> RecList:
-    """A stored list's JSON (a user's or a fallback) as a :class:`RecList`."""
+def parse_list(raw: bytes, source: Source, domain: str | None = None) -> RecList:
+    """A stored list's JSON (a user's or a fallback) as a :class:`RecList`; for a user's
+    list and a ``domain``, that domain's list (empty when the record has none for it).
+
+    A user's record holds the best items of every domain (``items``) and, when the
+    catalogue has more than one domain, each domain's best (``domains``); with one
+    domain, ``domain`` names it and ``items`` is its list.
+    """
     doc: dict[str, Any] = json.loads(raw)
+    shelf: dict[str, Any] = doc
+    if domain is not None and source == "user":
+        if "domains" in doc:
+            shelf = doc["domains"].get(domain) or {"items": [], "scores": []}
+        elif doc.get("domain", domain) != domain:
+            shelf = {"items": [], "scores": []}
     return RecList(
-        items=[str(i) for i in doc["items"]],
-        scores=[float(s) for s in doc["scores"]],
+        items=[str(i) for i in shelf["items"]],
+        scores=[float(s) for s in shelf["scores"]],
         model_version=doc.get("model_version"),
         updated_ms=int(doc.get("updated_ms", 0)),
         source=source,
         user=doc.get("user"),
-        domain=doc.get("domain"),
+        domain=domain if domain is not None else doc.get("domain"),
         events=int(doc.get("events", 0)),
     )
 
@@ -153,22 +165,25 @@ class Recommendations:
     def global_fallback_key(self) -> str:
         return self._key("fallback")
 
-    def get(self, user: str, domain: str = DEFAULT_DOMAIN) -> RecList | None:
-        """``user``'s list, else ``domain``'s fallback, else the global fallback; None only
-        before any consumer has applied an event."""
+    def get(self, user: str, domain: str | None = None) -> RecList | None:
+        """``user``'s list of ``domain``'s items (None: of every domain), else the
+        domain's fallback, else the global fallback; None only before any consumer has
+        applied an event."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.recs_key(user))
-        pipe.get(self.fallback_key(domain))
+        pipe.get(self.fallback_key(domain if domain is not None else DEFAULT_DOMAIN))
         pipe.get(self.global_fallback_key())
         pipe.get(self._key("withdrawn", "version"))
         own, fallback, everywhere, version = pipe.execute()
         gone = self._withdrawn_items(version)
-        return self._pick(own, self._fallback(fallback, everywhere, gone), gone)
+        if domain is None:
+            fallback = None  # every domain's: the global fallback
+        return self._pick(own, domain, self._fallback(fallback, everywhere, gone), gone)
 
     def get_many(
         self,
         users: Sequence[str],
-        domain: str = DEFAULT_DOMAIN,
+        domain: str | None = None,
     ) -> dict[str, RecList | None]:
         """:meth:`get` for many users of one domain: one ``MGET`` (a pipeline of ``GET``\\ s
         on a Cluster, whose ``MGET`` may not span slots) and the fallback, together."""
@@ -181,14 +196,17 @@ class Recommendations:
                 pipe.get(self.recs_key(user))
         else:
             pipe.mget([self.recs_key(u) for u in users])
-        pipe.get(self.fallback_key(domain))
+        pipe.get(self.fallback_key(domain if domain is not None else DEFAULT_DOMAIN))
         pipe.get(self.global_fallback_key())
         pipe.get(self._key("withdrawn", "version"))
         replies = pipe.execute()
         own = replies[:-3] if self.cluster else replies[0]
         gone = self._withdrawn_items(replies[-1])
-        fallback = self._fallback(replies[-3], replies[-2], gone)
-        return {user: self._pick(raw, fallback, gone) for user, raw in zip(users, own, strict=True)}
+        fallback = self._fallback(None if domain is None else replies[-3], replies[-2], gone)
+        return {
+            user: self._pick(raw, domain, fallback, gone)
+            for user, raw in zip(users, own, strict=True)
+        }
 
     def _withdrawn_items(self, version: bytes | None) -> frozenset[str]:
         """The withdrawn item ids, read again only when their version has moved on."""
@@ -209,10 +227,12 @@ class Recommendations:
         return _available(parse_list(everywhere, "fallback"), gone) if everywhere else mine
 
     @staticmethod
-    def _pick(own: bytes | None, fallback: RecList | None, gone: frozenset[str]) -> RecList | None:
-        """The user's list unless it is missing or empty, else the fallback; an empty
-        list of the user's when there is no fallback; None when there is neither."""
-        mine = _available(parse_list(own, "user"), gone) if own else None
+    def _pick(
+        own: bytes | None, domain: str | None, fallback: RecList | None, gone: frozenset[str]
+    ) -> RecList | None:
+        """The user's list of ``domain`` unless it is missing or empty, else the fallback;
+        an empty list of the user's when there is no fallback; None when there is neither."""
+        mine = _available(parse_list(own, "user", domain), gone) if own else None
         if mine is not None and mine.items:
             return mine
         return fallback if fallback is not None else mine

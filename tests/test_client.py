@@ -21,8 +21,12 @@ def _written(store: RedisStore) -> tuple[dict[str, bytes], dict[str, bytes]]:
     learner.add_items([(0, "b1", "books", ()), (1, "b2", "books", ()), (2, "m1", "music", ())])
     state = UserState.new(4, 5)
     state.record(item=0, weight=1.0, ts=1, domain="books")
+    shelves = {
+        "books": RankedList(np.array([1]), np.array([0.5], np.float32)),
+        "music": RankedList(np.array([2]), np.array([0.25], np.float32)),
+    }
     own = learner.list_records(
-        {"alice": RankedList(np.array([1]), np.array([0.5], np.float32))},
+        {"alice": RankedList(np.array([1]), np.array([0.5], np.float32), shelves)},
         {"alice": state},
         now_ms=10,
     )
@@ -43,7 +47,13 @@ def test_a_user_with_a_list_gets_it_and_others_their_domains_fallback(
     recs = Recommendations(redis_client, prefix=key_prefix)
     mine = recs.get("alice", domain="music")
     assert mine is not None and mine.source == "user" and mine.user == "alice"
-    assert (mine.items, mine.scores, mine.events) == (["b2"], [0.5], 1)
+    assert (mine.items, mine.scores, mine.events, mine.domain) == (["m1"], [0.25], 1, "music")
+    assert recs.get("alice", domain="books").items == ["b2"]  # type: ignore[union-attr]
+    overall = recs.get("alice")  # every domain's best
+    assert overall is not None and (overall.items, overall.source) == (["b2"], "user")
+    # A domain the user's record has no list for is served its fallback.
+    podcasts = recs.get("alice", domain="podcasts")
+    assert podcasts is not None and podcasts.source == "fallback", podcasts
     new = recs.get("bob", domain="books")
     assert new is not None and new.source == "fallback" and new.user is None
     assert new.domain == "books" and new.items == json.loads(fallbacks["books"])["items"]

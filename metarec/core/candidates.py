@@ -43,6 +43,7 @@ import numpy.typing as npt
 from metarec.core.ranking import top_k
 
 __all__ = [
+    "DOMAIN_CANDIDATES",
     "NEIGHBOR_CANDIDATES",
     "PERSONAL_CANDIDATES",
     "PROBED_LISTS",
@@ -58,6 +59,9 @@ I64 = npt.NDArray[np.int64]
 #: Best items by the shared part of the score (bias and trending) offered to every user
 #: of a history bucket: what a newcomer's list is made of.
 TRENDING_CANDIDATES = 200
+#: Best items of each domain by the shared score, offered to each domain's list (a
+#: catalogue of several domains): enough for a full list past the items a user has seen.
+DOMAIN_CANDIDATES = 100
 #: Nearest neighbours per recent item offered as candidates (of the 50 each item has: the
 #: rest still add their votes to whichever candidates they name).
 NEIGHBOR_CANDIDATES = 20

@@ -79,6 +79,9 @@ class Catalog:
         self._json: list[str] = []  # each id as a JSON string, for the lists' hot path
         #: Bumped whenever an item's features change, so derived tables know to refresh.
         self.revision = 0
+        #: Bumped whenever an item moves to another domain.
+        self.domain_revision = 0
+        self._columns: tuple[tuple[int, int], dict[str, IntArray]] | None = None
 
     def add(
         self, item: str, domain: str | None = None, features: Sequence[str] | None = None
@@ -91,8 +94,9 @@ class Catalog:
             self._json.append(json.dumps(item, ensure_ascii=False))
             self.revision += 1
             return idx
-        if domain is not None:
+        if domain is not None and self.domains.index(domain) != self._domain[idx]:
             self._domain[idx] = self.domains.index(domain)
+            self.domain_revision += 1
         if features is not None and tuple(features) != self._features[idx]:
             self._features[idx] = tuple(features)
             self.revision += 1
@@ -121,6 +125,27 @@ class Catalog:
     def domain_indices(self) -> IntArray:
         """Domain index of every item, as an array."""
         return np.asarray(self._domain, dtype=np.int64)
+
+    def domain_columns(self) -> dict[str, IntArray]:
+        """The item indices of every domain that has items, in catalogue order (cached
+        until an item is added or moves).
+
+        >>> cat = Catalog()
+        >>> for item, domain in [("a", "books"), ("b", "music"), ("c", "books")]:
+        ...     _ = cat.add(item, domain)
+        >>> {d: cols.tolist() for d, cols in cat.domain_columns().items()}
+        {'books': [0, 2], 'music': [1]}
+        """
+        key = (len(self._domain), self.domain_revision)
+        if self._columns is None or self._columns[0] != key:
+            of = self.domain_indices()
+            order = np.argsort(of, kind="stable")
+            present, starts = np.unique(of[order], return_index=True)
+            parts = np.split(order, starts[1:]) if of.size else []
+            names = self.domains.names
+            columns = {names[d]: p for d, p in zip(present.tolist(), parts, strict=True)}
+            self._columns = (key, columns)
+        return self._columns[1]
 
     @property
     def features(self) -> list[tuple[str, ...]]:

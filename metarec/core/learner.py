@@ -33,8 +33,9 @@ list the user had before it: that is the live HR@K, which also drives drift dete
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ from metarec.core.adaptation import (
     waves,
 )
 from metarec.core.candidates import (
+    DOMAIN_CANDIDATES,
     NEIGHBOR_CANDIDATES,
     PERSONAL_CANDIDATES,
     TRENDING_CANDIDATES,
@@ -63,7 +65,7 @@ from metarec.core.catalog import Catalog
 from metarec.core.drift import LIVE_WINDOW, DriftMonitor, RetrainRequest, respond
 from metarec.core.model import ItemTables, MetaModel, history_buckets
 from metarec.core.neighbors import votes
-from metarec.core.ranking import top_k
+from metarec.core.ranking import leave_out, top_k
 from metarec.core.reptile import PartialSums
 from metarec.core.trending import CHANNELS, FIRST_EVENTS, Channel, Trending
 from metarec.core.user_state import UserState
@@ -127,10 +129,12 @@ class EventBatch:
 
 @dataclass(frozen=True)
 class RankedList:
-    """A user's top-K: catalog indices, best first, and their scores."""
+    """A user's top-K: catalog indices, best first, and their scores; with more than one
+    domain in the catalogue, also the top-K of each domain (``domains``)."""
 
     items: I64
     scores: F32
+    domains: dict[str, RankedList] = field(default_factory=dict)
 
 
 @dataclass
@@ -219,6 +223,7 @@ class Learner:
         # part per history bucket and its best items, cached per trending clock.
         self._index: tuple[MetaModel, ItemIndex] | None = None
         self._shared: tuple[tuple[object, ...], F32, I64] | None = None
+        self._domain_candidates: tuple[F32, int, I64] | None = None
         # Withdrawn item ids, and their catalog indices for the catalogue's size.
         self._withdrawn: frozenset[str] = frozenset()
         self._withdrawn_at: tuple[int, I64] | None = None
@@ -489,26 +494,49 @@ class Learner:
         >>> state = learner.new_state()
         >>> ranked = RankedList(np.array([1, 0]), np.array([3.14159, -0.000123456], np.float32))
         >>> learner.list_records({"u1": ranked}, {"u1": state}, now_ms=5)["u1"]
-        b'{"user":"u1","items":["b","a"],"scores":[3.142,-0.0001235],"model_version":0,"events":0,"updated_ms":5}'
+        b'{"user":"u1","items":["b","a"],"scores":[3.142,-0.0001235],"model_version":0,"events":0,"updated_ms":5,"domain":"default"}'
         """
         users = list(lists)
-        scores = np.concatenate([lists[u].scores for u in users] + [np.zeros(0, np.float32)])
-        rounded: list[float] = significant(scores.astype(np.float64), 4).tolist()
         version = "null" if self.version is None else str(int(self.version))
         tail = f'],"model_version":{version},"events":'
+        columns = self.catalog.domain_columns()
+        names = list(columns) if len(columns) > 1 else []
+        # One rounding for the batch: the lists' scores, then each domain's, user by user.
+        parts = [lists[u].scores for u in users]
+        parts += [lists[u].domains[g].scores for u in users for g in names if g in lists[u].domains]
+        flat = np.concatenate([*parts, np.zeros(0, np.float32)]).astype(np.float64)
+        rounded: Iterator[float] = iter(significant(flat, 4).tolist())
+        if names:
+            ending = ""  # the domains' lists follow
+        elif columns:
+            ending = f',"domain":{json.dumps(next(iter(columns)), ensure_ascii=False)}}}'
+        else:
+            ending = "}"
         out: dict[str, bytes] = {}
-        at = 0
         for user in users:
             ranked = lists[user]
-            k = ranked.scores.size
             out[user] = (
                 f'{{"user":{json.dumps(user, ensure_ascii=False)},'
                 f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
-                f'"scores":[{",".join(map(repr, rounded[at : at + k]))}{tail}'
-                f'{int(states[user].n_events)},"updated_ms":{int(now_ms)}}}'
+                f'"scores":[{self._scores_json(rounded, ranked.scores.size)}{tail}'
+                f'{int(states[user].n_events)},"updated_ms":{int(now_ms)}{ending}'
             ).encode()
-            at += k
+        quoted = {g: json.dumps(g, ensure_ascii=False) for g in names}
+        for user in users if names else ():
+            domains = lists[user].domains
+            each = ",".join(
+                f'{quoted[g]}:{{"items":[{self.catalog.json_ids(domains[g].items.tolist())}],'
+                f'"scores":[{self._scores_json(rounded, domains[g].scores.size)}]}}'
+                for g in names
+                if g in domains
+            )
+            out[user] += f',"domains":{{{each}}}}}'.encode()
         return out
+
+    @staticmethod
+    def _scores_json(rounded: Iterator[float], n: int) -> str:
+        """The next ``n`` of a batch's rounded scores, as the inside of a JSON array."""
+        return ",".join(map(repr, itertools.islice(rounded, n)))
 
     def newcomer_lists(self, domains: Sequence[str] | None = None) -> dict[str, RankedList]:
         """The list a user with no events and no profile gets in each of ``domains`` (all
@@ -622,12 +650,18 @@ class Learner:
                 out += model.knn_weights[bucket][:, None] * votes(index, value, out.shape[1])
             return out.astype(np.float32, copy=False)
         # No model yet: what is trending within the domain of the user's event.
-        pop = self._channel_mask @ feats / max(1.0, float(self._channel_mask.sum()))
-        out = np.tile(pop, (len(users), 1))
+        out = self._trending_scores(len(users))
         names = domains if domains is not None else [states[u].domain for u in users]
         for r, g in enumerate(names):
             out[r, self._item_domain[: out.shape[1]] != self.catalog.domains.get(g)] = -np.inf
         return out
+
+    def _trending_scores(self, rows: int) -> F32:
+        """Before a model: every item's trending score, for ``rows`` users alike."""
+        pop = (
+            self._channel_mask @ self._trend_features() / max(1.0, float(self._channel_mask.sum()))
+        )
+        return np.tile(pop.astype(np.float32), (rows, 1))
 
     def _user_weights(self, bucket: I64) -> F32:
         """The weight of each row's adapted vector in its score (0: not a component)."""
@@ -663,16 +697,47 @@ class Learner:
         withdrawn = self._withdrawn_indices()
         if withdrawn.size:
             exclude = [np.concatenate([seen, withdrawn]) for seen in exclude]
+        columns = self.catalog.domain_columns()
+        per_domain: dict[str, tuple[I64, F32]] = {}
         if self._big():
-            idx, vals = self._rank_candidates(
-                ub, [states[u].domain for u in users], exclude, self.top_k
-            )
+            domains = [states[u].domain for u in users]
+            if len(columns) > 1:
+                # Every candidate ranked once, each domain's best among them: the list
+                # of every domain is the first K, each domain's its first K of it.
+                every, every_vals = self._rank_candidates(
+                    ub, domains, exclude, None, each_domain=True
+                )
+                idx, vals = every[:, : self.top_k], every_vals[:, : self.top_k]
+                of = np.append(self.catalog.domain_indices(), -1)[every]  # -1: padding
+                for name in columns:
+                    per_domain[name] = _first_k(
+                        every, every_vals, of == self.catalog.domains.get(name), self.top_k
+                    )
+            else:
+                idx, vals = self._rank_candidates(ub, domains, exclude, self.top_k)
         else:
-            idx, vals = top_k(self._scores(users, states, ub), self.top_k, exclude)
+            scores = self._scores(users, states, ub)
+            idx, vals = top_k(scores, self.top_k, exclude)  # excluded items now score -inf
+            if len(columns) > 1 and self.model is None:
+                # Before a model, a user's scores cover their own domain only; each
+                # domain's list is what trends in it.
+                scores = self._trending_scores(len(users))
+                leave_out(scores, exclude)
+            if len(columns) > 1:
+                for name, cols in columns.items():
+                    local, local_vals = top_k(scores[:, cols], self.top_k)
+                    per_domain[name] = (np.where(local >= 0, cols[local], -1), local_vals)
+        # Padding (-1) trails each row: a list is the row's first ``count`` entries.
+        count = (idx >= 0).sum(axis=1).tolist()
+        shelves = [
+            (name, d_idx, d_vals, (d_idx >= 0).sum(axis=1).tolist())
+            for name, (d_idx, d_vals) in per_domain.items()
+        ]
         out: dict[str, RankedList] = {}
         for r, user in enumerate(users):
-            keep = idx[r] >= 0
-            ranked = RankedList(idx[r][keep].astype(np.int64), vals[r][keep])
+            ranked = RankedList(idx[r, : count[r]], vals[r, : count[r]])
+            for name, d_idx, d_vals, d_count in shelves:
+                ranked.domains[name] = RankedList(d_idx[r, : d_count[r]], d_vals[r, : d_count[r]])
             states[user].recs = ranked.items
             out[user] = ranked
         return out
@@ -683,8 +748,11 @@ class Learner:
         domains: Sequence[str],
         exclude: Sequence[npt.NDArray[np.int64]],
         k: int | None,
+        each_domain: bool = False,
     ) -> tuple[I64, F32]:
-        """The best ``k`` (None: all) of each row's candidates, by the exact score."""
+        """The best ``k`` (None: all) of each row's candidates, by the exact score;
+        ``each_domain`` adds every domain's best shared-score items to the candidates, so
+        that each domain's list has items to choose from."""
         model, tables = self.model, self.tables
         assert model is not None and tables is not None
         theta = user_vectors(model, tables, ub)
@@ -693,6 +761,8 @@ class Learner:
         )
         shared, popular = self._shared_part()
         parts = [self._item_index().search(theta, PERSONAL_CANDIDATES), popular[bucket]]
+        if each_domain:
+            parts.append(self._domain_popular(shared)[bucket])
         knn = None
         nb = tables.neighbors
         if nb is not None and model.knn_weights.any() and "knn" in self.components:
@@ -715,6 +785,19 @@ class Learner:
             exclude,
             knn,
         )
+
+    def _domain_popular(self, shared: F32) -> I64:
+        """Per history bucket, the best items of every domain by the shared score (the
+        per-domain lists' candidates beside the personal ones), cached with ``shared``."""
+        cached = self._domain_candidates
+        revision = self.catalog.domain_revision
+        if cached is None or cached[0] is not shared or cached[1] != revision:
+            best = [
+                cols[trending_candidates(shared[:, cols], DOMAIN_CANDIDATES)]
+                for cols in self.catalog.domain_columns().values()
+            ]
+            cached = self._domain_candidates = (shared, revision, np.hstack(best))
+        return cached[2]
 
     def _shared_part(self) -> tuple[F32, I64]:
         """Per history bucket: bias plus trending prior of every item, and its best items.
@@ -851,6 +934,26 @@ def significant(values: npt.NDArray[np.float64], digits: int) -> npt.NDArray[np.
         rounded = np.where(shift >= 0, np.round(values * up) / up, np.round(values / down) * down)
     out: npt.NDArray[np.float64] = np.where(finite & np.isfinite(rounded), rounded, values)
     return out
+
+
+def _first_k(items: I64, scores: F32, mine: npt.NDArray[np.bool_], k: int) -> tuple[I64, F32]:
+    """The first ``k`` entries of each row where ``mine`` holds (rows ranked best first),
+    padded with -1 / -inf like :func:`metarec.core.ranking.top_k`.
+
+    >>> items = np.array([[4, 7, 5, 9]]); scores = np.array([[4.0, 3.0, 2.0, 1.0]], np.float32)
+    >>> _first_k(items, scores, np.array([[False, True, False, True]]), 3)[0].tolist()
+    [[7, 9, -1]]
+    """
+    keep = mine & (np.cumsum(mine, axis=1) <= k)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, order, axis=1)
+    out = np.where(kept, np.take_along_axis(items, order, axis=1), -1)
+    vals = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf)
+    if out.shape[1] < k:
+        pad = ((0, 0), (0, k - out.shape[1]))
+        out = np.pad(out, pad, constant_values=-1)
+        vals = np.pad(vals, pad, constant_values=-np.inf)
+    return out.astype(np.int64), vals.astype(np.float32)
 
 
 def _ranks_in_lists(lists: Sequence[I64], rows: I64, items: I64) -> I64:

@@ -18,10 +18,22 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["top_k"]
+__all__ = ["leave_out", "top_k"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+
+
+def leave_out(scores: npt.NDArray[np.floating], exclude: Sequence[npt.ArrayLike]) -> None:
+    """Set each row's ``exclude``\\ d columns of ``scores`` to ``-inf``, in place: one
+    scatter for the whole batch, not one per row."""
+    n = scores.shape[1]
+    lists = [np.asarray(items, np.int64).ravel() for items in exclude]
+    if lists:
+        cols = np.concatenate(lists)
+        rows = np.repeat(np.arange(len(lists)), [c.size for c in lists])
+        ok = (cols >= 0) & (cols < n)
+        scores[rows[ok], cols[ok]] = -np.inf
 
 
 def top_k(
@@ -34,13 +46,7 @@ def top_k(
     """
     n = scores.shape[1]
     if exclude is not None:
-        # One scatter for the whole batch, not one per row.
-        lists = [np.asarray(items, np.int64).ravel() for items in exclude]
-        if lists:
-            cols = np.concatenate(lists)
-            rows = np.repeat(np.arange(len(lists)), [c.size for c in lists])
-            ok = (cols >= 0) & (cols < n)
-            scores[rows[ok], cols[ok]] = -np.inf
+        leave_out(scores, exclude)
     k_eff = min(k, n)
     if k_eff == 0:
         return np.full((len(scores), k), -1, np.int64), np.full(

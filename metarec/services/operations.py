@@ -37,7 +37,6 @@ from confluent_kafka import (
 )
 
 from metarec.config import Settings
-from metarec.core.events import DEFAULT_DOMAIN
 from metarec.core.user_state import UserState
 from metarec.errors import ConfigError, MetarecError, ModelError
 from metarec.logs import kafka_logger
@@ -63,9 +62,10 @@ KAFKA_TIMEOUT_S: Final = 10.0
 PREVIEW_BYTES: Final = 200
 
 
-def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> dict[str, Any]:
-    """What an app showing ``domain`` is served for ``user`` and from where (the read rule
-    of :mod:`metarec.client`), the user's own stored list, and a summary of their state."""
+def user_summary(store: RedisStore, user: str, domain: str | None = None) -> dict[str, Any]:
+    """What an app showing ``domain`` (None: every domain) is served for ``user`` and from
+    where (the read rule of :mod:`metarec.client`), the user's own stored list, and a
+    summary of their state."""
     from metarec.client import Recommendations  # the apps' reader, so the rule is one
     from metarec.services.cluster_store import ClusterStore
 
@@ -90,8 +90,8 @@ def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> 
     }
     if shown is None:
         out["served"]["why"] = (
-            f"no list of the user's and no fallback of domain {domain!r} yet: no consumer "
-            "has applied an event (of this domain) under this key prefix"
+            f"no list of the user's and no fallback{'' if domain is None else f' of {domain!r}'} "
+            "yet: no consumer has applied an event under this key prefix"
         )
     if state is not None:
         out["state"] = {
@@ -108,14 +108,16 @@ def user_summary(store: RedisStore, user: str, domain: str = DEFAULT_DOMAIN) -> 
 
 
 def _source_key(
-    reader: Recommendations, shown: RecList | None, user: str, domain: str
+    reader: Recommendations, shown: RecList | None, user: str, domain: str | None
 ) -> str | None:
     """The key a read list came from: the user's, the domain's fallback or the global one."""
     if shown is None:
         return None
     if shown.source == "user":
         return reader.recs_key(user)
-    return reader.fallback_key(domain) if shown.domain is not None else reader.global_fallback_key()
+    if domain is None or shown.domain is None:
+        return reader.global_fallback_key()
+    return reader.fallback_key(domain)
 
 
 def reset_user(store: RedisStore, user: str) -> bool:

@@ -396,7 +396,16 @@ def check_list(
     """``recs:{user}`` follows the list contract exactly."""
     recs = system.recs(user)
     assert recs is not None, f"no list for user {user!r}"
-    assert set(recs) == RECS_KEYS, f"keys of recs:{user}: {sorted(recs)}"
+    # One domain in the catalogue: "domain" names it; more: "domains" holds each one's list.
+    assert set(recs) - RECS_KEYS in ({"domain"}, {"domains"}), (
+        f"keys of recs:{user}: {sorted(recs)}"
+    )
+    assert set(recs) >= RECS_KEYS, f"keys of recs:{user}: {sorted(recs)}"
+    for name, shelf in recs.get("domains", {}).items():
+        assert set(shelf) == {"items", "scores"}, (name, shelf)
+        assert len(shelf["items"]) == len(shelf["scores"]) <= top_k, (name, shelf)
+        assert set(shelf["items"]) <= catalog and not set(shelf["items"]) & consumed, shelf
+        assert shelf["scores"] == sorted(shelf["scores"], reverse=True), shelf
     assert recs["user"] == user
     assert isinstance(recs["items"], list) and all(isinstance(i, str) for i in recs["items"])
     assert isinstance(recs["scores"], list)

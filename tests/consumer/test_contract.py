@@ -175,3 +175,13 @@ def test_lists_from_a_foreign_client_follow_the_contract(
         assert 0 < len(shown.items) <= 5 and len(set(shown.items)) == len(shown.items)
         assert all(item.startswith(domain[:4]) for item in shown.items), shown.items
         assert shown.scores == sorted(shown.scores, reverse=True)
+    # An app showing a shelf gets the user's list of that shelf's items only, K of them,
+    # best first: in the domain the user reads and in the one they never touched.
+    for user in per_user:
+        for domain, prefix in (("books", "book"), ("music", "music")):
+            shelf = reader.get(user, domain)
+            assert shelf is not None and shelf.source == "user", (user, domain, shelf)
+            assert len(shelf.items) == 5, (user, domain, shelf.items)
+            assert all(item.startswith(prefix) for item in shelf.items), (domain, shelf.items)
+            assert not set(shelf.items) & consumed[user], (user, shelf.items)
+            assert shelf.scores == sorted(shelf.scores, reverse=True), shelf.scores

@@ -46,13 +46,44 @@ def _batch(events: list[tuple[str, int, float, int]], domain: str = "books") -> 
     )
 
 
+def test_each_domain_gets_its_own_list_of_its_items_best_first() -> None:
+    """A user who only read books (i0-i5) gets a books list and a music list (i6-i9):
+    each holds only its domain's unconsumed items, K of them where the domain has K, in
+    the order of the scores the overall list uses."""
+    for big in (False, True):
+        learner = _learner(with_model=True)
+        if big:
+            learner.exact_max_items = 5  # lists chosen among candidates
+        out = learner.learn_many(_batch([("a", 1, 1.0, 10), ("a", 2, 1.0, 11)]), {}, {})
+        doc = json.loads(learner.list_records(out.lists, out.states, now_ms=99)["a"])
+        books, music = doc["domains"]["books"], doc["domains"]["music"]
+        assert books["items"] and set(books["items"]) <= {"i0", "i3", "i4", "i5"}, (big, books)
+        assert len(books["items"]) == 4 and len(music["items"]) == 4, (big, doc)
+        assert set(music["items"]) <= {f"i{j}" for j in range(6, 10)}, (big, music)
+        for shelf in (books, music):
+            assert shelf["scores"] == sorted(shelf["scores"], reverse=True)
+        merged = sorted(
+            zip(books["scores"] + music["scores"], books["items"] + music["items"], strict=True),
+            reverse=True,
+        )
+        assert [i for _, i in merged][:4] == doc["items"] or big, (merged, doc["items"])
+
+
+def test_a_catalogue_of_one_domain_names_it_and_writes_no_per_domain_lists() -> None:
+    learner = Learner(top_k=2, history_length=5, seed=0)
+    learner.add_items([(j, f"m{j}", "movies", ()) for j in range(5)])
+    out = learner.learn_many(_batch([("a", 1, 1.0, 10)], domain="movies"), {}, {})
+    doc = json.loads(learner.list_records(out.lists, out.states, now_ms=1)["a"])
+    assert doc["domain"] == "movies" and "domains" not in doc, doc
+
+
 def test_lists_follow_the_contract_and_exclude_consumed_items() -> None:
     learner = _learner(with_model=True)
     out = learner.learn_many(
         _batch([("a", 1, 1.0, 10), ("b", 2, 2.0, 11), ("a", 3, 2.0, 12)]), {}, {}
     )
     a = json.loads(learner.list_records(out.lists, out.states, now_ms=99)["a"])
-    assert set(a) == {"user", "items", "scores", "model_version", "events", "updated_ms"}
+    assert set(a) == {"user", "items", "scores", "model_version", "events", "updated_ms", "domains"}
     assert a["user"] == "a" and a["model_version"] == 3 and a["events"] == 2
     assert a["updated_ms"] == 99 and len(a["items"]) == 4 == len(a["scores"])
     assert not {"i1", "i3"} & set(a["items"])
