@@ -168,7 +168,7 @@ class ConsumerApp:
             ),
         }
         self._incremental = incremental_rebalancing(self._kafka_config)
-        self._generation = self.store.group_generation(settings.group_id)
+        self._generation = 0  # read in run(), once Redis has let us in
         self.consumer = self._new_kafka_consumer()
         admin_config: dict[str, str | int | float | bool] = {**settings.kafka_config()}
         admin = AdminClient(admin_config, logger=kafka_logger("admin"))
@@ -204,10 +204,18 @@ class ConsumerApp:
         self._sync_catalog()
         self._poll_model()
         self._refresh_trending()
+        generation = self.store.group_generation(s.group_id)
+        if generation != self._generation:  # the group moved on from a stuck Kafka group
+            self._replace_kafka_consumer(generation)
         self._subscribe()
         log.info(
             "consumer started",
-            extra={"member": self.member, "group": s.group_id, "settings": s.redacted()},
+            extra={
+                "member": self.member,
+                "group": s.group_id,
+                "kafka_group": self.kafka_group,
+                "settings": s.redacted(),
+            },
         )
         try:
             while not self._stopping:
@@ -264,17 +272,21 @@ class ConsumerApp:
         consumer: a group the broker no longer assigns anything to (on Tansu, after all
         its members left at once) stays stuck under its id, while a new id works."""
         self.metrics.group_rejoins.inc()
-        self._generation = generation
         self._stuck.moved(time.monotonic())
-        try:
-            self.consumer.close()  # leaves the group; the revoke callback forgets partitions
-        except Exception as exc:
-            log.debug("closing the kafka consumer failed", extra={"error": str(exc)})
+        self._replace_kafka_consumer(generation)
         self._expected.clear()
         self._cut.clear()
+        self._subscribe()
+
+    def _replace_kafka_consumer(self, generation: int) -> None:
+        """Close the Kafka consumer (leaving its group) and make one for ``generation``."""
+        try:
+            self.consumer.close()  # the revoke callback forgets the partitions
+        except Exception as exc:
+            log.debug("closing the kafka consumer failed", extra={"error": str(exc)})
+        self._generation = generation
         self.consumer = self._new_kafka_consumer()
         self.topic_log.consumer = self.consumer
-        self._subscribe()
 
     # -- one batch --------------------------------------------------------------------
 

@@ -289,6 +289,10 @@ class System:
             parts.append(f"\n--- pid {proc.pid} (exit {proc.poll()}) ---\n" + "\n".join(lines))
         return "".join(parts)
 
+    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
+        """Everything ``proc`` (started by :meth:`start`) has logged so far."""
+        return (self.log_dir / f"proc-{self.procs.index(proc)}.log").read_text(errors="replace")
+
     def warnings(self, limit: int = 30) -> str:
         """The processes' first WARNING and ERROR lines (dead letters with their reasons,
         conflicts, fencing), which say why a count is off."""

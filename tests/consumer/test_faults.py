@@ -250,6 +250,19 @@ def test_a_group_whose_members_all_left_at_once_recovers_without_an_operator(
     system.wait_applied(pub.ends(system.events), timeout=REJOIN_WITHIN_S)
     check_exactly_once(system, {u: 10 for u in users})
     assert all(p.poll() is None for p in second), system.logs()
+    # A member started later joins the Kafka group the others are in now.
+    generation = system.store.group_generation(system.group)
+    late = system.start()
+    wait_until(
+        lambda: "consumer started" in system.log_of(late), 30.0, "the late member", procs=[late]
+    )
+    started = next(
+        json.loads(line)
+        for line in system.log_of(late).splitlines()
+        if '"consumer started"' in line
+    )
+    expected = system.group if generation == 0 else f"{system.group}.{generation}"
+    assert started["kafka_group"] == expected, (started["kafka_group"], generation)
 
 
 # --- 3. Redis stalls and restarts ---------------------------------------------------------
