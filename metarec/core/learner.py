@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from metarec.config import Settings
 
 __all__ = [
+    "LIST_SCHEMA_VERSION",
     "RECENT_USERS",
     "REFRESH_BATCH",
     "STATE_DIM",
@@ -88,6 +89,10 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 
+#: The version of the list records apps read (``schema_version``): 2 added each domain's
+#: list (``domains``, or ``domain`` naming the only one); a record without the field is 1,
+#: one list of every domain's items.
+LIST_SCHEMA_VERSION = 2
 #: Size of a new user's offset before any model exists (the trainer's default ``dim``);
 #: once a model is served its own dimension wins and older offsets are re-derived.
 STATE_DIM = 32
@@ -494,7 +499,7 @@ class Learner:
         >>> state = learner.new_state()
         >>> ranked = RankedList(np.array([1, 0]), np.array([3.14159, -0.000123456], np.float32))
         >>> learner.list_records({"u1": ranked}, {"u1": state}, now_ms=5)["u1"]
-        b'{"user":"u1","items":["b","a"],"scores":[3.142,-0.0001235],"model_version":0,"events":0,"updated_ms":5,"domain":"default"}'
+        b'{"schema_version":2,"user":"u1","items":["b","a"],"scores":[3.142,-0.0001235],"model_version":0,"events":0,"updated_ms":5,"domain":"default"}'
         """
         users = list(lists)
         version = "null" if self.version is None else str(int(self.version))
@@ -516,7 +521,8 @@ class Learner:
         for user in users:
             ranked = lists[user]
             out[user] = (
-                f'{{"user":{json.dumps(user, ensure_ascii=False)},'
+                f'{{"schema_version":{LIST_SCHEMA_VERSION},'
+                f'"user":{json.dumps(user, ensure_ascii=False)},'
                 f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
                 f'"scores":[{self._scores_json(rounded, ranked.scores.size)}{tail}'
                 f'{int(states[user].n_events)},"updated_ms":{int(now_ms)}{ending}'
@@ -566,7 +572,7 @@ class Learner:
         >>> learner = Learner(top_k=1)
         >>> learner.add_items([(0, "a", "books", ())])
         >>> learner.fallback_records(learner.newcomer_lists(["books"]), now_ms=5)["books"]
-        b'{"domain":"books","items":["a"],"scores":[0.0],"model_version":0,"updated_ms":5}'
+        b'{"schema_version":2,"domain":"books","items":["a"],"scores":[0.0],"model_version":0,"updated_ms":5}'
         """
         return {domain: self._fallback_json(domain, r, now_ms) for domain, r in lists.items()}
 
@@ -578,7 +584,7 @@ class Learner:
         >>> learner = Learner(top_k=2)
         >>> learner.add_items([(0, "a", "books", ()), (1, "b", "music", ())])
         >>> learner.global_fallback_record(learner.newcomer_lists(), now_ms=5)
-        b'{"domain":null,"items":["a","b"],"scores":[0.0,0.0],"model_version":0,"updated_ms":5}'
+        b'{"schema_version":2,"domain":null,"items":["a","b"],"scores":[0.0,0.0],"model_version":0,"updated_ms":5}'
         """
         ranked = [r for r in lists.values() if r.items.size]
         items = np.concatenate([r.items for r in ranked]) if ranked else np.zeros(0, np.int64)
@@ -590,7 +596,8 @@ class Learner:
         version = "null" if self.version is None else str(int(self.version))
         scores = significant(ranked.scores.astype(np.float64), 4).tolist()
         return (
-            f'{{"domain":{json.dumps(domain, ensure_ascii=False)},'
+            f'{{"schema_version":{LIST_SCHEMA_VERSION},'
+            f'"domain":{json.dumps(domain, ensure_ascii=False)},'
             f'"items":[{self.catalog.json_ids(ranked.items.tolist())}],'
             f'"scores":[{",".join(map(repr, scores))}],'
             f'"model_version":{version},"updated_ms":{int(now_ms)}}}'

@@ -40,7 +40,7 @@ from metarec.data.registry import load_dataset
 from metarec.services.store import RedisStore
 
 REPO = Path(__file__).resolve().parents[2]
-RECS_KEYS = {"user", "items", "scores", "model_version", "events", "updated_ms"}
+RECS_KEYS = {"schema_version", "user", "items", "scores", "model_version", "events", "updated_ms"}
 #: Group timings for the crash test: Tansu evicts a SIGKILLed member after its session
 #: timeout plus one join window (docs/LOCAL_SERVICES.md), 6 s + 3 s with the defaults;
 #: 2 s + 1 s keeps five crashes within the test's time budget.

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from metarec.core.learner import EventBatch, Learner
+from metarec.core.learner import LIST_SCHEMA_VERSION, EventBatch, Learner
 from metarec.core.model import MetaModel
 from metarec.core.trending import Channel
 from metarec.core.user_state import UserState
@@ -83,7 +83,17 @@ def test_lists_follow_the_contract_and_exclude_consumed_items() -> None:
         _batch([("a", 1, 1.0, 10), ("b", 2, 2.0, 11), ("a", 3, 2.0, 12)]), {}, {}
     )
     a = json.loads(learner.list_records(out.lists, out.states, now_ms=99)["a"])
-    assert set(a) == {"user", "items", "scores", "model_version", "events", "updated_ms", "domains"}
+    assert set(a) == {
+        "schema_version",
+        "user",
+        "items",
+        "scores",
+        "model_version",
+        "events",
+        "updated_ms",
+        "domains",
+    }
+    assert a["schema_version"] == LIST_SCHEMA_VERSION == 2
     assert a["user"] == "a" and a["model_version"] == 3 and a["events"] == 2
     assert a["updated_ms"] == 99 and len(a["items"]) == 4 == len(a["scores"])
     assert not {"i1", "i3"} & set(a["items"])
