@@ -23,7 +23,10 @@ the consumer loads and serves it without TensorFlow. It holds
   does;
 * every item's nearest items by co-consumption in the training window
   (:mod:`metarec.core.neighbors`), whose votes from the user's recent items enter the score with
-  learned age weights and a learned weight per history bucket ``γ[c]``.
+  learned age weights and a learned weight per history bucket ``γ[c]``;
+* the factors by which blend calibration (:mod:`metarec.training.calibration`) rescaled
+  each part's weight per bucket after training (``blend_scales``; the weights above
+  include them).
 
 With ``meta=False`` the same structure describes the ablation: no mappings, ``θ0 = 0`` and
 fixed step sizes.
@@ -54,19 +57,38 @@ from metarec.core.neighbors import N_NEIGHBORS, VOTERS, ItemNeighbors
 from metarec.core.trending import CHANNELS
 from metarec.errors import ModelError
 
-__all__ = ["FORMAT_VERSION", "HISTORY_BUCKETS", "ItemTables", "MetaModel", "history_buckets"]
+__all__ = [
+    "BLEND_PARTS",
+    "FORMAT_VERSION",
+    "HISTORY_BUCKETS",
+    "ItemTables",
+    "MetaModel",
+    "history_buckets",
+]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 #: Bumped when the artifact layout changes; loading an artifact of another format fails
 #: loudly instead of serving garbage, except the older formats listed in READS.
-FORMAT_VERSION = 4
-#: Formats this code reads, and the arrays each lacks with the value that scores as it did:
-#: format 3 weighed the user vector and the item bias by 1 whatever the history length.
-READS: dict[int, tuple[str, ...]] = {4: (), 3: ("user_weights", "bias_weights")}
+FORMAT_VERSION = 5
 #: History buckets of the per-user weights: 0, 1, 2-3, 4-7, 8-15, 16-31 and 32+ events.
 HISTORY_BUCKETS = 7
+#: The parts of a list's score, in the order of ``blend_scales``' columns.
+BLEND_PARTS = ("user", "bias", "trend", "knn")
+#: Formats this code reads, and the arrays each lacks (they load as ones, which scores as
+#: that format did): format 3 weighed the user vector and the item bias by 1 whatever the
+#: history length; format 4 had no blend calibration.
+READS: dict[int, tuple[str, ...]] = {
+    5: (),
+    4: ("blend_scales",),
+    3: ("user_weights", "bias_weights", "blend_scales"),
+}
+_MISSING_SHAPES = {
+    "user_weights": (HISTORY_BUCKETS,),
+    "bias_weights": (HISTORY_BUCKETS,),
+    "blend_scales": (HISTORY_BUCKETS, len(BLEND_PARTS)),
+}
 
 _ARRAYS = (
     "item_emb",
@@ -89,6 +111,7 @@ _ARRAYS = (
     "knn_weights",
     "user_weights",
     "bias_weights",
+    "blend_scales",
 )
 
 
@@ -165,6 +188,13 @@ class MetaModel:
     knn_weights: F32
     user_weights: F32
     bias_weights: F32
+    #: Factors that blend calibration (:mod:`metarec.training.calibration`) applied to the
+    #: trained weights of each part (columns: BLEND_PARTS) per history bucket. The weights
+    #: above already include them; training divides them out to warm-start from what
+    #: the loss learned.
+    blend_scales: F32 = field(
+        default_factory=lambda: np.ones((HISTORY_BUCKETS, len(BLEND_PARTS)), np.float32)
+    )
     prox: float = 0.1
     inner_steps: int = 1
     negatives: int = 4
@@ -246,6 +276,23 @@ class MetaModel:
     @property
     def trend_channels(self) -> int:
         return int(self.trend_weights.shape[1])
+
+    def with_blend_scales(self, scales: npt.ArrayLike) -> MetaModel:
+        """This model with the parts' weights rescaled by ``scales`` (per bucket and part,
+        BLEND_PARTS' order) instead of the current ``blend_scales``; ones give the weights
+        training learned."""
+        new = np.asarray(scales, np.float32).reshape(self.blend_scales.shape)
+        ratio = new / self.blend_scales
+        return replace(
+            self,
+            user_weights=(self.user_weights * ratio[:, 0]).astype(np.float32),
+            bias_weights=(self.bias_weights * ratio[:, 1]).astype(np.float32),
+            trend_weights=(self.trend_weights * ratio[:, 2:3]).astype(np.float32),
+            knn_weights=(self.knn_weights * ratio[:, 3]).astype(np.float32),
+            blend_scales=new,
+            _item_index=self._item_index,
+            _vocab_index=self._vocab_index,
+        )
 
     def with_version(self, version: int) -> MetaModel:
         return replace(
@@ -395,7 +442,7 @@ class MetaModel:
                         f"this code reads formats {', '.join(map(str, sorted(READS)))}"
                     )
                 arrays = {name: z[name] for name in _ARRAYS if name not in missing}
-                arrays |= {name: np.ones(HISTORY_BUCKETS, np.float32) for name in missing}
+                arrays |= {name: np.ones(_MISSING_SHAPES[name], np.float32) for name in missing}
                 ids = [str(s) for s in z["item_ids"].tolist()]
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"cannot read model artifact: {exc}") from exc

@@ -159,6 +159,8 @@ class MetaGraph:
         knn_weights = np.full(HISTORY_BUCKETS, _KNN_INIT, np.float32)
         user_w = np.ones(HISTORY_BUCKETS, np.float32)
         bias_w = np.ones(HISTORY_BUCKETS, np.float32)
+        if init is not None:  # warm-start from the weights the loss learned
+            init = init.with_blend_scales(np.ones_like(init.blend_scales))
         if init is not None and init.dim == d and init.age_logits.shape == age.shape:
             emb = _rows_by_name(self.item_ids, init.item_ids, init.item_emb, emb)
             ctx = _rows_by_name(self.item_ids, init.item_ids, init.item_ctx, ctx)
@@ -339,6 +341,25 @@ class MetaGraph:
         tail = losses[-max(1, len(losses) // 10) :]
         return float(np.mean(tail))
 
+    def score_parts(
+        self, examples: dict[str, Any]
+    ) -> tuple[F32, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+        """Each part of the score for ``examples`` over the whole catalog, ``(4, B,
+        n_items)`` (BLEND_PARTS' order, weighted as serving weighs them), which items each
+        example's user had consumed (left out of the list), and each example's next item
+        (-1 where it repeats a consumed one)."""
+        own = (self.count / (self.count + self.cfg.blend)).astype(np.float32)
+        b = {k: tf.constant(v) for k, v in examples.items()}
+        b["own_weight"] = tf.constant(own)
+        parts = _parts_function(_Shape.of(self.cfg, self.voters))(self.params, self.consts, b)
+        out: F32 = np.stack([t.numpy() for t in parts])
+        consumed = np.zeros(out.shape[1:], bool)
+        consumed[examples["consumed"][:, 0], examples["consumed"][:, 1]] = True
+        target = examples["query"][:, 0].astype(np.int64)
+        ok = target >= 0
+        ok[ok] = ~consumed[np.flatnonzero(ok), target[ok]]
+        return out, consumed, np.where(ok, target, -1)
+
     def export(self, version: int) -> MetaModel:
         cfg = self.cfg
         meta = cfg.meta
@@ -478,14 +499,18 @@ def _step_function(shape: _Shape) -> Any:
     return tf.function(step, input_signature=signature)
 
 
-@functools.cache
-def _loss_function(shape: _Shape) -> Any:
-    """The query loss of a batch and how many query items it counted, traced once."""
-    signature = [
+def _forward_signature() -> list[Any]:
+    """Input specs of a forward pass: every parameter, the window constants, a batch."""
+    return [
         {k: _any_spec() for k in _ALL_PARAMS},
         {k: _any_spec(v) for k, v in _CONST_SPEC.items()},
         {k: _any_spec(v) for k, v in _BATCH_SPEC.items()},
     ]
+
+
+@functools.cache
+def _loss_function(shape: _Shape) -> Any:
+    """The query loss of a batch and how many query items it counted, traced once."""
 
     def loss(
         p: dict[str, tf.Tensor], consts: dict[str, tf.Tensor], b: dict[str, tf.Tensor]
@@ -493,7 +518,19 @@ def _loss_function(shape: _Shape) -> Any:
         nll, _, count = _query_loss(shape, p, consts, b)
         return nll, count
 
-    return tf.function(loss, input_signature=signature)
+    return tf.function(loss, input_signature=_forward_signature())
+
+
+@functools.cache
+def _parts_function(shape: _Shape) -> Any:
+    """The score's parts of a batch (:func:`_score_parts`), traced once."""
+
+    def parts(
+        p: dict[str, tf.Tensor], consts: dict[str, tf.Tensor], b: dict[str, tf.Tensor]
+    ) -> list[tf.Tensor]:
+        return _score_parts(shape, p, consts, b)[2]
+
+    return tf.function(parts, input_signature=_forward_signature())
 
 
 def _slice_examples(examples: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
@@ -592,11 +629,13 @@ def _votes(
     return tf.reshape(summed, tf.stack([rows, n]))
 
 
-def _query_loss(
+def _score_parts(
     shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor], b: dict[str, tf.Tensor]
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Softmax loss of the query items over the whole catalog, the L2 penalty, and how
-    many query items were counted."""
+) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+    """The user vectors, the item vectors, and the score's parts over the whole catalog,
+    each ``(B, n_items)`` with its weight for the example's history bucket: the adapted
+    user vector, the item bias, the trending prior and the neighbours' votes (the order of
+    :data:`metarec.core.model.BLEND_PARTS`)."""
     vectors, bias, context = _item_tables(shape, p, c, b["own_weight"])
     if shape.meta:
         theta0 = _prior(shape, p, b, context)
@@ -605,16 +644,25 @@ def _query_loss(
     else:
         theta = tf.gather(p["free_users"], b["users"])
         bucket = tf.zeros_like(b["bucket"])  # the ablation: one weight set for everyone
-    # The trending prior and the neighbours' votes, weighted per history bucket.
     pop = tf.gather(c["snapshots"], b["snap"]) * b["decay"][:, :, None]
     beta = tf.gather(p["trend"], bucket)
     n = tf.shape(vectors, out_type=tf.int64)[0]
-    logits = (
-        tf.gather(p["user_w"], bucket)[:, None] * (theta @ tf.transpose(vectors))
-        + tf.gather(p["bias_w"], bucket)[:, None] * bias
-        + tf.einsum("bs,bsn->bn", beta, tf.math.log1p(pop))
-    )
-    logits += tf.gather(p["knn_weights"], bucket)[:, None] * _votes(shape, p, b, n)
+    parts = [
+        tf.gather(p["user_w"], bucket)[:, None] * (theta @ tf.transpose(vectors)),
+        tf.gather(p["bias_w"], bucket)[:, None] * bias[None, :],
+        tf.einsum("bs,bsn->bn", beta, tf.math.log1p(pop)),
+        tf.gather(p["knn_weights"], bucket)[:, None] * _votes(shape, p, b, n),
+    ]
+    return theta, vectors, parts
+
+
+def _query_loss(
+    shape: _Shape, p: dict[str, tf.Tensor], c: dict[str, tf.Tensor], b: dict[str, tf.Tensor]
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Softmax loss of the query items over the whole catalog, the L2 penalty, and how
+    many query items were counted."""
+    theta, vectors, parts = _score_parts(shape, p, c, b)
+    logits = tf.add_n(parts)
     masked = tf.fill(tf.shape(b["consumed"])[:1], tf.constant(_MASKED, tf.float32))
     logits = tf.tensor_scatter_nd_update(logits, b["consumed"], masked)
     lse = tf.reduce_logsumexp(logits, axis=1, keepdims=True)

@@ -11,6 +11,11 @@ embeddings, biases, feature mappings, ``θ0``, the history mapping, the step siz
 proximal strength. Examples are vectorized over a batch of users, so the same code runs
 well on a GPU; TensorFlow places it on one when it sees one.
 
+Once training stops, the weights of the score's parts per history bucket are refitted
+on the held-out users with everything else frozen (:mod:`metarec.training.calibration`);
+the model keeps the factors (``blend_scales``) so the next training starts from what the
+loss learned.
+
 With ``meta=False`` (the ablation) the same trainer learns only item embeddings and biases,
 against a free vector per user (plain matrix factorization with the same loss): no prior,
 no mappings, fixed step sizes.
@@ -26,17 +31,21 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from metarec.config import DEFAULT_RETRAIN_EVENTS
 from metarec.core.adaptation import user_keys
-from metarec.core.model import MetaModel, history_buckets
+from metarec.core.model import BLEND_PARTS, HISTORY_BUCKETS, MetaModel, history_buckets
 from metarec.core.neighbors import N_NEIGHBORS, VOTERS, ItemNeighbors
 from metarec.core.trending import CHANNELS, Channel
 from metarec.core.window import TrainingData
+from metarec.training.calibration import calibrate_blend
+
+if TYPE_CHECKING:
+    from metarec.training.meta_graph import MetaGraph
 
 __all__ = ["MetaTrainer", "TrainingBatches", "trend_snapshots"]
 
@@ -54,6 +63,11 @@ MIN_VALIDATION_USERS = 10
 MIN_VALIDATION_EVENTS = 200
 #: Held-out examples that judge a training run (two forward passes of a batch).
 VALIDATION_EXAMPLES = 2048
+#: Held-out examples per history bucket that calibrate the blend, and the most score
+#: cells (examples times items) one bucket's calibration may hold per part.
+CALIBRATION_EXAMPLES = 256
+CALIBRATION_PER_USER = 4
+CALIBRATION_CELLS = 16_000_000
 #: How much more often an event that enters a new domain is drawn as a training example.
 SWITCH_WEIGHT = 10.0
 #: Logit given to consumed items so that softmax ignores them without producing NaNs.
@@ -214,6 +228,33 @@ class TrainingBatches:
         to do next is like what came last (the same examples on every call)."""
         return self.examples(self.valid_idx[-n:])
 
+    def calibration(self, bucket: int, n: int) -> dict[str, Any] | None:
+        """Up to ``n`` examples of the held-out users in history ``bucket``, the newest
+        ones, at most :data:`CALIBRATION_PER_USER` of each user (a few heavy users would
+        otherwise be the whole bucket); None when there are none."""
+        q = self.valid_idx
+        newest_first = q[self.buckets(q) == bucket][::-1]
+        users = self.data.users[newest_first]
+        by_user = np.argsort(users, kind="stable")
+        sorted_users = users[by_user]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
+        sizes = np.diff(np.r_[starts, len(sorted_users)])
+        rank = np.empty(len(users), np.int64)
+        rank[by_user] = np.arange(len(users)) - np.repeat(starts, sizes)
+        q = np.sort(newest_first[rank < CALIBRATION_PER_USER][:n])
+        return self.examples(q) if q.size else None
+
+    def buckets(self, q: I64) -> I64:
+        """History bucket of the user of each window event ``q``: how many of the
+        ``history_length`` events before it are in its domain."""
+        d, L = self.data, self.history_length
+        pos = self.seq_pos[q]
+        hist_idx = pos[:, None] - L + np.arange(L)
+        ok = hist_idx >= self.user_start[d.users[q]][:, None]
+        items = self.seq_items[np.where(ok, hist_idx, 0)]
+        same = ok & (d.item_domains[items] == d.domains[q][:, None])
+        return history_buckets(same.sum(1))
+
     def examples(self, q: I64) -> dict[str, Any]:
         """The examples of window events ``q``."""
         d, L, Q = self.data, self.history_length, self.query_length
@@ -253,11 +294,7 @@ class TrainingBatches:
             "snap": snap,
             "decay": decay.astype(np.float32),
             "negatives": neg,
-            "bucket": history_buckets(
-                (
-                    hist_ok & (d.item_domains[np.maximum(hist_items, 0)] == d.domains[q][:, None])
-                ).sum(1)
-            ),
+            "bucket": self.buckets(q),
             "knn_index": knn_index,
             "knn_value": knn_value,
         }
@@ -376,6 +413,10 @@ class MetaTrainer:
             if judge_against is not None and batches.has_validation:
                 other = MetaGraph(self, data, batches, judge_against, rng)
                 judged = other.validation_loss(held_out)
+            calibrated = time.perf_counter()
+            if self.meta and batches.has_validation:
+                model = model.with_blend_scales(self._calibrate(graph, batches))
+            calibration_seconds = time.perf_counter() - calibrated
         elapsed = time.perf_counter() - started
         model.info.update(
             {
@@ -393,6 +434,8 @@ class MetaTrainer:
         )
         if judge_against is not None:
             model.info["judged_loss"] = judged
+        model.info["blend_scales"] = np.round(model.blend_scales, 4).tolist()
+        model.info["calibration_seconds"] = round(calibration_seconds, 3)
         log.info(
             "meta-training done",
             extra={
@@ -403,6 +446,19 @@ class MetaTrainer:
                 "seconds": round(elapsed, 2),
                 "version": version,
                 "meta": self.meta,
+                "blend_scales": model.info["blend_scales"],
             },
         )
         return model
+
+    def _calibrate(self, graph: MetaGraph, batches: TrainingBatches) -> F32:
+        """Blend factors per history bucket, refitted on held-out users' next items
+        (:mod:`metarec.training.calibration`)."""
+        n_items = max(1, len(batches.data.item_ids))
+        n = max(1, min(CALIBRATION_EXAMPLES, CALIBRATION_CELLS // n_items))
+        scales = np.ones((HISTORY_BUCKETS, len(BLEND_PARTS)), np.float32)
+        for c in range(HISTORY_BUCKETS):
+            examples = batches.calibration(c, n)
+            if examples is not None:
+                scales[c] = calibrate_blend(*graph.score_parts(examples))
+        return scales

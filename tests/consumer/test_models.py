@@ -109,6 +109,35 @@ def test_consumers_hot_reload_new_models_and_refresh_lists(
     for user, n in ((users[0], per_user[users[0]] + 1), ("newcomer", 1)):
         recs = system.recs(user)
         assert recs is not None and recs["model_version"] == 2 and recs["events"] == n, recs
+    # A version in a format these consumers do not read (an aggregator upgraded before
+    # them): each says so, naming the format, and keeps serving v2.
+    assert system.store.publish_model(_in_format(system.store.load_model_blob(2), 99)) == 3
+    wait_until(
+        lambda: all("has format 99" in system.log_of(c) for c in consumers),
+        30.0,
+        "every consumer to report the unreadable format",
+        system.warnings,
+        procs=consumers,
+    )
+    pub.send_event(system.events, Event(users[1], events[2].item, "click", now + 1))
+    pub.flush()
+    system.wait_applied(pub.ends(system.events))
+    recs = system.recs(users[1])
+    assert recs is not None and recs["model_version"] == 2, recs
+    assert all(c.poll() is None for c in consumers), f"a consumer stopped{system.logs()}"
+
+
+def _in_format(artifact: bytes, fmt: int) -> bytes:
+    """``artifact`` relabelled as model format ``fmt``."""
+    import io
+
+    with np.load(io.BytesIO(artifact), allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files}
+    header = json.loads(arrays["header"].tobytes().decode()) | {"format": fmt}
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 # --- 7. live quality drops: the consumer asks for an aggregation ---------------------------

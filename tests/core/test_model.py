@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from metarec.core.catalog import Catalog
-from metarec.core.model import MetaModel
+from metarec.core.model import BLEND_PARTS, HISTORY_BUCKETS, MetaModel
 from metarec.errors import ModelError
 
 
@@ -112,8 +114,48 @@ def _artifact(model: MetaModel, fmt: int, drop: tuple[str, ...] = ()) -> bytes:
 
 def test_a_format_3_artifact_loads_and_scores_as_it_did() -> None:
     m = MetaModel.initial(4, history_length=5)
-    old = MetaModel.from_bytes(_artifact(m, 3, drop=("user_weights", "bias_weights")))
+    old = MetaModel.from_bytes(
+        _artifact(m, 3, drop=("user_weights", "bias_weights", "blend_scales"))
+    )
     # Format 3 weighed the user vector and the item bias by 1 at every history length.
     assert old.user_weights.tolist() == [1.0] * 7 == old.bias_weights.tolist()
-    with pytest.raises(ModelError, match="format 2, this code reads formats 3, 4"):
+    with pytest.raises(ModelError, match="format 2, this code reads formats 3, 4, 5"):
         MetaModel.from_bytes(_artifact(m, 2))
+
+
+def test_a_format_4_artifact_loads_uncalibrated_and_scores_as_it_did() -> None:
+    m = _weighted(MetaModel.initial(4, history_length=5))
+    old = MetaModel.from_bytes(_artifact(m, 4, drop=("blend_scales",)))
+    assert old.blend_scales.shape == (HISTORY_BUCKETS, len(BLEND_PARTS))
+    assert (old.blend_scales == 1).all()
+    np.testing.assert_array_equal(old.knn_weights, m.knn_weights)
+    np.testing.assert_array_equal(old.trend_weights, m.trend_weights)
+
+
+def _weighted(m: MetaModel) -> MetaModel:
+    """``m`` with distinct weights for every part and bucket."""
+    rng = np.random.default_rng(3)
+    return replace(
+        m,
+        user_weights=rng.uniform(0.5, 2, HISTORY_BUCKETS).astype(np.float32),
+        bias_weights=rng.uniform(0.5, 2, HISTORY_BUCKETS).astype(np.float32),
+        trend_weights=rng.uniform(0.5, 2, m.trend_weights.shape).astype(np.float32),
+        knn_weights=rng.uniform(0.5, 2, HISTORY_BUCKETS).astype(np.float32),
+    )
+
+
+def test_blend_scales_rescale_each_part_per_bucket_and_ones_give_back_the_trained_weights() -> None:
+    m = _weighted(MetaModel.initial(4, history_length=5))
+    scales = np.ones((HISTORY_BUCKETS, len(BLEND_PARTS)), np.float32)
+    scales[2] = [0.5, 1.0, 2.0, 4.0]
+    calibrated = m.with_blend_scales(scales)
+    assert calibrated.user_weights[2] == pytest.approx(0.5 * m.user_weights[2])
+    assert calibrated.bias_weights[2] == pytest.approx(m.bias_weights[2])
+    np.testing.assert_allclose(calibrated.trend_weights[2], 2 * m.trend_weights[2])
+    assert calibrated.knn_weights[2] == pytest.approx(4 * m.knn_weights[2])
+    np.testing.assert_array_equal(calibrated.knn_weights[3], m.knn_weights[3])
+    back = MetaModel.from_bytes(calibrated.to_bytes())  # the factors travel with the model
+    np.testing.assert_array_equal(back.blend_scales, scales)
+    trained = back.with_blend_scales(np.ones_like(scales))
+    for name in ("user_weights", "bias_weights", "trend_weights", "knn_weights"):
+        np.testing.assert_allclose(getattr(trained, name), getattr(m, name), rtol=1e-6)

@@ -7,9 +7,16 @@ import pytest
 
 from metarec.core.adaptation import UserBatch, adapt, prior
 from metarec.core.catalog import Catalog
+from metarec.core.model import HISTORY_BUCKETS
 from metarec.core.trending import Channel, Trending
 from metarec.core.window import TrainingData
-from metarec.training.trainer import SWITCH_WEIGHT, MetaTrainer, TrainingBatches, trend_snapshots
+from metarec.training.trainer import (
+    CALIBRATION_PER_USER,
+    SWITCH_WEIGHT,
+    MetaTrainer,
+    TrainingBatches,
+    trend_snapshots,
+)
 from tests.training_data import tiny_training_data
 
 # Processes, brokers or training: left out of `make test-fast`.
@@ -207,6 +214,59 @@ def test_held_out_users_never_train_and_are_the_same_in_every_version() -> None:
     # The newest events of the held-out users.
     assert set(val["users"].tolist()) <= held and len(val["users"]) == 500
     assert a.valid_idx[-500:].tolist() == sorted(a.valid_idx[-500:].tolist())
+
+
+def test_calibration_examples_are_held_out_users_of_the_bucket_at_most_a_few_each() -> None:
+    data = _data(n_events=3000, n_users=300)
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
+    held = set(data.users[b.valid_idx].tolist())
+    seen = 0
+    for bucket in range(HISTORY_BUCKETS):
+        ex = b.calibration(bucket, 100)
+        if ex is None:
+            continue
+        seen += 1
+        assert set(ex["users"].tolist()) <= held
+        assert (ex["bucket"] == bucket).all() and len(ex["users"]) <= 100
+        assert np.bincount(ex["users"]).max() <= CALIBRATION_PER_USER
+    assert seen >= 3
+
+
+def test_score_parts_add_up_to_the_logits_the_graph_trains_on() -> None:
+    graph, batches, _ = _graph()
+    graph.train(batches, 10)
+    examples = batches.examples(np.arange(40, 104))
+    parts, consumed, _ = graph.score_parts(examples)
+    logits = parts.sum(0).astype(np.float64)
+    logits[consumed] = -np.inf
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    losses = []
+    for col in range(examples["query"].shape[1]):
+        target = examples["query"][:, col]
+        ok = (target >= 0) & ~consumed[np.arange(len(target)), np.maximum(target, 0)]
+        rows = np.flatnonzero(ok)
+        losses.extend(lse[rows] - logits[rows, target[rows]])
+    assert np.mean(losses) == pytest.approx(graph.validation_loss(examples), rel=1e-4)
+
+
+def test_a_fit_calibrates_the_blend_and_the_next_fit_starts_from_the_trained_weights() -> None:
+    from metarec.training.meta_graph import MetaGraph
+
+    data = _data(n_events=4000, n_users=400)
+    trainer = MetaTrainer(dim=8, history_length=6, inner_events=2, batch_size=64, max_steps=30)
+    model = trainer.fit(data)
+    assert model.info["blend_scales"] == np.round(model.blend_scales, 4).tolist()
+    assert not np.allclose(model.blend_scales, 1.0)
+    rng = np.random.default_rng(0)
+    batches = TrainingBatches(data, 6, 2, trainer.query_length, trainer.negatives, rng)
+    graph = MetaGraph(trainer, data, batches, model, rng)
+    trained = model.with_blend_scales(np.ones_like(model.blend_scales))
+    for param, name in (("knn_weights", "knn_weights"), ("user_w", "user_weights")):
+        np.testing.assert_allclose(graph.params[param].numpy(), getattr(trained, name), rtol=1e-5)
+    ablation = MetaTrainer(
+        dim=8, history_length=6, inner_events=2, batch_size=64, max_steps=30, meta=False
+    ).fit(data)
+    assert (ablation.blend_scales == 1.0).all()
 
 
 def test_training_stops_when_held_out_users_stop_improving() -> None:
