@@ -151,6 +151,9 @@ class ConsumerApp:
         self._refresh_queue: list[str] = []
         self._lag: dict[int, int] = {}  # every partition's, from the last topic check
         self._next_model_poll = 0.0
+        # A version this consumer cannot load (e.g. a newer model format): reported once,
+        # not at every poll, until another version is published.
+        self._unloadable: int | None = None
         self._withdrawn_version = 0  # the withdrawn set's version the learner has
         self._next_trend_refresh = 0.0
         self._conflict_log = Throttle(WARN_EVERY_S)
@@ -700,12 +703,16 @@ class ConsumerApp:
 
     def _poll_model(self) -> None:
         version = self.store.served_model_version()  # pinned, else newest
-        if version is None or version == self.learner.version:
+        if version is None or version in (self.learner.version, self._unloadable):
             return
         try:
             model = MetaModel.from_bytes(self.store.load_model_blob(version))
         except ModelError as exc:
-            log.error("cannot load model", extra={"version": version, "error": str(exc)})
+            log.error(
+                "cannot load model; serving the current one",
+                extra={"version": version, "serving": self.learner.version, "error": str(exc)},
+            )
+            self._unloadable = version
             return
         self._sync_catalog()
         try:

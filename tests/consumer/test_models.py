@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 
+from consumer.app import MODEL_POLL_S
 from metarec.core.events import Event, ItemRecord
 from metarec.core.model import MetaModel
 from tests.consumer.system import (
@@ -125,6 +126,8 @@ def test_consumers_hot_reload_new_models_and_refresh_lists(
     recs = system.recs(users[1])
     assert recs is not None and recs["model_version"] == 2, recs
     assert all(c.poll() is None for c in consumers), f"a consumer stopped{system.logs()}"
+    time.sleep(8 * MODEL_POLL_S)  # more polls: the version is reported once, not each time
+    assert [system.log_of(c).count("has format 99") for c in consumers] == [1, 1]
 
 
 def _in_format(artifact: bytes, fmt: int) -> bytes:
