@@ -11,8 +11,10 @@ these two objects, with the same defaults:
 * :class:`Retrainer` runs a cycle: meta-train on the window (only the events since the
   training floor, when a change has been dated), warm-started from the current model, or
   from scratch when the floor is new (unlearning a regime that is gone takes longer than
-  learning the new one); then fold the users' adapted offsets into ``θ0`` (Reptile, the
-  seed's average, :func:`metarec.core.reptile.reptile_update`). The fold comes after
+  learning the new one). Under a floor every cycle trains a model of the whole window too,
+  and the floor holds only while the new regime's model predicts it better. Then fold the
+  users' adapted offsets into ``θ0`` (Reptile, the seed's average,
+  :func:`metarec.core.reptile.reptile_update`). The fold comes after
   training, so a training that fails loses no partial sums; after a fresh start they
   describe users adapted to the old regime and are dropped.
 """
@@ -149,26 +151,36 @@ class Retrainer:
         if len(data) < 2:
             log.info("too few events to train", extra={"events": len(data), "floor_ts": floor})
             return None
-        fresh = current is not None and floor is not None and current.info.get("floor_ts") != floor
-        if not fresh:
+        if current is None or floor is None:
             model = self.trainer.fit(data, init=current, version=version)
             model.info.update({"floor_ts": floor, "fresh_start": False})
             return _described(model, data)
-        # A new floor: a model of the new regime alone, judged against the current one on
-        # the same held-out events of it. Kept only if it predicts them better; otherwise
-        # the change was a dip of the live rate, not a new regime, and the cycle is an
-        # ordinary one on the whole window.
-        model = self.trainer.fit(data, init=None, version=version, judge_against=current)
-        judged = model.info.get("judged_loss")
-        verdict = {"candidate_loss": model.info.get("loss"), "current_loss": judged}
-        if judged is not None and not model.info["loss"] < judged:
+        # Under a floor, every cycle judges two models on the same held-out events of the
+        # new regime. One is what an ordinary cycle would serve (the whole window,
+        # warm-started from the current model, each user's whole history read); the other
+        # knows the new regime alone (from scratch when the floor is new) and is kept only
+        # if it predicts those events better. Judging it against the current model instead
+        # would credit it with having seen the newest events, which the current one has
+        # not: on any stream whose tastes move a little, a model of the last few thousand
+        # events wins that comparison, and serving it forgets what the rest of the window
+        # taught (long histories lose most). Judging again at every cycle ends a floor
+        # once the window as a whole predicts the new events better, as a regime that
+        # was only a burst fades into the rest.
+        fresh = current.info.get("floor_ts") != floor
+        whole = window.training_data()
+        ordinary = self.trainer.fit(whole, init=current, version=version, judge_since=floor)
+        model = self.trainer.fit(
+            data, init=None if fresh else current, version=version, judge_since=floor
+        )
+        judged = ordinary.info.get("judged_loss")
+        candidate = model.info.get("judged_loss")
+        verdict = {"candidate_loss": candidate, "whole_window_loss": judged}
+        if judged is not None and candidate is not None and not candidate < judged:
             log.info(
-                "drift refuted: the current model predicts the new events better",
+                "drift refuted: a model of the whole window predicts the new events better",
                 extra={"floor_ts": floor, **verdict},
             )
-            data = window.training_data()
-            model = self.trainer.fit(data, init=current, version=version)
-            model.info.update(
+            ordinary.info.update(
                 {
                     "floor_ts": None,
                     "fresh_start": False,
@@ -177,12 +189,14 @@ class Retrainer:
                     **verdict,
                 }
             )
-            return _described(model, data)
+            return _described(ordinary, whole)
         log.info(
             "drift confirmed: a model of the new regime alone predicts it better",
             extra={"floor_ts": floor, **verdict},
         )
-        model.info.update({"floor_ts": floor, "fresh_start": True, "drift": "confirmed", **verdict})
+        model.info.update(
+            {"floor_ts": floor, "fresh_start": fresh, "drift": "confirmed", **verdict}
+        )
         return _described(model, data)
 
     def fold(

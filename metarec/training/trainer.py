@@ -228,6 +228,12 @@ class TrainingBatches:
         to do next is like what came last (the same examples on every call)."""
         return self.examples(self.valid_idx[-n:])
 
+    def validation_since(self, ts: int, n: int) -> dict[str, Any] | None:
+        """Up to ``n`` examples of the held-out users at or after time ``ts``, the newest
+        ones; None when there are none."""
+        q = self.valid_idx[self.data.ts[self.valid_idx] >= ts][-n:]
+        return self.examples(q) if q.size else None
+
     def calibration(self, bucket: int, n: int) -> dict[str, Any] | None:
         """Up to ``n`` examples of the held-out users in history ``bucket``, the newest
         ones, at most :data:`CALIBRATION_PER_USER` of each user (a few heavy users would
@@ -359,13 +365,14 @@ class MetaTrainer:
         init: MetaModel | None = None,
         version: int = 1,
         *,
-        judge_against: MetaModel | None = None,
+        judge_since: int | None = None,
     ) -> MetaModel:
         """Train on ``data`` (warm-starting from ``init`` if given); returns a new model.
 
-        With ``judge_against``, that model's loss on the same held-out examples is recorded
-        too (``info["judged_loss"]``, None without held-out users): whether the new model
-        predicts this data better than the one it would replace.
+        With ``judge_since`` (a time, epoch ms), the trained model's loss on the newest
+        held-out examples at or after it is recorded too (``info["judged_loss"]``, None
+        when there are none): two models of windows that start at different times, each
+        reading its own users' histories, compared on the same events.
         """
         from metarec.training.meta_graph import MetaGraph
         from metarec.training.tensorflow_import import import_tensorflow
@@ -410,9 +417,9 @@ class MetaTrainer:
                 loss = graph.train(batches, steps)
             model = graph.export(version)
             judged = None
-            if judge_against is not None and batches.has_validation:
-                other = MetaGraph(self, data, batches, judge_against, rng)
-                judged = other.validation_loss(held_out)
+            if judge_since is not None:
+                recent = batches.validation_since(judge_since, VALIDATION_EXAMPLES)
+                judged = None if recent is None else graph.validation_loss(recent)
             calibrated = time.perf_counter()
             if self.meta and batches.has_validation:
                 model = model.with_blend_scales(self._calibrate(graph, batches))
@@ -432,7 +439,7 @@ class MetaTrainer:
                 "seed": self.seed,
             }
         )
-        if judge_against is not None:
+        if judge_since is not None:
             model.info["judged_loss"] = judged
         model.info["blend_scales"] = np.round(model.blend_scales, 4).tolist()
         model.info["calibration_seconds"] = round(calibration_seconds, 3)

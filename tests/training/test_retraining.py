@@ -96,7 +96,7 @@ def test_a_new_floor_is_refuted_when_the_current_model_predicts_the_new_events_b
     # Three steps from scratch cannot beat 150 on the same kind of events.
     got = Retrainer(_trainer(3)).train(w, current, floor=3000, version=2)
     assert got is not None and got.info["drift"] == "refuted"
-    assert got.info["current_loss"] <= got.info["candidate_loss"]
+    assert got.info["whole_window_loss"] <= got.info["candidate_loss"]
     # An ordinary warm cycle on the whole window, with no floor left behind.
     assert got.info["events"] == 6000 and got.info["floor_ts"] is None
     assert got.info["refuted_floor"] == 3000 and not got.info["fresh_start"]
@@ -109,5 +109,57 @@ def test_a_new_floor_is_confirmed_when_a_model_of_the_new_regime_predicts_it_bet
     current = _trainer(150).fit(_regimes(3000, 0).training_data(), version=1)
     got = Retrainer(_trainer(150)).train(w, current, floor=3000, version=2)
     assert got is not None and got.info["drift"] == "confirmed"
-    assert got.info["candidate_loss"] < got.info["current_loss"]
+    assert got.info["candidate_loss"] < got.info["whole_window_loss"]
     assert got.info["fresh_start"] and got.info["floor_ts"] == 3000 and got.info["events"] == 3000
+
+
+def test_a_model_that_only_saw_newer_events_is_no_evidence_of_a_new_regime() -> None:
+    pytest.importorskip("tensorflow")
+    w = _regimes(6000, 0)
+    # A current model that knows almost nothing: any model trained on the new events would
+    # predict them better than it. The verdict weighs the new regime against the whole
+    # window trained on the same events, so one regime throughout is refuted.
+    stale = _trainer(1).fit(_regimes(3000, 0).training_data(), version=1)
+    got = Retrainer(_trainer(150)).train(w, stale, floor=3000, version=2)
+    assert got is not None and got.info["drift"] == "refuted"
+    assert got.info["whole_window_loss"] <= got.info["candidate_loss"]
+    assert got.info["events"] == 6000 and got.info["floor_ts"] is None
+
+
+def test_every_cycle_under_a_floor_judges_again_and_a_faded_floor_ends() -> None:
+    pytest.importorskip("tensorflow")
+    # One regime throughout: a model of the events since 3000, serving under that floor,
+    # is overtaken by the whole window at the next cycle; the floor ends there.
+    w = _regimes(6000, 0)
+    current = _trainer(150).fit(w.training_data(since_ts=3000), version=1)
+    current.info["floor_ts"] = 3000
+    got = Retrainer(_trainer(150)).train(w, current, floor=3000, version=2)
+    assert got is not None and got.info["drift"] == "refuted"
+    assert got.info["events"] == 6000 and got.info["floor_ts"] is None
+
+
+def _regrouped(n_a: int, n_b: int) -> EventWindow:
+    """Like :func:`_regimes`, but after ``n_a`` events the same 25 items form new groups
+    of five (a fixed shuffle): which items go together, what the window taught before the
+    change, now misleads."""
+    rng = np.random.default_rng(2)
+    shuffle = np.random.default_rng(3).permutation(25)
+    w = EventWindow(100_000)
+    for k in range(n_a + n_b):
+        user = int(rng.integers(200))
+        slot = 5 * (user % 5) + int(rng.integers(5))
+        item = slot if k < n_a else int(shuffle[slot])
+        w.append(f"u{user}", f"i{item}", k, 1.0, "default")
+    return w
+
+
+def test_a_floor_that_still_holds_is_kept_and_trained_warm() -> None:
+    pytest.importorskip("tensorflow")
+    w = _regrouped(9000, 3000)
+    current = _trainer(150).fit(w.training_data(since_ts=9000), version=1)
+    current.info["floor_ts"] = 9000
+    got = Retrainer(_trainer(150)).train(w, current, floor=9000, version=2)
+    assert got is not None and got.info["drift"] == "confirmed"
+    assert got.info["candidate_loss"] < got.info["whole_window_loss"]
+    assert not got.info["fresh_start"] and got.info["floor_ts"] == 9000
+    assert got.info["events"] == 3000

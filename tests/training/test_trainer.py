@@ -232,6 +232,19 @@ def test_calibration_examples_are_held_out_users_of_the_bucket_at_most_a_few_eac
     assert seen >= 3
 
 
+def test_the_judged_examples_are_the_newest_held_out_events_since_a_time() -> None:
+    data = _data(n_events=3000, n_users=300)
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
+    since = int(data.ts[2000])
+    late = b.valid_idx[data.ts[b.valid_idx] >= since]
+    ex = b.validation_since(since, 10_000)
+    assert ex is not None and len(ex["users"]) == late.size > 0
+    assert ex["users"].tolist() == data.users[late].tolist()
+    newest = b.validation_since(since, 5)
+    assert newest is not None and newest["users"].tolist() == data.users[late[-5:]].tolist()
+    assert b.validation_since(int(data.ts.max()) + 1, 10) is None
+
+
 def test_score_parts_add_up_to_the_logits_the_graph_trains_on() -> None:
     graph, batches, _ = _graph()
     graph.train(batches, 10)
