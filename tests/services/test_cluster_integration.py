@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import threading
 import time
 import uuid
 from collections import Counter
@@ -838,6 +839,41 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
         assert checked > 0
     finally:
         system.close()
+        cluster.stop()
+
+
+def test_a_pipeline_to_a_stalled_master_fails_within_one_socket_timeout(tmp_path: Path) -> None:
+    """redis-py's cluster pipeline re-sends each timed-out command on its own, with
+    retries: 40 users' reads on a stopped master waited minutes without an error, so the
+    outage policy never heard of the stall. One socket timeout, then the error."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from metarec.services.store import SOCKET_TIMEOUT_S
+
+    cluster = start_cluster(tmp_path / "cluster")
+    done: list[tuple[str, float]] = []
+    try:
+        store = RedisStore.connect(cluster.url, "stall:")
+        users = [f"u{i}" for i in range(120)]
+        assert store.load_users(users)[0] == [None] * len(users)  # connections made
+        cluster.pause(2)
+
+        def read() -> None:
+            started = time.monotonic()
+            try:
+                store.load_users(users)
+                done.append(("answered", time.monotonic() - started))
+            except RedisTimeout:
+                done.append(("timed out", time.monotonic() - started))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(SOCKET_TIMEOUT_S + 10.0)
+        assert done, f"no answer and no error {SOCKET_TIMEOUT_S + 10:g} s into the stall"
+        outcome, seconds = done[0]
+        assert outcome == "timed out" and seconds < SOCKET_TIMEOUT_S + 3.0, done
+    finally:
+        cluster.resume(2)
         cluster.stop()
 
 
