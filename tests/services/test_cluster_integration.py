@@ -844,7 +844,7 @@ def test_consumers_and_the_aggregator_on_a_cluster_apply_every_event_once_and_a_
 
 def test_a_pipeline_to_a_stalled_master_fails_within_one_socket_timeout(tmp_path: Path) -> None:
     """redis-py's cluster pipeline re-sends each timed-out command on its own, with
-    retries: 40 users' reads on a stopped master waited minutes without an error, so the
+    retries: a read of 120 users on a stopped master waited minutes without an error, so the
     outage policy never heard of the stall. One socket timeout, then the error."""
     from redis.exceptions import TimeoutError as RedisTimeout
 
