@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["MetaGraph"]
 
 F32 = npt.NDArray[np.float32]
+#: The most score cells (examples times items) one chunk of a judged loss holds.
+JUDGED_CELLS = 16_000_000
 _MASKED = -1e9
 _EPS = 1e-6
 #: Starting weight of the neighbour votes (votes of 20 recent items are a few units).
@@ -269,6 +271,41 @@ class MetaGraph:
             total += float(loss) * float(count)
             weight += float(count)
         return total / max(weight, 1.0)
+
+    def judge(
+        self, examples: dict[str, Any], items: npt.NDArray[np.int64], k: int
+    ) -> tuple[float | None, npt.NDArray[np.int8]]:
+        """Each example's next item scored among ``items`` alone (the catalog's indices),
+        less what its user had consumed: the mean softmax loss (None if no example
+        counts) and, per example, whether the item is in the top ``k`` (1), not (0), or
+        does not count (-1: a repeat, or an item outside ``items``).
+
+        Two models of windows that start at different times know catalogs of different
+        sizes, and a softmax over fewer items has a lower loss for that alone: judged
+        over the same items, they compare, example by example.
+        """
+        n = len(examples["users"])
+        chunk = max(1, JUDGED_CELLS // max(1, len(self.item_ids)))
+        column = np.full(len(self.item_ids), -1, np.int64)
+        column[items] = np.arange(len(items))
+        hits = np.full(n, -1, np.int8)
+        loss, counted = 0.0, 0
+        for lo in range(0, n, chunk):
+            parts, consumed, target = self.score_parts(_slice_examples(examples, lo, lo + chunk))
+            logits = parts.sum(axis=0, dtype=np.float64)[:, items]
+            logits[consumed[:, items]] = -np.inf
+            at = np.where(target >= 0, column[np.maximum(target, 0)], -1)
+            ok = at >= 0
+            if not ok.any():
+                continue
+            rows = logits[ok]
+            scored = rows[np.arange(len(rows)), at[ok]]
+            top = rows.max(axis=1, keepdims=True)
+            lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
+            loss += float((lse - scored).sum())
+            hits[lo + np.flatnonzero(ok)] = (rows > scored[:, None]).sum(axis=1) < k
+            counted += int(ok.sum())
+        return (loss / counted if counted else None), hits
 
     def train_until_best(
         self,

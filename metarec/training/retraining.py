@@ -138,6 +138,7 @@ class Retrainer:
             seed=settings.seed,
             meta=meta,
             retrain_events=settings.retrain_events,
+            top_k=settings.top_k,
         )
 
     def train(
@@ -159,13 +160,15 @@ class Retrainer:
         # new regime. One is what an ordinary cycle would serve (the whole window,
         # warm-started from the current model, each user's whole history read); the other
         # knows the new regime alone (from scratch when the floor is new) and is kept only
-        # if it predicts those events better. Judging it against the current model instead
-        # would credit it with having seen the newest events, which the current one has
-        # not: on any stream whose tastes move a little, a model of the last few thousand
-        # events wins that comparison, and serving it forgets what the rest of the window
-        # taught (long histories lose most). Judging again at every cycle ends a floor
-        # once the window as a whole predicts the new events better, as a regime that
-        # was only a burst fades into the rest.
+        # if it predicts those events better, scored over the same items (the items of
+        # the period: a softmax over the smaller catalog of a shorter window is lower
+        # for that alone). Judging it against the current model instead would credit it
+        # with having seen the newest events, which the current one has not: on any
+        # stream whose tastes move a little, a model of the last few thousand events
+        # wins that comparison, and serving it forgets what the rest of the window taught
+        # (long histories lose most). Judging again at every cycle ends a floor once the
+        # window as a whole predicts the new events better, as a regime that was only a
+        # burst fades into the rest.
         fresh = current.info.get("floor_ts") != floor
         whole = window.training_data()
         ordinary = self.trainer.fit(whole, init=current, version=version, judge_since=floor)
@@ -174,21 +177,26 @@ class Retrainer:
         )
         judged = ordinary.info.get("judged_loss")
         candidate = model.info.get("judged_loss")
-        verdict = {"candidate_loss": candidate, "whole_window_loss": judged}
-        if judged is not None and candidate is not None and not candidate < judged:
-            log.info(
-                "drift refuted: a model of the whole window predicts the new events better",
-                extra={"floor_ts": floor, **verdict},
-            )
-            ordinary.info.update(
-                {
-                    "floor_ts": None,
-                    "fresh_start": False,
-                    "drift": "refuted",
-                    "refuted_floor": floor,
-                    **verdict,
-                }
-            )
+        verdict = {
+            "candidate_loss": candidate,
+            "whole_window_loss": judged,
+            "candidate_hr": model.info.get("judged_hr"),
+            "whole_window_hr": ordinary.info.get("judged_hr"),
+        }
+        if judged is None or candidate is None:
+            # Too few held-out events since the floor to judge by: nothing says the window
+            # misleads, so it keeps serving, and the next cycle, with more events of the
+            # period, judges again (the floor stays; the new-regime model starts afresh).
+            outcome: dict[str, object] = {"drift": "undecided"}
+            said = "drift undecided: too few held-out events since the change to judge by"
+        elif not candidate < judged:
+            outcome = {"drift": "refuted", "refuted_floor": floor}
+            said = "drift refuted: a model of the whole window predicts the new events better"
+        else:
+            outcome = {}
+        if outcome:
+            log.info(said, extra={"floor_ts": floor, **verdict})
+            ordinary.info.update({"floor_ts": None, "fresh_start": False, **outcome, **verdict})
             return _described(ordinary, whole)
         log.info(
             "drift confirmed: a model of the new regime alone predicts it better",

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from metarec.config import DEFAULT_RETRAIN_EVENTS
+from metarec.config import DEFAULT_RETRAIN_EVENTS, DEFAULT_TOP_K
 from metarec.core.adaptation import user_keys
 from metarec.core.model import BLEND_PARTS, HISTORY_BUCKETS, MetaModel, history_buckets
 from metarec.core.neighbors import N_NEIGHBORS, VOTERS, ItemNeighbors
@@ -63,6 +63,8 @@ MIN_VALIDATION_USERS = 10
 MIN_VALIDATION_EVENTS = 200
 #: Held-out examples that judge a training run (two forward passes of a batch).
 VALIDATION_EXAMPLES = 2048
+#: Held-out examples of one user that judge a training floor (the newest ones).
+JUDGED_PER_USER = 4
 #: Held-out examples per history bucket that calibrate the blend, and the most score
 #: cells (examples times items) one bucket's calibration may hold per part.
 CALIBRATION_EXAMPLES = 256
@@ -230,16 +232,25 @@ class TrainingBatches:
 
     def validation_since(self, ts: int, n: int) -> dict[str, Any] | None:
         """Up to ``n`` examples of the held-out users at or after time ``ts``, the newest
-        ones; None when there are none."""
-        q = self.valid_idx[self.data.ts[self.valid_idx] >= ts][-n:]
-        return self.examples(q) if q.size else None
+        ones, at most :data:`JUDGED_PER_USER` of each user; None when there are none.
+
+        The cap makes a verdict about a period one about its users: on a log where one
+        user rates hundreds of items in a session, that session was most of the newest
+        held-out events, and a model of the period won by knowing one user's binge."""
+        q = self.valid_idx
+        return self._newest_per_user(q[self.data.ts[q] >= ts], JUDGED_PER_USER, n)
 
     def calibration(self, bucket: int, n: int) -> dict[str, Any] | None:
         """Up to ``n`` examples of the held-out users in history ``bucket``, the newest
         ones, at most :data:`CALIBRATION_PER_USER` of each user (a few heavy users would
         otherwise be the whole bucket); None when there are none."""
         q = self.valid_idx
-        newest_first = q[self.buckets(q) == bucket][::-1]
+        return self._newest_per_user(q[self.buckets(q) == bucket], CALIBRATION_PER_USER, n)
+
+    def _newest_per_user(self, q: I64, per_user: int, n: int) -> dict[str, Any] | None:
+        """The examples of the newest ``n`` of window events ``q`` (in time order) that are
+        among their user's newest ``per_user``; None when there are none."""
+        newest_first = q[::-1]
         users = self.data.users[newest_first]
         by_user = np.argsort(users, kind="stable")
         sorted_users = users[by_user]
@@ -247,8 +258,8 @@ class TrainingBatches:
         sizes = np.diff(np.r_[starts, len(sorted_users)])
         rank = np.empty(len(users), np.int64)
         rank[by_user] = np.arange(len(users)) - np.repeat(starts, sizes)
-        q = np.sort(newest_first[rank < CALIBRATION_PER_USER][:n])
-        return self.examples(q) if q.size else None
+        picked = np.sort(newest_first[rank < per_user][:n])
+        return self.examples(picked) if picked.size else None
 
     def buckets(self, q: I64) -> I64:
         """History bucket of the user of each window event ``q``: how many of the
@@ -353,6 +364,8 @@ class MetaTrainer:
     #: Events between two retrainings of the service (see TrainingBatches.knn_every).
     retrain_events: int = DEFAULT_RETRAIN_EVENTS
     meta: bool = True
+    #: The list length of the HR@top_k a training floor's verdict reports beside its loss.
+    top_k: int = DEFAULT_TOP_K
     seed: int = 0
     deterministic: bool = True
     #: Called after every training step: a service's liveness (``/healthz``) stays green
@@ -369,10 +382,12 @@ class MetaTrainer:
     ) -> MetaModel:
         """Train on ``data`` (warm-starting from ``init`` if given); returns a new model.
 
-        With ``judge_since`` (a time, epoch ms), the trained model's loss on the newest
-        held-out examples at or after it is recorded too (``info["judged_loss"]``, None
-        when there are none): two models of windows that start at different times, each
-        reading its own users' histories, compared on the same events.
+        With ``judge_since`` (a time, epoch ms), the trained model's loss and HR@``top_k``
+        on the newest held-out examples at or after it are recorded too
+        (``info["judged_loss"]``, ``info["judged_hr"]``, None when there are none), over
+        the items of the events since then: two models of windows that start at different
+        times, each reading its own users' histories, compared on the same events and the
+        same items.
         """
         from metarec.training.meta_graph import MetaGraph
         from metarec.training.tensorflow_import import import_tensorflow
@@ -416,10 +431,12 @@ class MetaTrainer:
                 )
                 loss = graph.train(batches, steps)
             model = graph.export(version)
-            judged = None
+            judged: tuple[float | None, npt.NDArray[np.int8]] = (None, np.zeros(0, np.int8))
             if judge_since is not None:
                 recent = batches.validation_since(judge_since, VALIDATION_EXAMPLES)
-                judged = None if recent is None else graph.validation_loss(recent)
+                period = np.unique(data.items[data.ts >= judge_since])
+                if recent is not None:
+                    judged = graph.judge(recent, period, self.top_k)
             calibrated = time.perf_counter()
             if self.meta and batches.has_validation:
                 model = model.with_blend_scales(self._calibrate(graph, batches))
@@ -440,7 +457,9 @@ class MetaTrainer:
             }
         )
         if judge_since is not None:
-            model.info["judged_loss"] = judged
+            counted = judged[1][judged[1] >= 0]
+            model.info["judged_loss"] = judged[0]
+            model.info["judged_hr"] = float(counted.mean()) if counted.size else None
         model.info["blend_scales"] = np.round(model.blend_scales, 4).tolist()
         model.info["calibration_seconds"] = round(calibration_seconds, 3)
         log.info(

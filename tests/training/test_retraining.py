@@ -45,18 +45,17 @@ def _retrainer() -> Retrainer:
     return Retrainer(MetaTrainer(dim=4, history_length=5, batch_size=32, min_steps=3, max_steps=3))
 
 
-def test_a_floor_trains_on_the_events_since_it_from_scratch() -> None:
+def test_a_window_too_small_to_hold_users_out_never_drops_its_past_for_a_floor() -> None:
     pytest.importorskip("tensorflow")
-    w = _window(300)
+    w = _window(300)  # 20 users: too few to hold any out
     r = _retrainer()
     first = r.train(w, None, floor=None, version=1)
     assert first is not None and first.info["events"] == 300
     assert not first.info["fresh_start"] and first.info["floor_ts"] is None
-    fresh = r.train(w, first, floor=200, version=2)
-    assert fresh is not None and fresh.info["events"] == 100 and fresh.info["fresh_start"]
-    again = r.train(w, fresh, floor=200, version=3)  # the same floor: warm start again
-    assert again is not None and not again.info["fresh_start"]
-    assert r.train(w, again, floor=299, version=4) is None  # one event: nothing to learn
+    again = r.train(w, first, floor=200, version=2)
+    assert again is not None and again.info["drift"] == "undecided"
+    assert again.info["events"] == 300 and not again.info["fresh_start"]
+    assert r.train(w, again, floor=299, version=3) is None  # one event: nothing to learn
 
 
 def test_the_fold_moves_theta0_to_the_weighted_mean_by_domain_name() -> None:
@@ -89,7 +88,7 @@ def _trainer(steps: int) -> MetaTrainer:
     return MetaTrainer(dim=8, history_length=5, batch_size=64, min_steps=steps, max_steps=steps)
 
 
-def test_a_new_floor_is_refuted_when_the_current_model_predicts_the_new_events_better() -> None:
+def test_a_new_floor_is_refuted_when_the_whole_window_predicts_the_new_events_better() -> None:
     pytest.importorskip("tensorflow")
     w = _regimes(6000, 0)
     current = _trainer(150).fit(w.training_data(), version=1)
@@ -124,6 +123,19 @@ def test_a_model_that_only_saw_newer_events_is_no_evidence_of_a_new_regime() -> 
     assert got is not None and got.info["drift"] == "refuted"
     assert got.info["whole_window_loss"] <= got.info["candidate_loss"]
     assert got.info["events"] == 6000 and got.info["floor_ts"] is None
+
+
+def test_too_few_held_out_events_since_a_floor_leave_it_undecided_and_the_window_serving() -> None:
+    pytest.importorskip("tensorflow")
+    w = _regimes(6000, 0)
+    current = _trainer(150).fit(w.training_data(), version=1)
+    # 100 events since the floor: too few for the new-regime model to hold any out. No
+    # evidence is no reason to throw the window away; the floor waits for the next cycle.
+    got = Retrainer(_trainer(150)).train(w, current, floor=5900, version=2)
+    assert got is not None and got.info["drift"] == "undecided"
+    assert got.info["candidate_loss"] is None
+    assert got.info["events"] == 6000 and got.info["floor_ts"] is None
+    assert not got.info["fresh_start"]
 
 
 def test_every_cycle_under_a_floor_judges_again_and_a_faded_floor_ends() -> None:

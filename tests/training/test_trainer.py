@@ -12,6 +12,7 @@ from metarec.core.trending import Channel, Trending
 from metarec.core.window import TrainingData
 from metarec.training.trainer import (
     CALIBRATION_PER_USER,
+    JUDGED_PER_USER,
     SWITCH_WEIGHT,
     MetaTrainer,
     TrainingBatches,
@@ -232,17 +233,35 @@ def test_calibration_examples_are_held_out_users_of_the_bucket_at_most_a_few_eac
     assert seen >= 3
 
 
-def test_the_judged_examples_are_the_newest_held_out_events_since_a_time() -> None:
+def test_the_judged_examples_are_each_held_out_users_newest_events_since_a_time() -> None:
     data = _data(n_events=3000, n_users=300)
     b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
     since = int(data.ts[2000])
     late = b.valid_idx[data.ts[b.valid_idx] >= since]
     ex = b.validation_since(since, 10_000)
-    assert ex is not None and len(ex["users"]) == late.size > 0
-    assert ex["users"].tolist() == data.users[late].tolist()
+    assert ex is not None
+    # Each held-out user's newest JUDGED_PER_USER events of the period, in time order.
+    same_user_later = [((late > q) & (data.users[late] == data.users[q])).sum() for q in late]
+    expected = [
+        q for q, later in zip(late, same_user_later, strict=True) if later < JUDGED_PER_USER
+    ]
+    assert 0 < len(expected) < late.size  # some user had more than the cap
+    assert ex["users"].tolist() == data.users[expected].tolist()
+    assert np.bincount(ex["users"]).max() == JUDGED_PER_USER
     newest = b.validation_since(since, 5)
-    assert newest is not None and newest["users"].tolist() == data.users[late[-5:]].tolist()
+    assert newest is not None and newest["users"].tolist() == data.users[expected[-5:]].tolist()
     assert b.validation_since(int(data.ts.max()) + 1, 10) is None
+
+
+def test_one_users_binge_is_a_few_of_the_judged_examples_not_most() -> None:
+    data = _data(n_events=3000, n_users=300)
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
+    binger = int(data.users[b.valid_idx[0]])
+    data.users[2500:] = binger  # the newest 500 events: one held-out user's session
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0), holdout=0.2)
+    ex = b.validation_since(int(data.ts[2000]), 10_000)
+    assert ex is not None
+    assert (ex["users"] == binger).sum() == JUDGED_PER_USER < len(ex["users"]) / 4
 
 
 def test_score_parts_add_up_to_the_logits_the_graph_trains_on() -> None:
@@ -260,6 +279,32 @@ def test_score_parts_add_up_to_the_logits_the_graph_trains_on() -> None:
         rows = np.flatnonzero(ok)
         losses.extend(lse[rows] - logits[rows, target[rows]])
     assert np.mean(losses) == pytest.approx(graph.validation_loss(examples), rel=1e-4)
+
+
+def test_a_judgement_is_a_softmax_and_a_top_k_over_the_given_items_alone() -> None:
+    """Models of windows that start at different times know catalogs of different sizes:
+    the verdict between them scores both over the same items."""
+    graph, batches, data = _graph()
+    graph.train(batches, 10)
+    examples = batches.examples(np.arange(40, 104))
+    parts, consumed, target = graph.score_parts(examples)
+    items = np.arange(0, len(data.item_ids), 2)  # half the catalog
+    logits = parts.sum(0).astype(np.float64)[:, items]
+    logits[consumed[:, items]] = -np.inf
+    column = {int(item): c for c, item in enumerate(items)}
+    counted = [(e, column[int(t)]) for e, t in enumerate(target) if int(t) in column]
+    assert 0 < len(counted) < len(target)  # targets outside the items do not count
+    losses = [np.logaddexp.reduce(logits[e]) - logits[e, c] for e, c in counted]
+    ranks = [int((logits[e] > logits[e, c]).sum()) for e, c in counted]
+    loss, hits = graph.judge(examples, items, k=3)
+    assert loss == pytest.approx(np.mean(losses), rel=1e-6)
+    rank_of = {e: rank for (e, _), rank in zip(counted, ranks, strict=True)}
+    assert hits.tolist() == [
+        int(rank_of[e] < 3) if e in rank_of else -1 for e in range(len(target))
+    ]
+    assert 0 < (hits == 1).sum() < len(counted)
+    loss, hits = graph.judge(examples, np.array([], np.int64), k=3)
+    assert loss is None and (hits == -1).all()
 
 
 def test_a_fit_calibrates_the_blend_and_the_next_fit_starts_from_the_trained_weights() -> None:
