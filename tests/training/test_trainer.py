@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -64,6 +66,37 @@ def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> N
         np.testing.assert_array_equal(hist, own[:n_before][-5:])
         query = batch["query"][row]
         np.testing.assert_array_equal(query[query >= 0], own[n_before : n_before + 3])
+
+
+def test_held_out_examples_read_only_the_history_before_their_timestamp() -> None:
+    # User 0 rates items 1, 2, 3 in one second after item 0, then item 4: the second's
+    # three events come in no known order, so a held-out example of any of them reads
+    # item 0 alone (as the list it was scored against did), while a training example
+    # reads the window's order.
+    data = dataclasses.replace(
+        _data(n_events=40, n_users=1, n_items=8),
+        items=np.r_[0, 1, 2, 3, 4, np.arange(35) % 8].astype(np.int64),
+        ts=np.r_[0, 1000, 1000, 1000, 2000, 3000 + np.arange(35)].astype(np.int64),
+    )
+    b = TrainingBatches(data, 4, 1, 1, 1, np.random.default_rng(0))
+    q = np.arange(5)
+
+    def history(batch: dict[str, np.ndarray]) -> list[list[int]]:
+        return [[int(i) for i in row if i >= 0] for row in batch["hist_items"]]
+
+    def consumed(batch: dict[str, np.ndarray]) -> list[list[int]]:
+        pairs = batch["consumed"]
+        return [pairs[pairs[:, 0] == r, 1].tolist() for r in range(len(q))]
+
+    held_out = b.examples(q)
+    assert history(held_out) == [[], [0], [0], [0], [0, 1, 2, 3]]
+    assert consumed(held_out) == history(held_out)
+    assert held_out["bucket"].tolist() == b.buckets(q).tolist() == [0, 1, 1, 1, 3]
+    in_order = b.examples(q, before_same_ts=False)
+    assert history(in_order) == [[], [0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert in_order["bucket"].tolist() == [0, 1, 2, 2, 3]
+    # The query is the example's own event (and those after it) either way.
+    assert held_out["query"][:, 0].tolist() == in_order["query"][:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
 def _graph(meta: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
