@@ -68,35 +68,56 @@ def test_batches_gather_support_query_and_consumed_items_of_the_same_user() -> N
         np.testing.assert_array_equal(query[query >= 0], own[n_before : n_before + 3])
 
 
-def test_held_out_examples_read_only_the_history_before_their_timestamp() -> None:
-    # User 0 rates items 1, 2, 3 in one second after item 0, then item 4: the second's
-    # three events come in no known order, so a held-out example of any of them reads
-    # item 0 alone (as the list it was scored against did), while a training example
-    # reads the window's order.
-    data = dataclasses.replace(
+def _same_second_data() -> TrainingData:
+    """User 0 takes item 0, then items 1, 2 and 3 in one second, then item 4."""
+    return dataclasses.replace(
         _data(n_events=40, n_users=1, n_items=8),
         items=np.r_[0, 1, 2, 3, 4, np.arange(35) % 8].astype(np.int64),
         ts=np.r_[0, 1000, 1000, 1000, 2000, 3000 + np.arange(35)].astype(np.int64),
     )
-    b = TrainingBatches(data, 4, 1, 1, 1, np.random.default_rng(0))
+
+
+def _histories(batch: dict[str, np.ndarray]) -> list[list[int]]:
+    return [[int(i) for i in row if i >= 0] for row in batch["hist_items"]]
+
+
+def test_held_out_examples_read_only_the_history_before_their_timestamp() -> None:
+    # The second's three events come in no known order, so a held-out example of any of
+    # them reads item 0 alone, as the list it was scored against did.
+    b = TrainingBatches(_same_second_data(), 4, 1, 1, 1, np.random.default_rng(0))
     q = np.arange(5)
-
-    def history(batch: dict[str, np.ndarray]) -> list[list[int]]:
-        return [[int(i) for i in row if i >= 0] for row in batch["hist_items"]]
-
-    def consumed(batch: dict[str, np.ndarray]) -> list[list[int]]:
-        pairs = batch["consumed"]
-        return [pairs[pairs[:, 0] == r, 1].tolist() for r in range(len(q))]
-
     held_out = b.examples(q)
-    assert history(held_out) == [[], [0], [0], [0], [0, 1, 2, 3]]
-    assert consumed(held_out) == history(held_out)
+    hist = _histories(held_out)
+    assert hist[:4] == [[], [0], [0], [0]]
+    assert hist[4][0] == 0 and sorted(hist[4]) == [0, 1, 2, 3]  # the second in any order
+    pairs = held_out["consumed"]
+    assert [pairs[pairs[:, 0] == r, 1].tolist() for r in q] == hist
     assert held_out["bucket"].tolist() == b.buckets(q).tolist() == [0, 1, 1, 1, 3]
-    in_order = b.examples(q, before_same_ts=False)
-    assert history(in_order) == [[], [0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
-    assert in_order["bucket"].tolist() == [0, 1, 2, 2, 3]
-    # The query is the example's own event (and those after it) either way.
-    assert held_out["query"][:, 0].tolist() == in_order["query"][:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert held_out["query"][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_training_examples_read_a_same_timestamp_run_in_a_fresh_random_order() -> None:
+    orders = set()
+    for seed in range(8):
+        b = TrainingBatches(_same_second_data(), 4, 1, 1, 1, np.random.default_rng(seed))
+        train = b.examples(np.arange(5), before_same_ts=False)
+        hist = _histories(train)
+        # The second's events follow item 0 one after another in some order, each
+        # example reading those before it; item 4 follows the whole second.
+        run = sorted([1, 2, 3], key=lambda item: len(hist[item]))
+        assert [hist[item] for item in run] == [[0], [0, run[0]], [0, run[0], run[1]]]
+        assert hist[0] == [] and sorted(hist[4]) == [0, 1, 2, 3]
+        assert train["bucket"][run].tolist() == [1, 2, 2]
+        orders.add(tuple(run))
+    assert len(orders) > 1  # not the dump's order every time
+
+
+def test_a_window_with_one_event_per_timestamp_keeps_its_order() -> None:
+    data = _data()
+    a = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(0))
+    b = TrainingBatches(data, 6, 2, 3, 2, np.random.default_rng(1))
+    np.testing.assert_array_equal(a.order, np.lexsort((np.arange(len(data)), data.users)))
+    np.testing.assert_array_equal(a.order, b.order)
 
 
 def _graph(meta: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
