@@ -297,7 +297,8 @@ class TrainingBatches:
     def examples(self, q: I64, *, before_same_ts: bool = True) -> dict[str, Any]:
         """The examples of window events ``q``: held-out ones by default, whose history
         ends before their timestamp; training ones with ``before_same_ts=False``, whose
-        history is every event before theirs in the window's order."""
+        history is every event before theirs in the window's order (a same-timestamp run
+        in the order drawn for this training)."""
         d, L, Q = self.data, self.history_length, self.query_length
         batch_size = len(q)
         users = d.users[q]
